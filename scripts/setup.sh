@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Installs what the end-to-end tests (tests/e2e_native.rs) need on a fresh Debian machine:
+#   docker-registry (the upstream), skopeo and containerd/ctr (the clients),
+#   and the wasm targets the core is built for.
+# Idempotent: installs only what is missing, and runs `apt-get update` only when it must.
+# Runs unattended (CI=true, no stdin); any failure stops it with a non-zero exit.
+set -euo pipefail
+
+export DEBIAN_FRONTEND=noninteractive
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then
+    SUDO="sudo"
+fi
+
+# Debian package and the commands it must provide.
+PACKAGES=(
+    "docker-registry:docker-registry"
+    "skopeo:skopeo"
+    "containerd:containerd ctr"
+)
+
+missing=()
+for entry in "${PACKAGES[@]}"; do
+    package="${entry%%:*}"
+    for command in ${entry#*:}; do
+        if ! command -v "$command" >/dev/null 2>&1; then
+            missing+=("$package")
+            break
+        fi
+    done
+done
+
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    $SUDO apt-get update -qq
+    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    for entry in "${PACKAGES[@]}"; do
+        for command in ${entry#*:}; do
+            command -v "$command" >/dev/null 2>&1 \
+                || { echo "setup: ${entry%%:*} is installed but '$command' is not on PATH" >&2; exit 1; }
+        done
+    done
+fi
+
+if command -v rustup >/dev/null 2>&1; then
+    installed_targets="$(rustup target list --installed)"
+    for target in wasm32-unknown-unknown wasm32-wasip2; do
+        if ! grep -qx "$target" <<<"$installed_targets"; then
+            echo "setup: adding rust target $target"
+            rustup target add "$target" >/dev/null
+        fi
+    done
+else
+    echo "setup: rustup not found; cannot add wasm targets" >&2
+    exit 1
+fi
+
+echo "setup: ok ($(docker-registry --version 2>/dev/null | awk '{print $NF}' || true) registry, $(skopeo --version), $(containerd --version | awk '{print $3}') containerd)"

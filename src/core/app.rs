@@ -1,0 +1,200 @@
+//! The one dispatch every host calls: [`App::handle`] turns a request into a response using
+//! the ports it was built with. It routes, validates, and hands each endpoint to its module
+//! (`manifests`, `blobs`, `tags`); it builds every error as the OCI envelope.
+
+use crate::core::blobs::{self, Fill};
+use crate::core::body::{Body, CacheStatus, RequestInfo};
+use crate::core::config::{Settings, UpstreamSpec};
+use crate::core::error::RegistryError;
+use crate::core::manifests;
+use crate::core::media::{header as h, parse_accept};
+use crate::core::metrics::{inc, Metrics};
+use crate::core::ports::Ports;
+use crate::core::range::parse_range;
+use crate::core::reference::Name;
+use crate::core::route::{parse_route, Endpoint, Route};
+use crate::core::tags;
+use crate::core::upstream::UpstreamClient;
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Shared state of one core instance.
+pub(crate) struct Inner {
+    pub settings: Settings,
+    pub ports: Ports,
+    pub client: UpstreamClient,
+    pub metrics: Rc<Metrics>,
+    /// Blob fills in flight, by digest: concurrent misses join one upstream transfer.
+    pub fills: RefCell<HashMap<String, Rc<Fill>>>,
+}
+
+/// What a request handler works on.
+pub(crate) struct Ctx<'a> {
+    pub inner: &'a Rc<Inner>,
+    pub up: &'a UpstreamSpec,
+    pub name: &'a Name,
+    pub head: bool,
+}
+
+/// The core: one per host instance (per isolate, per process).
+#[derive(Clone)]
+pub struct App {
+    inner: Rc<Inner>,
+}
+
+/// Builds a response with the registry API version header.
+pub(crate) fn response(status: StatusCode) -> http::response::Builder {
+    Response::builder()
+        .status(status)
+        .header(h::API_VERSION, h::API_VERSION_VALUE)
+}
+
+/// The OCI error envelope for `e` (headers only for HEAD).
+pub(crate) fn error_response(e: &RegistryError, head: bool) -> Response<Body> {
+    let body = e.envelope();
+    let len = body.len();
+    response(e.status())
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, len)
+        .body(if head {
+            Body::Empty
+        } else {
+            Body::Bytes(body.into())
+        })
+        .unwrap_or_else(|_| Response::new(Body::Empty))
+}
+
+fn text(status: StatusCode, content_type: &str, text: String) -> Response<Body> {
+    let len = text.len();
+    response(status)
+        .header(header::CONTENT_TYPE, content_type)
+        .header(header::CONTENT_LENGTH, len)
+        .body(Body::Bytes(text.into()))
+        .unwrap_or_else(|_| Response::new(Body::Empty))
+}
+
+impl App {
+    /// Builds the core over its settings and ports.
+    pub fn new(settings: Settings, ports: Ports) -> App {
+        let metrics = Rc::new(Metrics::default());
+        let client = UpstreamClient::new(ports.upstream.clone(), ports.clock.clone(), metrics.clone());
+        App {
+            inner: Rc::new(Inner {
+                settings,
+                ports,
+                client,
+                metrics,
+                fills: RefCell::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> Rc<Metrics> {
+        self.inner.metrics.clone()
+    }
+
+    /// The settings this instance runs on.
+    pub fn settings(&self) -> &Settings {
+        &self.inner.settings
+    }
+
+    /// Handles one request. Never fails: errors become OCI envelopes. The response carries a
+    /// [`RequestInfo`] extension for the host's log line.
+    pub async fn handle(&self, req: &Request<()>) -> Response<Body> {
+        inc(&self.inner.metrics.requests);
+        let head = req.method() == Method::HEAD;
+        let route = parse_route(
+            &self.inner.settings,
+            req.method(),
+            req.uri().path(),
+            req.uri().query(),
+        );
+        let (route_kind, upstream) = match &route {
+            Ok(r) => (
+                r.endpoint.kind(),
+                r.upstream.map(|i| self.inner.settings.upstreams[i].host.clone()),
+            ),
+            Err(_) => ("error", None),
+        };
+        let result = match route {
+            Ok(r) => self.dispatch(req, r, head).await,
+            Err(e) => Err(e),
+        };
+        let (mut resp, cache, error) = match result {
+            Ok((resp, cache)) => (resp, cache, None),
+            Err(e) => {
+                if matches!(e, RegistryError::Unavailable(_) | RegistryError::BadUpstream(_)) {
+                    inc(&self.inner.metrics.upstream_errors);
+                }
+                (error_response(&e, head), CacheStatus::None, Some(e.to_string()))
+            }
+        };
+        resp.extensions_mut().insert(RequestInfo {
+            route: route_kind,
+            upstream,
+            cache,
+            error,
+        });
+        resp
+    }
+
+    async fn dispatch(
+        &self,
+        req: &Request<()>,
+        route: Route,
+        head: bool,
+    ) -> Result<(Response<Body>, CacheStatus), RegistryError> {
+        let plain = |r| Ok((r, CacheStatus::None));
+        let (Some(index), Some(name)) = (route.upstream, route.name.as_ref()) else {
+            return match route.endpoint {
+                Endpoint::Health => plain(text(StatusCode::OK, "text/plain", "ok\n".into())),
+                Endpoint::Metrics => plain(text(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4",
+                    self.inner.metrics.render(),
+                )),
+                _ => plain(text(StatusCode::OK, "application/json", "{}".into())),
+            };
+        };
+        let ctx = Ctx {
+            inner: &self.inner,
+            up: &self.inner.settings.upstreams[index],
+            name,
+            head,
+        };
+        match &route.endpoint {
+            Endpoint::Manifest(reference) => {
+                let accept: Vec<&str> = req
+                    .headers()
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .collect();
+                manifests::get(&ctx, reference, &parse_accept(&accept)).await
+            }
+            Endpoint::Blob(digest) => {
+                let range = req
+                    .headers()
+                    .get(header::RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_range);
+                blobs::get(&ctx, digest, range).await
+            }
+            Endpoint::TagsList { n, last } => {
+                tags::list(&ctx, *n, last.as_deref(), &route.client_name, route.ns.as_deref())
+                    .await
+            }
+            _ => plain(text(StatusCode::OK, "application/json", "{}".into())),
+        }
+    }
+}
+
+/// Sets a header from a string, skipping values that are not valid header text.
+pub(crate) fn set_header(resp: &mut Response<Body>, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        resp.headers_mut().insert(name, v);
+    }
+}

@@ -1,0 +1,437 @@
+//! Blobs: served from the blob store when present; on a miss, one *fill* per digest streams
+//! the upstream body into a staged write while hashing it, and every requester (the first and
+//! any that arrive while it runs) reads the growing staged bytes. The fill commits only when
+//! the sha256 matches; on a mismatch it aborts, stores nothing, and every reader's stream ends
+//! in an error, which makes the host abort the client connection.
+//!
+//! Readers never get the last [`HOLDBACK`] bytes before the digest is verified, so a client
+//! can never complete a transfer of bad bytes (Harbor withholds its tail for the same reason).
+//! The fill runs through the deferred-work port, so it finishes (and warms the cache) even if
+//! the client that started it leaves.
+
+use crate::core::app::{response, set_header, Ctx, Inner};
+use crate::core::body::{Body, CacheStatus};
+use crate::core::error::RegistryError;
+use crate::core::manifests::status_failure;
+use crate::core::media::header as h;
+use crate::core::metrics::{add, inc};
+use crate::core::ports::{BodyError, ByteStream, TailReader};
+use crate::core::range::{ByteRange, RangeOutcome};
+use crate::core::reference::{Digest, Name};
+use bytes::{Bytes, BytesMut};
+use futures_util::future::{poll_fn, FutureExt};
+use futures_util::StreamExt;
+use http::{header, Method, Response, StatusCode};
+use sha2::{Digest as _, Sha256};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+/// Bytes withheld from readers until the digest is verified.
+pub const HOLDBACK: u64 = 64 * 1024;
+/// Largest write the fill batches from ready upstream chunks, and largest read chunk.
+pub const CHUNK: usize = 256 * 1024;
+
+#[derive(Debug, Clone)]
+enum Phase {
+    Connecting,
+    Streaming,
+    Done,
+    Failed(RegistryError),
+}
+
+struct FillState {
+    phase: Phase,
+    size: Option<u64>,
+    written: u64,
+    tail: Option<Rc<dyn TailReader>>,
+}
+
+/// One upstream transfer of one digest, shared by every reader.
+pub(crate) struct Fill {
+    state: RefCell<FillState>,
+    version: Cell<u64>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Fill {
+    fn new() -> Rc<Fill> {
+        Rc::new(Fill {
+            state: RefCell::new(FillState {
+                phase: Phase::Connecting,
+                size: None,
+                written: 0,
+                tail: None,
+            }),
+            version: Cell::new(0),
+            wakers: RefCell::new(Vec::new()),
+        })
+    }
+
+    fn update(&self, f: impl FnOnce(&mut FillState)) {
+        f(&mut self.state.borrow_mut());
+        self.version.set(self.version.get() + 1);
+        for w in self.wakers.borrow_mut().drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Resolves once the state changed after `seen`.
+    async fn changed(&self, seen: u64) {
+        poll_fn(|cx| {
+            if self.version.get() != seen {
+                Poll::Ready(())
+            } else {
+                self.wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    /// Waits until the upstream answered (or the fill failed).
+    async fn wait_started(&self) -> Result<(), RegistryError> {
+        loop {
+            let seen = self.version.get();
+            match &self.state.borrow().phase {
+                Phase::Connecting => {}
+                Phase::Failed(e) => return Err(e.clone()),
+                _ => return Ok(()),
+            }
+            self.changed(seen).await;
+        }
+    }
+
+    /// Waits until the blob is committed (or the fill failed).
+    async fn wait_done(&self) -> Result<(), RegistryError> {
+        loop {
+            let seen = self.version.get();
+            match &self.state.borrow().phase {
+                Phase::Done => return Ok(()),
+                Phase::Failed(e) => return Err(e.clone()),
+                _ => {}
+            }
+            self.changed(seen).await;
+        }
+    }
+}
+
+/// A stream of bytes `[start, end)` of a fill as it grows (`end` None: to the end).
+fn tail_stream(fill: Rc<Fill>, tail: Rc<dyn TailReader>, start: u64, end: Option<u64>) -> ByteStream {
+    futures_util::stream::unfold(Some(start), move |pos| {
+        let fill = fill.clone();
+        let tail = tail.clone();
+        async move {
+            let pos = pos?;
+            loop {
+                let seen = fill.version.get();
+                let (limit, finished) = {
+                    let s = fill.state.borrow();
+                    match &s.phase {
+                        Phase::Failed(e) => {
+                            return Some((Err(BodyError(e.to_string())), None));
+                        }
+                        Phase::Done => (s.written, true),
+                        _ => (s.written.saturating_sub(HOLDBACK), false),
+                    }
+                };
+                let limit = end.map_or(limit, |e| e.min(limit));
+                if pos < limit {
+                    let want = (limit - pos).min(CHUNK as u64) as usize;
+                    return match tail.read_at(pos, want).await {
+                        Ok(b) if b.is_empty() => {
+                            Some((Err(BodyError("staged blob shorter than written".into())), None))
+                        }
+                        Ok(b) => {
+                            let next = pos + b.len() as u64;
+                            Some((Ok(b), Some(next)))
+                        }
+                        Err(e) => Some((Err(BodyError(e.to_string())), None)),
+                    };
+                }
+                if finished {
+                    return None;
+                }
+                fill.changed(seen).await;
+            }
+        }
+    })
+    .boxed_local()
+}
+
+/// Fetches the blob upstream into the store; the result is recorded in the fill.
+async fn drive(inner: Rc<Inner>, fill: Rc<Fill>, up: usize, name: Name, digest: Digest) {
+    let result = transfer(&inner, &fill, up, &name, &digest).await;
+    fill.update(|s| {
+        s.phase = match result {
+            Ok(()) => Phase::Done,
+            Err(e) => Phase::Failed(e),
+        }
+    });
+    inner.fills.borrow_mut().remove(digest.as_str());
+}
+
+async fn transfer(
+    inner: &Rc<Inner>,
+    fill: &Fill,
+    up: usize,
+    name: &Name,
+    digest: &Digest,
+) -> Result<(), RegistryError> {
+    let spec = &inner.settings.upstreams[up];
+    let what = format!("blob {digest}");
+    let path = format!("/v2/{name}/blobs/{digest}");
+    let resp = inner
+        .client
+        .request(spec, Method::GET, &path, None, name.as_str(), true)
+        .await
+        .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+    match resp.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => {
+            return Err(RegistryError::BlobUnknown(format!("{what} is not known upstream")))
+        }
+        s => return Err(status_failure(s, &what)),
+    }
+    let size = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let mut writer = inner
+        .ports
+        .blobs
+        .create(digest.as_str())
+        .await
+        .map_err(|e| RegistryError::Internal(e.to_string()))?;
+    let tail = writer.tail();
+    fill.update(|s| {
+        s.phase = Phase::Streaming;
+        s.size = size;
+        s.tail = tail;
+    });
+
+    let mut body = resp.into_body();
+    let mut hasher = Sha256::new();
+    let mut written: u64 = 0;
+    let outcome: Result<(), RegistryError> = async {
+        let upstream_err = |e: BodyError| RegistryError::Unavailable(format!("{what}: upstream body: {e}"));
+        let mut ended = false;
+        while !ended {
+            let first = match body.next().await {
+                None => break,
+                Some(chunk) => chunk.map_err(upstream_err)?,
+            };
+            // Batch whatever else is ready, so the store sees few large writes.
+            let mut batch: Vec<Bytes> = vec![first];
+            let mut len = batch[0].len();
+            while len < CHUNK {
+                match body.next().now_or_never() {
+                    Some(Some(chunk)) => {
+                        let c = chunk.map_err(upstream_err)?;
+                        len += c.len();
+                        batch.push(c);
+                    }
+                    Some(None) => {
+                        ended = true;
+                        break;
+                    }
+                    None => break,
+                }
+            }
+            let joined = if batch.len() == 1 {
+                batch.pop().unwrap_or_default()
+            } else {
+                let mut b = BytesMut::with_capacity(len);
+                batch.iter().for_each(|c| b.extend_from_slice(c));
+                b.freeze()
+            };
+            hasher.update(&joined);
+            written += joined.len() as u64;
+            if size.is_some_and(|s| written > s) {
+                return Err(RegistryError::BadUpstream(format!("{what}: longer than its Content-Length")));
+            }
+            writer
+                .write(joined)
+                .await
+                .map_err(|e| RegistryError::Internal(e.to_string()))?;
+            add(&inner.metrics.bytes_fetched, len as u64);
+            fill.update(|s| s.written = written);
+        }
+        if size.is_some_and(|s| written != s) {
+            return Err(RegistryError::Unavailable(format!("{what}: upstream body ended early")));
+        }
+        let got = Digest::from_sha256(&hasher.finalize());
+        if got != *digest {
+            inc(&inner.metrics.digest_mismatches);
+            return Err(RegistryError::BadUpstream(format!(
+                "{what}: upstream bytes hash to {got}; not cached"
+            )));
+        }
+        Ok(())
+    }
+    .await;
+    match outcome {
+        Ok(()) => writer.commit().await.map_err(|e| RegistryError::Internal(e.to_string())),
+        Err(e) => {
+            writer.abort().await;
+            Err(e)
+        }
+    }
+}
+
+fn blob_response(
+    status: StatusCode,
+    digest: &Digest,
+    length: Option<u64>,
+    body: Body,
+) -> Result<Response<Body>, RegistryError> {
+    let mut b = response(status)
+        .header(header::CONTENT_TYPE, "application/octet-stream")
+        .header(header::ACCEPT_RANGES, "bytes");
+    if let Some(l) = length {
+        b = b.header(header::CONTENT_LENGTH, l);
+    }
+    let mut resp = b.body(body).map_err(|e| RegistryError::Internal(e.to_string()))?;
+    set_header(&mut resp, h::CONTENT_DIGEST, digest.as_str());
+    set_header(&mut resp, "etag", &format!("\"{digest}\""));
+    Ok(resp)
+}
+
+fn unsatisfiable(size: u64) -> Result<Response<Body>, RegistryError> {
+    let e = RegistryError::RangeInvalid(format!("range not satisfiable for a blob of {size} bytes"));
+    let mut resp = crate::core::app::error_response(&e, false);
+    set_header(&mut resp, "content-range", &format!("bytes */{size}"));
+    Ok(resp)
+}
+
+/// Plans a response for a blob of `size` (if known): (status, start, end exclusive).
+fn plan(range: Option<ByteRange>, size: Option<u64>) -> Option<(StatusCode, u64, Option<u64>)> {
+    match (range, size) {
+        (Some(r), Some(size)) => match r.resolve(size) {
+            RangeOutcome::Partial { start, end } => Some((StatusCode::PARTIAL_CONTENT, start, Some(end + 1))),
+            RangeOutcome::Unsatisfiable => None,
+        },
+        (_, size) => Some((StatusCode::OK, 0, size)),
+    }
+}
+
+fn finish(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    status: StatusCode,
+    start: u64,
+    end: Option<u64>,
+    size: Option<u64>,
+    body: impl FnOnce() -> ByteStream,
+) -> Result<Response<Body>, RegistryError> {
+    let length = end.map(|e| e - start);
+    let body = if ctx.head { Body::Empty } else { Body::Stream(body()) };
+    let mut resp = blob_response(status, digest, length, body)?;
+    if status == StatusCode::PARTIAL_CONTENT {
+        if let (Some(e), Some(s)) = (end, size) {
+            set_header(&mut resp, "content-range", &format!("bytes {start}-{}/{s}", e - 1));
+        }
+    }
+    Ok(resp)
+}
+
+/// Serves a stored blob; None if it is not (or no longer) stored.
+async fn from_store(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    range: Option<ByteRange>,
+) -> Result<Option<Response<Body>>, RegistryError> {
+    let blobs = &ctx.inner.ports.blobs;
+    let internal = |e: crate::core::ports::StoreError| RegistryError::Internal(e.to_string());
+    let Some(size) = blobs.stat(digest.as_str()).await.map_err(internal)? else {
+        return Ok(None);
+    };
+    let Some((status, start, end)) = plan(range, Some(size)) else {
+        return unsatisfiable(size).map(Some);
+    };
+    let end_v = end.unwrap_or(size);
+    let stream = if ctx.head {
+        None
+    } else {
+        match blobs.read(digest.as_str(), start, end_v).await.map_err(internal)? {
+            Some(s) => Some(s),
+            None => return Ok(None),
+        }
+    };
+    let mut stream = stream;
+    finish(ctx, digest, status, start, Some(end_v), Some(size), move || {
+        stream.take().unwrap_or_else(|| futures_util::stream::empty().boxed_local())
+    })
+    .map(Some)
+}
+
+/// `GET|HEAD /v2/<name>/blobs/<digest>`.
+pub(crate) async fn get(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    range: Option<ByteRange>,
+) -> Result<(Response<Body>, CacheStatus), RegistryError> {
+    let m = &ctx.inner.metrics;
+    if let Some(resp) = from_store(ctx, digest, range).await? {
+        inc(&m.hits);
+        return Ok((resp, CacheStatus::Hit));
+    }
+    let existing = ctx.inner.fills.borrow().get(digest.as_str()).cloned();
+    let (fill, status) = match existing {
+        Some(f) => {
+            inc(&m.coalesced_waits);
+            (f, CacheStatus::Coalesced)
+        }
+        None => {
+            inc(&m.misses);
+            let f = Fill::new();
+            ctx.inner.fills.borrow_mut().insert(digest.as_str().to_string(), f.clone());
+            let up = ctx
+                .inner
+                .settings
+                .upstreams
+                .iter()
+                .position(|u| u.host == ctx.up.host)
+                .unwrap_or(0);
+            ctx.inner.ports.deferred.spawn(
+                drive(ctx.inner.clone(), f.clone(), up, ctx.name.clone(), digest.clone()).boxed_local(),
+            );
+            (f, CacheStatus::Miss)
+        }
+    };
+    fill.wait_started().await?;
+    let (size, tail) = {
+        let s = fill.state.borrow();
+        (s.size, s.tail.clone())
+    };
+    let Some(tail) = tail else {
+        // This store cannot read a write in progress: answer once it is committed.
+        fill.wait_done().await?;
+        return match from_store(ctx, digest, range).await? {
+            Some(resp) => Ok((resp, status)),
+            None => Err(RegistryError::Internal(format!("blob {digest} vanished after its fill"))),
+        };
+    };
+    let Some((code, start, end)) = plan(range, size) else {
+        return Ok((unsatisfiable(size.unwrap_or(0))?, status));
+    };
+    let resp = finish(ctx, digest, code, start, end, size, || tail_stream(fill, tail, start, end))?;
+    Ok((resp, status))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_table() {
+        let r = |s| crate::core::range::parse_range(s);
+        assert_eq!(plan(None, Some(10)), Some((StatusCode::OK, 0, Some(10))));
+        assert_eq!(plan(None, None), Some((StatusCode::OK, 0, None)));
+        assert_eq!(plan(r("bytes=2-4"), Some(10)), Some((StatusCode::PARTIAL_CONTENT, 2, Some(5))));
+        assert_eq!(plan(r("bytes=10-"), Some(10)), None);
+        // Unknown size: the whole body, which a range request allows.
+        assert_eq!(plan(r("bytes=2-4"), None), Some((StatusCode::OK, 0, None)));
+    }
+}

@@ -1,0 +1,372 @@
+//! Manifests: stored by digest, verbatim, with their media type; tags map to digests through
+//! tag records that are revalidated with `HEAD` after the tag TTL, and served stale (within
+//! `max_stale`) when the upstream fails. Docker Hub counts manifest GETs as pulls, so a warm
+//! tag costs at most one HEAD and a moved tag one GET by digest.
+//!
+//! Nothing is stored before its digest is computed over the exact bytes received; a manifest
+//! fetched by digest must hash to that digest.
+
+use crate::core::app::{response, set_header, Ctx};
+use crate::core::body::{Body, CacheStatus};
+use crate::core::error::RegistryError;
+use crate::core::media::{header as h, manifest_media_type, AcceptSet};
+use crate::core::metrics::inc;
+use crate::core::reference::{parse_digest, Digest, Reference, Tag};
+use crate::core::store_keys;
+use crate::core::upstream::read_body_limited;
+use bytes::Bytes;
+use http::{header, Method, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+/// Version of the stored manifest format.
+const MANIFEST_FORMAT: u8 = 1;
+/// Version of the tag record format.
+const TAG_RECORD_VERSION: u32 = 1;
+
+/// A manifest as stored: its media type and exact bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredManifest {
+    /// Media type (`Content-Type` to serve).
+    pub media_type: String,
+    /// The exact bytes.
+    pub bytes: Bytes,
+}
+
+impl StoredManifest {
+    /// `[format u8][len u16 BE][media type][bytes]`.
+    pub fn encode(&self) -> Vec<u8> {
+        let mt = self.media_type.as_bytes();
+        let mut out = Vec::with_capacity(3 + mt.len() + self.bytes.len());
+        out.push(MANIFEST_FORMAT);
+        out.extend_from_slice(&(mt.len() as u16).to_be_bytes());
+        out.extend_from_slice(mt);
+        out.extend_from_slice(&self.bytes);
+        out
+    }
+
+    /// Inverse of `encode`; None for an unknown format.
+    pub fn decode(raw: &[u8]) -> Option<StoredManifest> {
+        if raw.len() < 3 || raw[0] != MANIFEST_FORMAT {
+            return None;
+        }
+        let n = u16::from_be_bytes([raw[1], raw[2]]) as usize;
+        let mt = std::str::from_utf8(raw.get(3..3 + n)?).ok()?;
+        Some(StoredManifest {
+            media_type: mt.to_string(),
+            bytes: Bytes::copy_from_slice(&raw[3 + n..]),
+        })
+    }
+}
+
+/// Tag → digest, with when it was last confirmed upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    /// Format version.
+    pub v: u32,
+    /// Digest the tag pointed at.
+    pub digest: String,
+    /// Last time the upstream confirmed it (ms since epoch).
+    pub checked_ms: u64,
+}
+
+/// Is a record still fresh at `now`?
+pub fn is_fresh(rec: &TagRecord, now_ms: u64, ttl_ms: u64) -> bool {
+    now_ms < rec.checked_ms.saturating_add(ttl_ms)
+}
+
+/// May a record be served stale at `now` while the upstream fails?
+pub fn is_servable_stale(rec: &TagRecord, now_ms: u64, max_stale_ms: u64) -> bool {
+    now_ms <= rec.checked_ms.saturating_add(max_stale_ms)
+}
+
+/// An upstream failure, classified for the stale-if-error decision.
+#[derive(Debug)]
+pub(crate) enum Fetch {
+    /// The upstream says it does not exist.
+    NotFound,
+    /// Any other failure: unreachable, timeout, 5xx, 429, auth, garbage.
+    Failed(RegistryError),
+}
+
+/// Maps an upstream status that is not success or 404.
+pub(crate) fn status_failure(status: StatusCode, what: &str) -> RegistryError {
+    match status.as_u16() {
+        429 => RegistryError::TooManyRequests(format!("upstream rate limit hit fetching {what}")),
+        401 | 403 => RegistryError::Denied(format!("upstream denied access to {what} ({status})")),
+        500..=599 => RegistryError::Unavailable(format!("upstream failed fetching {what} ({status})")),
+        _ => RegistryError::BadUpstream(format!("upstream answered {status} for {what}")),
+    }
+}
+
+async fn load(ctx: &Ctx<'_>, digest: &str) -> Result<Option<StoredManifest>, RegistryError> {
+    let raw = ctx
+        .inner
+        .ports
+        .kv
+        .get(&store_keys::manifest(digest))
+        .await
+        .map_err(|e| RegistryError::Internal(e.to_string()))?;
+    Ok(raw.as_deref().and_then(StoredManifest::decode))
+}
+
+async fn load_record(ctx: &Ctx<'_>, key: &str) -> Result<Option<TagRecord>, RegistryError> {
+    let raw = ctx
+        .inner
+        .ports
+        .kv
+        .get(key)
+        .await
+        .map_err(|e| RegistryError::Internal(e.to_string()))?;
+    Ok(raw
+        .and_then(|r| serde_json::from_slice::<TagRecord>(&r).ok())
+        .filter(|r| r.v == TAG_RECORD_VERSION))
+}
+
+async fn save_record(ctx: &Ctx<'_>, key: &str, digest: &str) -> Result<(), RegistryError> {
+    let rec = TagRecord {
+        v: TAG_RECORD_VERSION,
+        digest: digest.to_string(),
+        checked_ms: ctx.inner.ports.clock.now_ms(),
+    };
+    let raw = serde_json::to_vec(&rec).map_err(|e| RegistryError::Internal(e.to_string()))?;
+    ctx.inner
+        .ports
+        .kv
+        .put(key, &raw)
+        .await
+        .map_err(|e| RegistryError::Internal(e.to_string()))
+}
+
+/// GETs a manifest upstream, verifies it, and stores it by digest.
+async fn fetch(
+    ctx: &Ctx<'_>,
+    reference: &str,
+    expect: Option<&Digest>,
+    accept: &AcceptSet,
+) -> Result<(Digest, StoredManifest), Fetch> {
+    let what = format!("manifest {}:{reference}", ctx.name);
+    let path = format!("/v2/{}/manifests/{reference}", ctx.name);
+    let resp = ctx
+        .inner
+        .client
+        .request(ctx.up, Method::GET, &path, Some(&accept.upstream_value()), ctx.name.as_str(), false)
+        .await
+        .map_err(|e| Fetch::Failed(RegistryError::Unavailable(e.to_string())))?;
+    match resp.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => return Err(Fetch::NotFound),
+        s => return Err(Fetch::Failed(status_failure(s, &what))),
+    }
+    let content_type = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let claimed = resp
+        .headers()
+        .get(h::CONTENT_DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let limit = ctx.inner.settings.max_manifest_size as usize;
+    let bytes = read_body_limited(resp.into_body(), limit)
+        .await
+        .map_err(|e| Fetch::Failed(RegistryError::BadUpstream(format!("{what}: {e}"))))?;
+    let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| {
+        Fetch::Failed(RegistryError::BadUpstream(format!("{what}: upstream sent invalid JSON")))
+    })?;
+    let digest = Digest::of(&bytes);
+    let mismatch = |d: &str| {
+        inc(&ctx.inner.metrics.digest_mismatches);
+        Fetch::Failed(RegistryError::BadUpstream(format!(
+            "{what}: upstream bytes hash to {digest}, not {d}; not cached"
+        )))
+    };
+    if let Some(e) = expect {
+        if *e != digest {
+            return Err(mismatch(e.as_str()));
+        }
+    }
+    if let Some(c) = claimed.as_deref().filter(|c| parse_digest(c).is_ok()) {
+        if c != digest.as_str() {
+            return Err(mismatch(c));
+        }
+    }
+    let m = StoredManifest {
+        media_type: manifest_media_type(content_type.as_deref(), &json),
+        bytes: Bytes::from(bytes),
+    };
+    ctx.inner
+        .ports
+        .kv
+        .put(&store_keys::manifest(digest.as_str()), &m.encode())
+        .await
+        .map_err(|e| Fetch::Failed(RegistryError::Internal(e.to_string())))?;
+    Ok((digest, m))
+}
+
+/// The manifest response (headers only for HEAD).
+fn serve(ctx: &Ctx<'_>, digest: &str, m: StoredManifest) -> Result<Response<Body>, RegistryError> {
+    let mut resp = response(StatusCode::OK)
+        .header(header::CONTENT_TYPE, m.media_type.as_str())
+        .header(header::CONTENT_LENGTH, m.bytes.len())
+        .body(if ctx.head { Body::Empty } else { Body::Bytes(m.bytes) })
+        .map_err(|e| RegistryError::Internal(e.to_string()))?;
+    set_header(&mut resp, h::CONTENT_DIGEST, digest);
+    set_header(&mut resp, "etag", &format!("\"{digest}\""));
+    Ok(resp)
+}
+
+fn unknown(ctx: &Ctx<'_>, reference: &str) -> RegistryError {
+    RegistryError::ManifestUnknown(format!("manifest {}:{reference} is not known upstream", ctx.name))
+}
+
+/// `GET|HEAD /v2/<name>/manifests/<reference>`.
+pub(crate) async fn get(
+    ctx: &Ctx<'_>,
+    reference: &Reference,
+    accept: &AcceptSet,
+) -> Result<(Response<Body>, CacheStatus), RegistryError> {
+    let m = &ctx.inner.metrics;
+    match reference {
+        Reference::Digest(d) => {
+            if let Some(stored) = load(ctx, d.as_str()).await? {
+                inc(&m.hits);
+                return Ok((serve(ctx, d.as_str(), stored)?, CacheStatus::Hit));
+            }
+            inc(&m.misses);
+            match fetch(ctx, d.as_str(), Some(d), accept).await {
+                Ok((digest, stored)) => Ok((serve(ctx, digest.as_str(), stored)?, CacheStatus::Miss)),
+                Err(Fetch::NotFound) => Err(unknown(ctx, d.as_str())),
+                Err(Fetch::Failed(e)) => Err(e),
+            }
+        }
+        Reference::Tag(tag) => get_tag(ctx, tag, accept).await,
+    }
+}
+
+async fn get_tag(
+    ctx: &Ctx<'_>,
+    tag: &Tag,
+    accept: &AcceptSet,
+) -> Result<(Response<Body>, CacheStatus), RegistryError> {
+    let inner = ctx.inner;
+    let m = &inner.metrics;
+    let settings = &inner.settings;
+    let key = store_keys::tag(&ctx.up.host, ctx.name.as_str(), accept.class().key(), tag.as_str());
+    let now = inner.ports.clock.now_ms();
+
+    // The cached answer, if there is one this client can take.
+    let mut cached = None;
+    if let Some(rec) = load_record(ctx, &key).await? {
+        if let Some(stored) = load(ctx, &rec.digest).await? {
+            if accept.accepts(&stored.media_type) {
+                cached = Some((rec, stored));
+            }
+        }
+    }
+    let stale_or = |cached: Option<(TagRecord, StoredManifest)>, e: RegistryError| match cached {
+        Some((rec, stored)) if is_servable_stale(&rec, now, settings.max_stale_ms) => {
+            inc(&m.stale_served);
+            Ok((serve(ctx, &rec.digest, stored)?, CacheStatus::Stale))
+        }
+        _ => Err(e),
+    };
+
+    if let Some((rec, stored)) = &cached {
+        if is_fresh(rec, now, settings.tag_ttl_ms) {
+            inc(&m.hits);
+            return Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Hit));
+        }
+        // Revalidate with HEAD: free against Docker Hub's pull limit.
+        let path = format!("/v2/{}/manifests/{}", ctx.name, tag.as_str());
+        let what = format!("manifest {}:{}", ctx.name, tag.as_str());
+        let head = inner
+            .client
+            .request(ctx.up, Method::HEAD, &path, Some(&accept.upstream_value()), ctx.name.as_str(), false)
+            .await;
+        match head {
+            Ok(resp) if resp.status() == StatusCode::OK => {
+                let upstream_digest = resp
+                    .headers()
+                    .get(h::CONTENT_DIGEST)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_digest(v).ok());
+                if upstream_digest.as_ref().map(Digest::as_str) == Some(rec.digest.as_str()) {
+                    save_record(ctx, &key, &rec.digest).await?;
+                    inc(&m.hits);
+                    return Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Hit));
+                }
+                // Moved (or no digest header): fetch below.
+                if let Some(d) = upstream_digest {
+                    if let Some(s) = load(ctx, d.as_str()).await? {
+                        if accept.accepts(&s.media_type) {
+                            save_record(ctx, &key, d.as_str()).await?;
+                            inc(&m.hits);
+                            return Ok((serve(ctx, d.as_str(), s)?, CacheStatus::Hit));
+                        }
+                    }
+                    inc(&m.misses);
+                    return match fetch(ctx, d.as_str(), Some(&d), accept).await {
+                        Ok((digest, s)) => {
+                            save_record(ctx, &key, digest.as_str()).await?;
+                            Ok((serve(ctx, digest.as_str(), s)?, CacheStatus::Miss))
+                        }
+                        Err(Fetch::NotFound) => Err(unknown(ctx, tag.as_str())),
+                        Err(Fetch::Failed(e)) => stale_or(cached, e),
+                    };
+                }
+            }
+            Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
+                let _ = inner.ports.kv.delete(&key).await;
+                return Err(unknown(ctx, tag.as_str()));
+            }
+            Ok(resp) => return stale_or(cached, status_failure(resp.status(), &what)),
+            Err(e) => return stale_or(cached, RegistryError::Unavailable(e.to_string())),
+        }
+    }
+
+    inc(&m.misses);
+    match fetch(ctx, tag.as_str(), None, accept).await {
+        Ok((digest, stored)) => {
+            save_record(ctx, &key, digest.as_str()).await?;
+            Ok((serve(ctx, digest.as_str(), stored)?, CacheStatus::Miss))
+        }
+        Err(Fetch::NotFound) => Err(unknown(ctx, tag.as_str())),
+        Err(Fetch::Failed(e)) => stale_or(cached, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stored_manifest_round_trips() {
+        let m = StoredManifest {
+            media_type: "application/vnd.oci.image.manifest.v1+json".into(),
+            bytes: Bytes::from_static(b"{\"schemaVersion\":2}"),
+        };
+        assert_eq!(StoredManifest::decode(&m.encode()), Some(m));
+        assert_eq!(StoredManifest::decode(&[9, 0, 0]), None);
+        assert_eq!(StoredManifest::decode(&[1, 0, 50, b'x']), None);
+    }
+
+    #[test]
+    fn freshness_with_a_manual_clock() {
+        let r = TagRecord { v: 1, digest: "d".into(), checked_ms: 1_000 };
+        assert!(is_fresh(&r, 1_000, 300_000));
+        assert!(is_fresh(&r, 300_999, 300_000));
+        assert!(!is_fresh(&r, 301_000, 300_000));
+        assert!(!is_fresh(&r, 1_000, 0));
+        assert!(is_servable_stale(&r, 1_000 + 7 * 86_400_000, 7 * 86_400_000));
+        assert!(!is_servable_stale(&r, 1_001 + 7 * 86_400_000, 7 * 86_400_000));
+    }
+
+    #[test]
+    fn upstream_statuses_map_to_errors() {
+        assert_eq!(status_failure(StatusCode::TOO_MANY_REQUESTS, "x").status().as_u16(), 429);
+        assert_eq!(status_failure(StatusCode::BAD_GATEWAY, "x").status().as_u16(), 503);
+        assert_eq!(status_failure(StatusCode::UNAUTHORIZED, "x").code(), "DENIED");
+        assert_eq!(status_failure(StatusCode::IM_A_TEAPOT, "x").status().as_u16(), 502);
+    }
+}

@@ -1,0 +1,151 @@
+//! Media types, header names and the `Accept` negotiation for manifests. Pure.
+//!
+//! The upstream picks an index or a single manifest from the client's `Accept`; the cache keeps
+//! tag records per *accept class* (index-capable or not) so an index is only served to a client
+//! that accepts one (OCI distribution spec, "Pulling manifests").
+
+/// OCI image manifest.
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+/// OCI image index.
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+/// Docker v2 schema 2 manifest.
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+/// Docker manifest list.
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// What we ask an upstream for when the client sent no `Accept`.
+pub const DEFAULT_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Header names, in one place.
+pub mod header {
+    /// `Docker-Content-Digest`.
+    pub const CONTENT_DIGEST: &str = "docker-content-digest";
+    /// `Docker-Distribution-API-Version`.
+    pub const API_VERSION: &str = "docker-distribution-api-version";
+    /// Its value.
+    pub const API_VERSION_VALUE: &str = "registry/2.0";
+}
+
+/// The media types a client accepts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AcceptSet {
+    any: bool,
+    types: Vec<String>,
+    raw: Option<String>,
+}
+
+/// Which tag record a client's `Accept` maps to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AcceptClass {
+    /// The client accepts an index or manifest list.
+    Index,
+    /// The client accepts single manifests only.
+    Single,
+}
+
+impl AcceptClass {
+    /// Storage key fragment.
+    pub fn key(self) -> &'static str {
+        match self {
+            AcceptClass::Index => "i",
+            AcceptClass::Single => "m",
+        }
+    }
+}
+
+/// Parses all `Accept` header values of a request (joined with `,`).
+pub fn parse_accept(values: &[&str]) -> AcceptSet {
+    let mut types = Vec::new();
+    let mut any = values.is_empty();
+    for v in values {
+        for item in v.split(',') {
+            let t = item.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            if t.is_empty() {
+                continue;
+            }
+            if t == "*/*" || t == "application/*" {
+                any = true;
+            }
+            types.push(t);
+        }
+    }
+    if types.is_empty() {
+        any = true;
+    }
+    AcceptSet {
+        any,
+        types,
+        raw: if values.is_empty() {
+            None
+        } else {
+            Some(values.join(", "))
+        },
+    }
+}
+
+impl AcceptSet {
+    /// Does the client take `media_type`?
+    pub fn accepts(&self, media_type: &str) -> bool {
+        self.any || self.types.iter().any(|t| t == media_type)
+    }
+
+    /// The record class.
+    pub fn class(&self) -> AcceptClass {
+        if self.accepts(OCI_INDEX) || self.accepts(DOCKER_LIST) {
+            AcceptClass::Index
+        } else {
+            AcceptClass::Single
+        }
+    }
+
+    /// The `Accept` to send upstream: the client's, or every manifest type.
+    pub fn upstream_value(&self) -> String {
+        match &self.raw {
+            Some(r) if !self.any => r.clone(),
+            _ => DEFAULT_ACCEPT.to_string(),
+        }
+    }
+}
+
+/// The media type of a manifest: the upstream's `Content-Type` without parameters, else the
+/// body's `mediaType`, else OCI manifest (the spec's default for a body without one).
+pub fn manifest_media_type(content_type: Option<&str>, body: &serde_json::Value) -> String {
+    let from_header = content_type
+        .map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .filter(|c| !c.is_empty() && c != "application/json" && c != "text/plain");
+    from_header
+        .or_else(|| body.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
+        .unwrap_or_else(|| OCI_MANIFEST.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_classes() {
+        let a = parse_accept(&["application/vnd.oci.image.manifest.v1+json"]);
+        assert_eq!(a.class(), AcceptClass::Single);
+        assert!(!a.accepts(OCI_INDEX));
+        let b = parse_accept(&[
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.oci.image.index.v1+json; q=0.5",
+        ]);
+        assert_eq!(b.class(), AcceptClass::Index);
+        assert!(b.accepts(OCI_INDEX));
+        let none = parse_accept(&[]);
+        assert!(none.accepts(DOCKER_LIST));
+        assert_eq!(none.upstream_value(), DEFAULT_ACCEPT);
+        let star = parse_accept(&["*/*"]);
+        assert_eq!(star.class(), AcceptClass::Index);
+        assert_eq!(a.upstream_value(), "application/vnd.oci.image.manifest.v1+json");
+    }
+
+    #[test]
+    fn media_type_from_header_or_body() {
+        let body = serde_json::json!({"mediaType": DOCKER_MANIFEST});
+        assert_eq!(manifest_media_type(Some("application/vnd.oci.image.index.v1+json; charset=utf-8"), &body), OCI_INDEX);
+        assert_eq!(manifest_media_type(Some("application/json"), &body), DOCKER_MANIFEST);
+        assert_eq!(manifest_media_type(None, &serde_json::json!({})), OCI_MANIFEST);
+    }
+}

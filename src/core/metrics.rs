@@ -1,0 +1,81 @@
+//! Counters for `/metrics` (Prometheus text exposition format 0.0.4). Plain atomics, so a host
+//! may share them across threads; the core only increments.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// The counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Requests answered from the cache.
+    pub hits: AtomicU64,
+    /// Requests that needed the upstream.
+    pub misses: AtomicU64,
+    /// Stale tags served because the upstream failed.
+    pub stale_served: AtomicU64,
+    /// Requests sent upstream (including token and redirect hops).
+    pub upstream_requests: AtomicU64,
+    /// Upstream failures (unreachable, timeout, 5xx, 429, auth).
+    pub upstream_errors: AtomicU64,
+    /// Requests that joined a fill already in flight instead of fetching again.
+    pub coalesced_waits: AtomicU64,
+    /// Body bytes sent to clients.
+    pub bytes_served: AtomicU64,
+    /// Blob bytes fetched from upstreams.
+    pub bytes_fetched: AtomicU64,
+    /// Blobs whose upstream bytes did not match their digest (never stored).
+    pub digest_mismatches: AtomicU64,
+    /// Requests handled.
+    pub requests: AtomicU64,
+}
+
+/// Adds one.
+pub fn inc(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Adds `n`.
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+impl Metrics {
+    /// Renders the Prometheus text format.
+    pub fn render(&self) -> String {
+        let rows: [(&str, &str, &AtomicU64); 10] = [
+            ("pullgate_requests_total", "Requests handled.", &self.requests),
+            ("pullgate_cache_hits_total", "Requests answered from the cache.", &self.hits),
+            ("pullgate_cache_misses_total", "Requests that needed the upstream.", &self.misses),
+            ("pullgate_stale_served_total", "Stale tags served while the upstream failed.", &self.stale_served),
+            ("pullgate_upstream_requests_total", "Requests sent to upstreams.", &self.upstream_requests),
+            ("pullgate_upstream_errors_total", "Upstream failures.", &self.upstream_errors),
+            ("pullgate_coalesced_waits_total", "Requests that joined an in-flight fill.", &self.coalesced_waits),
+            ("pullgate_bytes_served_total", "Body bytes sent to clients.", &self.bytes_served),
+            ("pullgate_bytes_fetched_total", "Blob bytes fetched from upstreams.", &self.bytes_fetched),
+            ("pullgate_digest_mismatches_total", "Upstream blobs that failed verification.", &self.digest_mismatches),
+        ];
+        let mut out = String::new();
+        for (name, help, v) in rows {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                v.load(Ordering::Relaxed)
+            ));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        inc(&m.hits);
+        add(&m.bytes_served, 42);
+        let t = m.render();
+        assert!(t.contains("\npullgate_cache_hits_total 1\n"));
+        assert!(t.contains("\npullgate_bytes_served_total 42\n"));
+        assert!(t.contains("# TYPE pullgate_cache_misses_total counter"));
+    }
+}

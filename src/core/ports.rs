@@ -1,0 +1,116 @@
+//! The ports: the small capabilities a host hands the core. Byte-level, object-safe, and not
+//! `Send` (Workers and Spin futures are `!Send`). Hosts implement them over their bindings;
+//! tests implement them in memory. Port errors are their own types; the core maps them to
+//! registry errors.
+
+use bytes::Bytes;
+use futures_util::future::LocalBoxFuture;
+use futures_util::stream::LocalBoxStream;
+use http::{Request, Response};
+use std::rc::Rc;
+
+/// An error while a body streams.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyError(pub String);
+
+/// A streaming body: chunks of bytes, never the whole thing at once.
+pub type ByteStream = LocalBoxStream<'static, Result<Bytes, BodyError>>;
+
+/// Why an upstream exchange failed before a response arrived.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamError {
+    /// Connection refused, DNS, TLS.
+    #[error("upstream unreachable: {0}")]
+    Connect(String),
+    /// No answer in time.
+    #[error("upstream timed out: {0}")]
+    Timeout(String),
+    /// Anything else (malformed response, host capability missing).
+    #[error("upstream request failed: {0}")]
+    Other(String),
+}
+
+/// Outbound HTTP. Must not follow redirects (the core follows them, without `Authorization`).
+#[async_trait::async_trait(?Send)]
+pub trait Upstream {
+    /// Sends a request with an empty body and returns the response with a streaming body.
+    async fn send(&self, request: Request<()>) -> Result<Response<ByteStream>, UpstreamError>;
+}
+
+/// A storage failure.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("storage: {0}")]
+pub struct StoreError(pub String);
+
+/// Small records: tag records, manifests, tag lists. Keys are ASCII, at most 256 bytes.
+#[async_trait::async_trait(?Send)]
+pub trait KvStore {
+    /// Reads a value.
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Writes a value.
+    async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
+    /// Deletes a value (absent is fine).
+    async fn delete(&self, key: &str) -> Result<(), StoreError>;
+}
+
+/// Blobs by digest, content-addressed. Only verified bytes become visible.
+#[async_trait::async_trait(?Send)]
+pub trait BlobStore {
+    /// Size of a stored blob, or None. A hit also counts as an access for eviction.
+    async fn stat(&self, digest: &str) -> Result<Option<u64>, StoreError>;
+    /// Streams bytes `[start, end)` of a stored blob; None if it vanished (evicted).
+    async fn read(&self, digest: &str, start: u64, end: u64)
+        -> Result<Option<ByteStream>, StoreError>;
+    /// Starts writing a blob under a staging name.
+    async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError>;
+}
+
+/// A blob being written. Nothing is visible under the digest until `commit`.
+#[async_trait::async_trait(?Send)]
+pub trait BlobWriter {
+    /// Appends bytes; when it returns, a [`TailReader`] sees them.
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError>;
+    /// Makes the blob visible under its digest (atomically).
+    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+    /// Drops the staged bytes.
+    async fn abort(self: Box<Self>);
+    /// A reader of the bytes written so far, valid after commit or abort too; None when the
+    /// store cannot read a blob while it is written (readers then wait for the commit).
+    fn tail(&self) -> Option<Rc<dyn TailReader>>;
+}
+
+/// Reads the bytes of an in-progress write.
+#[async_trait::async_trait(?Send)]
+pub trait TailReader {
+    /// Reads up to `max` bytes at `offset` (only bytes already written are asked for).
+    async fn read_at(&self, offset: u64, max: usize) -> Result<Bytes, StoreError>;
+}
+
+/// Wall-clock time. The core never reads the system clock itself.
+pub trait Clock {
+    /// Milliseconds since the Unix epoch.
+    fn now_ms(&self) -> u64;
+}
+
+/// Work that outlives the request that started it (a cache fill): a spawned local task
+/// natively, `waitUntil` on Workers.
+pub trait Deferred {
+    /// Runs `work` to completion in the background.
+    fn spawn(&self, work: LocalBoxFuture<'static, ()>);
+}
+
+/// All the ports a core instance runs on.
+#[derive(Clone)]
+pub struct Ports {
+    /// Outbound HTTP.
+    pub upstream: Rc<dyn Upstream>,
+    /// Metadata store.
+    pub kv: Rc<dyn KvStore>,
+    /// Blob store.
+    pub blobs: Rc<dyn BlobStore>,
+    /// Clock.
+    pub clock: Rc<dyn Clock>,
+    /// Deferred work.
+    pub deferred: Rc<dyn Deferred>,
+}

@@ -1,0 +1,154 @@
+//! `GET /v2/<name>/tags/list`: proxied, cached per page (`n`, `last`) for the tag TTL, served
+//! stale within `max_stale` when the upstream fails. A `Link` to the next page is rewritten to
+//! the client's own path (its host prefix and `ns`), keeping the upstream's `n` and `last`.
+
+use crate::core::app::{response, Ctx};
+use crate::core::body::{Body, CacheStatus};
+use crate::core::error::RegistryError;
+use crate::core::manifests::status_failure;
+use crate::core::metrics::inc;
+use crate::core::store_keys;
+use crate::core::upstream::read_body_limited;
+use http::{header, Method, Response, StatusCode};
+use serde::{Deserialize, Serialize};
+
+/// Largest tag list page read from an upstream.
+const MAX_TAG_LIST: usize = 4 << 20;
+/// Version of the cached page format.
+const PAGE_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CachedPage {
+    v: u32,
+    fetched_ms: u64,
+    body: String,
+    link: Option<String>,
+}
+
+/// Rewrites an upstream `Link: </v2/<upstream name>/tags/list?…>; rel="next"` to the client's
+/// path. None when the header has no usable target.
+pub fn rewrite_link(link: &str, client_name: &str, ns: Option<&str>) -> Option<String> {
+    let start = link.find('<')? + 1;
+    let end = start + link[start..].find('>')?;
+    let target = &link[start..end];
+    let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
+    let query: Vec<&str> = query.split('&').filter(|p| !p.is_empty() && !p.starts_with("ns=")).collect();
+    let mut q = query.join("&");
+    if let Some(ns) = ns {
+        if !q.is_empty() {
+            q.push('&');
+        }
+        q.push_str("ns=");
+        q.push_str(ns);
+    }
+    let sep = if q.is_empty() { "" } else { "?" };
+    Some(format!("</v2/{client_name}/tags/list{sep}{q}>{}", &link[end + 1..]))
+}
+
+fn serve(page: &CachedPage, client_name: &str, ns: Option<&str>) -> Result<Response<Body>, RegistryError> {
+    let mut b = response(StatusCode::OK)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, page.body.len());
+    if let Some(l) = page.link.as_deref().and_then(|l| rewrite_link(l, client_name, ns)) {
+        b = b.header(header::LINK, l);
+    }
+    b.body(Body::Bytes(page.body.clone().into()))
+        .map_err(|e| RegistryError::Internal(e.to_string()))
+}
+
+/// `GET /v2/<name>/tags/list`.
+pub(crate) async fn list(
+    ctx: &Ctx<'_>,
+    n: Option<u32>,
+    last: Option<&str>,
+    client_name: &str,
+    ns: Option<&str>,
+) -> Result<(Response<Body>, CacheStatus), RegistryError> {
+    let inner = ctx.inner;
+    let m = &inner.metrics;
+    let key = store_keys::tag_list(&ctx.up.host, ctx.name.as_str(), n, last);
+    let now = inner.ports.clock.now_ms();
+    let cached: Option<CachedPage> = inner
+        .ports
+        .kv
+        .get(&key)
+        .await
+        .map_err(|e| RegistryError::Internal(e.to_string()))?
+        .and_then(|raw| serde_json::from_slice::<CachedPage>(&raw).ok())
+        .filter(|p| p.v == PAGE_VERSION);
+    if let Some(p) = &cached {
+        if now < p.fetched_ms.saturating_add(inner.settings.tag_ttl_ms) {
+            inc(&m.hits);
+            return Ok((serve(p, client_name, ns)?, CacheStatus::Hit));
+        }
+    }
+    inc(&m.misses);
+    let stale_or = |e: RegistryError| match &cached {
+        Some(p) if now <= p.fetched_ms.saturating_add(inner.settings.max_stale_ms) => {
+            inc(&m.stale_served);
+            Ok((serve(p, client_name, ns)?, CacheStatus::Stale))
+        }
+        _ => Err(e),
+    };
+    let mut path = format!("/v2/{}/tags/list", ctx.name);
+    let mut q = url::form_urlencoded::Serializer::new(String::new());
+    if let Some(n) = n {
+        q.append_pair("n", &n.to_string());
+    }
+    if let Some(l) = last {
+        q.append_pair("last", l);
+    }
+    let q = q.finish();
+    if !q.is_empty() {
+        path = format!("{path}?{q}");
+    }
+    let what = format!("tags of {}", ctx.name);
+    let resp = match inner
+        .client
+        .request(ctx.up, Method::GET, &path, Some("application/json"), ctx.name.as_str(), false)
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return stale_or(RegistryError::Unavailable(e.to_string())),
+    };
+    match resp.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => {
+            return Err(RegistryError::NameUnknown(format!("repository {} is not known upstream", ctx.name)))
+        }
+        s => return stale_or(status_failure(s, &what)),
+    }
+    let link = resp.headers().get(header::LINK).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = match read_body_limited(resp.into_body(), MAX_TAG_LIST).await {
+        Ok(b) => b,
+        Err(e) => return stale_or(RegistryError::BadUpstream(format!("{what}: {e}"))),
+    };
+    let body = match String::from_utf8(body) {
+        Ok(b) if serde_json::from_str::<serde_json::Value>(&b).is_ok() => b,
+        _ => return stale_or(RegistryError::BadUpstream(format!("{what}: upstream sent invalid JSON"))),
+    };
+    let page = CachedPage { v: PAGE_VERSION, fetched_ms: now, body, link };
+    if let Ok(raw) = serde_json::to_vec(&page) {
+        inner.ports.kv.put(&key, &raw).await.map_err(|e| RegistryError::Internal(e.to_string()))?;
+    }
+    Ok((serve(&page, client_name, ns)?, CacheStatus::Miss))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn link_is_rewritten_to_the_client_path() {
+        let l = r#"</v2/library/alpine/tags/list?last=3.19&n=2>; rel="next""#;
+        assert_eq!(
+            rewrite_link(l, "alpine", None).unwrap(),
+            r#"</v2/alpine/tags/list?last=3.19&n=2>; rel="next""#
+        );
+        assert_eq!(
+            rewrite_link(l, "ghcr.io/o/a", Some("ghcr.io")).unwrap(),
+            r#"</v2/ghcr.io/o/a/tags/list?last=3.19&n=2&ns=ghcr.io>; rel="next""#
+        );
+        assert_eq!(rewrite_link("garbage", "a", None), None);
+    }
+}

@@ -1,0 +1,360 @@
+//! The native host: `pullgate serve`. One event-loop thread (tokio current-thread runtime with
+//! a `LocalSet`, since core futures are `!Send`) plus tokio's blocking pool for file and redb
+//! I/O; hyper HTTP/1.1 on the listener; reqwest to upstreams; redb + files for storage.
+//!
+//! This module is the only place that names tokio, hyper, reqwest and redb. It builds the
+//! ports, calls [`App::handle`], writes one log line per request, and shuts down gracefully on
+//! SIGTERM/SIGINT (stop accepting, let in-flight requests and fills finish, up to 30 s).
+
+pub mod client;
+pub mod store;
+
+use crate::core::app::App;
+use crate::core::body::{Body, RequestInfo};
+use crate::core::config::{parse_config, Config, ConfigError, Secret, SecretResolver, Settings};
+use crate::core::metrics::{add, Metrics};
+use crate::core::ports::{BodyError, Clock, Deferred, Ports};
+use bytes::Bytes;
+use futures_util::future::LocalBoxFuture;
+use futures_util::{Stream, StreamExt};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::TokioIo;
+use std::cell::Cell;
+use std::convert::Infallible;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+/// Default listen address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+/// Default data directory.
+pub const DEFAULT_DATA_DIR: &str = "./pullgate-data";
+/// How long shutdown waits for in-flight work.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// `pullgate serve` options (flags override the config file).
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--upstream HOST=URL`, repeatable.
+    pub upstreams: Vec<String>,
+    /// `--config FILE`.
+    pub config: Option<PathBuf>,
+}
+
+/// Resolves `env:NAME` from the process environment.
+pub struct EnvSecrets;
+
+impl SecretResolver for EnvSecrets {
+    fn resolve(&self, reference: &str) -> Result<Secret, ConfigError> {
+        let name = reference.strip_prefix("env:").ok_or_else(|| {
+            ConfigError(format!("secret reference {reference:?}: the native host reads env:NAME"))
+        })?;
+        std::env::var(name)
+            .map(Secret::new)
+            .map_err(|_| ConfigError(format!("environment variable {name} (a secret reference) is not set")))
+    }
+}
+
+/// The system clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    #[allow(clippy::disallowed_methods)] // the host is where wall-clock time comes from
+    fn now_ms(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0)
+    }
+}
+
+/// Deferred work as local tasks; counted so shutdown can wait for them.
+pub struct LocalDeferred {
+    active: Rc<Cell<usize>>,
+}
+
+impl Deferred for LocalDeferred {
+    fn spawn(&self, work: LocalBoxFuture<'static, ()>) {
+        let active = self.active.clone();
+        active.set(active.get() + 1);
+        tokio::task::spawn_local(async move {
+            work.await;
+            active.set(active.get() - 1);
+        });
+    }
+}
+
+/// Everything `serve` resolved before it binds.
+pub struct Prepared {
+    /// Listen address.
+    pub listen: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Core settings.
+    pub settings: Settings,
+}
+
+/// Reads the config file and flags into settings.
+pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
+    let mut config = match &opts.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?;
+            parse_config(&text).map_err(|e| format!("{}: {e}", path.display()))?
+        }
+        None => Config::default(),
+    };
+    for u in &opts.upstreams {
+        config.apply_upstream_flag(u).map_err(|e| e.to_string())?;
+    }
+    let settings = config.resolve(&EnvSecrets).map_err(|e| e.to_string())?;
+    let listen = opts
+        .listen
+        .clone()
+        .or(config.listen.clone())
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+    let data_dir = opts
+        .data_dir
+        .clone()
+        .or(config.data_dir.as_ref().map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    Ok(Prepared { listen, data_dir, settings })
+}
+
+type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, BodyError>>>>;
+
+/// A hyper body that need not be `Send` (core streams are `!Send`).
+enum HyperBody {
+    Empty,
+    Full(Option<Bytes>),
+    Stream(FrameStream),
+}
+
+impl hyper::body::Body for HyperBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            HyperBody::Empty => Poll::Ready(None),
+            HyperBody::Full(b) => Poll::Ready(b.take().map(|b| Ok(Frame::data(b)))),
+            HyperBody::Stream(s) => s.as_mut().poll_next(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            HyperBody::Empty => true,
+            HyperBody::Full(b) => b.is_none(),
+            HyperBody::Stream(_) => false,
+        }
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        match self {
+            HyperBody::Empty => hyper::body::SizeHint::with_exact(0),
+            HyperBody::Full(b) => {
+                hyper::body::SizeHint::with_exact(b.as_ref().map_or(0, |b| b.len() as u64))
+            }
+            HyperBody::Stream(_) => hyper::body::SizeHint::default(),
+        }
+    }
+}
+
+/// Logs one line when dropped: at the end of the body, or when the client went away.
+struct LogLine {
+    method: String,
+    path: String,
+    status: u16,
+    info: Option<RequestInfo>,
+    bytes: u64,
+    started: Instant,
+    metrics: Rc<Metrics>,
+    failed: bool,
+}
+
+impl LogLine {
+    fn sent(&mut self, n: usize) {
+        self.bytes += n as u64;
+    }
+    fn abort(&mut self) {
+        self.failed = true;
+    }
+}
+
+impl Drop for LogLine {
+    fn drop(&mut self) {
+        add(&self.metrics.bytes_served, self.bytes);
+        let (route, upstream, cache, error) = match &self.info {
+            Some(i) => (i.route, i.upstream.as_deref().unwrap_or("-"), i.cache.as_str(), i.error.as_deref()),
+            None => ("-", "-", "-", None),
+        };
+        let mut line = format!(
+            "method={} path={} route={route} upstream={upstream} cache={cache} status={} bytes={} ms={}",
+            self.method,
+            self.path,
+            self.status,
+            self.bytes,
+            self.started.elapsed().as_millis()
+        );
+        if self.failed {
+            line.push_str(" aborted=true");
+        }
+        if let Some(e) = error {
+            line.push_str(&format!(" error={e:?}"));
+        }
+        eprintln!("{line}");
+    }
+}
+
+fn to_hyper(resp: ::http::Response<Body>, mut log: LogLine) -> ::http::Response<HyperBody> {
+    let (parts, body) = resp.into_parts();
+    log.status = parts.status.as_u16();
+    log.info = parts.extensions.get::<RequestInfo>().cloned();
+    let body: HyperBody = match body {
+        Body::Empty => {
+            drop(log);
+            HyperBody::Empty
+        }
+        Body::Bytes(b) => {
+            log.bytes = b.len() as u64;
+            drop(log);
+            HyperBody::Full(Some(b))
+        }
+        Body::Stream(s) => {
+            let frames = s.map(move |chunk| match chunk {
+                Ok(b) => {
+                    log.sent(b.len());
+                    Ok(Frame::data(b))
+                }
+                Err(e) => {
+                    // An error mid-body: hyper aborts the connection, so the client never
+                    // takes a short or unverified body for a whole one.
+                    log.abort();
+                    Err(e)
+                }
+            });
+            HyperBody::Stream(Box::pin(frames))
+        }
+    };
+    ::http::Response::from_parts(parts, body)
+}
+
+async fn handle(app: App, req: ::http::Request<Incoming>) -> Result<::http::Response<HyperBody>, Infallible> {
+    let started = Instant::now();
+    let (parts, _body) = req.into_parts();
+    let req = ::http::Request::from_parts(parts, ());
+    let log = LogLine {
+        method: req.method().to_string(),
+        path: req.uri().path().to_string(),
+        status: 0,
+        info: None,
+        bytes: 0,
+        started,
+        metrics: app.metrics(),
+        failed: false,
+    };
+    let resp = app.handle(&req).await;
+    Ok(to_hyper(resp, log))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs `pullgate serve` until SIGTERM/SIGINT.
+pub fn serve(opts: ServeOptions) -> Result<(), String> {
+    let prepared = prepare(&opts)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, run(prepared))
+}
+
+async fn run(p: Prepared) -> Result<(), String> {
+    std::fs::create_dir_all(&p.data_dir)
+        .map_err(|e| format!("creating {}: {e}", p.data_dir.display()))?;
+    let kv = store::RedbKv::open(&p.data_dir.join("meta.redb")).map_err(|e| e.to_string())?;
+    let blobs = store::FsBlobStore::open(&p.data_dir, p.settings.max_size).map_err(|e| e.to_string())?;
+    let upstream = client::ReqwestUpstream::new(Duration::from_millis(p.settings.upstream_timeout_ms))?;
+    let fills = Rc::new(Cell::new(0usize));
+    let ports = Ports {
+        upstream: Rc::new(upstream),
+        kv: Rc::new(kv),
+        blobs: Rc::new(blobs),
+        clock: Rc::new(SystemClock),
+        deferred: Rc::new(LocalDeferred { active: fills.clone() }),
+    };
+    let listener = tokio::net::TcpListener::bind(&p.listen)
+        .await
+        .map_err(|e| format!("listening on {}: {e}", p.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let upstream_names: Vec<String> = p.settings.upstreams.iter().map(|u| format!("{}={}", u.host, u.url)).collect();
+    eprintln!(
+        "pullgate listening on http://{addr} data_dir={} upstreams={}",
+        p.data_dir.display(),
+        upstream_names.join(",")
+    );
+    let app = App::new(p.settings, ports);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Rc::new(Cell::new(0usize));
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("accept failed: {e}");
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let app = app.clone();
+                let service = hyper::service::service_fn(move |req| handle(app.clone(), req));
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                let connections = connections.clone();
+                connections.set(connections.get() + 1);
+                tokio::task::spawn_local(async move {
+                    let _ = conn.await;
+                    connections.set(connections.get() - 1);
+                });
+            }
+            _ = &mut stop => break,
+        }
+    }
+    eprintln!("pullgate shutting down: {} connections, {} fills in flight", connections.get(), fills.get());
+    drop(listener);
+    let deadline = Instant::now() + SHUTDOWN_GRACE;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+    while fills.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    eprintln!("pullgate stopped");
+    Ok(())
+}

@@ -1,0 +1,353 @@
+//! Native storage: blobs as files (`blobs/sha256/<2>/<hex>`, written under `tmp/` and renamed
+//! into place only after their digest is verified) and metadata in an embedded redb database
+//! (`meta.redb`). Blob eviction keeps the blob directory under `max_size` by *global* last
+//! access: a hit stamps the file's mtime (at most once a minute), and eviction removes the
+//! least recently stamped files first, whatever repository or upstream they came from.
+
+use crate::core::ports::{BlobStore, BlobWriter, BodyError, ByteStream, KvStore, StoreError, TailReader};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use redb::{Database, TableDefinition};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+/// A hit re-stamps a blob's access time only when the stamp is older than this.
+const TOUCH_EVERY: Duration = Duration::from_secs(60);
+/// Read size for blob streams.
+const READ_CHUNK: usize = 512 * 1024;
+/// Eviction brings the total down to this fraction of the cap, so it does not run per commit.
+const EVICT_TO_PERCENT: u64 = 90;
+
+fn store_err(e: impl std::fmt::Display) -> StoreError {
+    StoreError(e.to_string())
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f).await.map_err(store_err)?
+}
+
+/// Metadata in redb.
+pub struct RedbKv {
+    db: Arc<Database>,
+}
+
+impl RedbKv {
+    /// Opens (or creates) the database file.
+    pub fn open(path: &Path) -> Result<RedbKv, StoreError> {
+        let db = Database::create(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let tx = db.begin_write().map_err(store_err)?;
+        tx.open_table(KV).map_err(store_err)?;
+        tx.commit().map_err(store_err)?;
+        Ok(RedbKv { db: Arc::new(db) })
+    }
+}
+
+#[async_trait::async_trait(?Send)]
+impl KvStore for RedbKv {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        // Reads are served from redb's page cache; cheaper inline than a thread hop.
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(KV).map_err(store_err)?;
+        let v = table.get(key).map_err(store_err)?;
+        Ok(v.map(|v| v.value().to_vec()))
+    }
+
+    async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let (db, key, value) = (self.db.clone(), key.to_string(), value.to_vec());
+        blocking(move || {
+            let tx = db.begin_write().map_err(store_err)?;
+            {
+                let mut t = tx.open_table(KV).map_err(store_err)?;
+                t.insert(key.as_str(), value.as_slice()).map_err(store_err)?;
+            }
+            tx.commit().map_err(store_err)
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let (db, key) = (self.db.clone(), key.to_string());
+        blocking(move || {
+            let tx = db.begin_write().map_err(store_err)?;
+            {
+                let mut t = tx.open_table(KV).map_err(store_err)?;
+                t.remove(key.as_str()).map_err(store_err)?;
+            }
+            tx.commit().map_err(store_err)
+        })
+        .await
+    }
+}
+
+/// Blob usage shared by the store and its writers: the byte total and the eviction guard.
+struct Usage {
+    blobs: PathBuf,
+    max_size: u64,
+    total: AtomicU64,
+    evicting: AtomicBool,
+}
+
+impl Usage {
+    /// Counts a committed blob and starts an eviction pass if the cap is exceeded.
+    fn add(self: &Arc<Self>, bytes: u64) {
+        let total = self.total.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if total <= self.max_size || self.evicting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let usage = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let target = usage.max_size / 100 * EVICT_TO_PERCENT;
+            evict(&usage.blobs, &usage.total, target);
+            usage.evicting.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Blobs as files under a data directory.
+pub struct FsBlobStore {
+    tmp: PathBuf,
+    usage: Arc<Usage>,
+    seq: AtomicU64,
+}
+
+fn hex_of(digest: &str) -> Result<&str, StoreError> {
+    // The core validated the digest; refuse anything else rather than build a path from it.
+    let hex = digest.strip_prefix("sha256:").ok_or_else(|| StoreError("bad digest".into()))?;
+    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        Ok(hex)
+    } else {
+        Err(StoreError("bad digest".into()))
+    }
+}
+
+fn walk_blobs(dir: &Path, out: &mut Vec<(PathBuf, u64, SystemTime)>) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let Ok(md) = e.metadata() else { continue };
+        if md.is_dir() {
+            walk_blobs(&e.path(), out);
+        } else {
+            out.push((e.path(), md.len(), md.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+        }
+    }
+}
+
+/// Removes least recently used blobs until `total` ≤ `target`. Returns bytes removed.
+pub fn evict(blobs: &Path, total: &AtomicU64, target: u64) -> u64 {
+    let mut files = Vec::new();
+    walk_blobs(blobs, &mut files);
+    files.sort_by_key(|(_, _, t)| *t);
+    let mut removed = 0;
+    for (path, len, _) in files {
+        if total.load(Ordering::Relaxed) <= target {
+            break;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            total.fetch_sub(len, Ordering::Relaxed);
+            removed += len;
+        }
+    }
+    removed
+}
+
+impl FsBlobStore {
+    /// Opens the blob directory under `root`, clearing staged leftovers of a previous run.
+    pub fn open(root: &Path, max_size: u64) -> Result<FsBlobStore, StoreError> {
+        let blobs = root.join("blobs").join("sha256");
+        let tmp = root.join("tmp");
+        std::fs::create_dir_all(&blobs).map_err(|e| StoreError(format!("{}: {e}", blobs.display())))?;
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).map_err(|e| StoreError(format!("{}: {e}", tmp.display())))?;
+        let mut files = Vec::new();
+        walk_blobs(&blobs, &mut files);
+        let total = files.iter().map(|(_, l, _)| l).sum();
+        Ok(FsBlobStore {
+            tmp,
+            usage: Arc::new(Usage {
+                blobs,
+                max_size,
+                total: AtomicU64::new(total),
+                evicting: AtomicBool::new(false),
+            }),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes of blobs stored.
+    pub fn total_bytes(&self) -> u64 {
+        self.usage.total.load(Ordering::Relaxed)
+    }
+
+    fn path(&self, digest: &str) -> Result<PathBuf, StoreError> {
+        let hex = hex_of(digest)?;
+        Ok(self.usage.blobs.join(&hex[..2]).join(hex))
+    }
+}
+
+fn file_stream(file: Arc<File>, start: u64, end: u64) -> ByteStream {
+    futures_util::stream::unfold((file, start), move |(file, pos)| async move {
+        if pos >= end {
+            return None;
+        }
+        let want = ((end - pos) as usize).min(READ_CHUNK);
+        let f = file.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut buf = vec![0u8; want];
+            let n = f.read_at(&mut buf, pos)?;
+            buf.truncate(n);
+            Ok::<_, std::io::Error>(buf)
+        })
+        .await;
+        match read {
+            Ok(Ok(buf)) if !buf.is_empty() => {
+                let n = buf.len() as u64;
+                Some((Ok(Bytes::from(buf)), (file, pos + n)))
+            }
+            Ok(Ok(_)) => Some((Err(BodyError("blob file is shorter than expected".into())), (file, end))),
+            Ok(Err(e)) => Some((Err(BodyError(e.to_string())), (file, end))),
+            Err(e) => Some((Err(BodyError(e.to_string())), (file, end))),
+        }
+    })
+    .boxed_local()
+}
+
+#[async_trait::async_trait(?Send)]
+impl BlobStore for FsBlobStore {
+    async fn stat(&self, digest: &str) -> Result<Option<u64>, StoreError> {
+        let path = self.path(digest)?;
+        match std::fs::metadata(&path) {
+            Ok(md) => {
+                let stale = md
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_none_or(|age| age > TOUCH_EVERY);
+                if stale {
+                    let _ = filetime::set_file_mtime(&path, filetime::FileTime::now());
+                }
+                Ok(Some(md.len()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    async fn read(&self, digest: &str, start: u64, end: u64) -> Result<Option<ByteStream>, StoreError> {
+        let path = self.path(digest)?;
+        match File::open(&path) {
+            Ok(f) => Ok(Some(file_stream(Arc::new(f), start, end))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
+        let dest = self.path(digest)?;
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.tmp.join(format!("{}.{}.{n}", hex_of(digest)?, std::process::id()));
+        let file = File::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(|e| StoreError(format!("{}: {e}", tmp.display())))?;
+        Ok(Box::new(FsWriter {
+            file: Arc::new(file),
+            tmp,
+            dest,
+            written: 0,
+            usage: self.usage.clone(),
+        }))
+    }
+}
+
+struct FsWriter {
+    file: Arc<File>,
+    tmp: PathBuf,
+    dest: PathBuf,
+    written: u64,
+    usage: Arc<Usage>,
+}
+
+struct FsTail(Arc<File>);
+
+#[async_trait::async_trait(?Send)]
+impl TailReader for FsTail {
+    async fn read_at(&self, offset: u64, max: usize) -> Result<Bytes, StoreError> {
+        let f = self.0.clone();
+        blocking(move || {
+            let mut buf = vec![0u8; max];
+            let n = f.read_at(&mut buf, offset).map_err(store_err)?;
+            buf.truncate(n);
+            Ok(Bytes::from(buf))
+        })
+        .await
+    }
+}
+
+#[async_trait::async_trait(?Send)]
+impl BlobWriter for FsWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        let (f, at) = (self.file.clone(), self.written);
+        let len = chunk.len() as u64;
+        blocking(move || f.write_all_at(&chunk, at).map_err(store_err)).await?;
+        self.written += len;
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
+        blocking(move || {
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(store_err)?;
+            }
+            std::fs::rename(&tmp, &dest).map_err(store_err)
+        })
+        .await?;
+        self.usage.add(self.written);
+        Ok(())
+    }
+
+    async fn abort(self: Box<Self>) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+
+    fn tail(&self) -> Option<Rc<dyn TailReader>> {
+        Some(Rc::new(FsTail(self.file.clone())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use filetime::{set_file_mtime, FileTime};
+
+    #[test]
+    fn eviction_removes_least_recently_accessed_first_across_repositories() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = dir.path().join("b");
+        std::fs::create_dir_all(blobs.join("aa")).unwrap();
+        std::fs::create_dir_all(blobs.join("bb")).unwrap();
+        let mk = |p: &str, age: i64| {
+            let path = blobs.join(p);
+            std::fs::write(&path, vec![0u8; 100]).unwrap();
+            set_file_mtime(&path, FileTime::from_unix_time(1_700_000_000 - age, 0)).unwrap();
+            path
+        };
+        let old = mk("aa/old", 300);
+        let mid = mk("bb/mid", 200);
+        let new = mk("aa/new", 100);
+        let total = AtomicU64::new(300);
+        assert_eq!(evict(&blobs, &total, 150), 200);
+        assert!(!old.exists() && !mid.exists() && new.exists());
+        assert_eq!(total.load(Ordering::Relaxed), 100);
+    }
+}

@@ -1,0 +1,146 @@
+//! In-memory ports: the store contract's reference implementation, used by the core tests and
+//! usable by any host's tests. `Mem*` keep everything in memory; `ManualClock` moves only when
+//! told. Not for production: nothing is bounded.
+
+use crate::core::ports::{
+    BlobStore, BlobWriter, ByteStream, Clock, KvStore, StoreError, TailReader,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// A key-value store in a `HashMap`.
+#[derive(Default)]
+pub struct MemKv {
+    map: RefCell<HashMap<String, Vec<u8>>>,
+}
+
+impl MemKv {
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.map.borrow().len()
+    }
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.map.borrow().is_empty()
+    }
+}
+
+#[async_trait::async_trait(?Send)]
+impl KvStore for MemKv {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.map.borrow().get(key).cloned())
+    }
+    async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        self.map.borrow_mut().insert(key.to_string(), value.to_vec());
+        Ok(())
+    }
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        self.map.borrow_mut().remove(key);
+        Ok(())
+    }
+}
+
+/// A blob store in memory; staged writes are readable while they grow.
+#[derive(Default)]
+pub struct MemBlobStore {
+    blobs: Rc<RefCell<HashMap<String, Bytes>>>,
+}
+
+impl MemBlobStore {
+    /// The committed bytes of a blob.
+    pub fn get(&self, digest: &str) -> Option<Bytes> {
+        self.blobs.borrow().get(digest).cloned()
+    }
+    /// Number of committed blobs.
+    pub fn count(&self) -> usize {
+        self.blobs.borrow().len()
+    }
+    /// Puts a blob directly (test set-up).
+    pub fn insert(&self, digest: &str, bytes: Bytes) {
+        self.blobs.borrow_mut().insert(digest.to_string(), bytes);
+    }
+}
+
+struct MemWriter {
+    digest: String,
+    staged: Rc<RefCell<Vec<u8>>>,
+    blobs: Rc<RefCell<HashMap<String, Bytes>>>,
+}
+
+struct MemTail(Rc<RefCell<Vec<u8>>>);
+
+#[async_trait::async_trait(?Send)]
+impl TailReader for MemTail {
+    async fn read_at(&self, offset: u64, max: usize) -> Result<Bytes, StoreError> {
+        let v = self.0.borrow();
+        let start = (offset as usize).min(v.len());
+        let end = (start + max).min(v.len());
+        Ok(Bytes::copy_from_slice(&v[start..end]))
+    }
+}
+
+#[async_trait::async_trait(?Send)]
+impl BlobWriter for MemWriter {
+    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+        self.staged.borrow_mut().extend_from_slice(&chunk);
+        Ok(())
+    }
+    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+        let bytes = Bytes::from(self.staged.borrow().clone());
+        self.blobs.borrow_mut().insert(self.digest.clone(), bytes);
+        Ok(())
+    }
+    async fn abort(self: Box<Self>) {}
+    fn tail(&self) -> Option<Rc<dyn TailReader>> {
+        Some(Rc::new(MemTail(self.staged.clone())))
+    }
+}
+
+#[async_trait::async_trait(?Send)]
+impl BlobStore for MemBlobStore {
+    async fn stat(&self, digest: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self.blobs.borrow().get(digest).map(|b| b.len() as u64))
+    }
+    async fn read(&self, digest: &str, start: u64, end: u64) -> Result<Option<ByteStream>, StoreError> {
+        let Some(b) = self.blobs.borrow().get(digest).cloned() else {
+            return Ok(None);
+        };
+        let end = (end as usize).min(b.len());
+        let start = (start as usize).min(end);
+        let part = b.slice(start..end);
+        Ok(Some(futures_util::stream::iter([Ok(part)]).boxed_local()))
+    }
+    async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
+        Ok(Box::new(MemWriter {
+            digest: digest.to_string(),
+            staged: Rc::new(RefCell::new(Vec::new())),
+            blobs: self.blobs.clone(),
+        }))
+    }
+}
+
+/// A clock that moves only when told.
+#[derive(Default)]
+pub struct ManualClock {
+    now: Cell<u64>,
+}
+
+impl ManualClock {
+    /// A clock at `ms`.
+    pub fn at(ms: u64) -> Self {
+        ManualClock { now: Cell::new(ms) }
+    }
+    /// Moves the clock forward.
+    pub fn advance(&self, ms: u64) {
+        self.now.set(self.now.get() + ms);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.now.get()
+    }
+}
