@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "pullgate", version, about = "Edge registry cache and build-trigger gateway")]
+#[command(
+    name = "pullgate",
+    version,
+    about = "Edge registry cache and build-trigger gateway"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -32,14 +36,17 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve { listen, data_dir, upstream, config } => {
-            pullgate::native::serve(pullgate::native::ServeOptions {
-                listen,
-                data_dir,
-                upstreams: upstream,
-                config,
-            })
-        }
+        Command::Serve {
+            listen,
+            data_dir,
+            upstream,
+            config,
+        } => pullgate::native::serve(pullgate::native::ServeOptions {
+            listen,
+            data_dir,
+            upstreams: upstream,
+            config,
+        }),
     };
     if let Err(e) = result {
         eprintln!("pullgate: {e}");

@@ -34,7 +34,9 @@ impl KvStore for MemKv {
         Ok(self.map.borrow().get(key).cloned())
     }
     async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        self.map.borrow_mut().insert(key.to_string(), value.to_vec());
+        self.map
+            .borrow_mut()
+            .insert(key.to_string(), value.to_vec());
         Ok(())
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
@@ -104,7 +106,12 @@ impl BlobStore for MemBlobStore {
     async fn stat(&self, digest: &str) -> Result<Option<u64>, StoreError> {
         Ok(self.blobs.borrow().get(digest).map(|b| b.len() as u64))
     }
-    async fn read(&self, digest: &str, start: u64, end: u64) -> Result<Option<ByteStream>, StoreError> {
+    async fn read(
+        &self,
+        digest: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<ByteStream>, StoreError> {
         let Some(b) = self.blobs.borrow().get(digest).cloned() else {
             return Ok(None);
         };

@@ -79,7 +79,8 @@ impl App {
     /// Builds the core over its settings and ports.
     pub fn new(settings: Settings, ports: Ports) -> App {
         let metrics = Rc::new(Metrics::default());
-        let client = UpstreamClient::new(ports.upstream.clone(), ports.clock.clone(), metrics.clone());
+        let client =
+            UpstreamClient::new(ports.upstream.clone(), ports.clock.clone(), metrics.clone());
         App {
             inner: Rc::new(Inner {
                 settings,
@@ -115,7 +116,8 @@ impl App {
         let (route_kind, upstream) = match &route {
             Ok(r) => (
                 r.endpoint.kind(),
-                r.upstream.map(|i| self.inner.settings.upstreams[i].host.clone()),
+                r.upstream
+                    .map(|i| self.inner.settings.upstreams[i].host.clone()),
             ),
             Err(_) => ("error", None),
         };
@@ -126,10 +128,17 @@ impl App {
         let (mut resp, cache, error) = match result {
             Ok((resp, cache)) => (resp, cache, None),
             Err(e) => {
-                if matches!(e, RegistryError::Unavailable(_) | RegistryError::BadUpstream(_)) {
+                if matches!(
+                    e,
+                    RegistryError::Unavailable(_) | RegistryError::BadUpstream(_)
+                ) {
                     inc(&self.inner.metrics.upstream_errors);
                 }
-                (error_response(&e, head), CacheStatus::None, Some(e.to_string()))
+                (
+                    error_response(&e, head),
+                    CacheStatus::None,
+                    Some(e.to_string()),
+                )
             }
         };
         resp.extensions_mut().insert(RequestInfo {
@@ -184,8 +193,14 @@ impl App {
                 blobs::get(&ctx, digest, range).await
             }
             Endpoint::TagsList { n, last } => {
-                tags::list(&ctx, *n, last.as_deref(), &route.client_name, route.ns.as_deref())
-                    .await
+                tags::list(
+                    &ctx,
+                    *n,
+                    last.as_deref(),
+                    &route.client_name,
+                    route.ns.as_deref(),
+                )
+                .await
             }
             _ => plain(text(StatusCode::OK, "application/json", "{}".into())),
         }

@@ -83,7 +83,12 @@ pub fn parse_challenge(header: &str) -> Option<Challenge> {
         "basic" => Some(Challenge::Basic),
         "bearer" => {
             let params = parse_params(rest);
-            let get = |k: &str| params.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+            let get = |k: &str| {
+                params
+                    .iter()
+                    .find(|(key, _)| key == k)
+                    .map(|(_, v)| v.clone())
+            };
             Some(Challenge::Bearer {
                 realm: get("realm").filter(|r| !r.is_empty())?,
                 service: get("service"),
@@ -149,7 +154,7 @@ pub fn is_trusted_realm(upstream_url: &Url, realm: &Url, auth_hosts: &[String]) 
     if realm.scheme() != "https" && !(realm.scheme() == "http" && upstream_url.scheme() == "http") {
         return false;
     }
-    up == rh || trust_domain(&up) == trust_domain(&rh) || auth_hosts.iter().any(|h| *h == rh)
+    up == rh || trust_domain(&up) == trust_domain(&rh) || auth_hosts.contains(&rh)
 }
 
 /// The scope to request for pulling `name`.
@@ -186,7 +191,10 @@ mod tests {
             parse_challenge(r#"Bearer realm="r",scope="repository:a:pull,push""#),
             Some(Challenge::Bearer { scope: Some(s), .. }) if s == "repository:a:pull,push"
         ));
-        assert_eq!(parse_challenge(r#"Basic realm="Registry Realm""#), Some(Challenge::Basic));
+        assert_eq!(
+            parse_challenge(r#"Basic realm="Registry Realm""#),
+            Some(Challenge::Basic)
+        );
         assert_eq!(parse_challenge("Bearer service=\"x\""), None);
         assert_eq!(parse_challenge("Negotiate abc"), None);
         assert_eq!(parse_challenge(""), None);
@@ -208,15 +216,35 @@ mod tests {
     fn credentials_stay_inside_the_trust_boundary() {
         let u = |s: &str| Url::parse(s).unwrap();
         let hub = u("https://registry-1.docker.io");
-        assert!(is_trusted_realm(&hub, &u("https://auth.docker.io/token"), &[]));
-        assert!(!is_trusted_realm(&hub, &u("https://evil.example/token"), &[]));
-        assert!(!is_trusted_realm(&hub, &u("http://auth.docker.io/token"), &[]));
-        assert!(is_trusted_realm(&hub, &u("https://login.example/t"), &["login.example".into()]));
+        assert!(is_trusted_realm(
+            &hub,
+            &u("https://auth.docker.io/token"),
+            &[]
+        ));
+        assert!(!is_trusted_realm(
+            &hub,
+            &u("https://evil.example/token"),
+            &[]
+        ));
+        assert!(!is_trusted_realm(
+            &hub,
+            &u("http://auth.docker.io/token"),
+            &[]
+        ));
+        assert!(is_trusted_realm(
+            &hub,
+            &u("https://login.example/t"),
+            &["login.example".into()]
+        ));
         let ghcr = u("https://ghcr.io");
         assert!(is_trusted_realm(&ghcr, &u("https://ghcr.io/token"), &[]));
         assert!(!is_trusted_realm(&ghcr, &u("https://x.io/token"), &[]));
         let local = u("http://127.0.0.1:5000");
-        assert!(is_trusted_realm(&local, &u("http://127.0.0.1:5001/token"), &[]));
+        assert!(is_trusted_realm(
+            &local,
+            &u("http://127.0.0.1:5001/token"),
+            &[]
+        ));
         assert!(!is_trusted_realm(&local, &u("http://127.0.0.2/token"), &[]));
     }
 }

@@ -117,7 +117,12 @@ impl Fill {
 }
 
 /// A stream of bytes `[start, end)` of a fill as it grows (`end` None: to the end).
-fn tail_stream(fill: Rc<Fill>, tail: Rc<dyn TailReader>, start: u64, end: Option<u64>) -> ByteStream {
+fn tail_stream(
+    fill: Rc<Fill>,
+    tail: Rc<dyn TailReader>,
+    start: u64,
+    end: Option<u64>,
+) -> ByteStream {
     futures_util::stream::unfold(Some(start), move |pos| {
         let fill = fill.clone();
         let tail = tail.clone();
@@ -139,9 +144,10 @@ fn tail_stream(fill: Rc<Fill>, tail: Rc<dyn TailReader>, start: u64, end: Option
                 if pos < limit {
                     let want = (limit - pos).min(CHUNK as u64) as usize;
                     return match tail.read_at(pos, want).await {
-                        Ok(b) if b.is_empty() => {
-                            Some((Err(BodyError("staged blob shorter than written".into())), None))
-                        }
+                        Ok(b) if b.is_empty() => Some((
+                            Err(BodyError("staged blob shorter than written".into())),
+                            None,
+                        )),
                         Ok(b) => {
                             let next = pos + b.len() as u64;
                             Some((Ok(b), Some(next)))
@@ -189,7 +195,9 @@ async fn transfer(
     match resp.status() {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND => {
-            return Err(RegistryError::BlobUnknown(format!("{what} is not known upstream")))
+            return Err(RegistryError::BlobUnknown(format!(
+                "{what} is not known upstream"
+            )))
         }
         s => return Err(status_failure(s, &what)),
     }
@@ -215,7 +223,8 @@ async fn transfer(
     let mut hasher = Sha256::new();
     let mut written: u64 = 0;
     let outcome: Result<(), RegistryError> = async {
-        let upstream_err = |e: BodyError| RegistryError::Unavailable(format!("{what}: upstream body: {e}"));
+        let upstream_err =
+            |e: BodyError| RegistryError::Unavailable(format!("{what}: upstream body: {e}"));
         let mut ended = false;
         while !ended {
             let first = match body.next().await {
@@ -249,7 +258,9 @@ async fn transfer(
             hasher.update(&joined);
             written += joined.len() as u64;
             if size.is_some_and(|s| written > s) {
-                return Err(RegistryError::BadUpstream(format!("{what}: longer than its Content-Length")));
+                return Err(RegistryError::BadUpstream(format!(
+                    "{what}: longer than its Content-Length"
+                )));
             }
             writer
                 .write(joined)
@@ -259,7 +270,9 @@ async fn transfer(
             fill.update(|s| s.written = written);
         }
         if size.is_some_and(|s| written != s) {
-            return Err(RegistryError::Unavailable(format!("{what}: upstream body ended early")));
+            return Err(RegistryError::Unavailable(format!(
+                "{what}: upstream body ended early"
+            )));
         }
         let got = Digest::from_sha256(&hasher.finalize());
         if got != *digest {
@@ -272,7 +285,10 @@ async fn transfer(
     }
     .await;
     match outcome {
-        Ok(()) => writer.commit().await.map_err(|e| RegistryError::Internal(e.to_string())),
+        Ok(()) => writer
+            .commit()
+            .await
+            .map_err(|e| RegistryError::Internal(e.to_string())),
         Err(e) => {
             writer.abort().await;
             Err(e)
@@ -292,14 +308,17 @@ fn blob_response(
     if let Some(l) = length {
         b = b.header(header::CONTENT_LENGTH, l);
     }
-    let mut resp = b.body(body).map_err(|e| RegistryError::Internal(e.to_string()))?;
+    let mut resp = b
+        .body(body)
+        .map_err(|e| RegistryError::Internal(e.to_string()))?;
     set_header(&mut resp, h::CONTENT_DIGEST, digest.as_str());
     set_header(&mut resp, "etag", &format!("\"{digest}\""));
     Ok(resp)
 }
 
 fn unsatisfiable(size: u64) -> Result<Response<Body>, RegistryError> {
-    let e = RegistryError::RangeInvalid(format!("range not satisfiable for a blob of {size} bytes"));
+    let e =
+        RegistryError::RangeInvalid(format!("range not satisfiable for a blob of {size} bytes"));
     let mut resp = crate::core::app::error_response(&e, false);
     set_header(&mut resp, "content-range", &format!("bytes */{size}"));
     Ok(resp)
@@ -309,7 +328,9 @@ fn unsatisfiable(size: u64) -> Result<Response<Body>, RegistryError> {
 fn plan(range: Option<ByteRange>, size: Option<u64>) -> Option<(StatusCode, u64, Option<u64>)> {
     match (range, size) {
         (Some(r), Some(size)) => match r.resolve(size) {
-            RangeOutcome::Partial { start, end } => Some((StatusCode::PARTIAL_CONTENT, start, Some(end + 1))),
+            RangeOutcome::Partial { start, end } => {
+                Some((StatusCode::PARTIAL_CONTENT, start, Some(end + 1)))
+            }
             RangeOutcome::Unsatisfiable => None,
         },
         (_, size) => Some((StatusCode::OK, 0, size)),
@@ -326,11 +347,19 @@ fn finish(
     body: impl FnOnce() -> ByteStream,
 ) -> Result<Response<Body>, RegistryError> {
     let length = end.map(|e| e - start);
-    let body = if ctx.head { Body::Empty } else { Body::Stream(body()) };
+    let body = if ctx.head {
+        Body::Empty
+    } else {
+        Body::Stream(body())
+    };
     let mut resp = blob_response(status, digest, length, body)?;
     if status == StatusCode::PARTIAL_CONTENT {
         if let (Some(e), Some(s)) = (end, size) {
-            set_header(&mut resp, "content-range", &format!("bytes {start}-{}/{s}", e - 1));
+            set_header(
+                &mut resp,
+                "content-range",
+                &format!("bytes {start}-{}/{s}", e - 1),
+            );
         }
     }
     Ok(resp)
@@ -354,15 +383,29 @@ async fn from_store(
     let stream = if ctx.head {
         None
     } else {
-        match blobs.read(digest.as_str(), start, end_v).await.map_err(internal)? {
+        match blobs
+            .read(digest.as_str(), start, end_v)
+            .await
+            .map_err(internal)?
+        {
             Some(s) => Some(s),
             None => return Ok(None),
         }
     };
     let mut stream = stream;
-    finish(ctx, digest, status, start, Some(end_v), Some(size), move || {
-        stream.take().unwrap_or_else(|| futures_util::stream::empty().boxed_local())
-    })
+    finish(
+        ctx,
+        digest,
+        status,
+        start,
+        Some(end_v),
+        Some(size),
+        move || {
+            stream
+                .take()
+                .unwrap_or_else(|| futures_util::stream::empty().boxed_local())
+        },
+    )
     .map(Some)
 }
 
@@ -386,7 +429,10 @@ pub(crate) async fn get(
         None => {
             inc(&m.misses);
             let f = Fill::new();
-            ctx.inner.fills.borrow_mut().insert(digest.as_str().to_string(), f.clone());
+            ctx.inner
+                .fills
+                .borrow_mut()
+                .insert(digest.as_str().to_string(), f.clone());
             let up = ctx
                 .inner
                 .settings
@@ -395,7 +441,14 @@ pub(crate) async fn get(
                 .position(|u| u.host == ctx.up.host)
                 .unwrap_or(0);
             ctx.inner.ports.deferred.spawn(
-                drive(ctx.inner.clone(), f.clone(), up, ctx.name.clone(), digest.clone()).boxed_local(),
+                drive(
+                    ctx.inner.clone(),
+                    f.clone(),
+                    up,
+                    ctx.name.clone(),
+                    digest.clone(),
+                )
+                .boxed_local(),
             );
             (f, CacheStatus::Miss)
         }
@@ -410,13 +463,17 @@ pub(crate) async fn get(
         fill.wait_done().await?;
         return match from_store(ctx, digest, range).await? {
             Some(resp) => Ok((resp, status)),
-            None => Err(RegistryError::Internal(format!("blob {digest} vanished after its fill"))),
+            None => Err(RegistryError::Internal(format!(
+                "blob {digest} vanished after its fill"
+            ))),
         };
     };
     let Some((code, start, end)) = plan(range, size) else {
         return Ok((unsatisfiable(size.unwrap_or(0))?, status));
     };
-    let resp = finish(ctx, digest, code, start, end, size, || tail_stream(fill, tail, start, end))?;
+    let resp = finish(ctx, digest, code, start, end, size, || {
+        tail_stream(fill, tail, start, end)
+    })?;
     Ok((resp, status))
 }
 
@@ -429,7 +486,10 @@ mod tests {
         let r = |s| crate::core::range::parse_range(s);
         assert_eq!(plan(None, Some(10)), Some((StatusCode::OK, 0, Some(10))));
         assert_eq!(plan(None, None), Some((StatusCode::OK, 0, None)));
-        assert_eq!(plan(r("bytes=2-4"), Some(10)), Some((StatusCode::PARTIAL_CONTENT, 2, Some(5))));
+        assert_eq!(
+            plan(r("bytes=2-4"), Some(10)),
+            Some((StatusCode::PARTIAL_CONTENT, 2, Some(5)))
+        );
         assert_eq!(plan(r("bytes=10-"), Some(10)), None);
         // Unknown size: the whole body, which a range request allows.
         assert_eq!(plan(r("bytes=2-4"), None), Some((StatusCode::OK, 0, None)));

@@ -181,7 +181,11 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, ConfigError> {
         "m" => 60_000,
         "h" => 3_600_000,
         "d" => 86_400_000,
-        _ => return Err(ConfigError(format!("duration {s:?}: unknown unit {unit:?}"))),
+        _ => {
+            return Err(ConfigError(format!(
+                "duration {s:?}: unknown unit {unit:?}"
+            )))
+        }
     };
     n.checked_mul(mult)
         .ok_or_else(|| ConfigError(format!("duration {s:?} is too large")))
@@ -259,7 +263,11 @@ impl Config {
             .split_once('=')
             .ok_or_else(|| ConfigError(format!("--upstream {flag:?} must be HOST=URL")))?;
         let host = normalize_host(host);
-        if let Some(u) = self.upstream.iter_mut().find(|u| normalize_host(&u.host) == host) {
+        if let Some(u) = self
+            .upstream
+            .iter_mut()
+            .find(|u| normalize_host(&u.host) == host)
+        {
             u.url = url.to_string();
         } else {
             self.upstream.push(UpstreamConfig {
@@ -330,7 +338,9 @@ impl Config {
             let aliases: Vec<String> = u.aliases.iter().map(|a| normalize_host(a)).collect();
             for n in std::iter::once(&u.host).chain(aliases.iter()) {
                 if seen.contains(n) {
-                    return Err(ConfigError(format!("upstream name {n:?} is configured twice")));
+                    return Err(ConfigError(format!(
+                        "upstream name {n:?} is configured twice"
+                    )));
                 }
                 seen.push(n.clone());
             }
@@ -358,7 +368,9 @@ impl Config {
             });
         }
         if upstreams.iter().filter(|u| u.default).count() > 1 {
-            return Err(ConfigError("more than one upstream has default = true".into()));
+            return Err(ConfigError(
+                "more than one upstream has default = true".into(),
+            ));
         }
         Ok(Settings {
             tag_ttl_ms: dur(&c.tag_ttl, "5m")?,
@@ -407,14 +419,19 @@ mod tests {
         assert_eq!(hub.host, "docker.io");
         assert!(hub.library_prefix);
         assert_eq!(s.tag_ttl_ms, 300_000);
-        assert!(s.upstreams.iter().any(|u| u.host == "ghcr.io" && !u.library_prefix));
+        assert!(s
+            .upstreams
+            .iter()
+            .any(|u| u.host == "ghcr.io" && !u.library_prefix));
     }
 
     #[test]
     fn upstream_flag_replaces_docker_hub_url_and_adds_hosts() {
         let mut c = Config::default();
-        c.apply_upstream_flag("docker.io=http://127.0.0.1:5001").unwrap();
-        c.apply_upstream_flag("Reg.Test=http://127.0.0.1:5002/").unwrap();
+        c.apply_upstream_flag("docker.io=http://127.0.0.1:5001")
+            .unwrap();
+        c.apply_upstream_flag("Reg.Test=http://127.0.0.1:5002/")
+            .unwrap();
         let s = c.resolve(&MapSecrets).unwrap();
         let hub = s.upstreams.iter().find(|u| u.host == "docker.io").unwrap();
         assert!(hub.default && hub.library_prefix);
@@ -446,7 +463,10 @@ mod tests {
         )
         .unwrap();
         let err = literal.resolve(&MapSecrets).unwrap_err().to_string();
-        assert!(err.contains("reference") && !err.contains("hunter2"), "{err}");
+        assert!(
+            err.contains("reference") && !err.contains("hunter2"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -162,11 +162,31 @@ mod tests {
     #[test]
     fn error_mapping_gives_spec_codes_and_statuses() {
         let cases = [
-            (RegistryError::Unsupported("push".into()), "UNSUPPORTED", 405),
-            (RegistryError::ManifestUnknown("x".into()), "MANIFEST_UNKNOWN", 404),
-            (RegistryError::Unavailable("down".into()), "UNAVAILABLE", 503),
-            (RegistryError::TooManyRequests("slow".into()), "TOOMANYREQUESTS", 429),
-            (RegistryError::DigestInvalid("d".into()), "DIGEST_INVALID", 400),
+            (
+                RegistryError::Unsupported("push".into()),
+                "UNSUPPORTED",
+                405,
+            ),
+            (
+                RegistryError::ManifestUnknown("x".into()),
+                "MANIFEST_UNKNOWN",
+                404,
+            ),
+            (
+                RegistryError::Unavailable("down".into()),
+                "UNAVAILABLE",
+                503,
+            ),
+            (
+                RegistryError::TooManyRequests("slow".into()),
+                "TOOMANYREQUESTS",
+                429,
+            ),
+            (
+                RegistryError::DigestInvalid("d".into()),
+                "DIGEST_INVALID",
+                400,
+            ),
             (RegistryError::RangeInvalid("r".into()), "SIZE_INVALID", 416),
         ];
         for (e, code, status) in cases {

@@ -93,7 +93,9 @@ pub(crate) fn status_failure(status: StatusCode, what: &str) -> RegistryError {
     match status.as_u16() {
         429 => RegistryError::TooManyRequests(format!("upstream rate limit hit fetching {what}")),
         401 | 403 => RegistryError::Denied(format!("upstream denied access to {what} ({status})")),
-        500..=599 => RegistryError::Unavailable(format!("upstream failed fetching {what} ({status})")),
+        500..=599 => {
+            RegistryError::Unavailable(format!("upstream failed fetching {what} ({status})"))
+        }
         _ => RegistryError::BadUpstream(format!("upstream answered {status} for {what}")),
     }
 }
@@ -149,7 +151,14 @@ async fn fetch(
     let resp = ctx
         .inner
         .client
-        .request(ctx.up, Method::GET, &path, Some(&accept.upstream_value()), ctx.name.as_str(), false)
+        .request(
+            ctx.up,
+            Method::GET,
+            &path,
+            Some(&accept.upstream_value()),
+            ctx.name.as_str(),
+            false,
+        )
         .await
         .map_err(|e| Fetch::Failed(RegistryError::Unavailable(e.to_string())))?;
     match resp.status() {
@@ -172,7 +181,9 @@ async fn fetch(
         .await
         .map_err(|e| Fetch::Failed(RegistryError::BadUpstream(format!("{what}: {e}"))))?;
     let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| {
-        Fetch::Failed(RegistryError::BadUpstream(format!("{what}: upstream sent invalid JSON")))
+        Fetch::Failed(RegistryError::BadUpstream(format!(
+            "{what}: upstream sent invalid JSON"
+        )))
     })?;
     let digest = Digest::of(&bytes);
     let mismatch = |d: &str| {
@@ -209,7 +220,11 @@ fn serve(ctx: &Ctx<'_>, digest: &str, m: StoredManifest) -> Result<Response<Body
     let mut resp = response(StatusCode::OK)
         .header(header::CONTENT_TYPE, m.media_type.as_str())
         .header(header::CONTENT_LENGTH, m.bytes.len())
-        .body(if ctx.head { Body::Empty } else { Body::Bytes(m.bytes) })
+        .body(if ctx.head {
+            Body::Empty
+        } else {
+            Body::Bytes(m.bytes)
+        })
         .map_err(|e| RegistryError::Internal(e.to_string()))?;
     set_header(&mut resp, h::CONTENT_DIGEST, digest);
     set_header(&mut resp, "etag", &format!("\"{digest}\""));
@@ -217,7 +232,10 @@ fn serve(ctx: &Ctx<'_>, digest: &str, m: StoredManifest) -> Result<Response<Body
 }
 
 fn unknown(ctx: &Ctx<'_>, reference: &str) -> RegistryError {
-    RegistryError::ManifestUnknown(format!("manifest {}:{reference} is not known upstream", ctx.name))
+    RegistryError::ManifestUnknown(format!(
+        "manifest {}:{reference} is not known upstream",
+        ctx.name
+    ))
 }
 
 /// `GET|HEAD /v2/<name>/manifests/<reference>`.
@@ -235,7 +253,9 @@ pub(crate) async fn get(
             }
             inc(&m.misses);
             match fetch(ctx, d.as_str(), Some(d), accept).await {
-                Ok((digest, stored)) => Ok((serve(ctx, digest.as_str(), stored)?, CacheStatus::Miss)),
+                Ok((digest, stored)) => {
+                    Ok((serve(ctx, digest.as_str(), stored)?, CacheStatus::Miss))
+                }
                 Err(Fetch::NotFound) => Err(unknown(ctx, d.as_str())),
                 Err(Fetch::Failed(e)) => Err(e),
             }
@@ -252,7 +272,12 @@ async fn get_tag(
     let inner = ctx.inner;
     let m = &inner.metrics;
     let settings = &inner.settings;
-    let key = store_keys::tag(&ctx.up.host, ctx.name.as_str(), accept.class().key(), tag.as_str());
+    let key = store_keys::tag(
+        &ctx.up.host,
+        ctx.name.as_str(),
+        accept.class().key(),
+        tag.as_str(),
+    );
     let now = inner.ports.clock.now_ms();
 
     // The cached answer, if there is one this client can take.
@@ -282,7 +307,14 @@ async fn get_tag(
         let what = format!("manifest {}:{}", ctx.name, tag.as_str());
         let head = inner
             .client
-            .request(ctx.up, Method::HEAD, &path, Some(&accept.upstream_value()), ctx.name.as_str(), false)
+            .request(
+                ctx.up,
+                Method::HEAD,
+                &path,
+                Some(&accept.upstream_value()),
+                ctx.name.as_str(),
+                false,
+            )
             .await;
         match head {
             Ok(resp) if resp.status() == StatusCode::OK => {
@@ -353,20 +385,50 @@ mod tests {
 
     #[test]
     fn freshness_with_a_manual_clock() {
-        let r = TagRecord { v: 1, digest: "d".into(), checked_ms: 1_000 };
+        let r = TagRecord {
+            v: 1,
+            digest: "d".into(),
+            checked_ms: 1_000,
+        };
         assert!(is_fresh(&r, 1_000, 300_000));
         assert!(is_fresh(&r, 300_999, 300_000));
         assert!(!is_fresh(&r, 301_000, 300_000));
         assert!(!is_fresh(&r, 1_000, 0));
-        assert!(is_servable_stale(&r, 1_000 + 7 * 86_400_000, 7 * 86_400_000));
-        assert!(!is_servable_stale(&r, 1_001 + 7 * 86_400_000, 7 * 86_400_000));
+        assert!(is_servable_stale(
+            &r,
+            1_000 + 7 * 86_400_000,
+            7 * 86_400_000
+        ));
+        assert!(!is_servable_stale(
+            &r,
+            1_001 + 7 * 86_400_000,
+            7 * 86_400_000
+        ));
     }
 
     #[test]
     fn upstream_statuses_map_to_errors() {
-        assert_eq!(status_failure(StatusCode::TOO_MANY_REQUESTS, "x").status().as_u16(), 429);
-        assert_eq!(status_failure(StatusCode::BAD_GATEWAY, "x").status().as_u16(), 503);
-        assert_eq!(status_failure(StatusCode::UNAUTHORIZED, "x").code(), "DENIED");
-        assert_eq!(status_failure(StatusCode::IM_A_TEAPOT, "x").status().as_u16(), 502);
+        assert_eq!(
+            status_failure(StatusCode::TOO_MANY_REQUESTS, "x")
+                .status()
+                .as_u16(),
+            429
+        );
+        assert_eq!(
+            status_failure(StatusCode::BAD_GATEWAY, "x")
+                .status()
+                .as_u16(),
+            503
+        );
+        assert_eq!(
+            status_failure(StatusCode::UNAUTHORIZED, "x").code(),
+            "DENIED"
+        );
+        assert_eq!(
+            status_failure(StatusCode::IM_A_TEAPOT, "x")
+                .status()
+                .as_u16(),
+            502
+        );
     }
 }

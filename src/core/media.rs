@@ -59,7 +59,12 @@ pub fn parse_accept(values: &[&str]) -> AcceptSet {
     let mut any = values.is_empty();
     for v in values {
         for item in v.split(',') {
-            let t = item.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let t = item
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             if t.is_empty() {
                 continue;
             }
@@ -111,10 +116,20 @@ impl AcceptSet {
 /// body's `mediaType`, else OCI manifest (the spec's default for a body without one).
 pub fn manifest_media_type(content_type: Option<&str>, body: &serde_json::Value) -> String {
     let from_header = content_type
-        .map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase())
+        .map(|c| {
+            c.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase()
+        })
         .filter(|c| !c.is_empty() && c != "application/json" && c != "text/plain");
     from_header
-        .or_else(|| body.get("mediaType").and_then(|m| m.as_str()).map(str::to_string))
+        .or_else(|| {
+            body.get("mediaType")
+                .and_then(|m| m.as_str())
+                .map(str::to_string)
+        })
         .unwrap_or_else(|| OCI_MANIFEST.to_string())
 }
 
@@ -138,14 +153,29 @@ mod tests {
         assert_eq!(none.upstream_value(), DEFAULT_ACCEPT);
         let star = parse_accept(&["*/*"]);
         assert_eq!(star.class(), AcceptClass::Index);
-        assert_eq!(a.upstream_value(), "application/vnd.oci.image.manifest.v1+json");
+        assert_eq!(
+            a.upstream_value(),
+            "application/vnd.oci.image.manifest.v1+json"
+        );
     }
 
     #[test]
     fn media_type_from_header_or_body() {
         let body = serde_json::json!({"mediaType": DOCKER_MANIFEST});
-        assert_eq!(manifest_media_type(Some("application/vnd.oci.image.index.v1+json; charset=utf-8"), &body), OCI_INDEX);
-        assert_eq!(manifest_media_type(Some("application/json"), &body), DOCKER_MANIFEST);
-        assert_eq!(manifest_media_type(None, &serde_json::json!({})), OCI_MANIFEST);
+        assert_eq!(
+            manifest_media_type(
+                Some("application/vnd.oci.image.index.v1+json; charset=utf-8"),
+                &body
+            ),
+            OCI_INDEX
+        );
+        assert_eq!(
+            manifest_media_type(Some("application/json"), &body),
+            DOCKER_MANIFEST
+        );
+        assert_eq!(
+            manifest_media_type(None, &serde_json::json!({})),
+            OCI_MANIFEST
+        );
     }
 }

@@ -42,16 +42,56 @@ impl Metrics {
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
         let rows: [(&str, &str, &AtomicU64); 10] = [
-            ("pullgate_requests_total", "Requests handled.", &self.requests),
-            ("pullgate_cache_hits_total", "Requests answered from the cache.", &self.hits),
-            ("pullgate_cache_misses_total", "Requests that needed the upstream.", &self.misses),
-            ("pullgate_stale_served_total", "Stale tags served while the upstream failed.", &self.stale_served),
-            ("pullgate_upstream_requests_total", "Requests sent to upstreams.", &self.upstream_requests),
-            ("pullgate_upstream_errors_total", "Upstream failures.", &self.upstream_errors),
-            ("pullgate_coalesced_waits_total", "Requests that joined an in-flight fill.", &self.coalesced_waits),
-            ("pullgate_bytes_served_total", "Body bytes sent to clients.", &self.bytes_served),
-            ("pullgate_bytes_fetched_total", "Blob bytes fetched from upstreams.", &self.bytes_fetched),
-            ("pullgate_digest_mismatches_total", "Upstream blobs that failed verification.", &self.digest_mismatches),
+            (
+                "pullgate_requests_total",
+                "Requests handled.",
+                &self.requests,
+            ),
+            (
+                "pullgate_cache_hits_total",
+                "Requests answered from the cache.",
+                &self.hits,
+            ),
+            (
+                "pullgate_cache_misses_total",
+                "Requests that needed the upstream.",
+                &self.misses,
+            ),
+            (
+                "pullgate_stale_served_total",
+                "Stale tags served while the upstream failed.",
+                &self.stale_served,
+            ),
+            (
+                "pullgate_upstream_requests_total",
+                "Requests sent to upstreams.",
+                &self.upstream_requests,
+            ),
+            (
+                "pullgate_upstream_errors_total",
+                "Upstream failures.",
+                &self.upstream_errors,
+            ),
+            (
+                "pullgate_coalesced_waits_total",
+                "Requests that joined an in-flight fill.",
+                &self.coalesced_waits,
+            ),
+            (
+                "pullgate_bytes_served_total",
+                "Body bytes sent to clients.",
+                &self.bytes_served,
+            ),
+            (
+                "pullgate_bytes_fetched_total",
+                "Blob bytes fetched from upstreams.",
+                &self.bytes_fetched,
+            ),
+            (
+                "pullgate_digest_mismatches_total",
+                "Upstream blobs that failed verification.",
+                &self.digest_mismatches,
+            ),
         ];
         let mut out = String::new();
         for (name, help, v) in rows {

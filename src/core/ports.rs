@@ -60,8 +60,12 @@ pub trait BlobStore {
     /// Size of a stored blob, or None. A hit also counts as an access for eviction.
     async fn stat(&self, digest: &str) -> Result<Option<u64>, StoreError>;
     /// Streams bytes `[start, end)` of a stored blob; None if it vanished (evicted).
-    async fn read(&self, digest: &str, start: u64, end: u64)
-        -> Result<Option<ByteStream>, StoreError>;
+    async fn read(
+        &self,
+        digest: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<ByteStream>, StoreError>;
     /// Starts writing a blob under a staging name.
     async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError>;
 }

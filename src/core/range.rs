@@ -80,10 +80,29 @@ mod tests {
 
     #[test]
     fn range_parsing_table() {
-        assert_eq!(parse_range("bytes=0-99"), Some(ByteRange::From { start: 0, end: Some(99) }));
-        assert_eq!(parse_range("bytes=100-"), Some(ByteRange::From { start: 100, end: None }));
+        assert_eq!(
+            parse_range("bytes=0-99"),
+            Some(ByteRange::From {
+                start: 0,
+                end: Some(99)
+            })
+        );
+        assert_eq!(
+            parse_range("bytes=100-"),
+            Some(ByteRange::From {
+                start: 100,
+                end: None
+            })
+        );
         assert_eq!(parse_range("bytes=-5"), Some(ByteRange::Suffix(5)));
-        for bad in ["bytes=5-1", "bytes=0-1,3-4", "items=0-1", "bytes=a-b", "", "bytes=-"] {
+        for bad in [
+            "bytes=5-1",
+            "bytes=0-1,3-4",
+            "items=0-1",
+            "bytes=a-b",
+            "",
+            "bytes=-",
+        ] {
             assert_eq!(parse_range(bad), None, "{bad}");
         }
     }
@@ -93,10 +112,31 @@ mod tests {
         use RangeOutcome::*;
         let r = |s: &str| parse_range(s).unwrap();
         assert_eq!(r("bytes=0-99").resolve(1000), Partial { start: 0, end: 99 });
-        assert_eq!(r("bytes=990-2000").resolve(1000), Partial { start: 990, end: 999 });
-        assert_eq!(r("bytes=500-").resolve(1000), Partial { start: 500, end: 999 });
-        assert_eq!(r("bytes=-10").resolve(1000), Partial { start: 990, end: 999 });
-        assert_eq!(r("bytes=-5000").resolve(1000), Partial { start: 0, end: 999 });
+        assert_eq!(
+            r("bytes=990-2000").resolve(1000),
+            Partial {
+                start: 990,
+                end: 999
+            }
+        );
+        assert_eq!(
+            r("bytes=500-").resolve(1000),
+            Partial {
+                start: 500,
+                end: 999
+            }
+        );
+        assert_eq!(
+            r("bytes=-10").resolve(1000),
+            Partial {
+                start: 990,
+                end: 999
+            }
+        );
+        assert_eq!(
+            r("bytes=-5000").resolve(1000),
+            Partial { start: 0, end: 999 }
+        );
         assert_eq!(r("bytes=1000-").resolve(1000), Unsatisfiable);
         assert_eq!(r("bytes=-0").resolve(1000), Unsatisfiable);
         assert_eq!(r("bytes=0-").resolve(0), Unsatisfiable);

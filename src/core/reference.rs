@@ -118,8 +118,7 @@ pub fn parse_tag(s: &str) -> Result<Tag, ReferenceError> {
     let ok = !b.is_empty()
         && b.len() <= MAX_TAG_LEN
         && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b
-            .iter()
+        && b.iter()
             .all(|&c| c.is_ascii_alphanumeric() || c == b'_' || c == b'.' || c == b'-');
     if ok {
         Ok(Tag(s.to_string()))
@@ -166,7 +165,11 @@ pub fn parse_digest(s: &str) -> Result<Digest, ReferenceError> {
     let hex = s
         .strip_prefix("sha256:")
         .ok_or_else(|| ReferenceError::Digest(s.to_string()))?;
-    if hex.len() == 64 && hex.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+    if hex.len() == 64
+        && hex
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
         Ok(Digest(s.to_string()))
     } else {
         Err(ReferenceError::Digest(s.to_string()))

@@ -136,12 +136,16 @@ pub fn resolve_upstream(
                 (i, rest)
             }
             _ => {
-                let i = settings.upstreams.iter().position(|u| u.default).ok_or_else(|| {
-                    RegistryError::NameUnknown(
+                let i = settings
+                    .upstreams
+                    .iter()
+                    .position(|u| u.default)
+                    .ok_or_else(|| {
+                        RegistryError::NameUnknown(
                         "no default upstream is configured; prefix the name with a registry host"
                             .into(),
                     )
-                })?;
+                    })?;
                 (i, raw_name)
             }
         }
@@ -176,7 +180,9 @@ pub fn parse_route(
         "/metrics" if read => return Ok(plain(Endpoint::Metrics)),
         "/v2" | "/v2/" if read => return Ok(plain(Endpoint::Base)),
         "/v2" | "/v2/" | "/healthz" | "/metrics" => {
-            return Err(RegistryError::Unsupported(format!("{method} is not allowed here")))
+            return Err(RegistryError::Unsupported(format!(
+                "{method} is not allowed here"
+            )))
         }
         _ => {}
     }
@@ -246,7 +252,8 @@ mod tests {
 
     fn settings() -> Settings {
         let mut c = Config::default();
-        c.apply_upstream_flag("reg.test=http://127.0.0.1:1").unwrap();
+        c.apply_upstream_flag("reg.test=http://127.0.0.1:1")
+            .unwrap();
         c.resolve(&NoSecrets).unwrap()
     }
 
@@ -268,17 +275,62 @@ mod tests {
     fn routes_table() {
         let cases: &[(&str, &str, &str, &str)] = &[
             // path, endpoint kind, upstream host, upstream name
-            ("/v2/alpine/manifests/latest", "manifest", "docker.io", "library/alpine"),
-            ("/v2/library/alpine/manifests/3", "manifest", "docker.io", "library/alpine"),
-            ("/v2/team/sub/app/blobs/D", "blob", "docker.io", "team/sub/app"),
-            ("/v2/ghcr.io/owner/app/manifests/v1", "manifest", "ghcr.io", "owner/app"),
+            (
+                "/v2/alpine/manifests/latest",
+                "manifest",
+                "docker.io",
+                "library/alpine",
+            ),
+            (
+                "/v2/library/alpine/manifests/3",
+                "manifest",
+                "docker.io",
+                "library/alpine",
+            ),
+            (
+                "/v2/team/sub/app/blobs/D",
+                "blob",
+                "docker.io",
+                "team/sub/app",
+            ),
+            (
+                "/v2/ghcr.io/owner/app/manifests/v1",
+                "manifest",
+                "ghcr.io",
+                "owner/app",
+            ),
             ("/v2/reg.test/x/tags/list", "tags", "reg.test", "x"),
-            ("/v2/alpine/manifests/latest?ns=docker.io", "manifest", "docker.io", "library/alpine"),
-            ("/v2/owner/app/manifests/v1?ns=GHCR.IO:443", "manifest", "ghcr.io", "owner/app"),
-            ("/v2/alpine/manifests/latest?ns=index.docker.io", "manifest", "docker.io", "library/alpine"),
-            ("/v2/x/manifests/latest?ns=reg.test", "manifest", "reg.test", "x"),
+            (
+                "/v2/alpine/manifests/latest?ns=docker.io",
+                "manifest",
+                "docker.io",
+                "library/alpine",
+            ),
+            (
+                "/v2/owner/app/manifests/v1?ns=GHCR.IO:443",
+                "manifest",
+                "ghcr.io",
+                "owner/app",
+            ),
+            (
+                "/v2/alpine/manifests/latest?ns=index.docker.io",
+                "manifest",
+                "docker.io",
+                "library/alpine",
+            ),
+            (
+                "/v2/x/manifests/latest?ns=reg.test",
+                "manifest",
+                "reg.test",
+                "x",
+            ),
             // a repo whose own name contains "manifests" splits at the last marker
-            ("/v2/a/manifests/b/manifests/t", "manifest", "docker.io", "a/manifests/b"),
+            (
+                "/v2/a/manifests/b/manifests/t",
+                "manifest",
+                "docker.io",
+                "a/manifests/b",
+            ),
         ];
         for (pq, kind, host, name) in cases {
             let pq = pq.replace("/D", &format!("/{D}"));
@@ -293,8 +345,14 @@ mod tests {
     fn base_health_metrics() {
         assert_eq!(route(Method::GET, "/v2/").unwrap().endpoint, Endpoint::Base);
         assert_eq!(route(Method::HEAD, "/v2").unwrap().endpoint, Endpoint::Base);
-        assert_eq!(route(Method::GET, "/healthz").unwrap().endpoint, Endpoint::Health);
-        assert_eq!(route(Method::GET, "/metrics").unwrap().endpoint, Endpoint::Metrics);
+        assert_eq!(
+            route(Method::GET, "/healthz").unwrap().endpoint,
+            Endpoint::Health
+        );
+        assert_eq!(
+            route(Method::GET, "/metrics").unwrap().endpoint,
+            Endpoint::Metrics
+        );
     }
 
     #[test]
@@ -323,7 +381,11 @@ mod tests {
             (Method::POST, "/v2/"),
         ] {
             let e = route(m.clone(), pq).unwrap_err();
-            assert_eq!((e.code(), e.status().as_u16()), ("UNSUPPORTED", 405), "{m} {pq}");
+            assert_eq!(
+                (e.code(), e.status().as_u16()),
+                ("UNSUPPORTED", 405),
+                "{m} {pq}"
+            );
         }
     }
 
@@ -340,14 +402,29 @@ mod tests {
             assert_eq!(e.code(), code, "{pq}");
             assert_eq!(e.status().as_u16(), 400, "{pq}");
         }
-        assert_eq!(route(Method::GET, "/nope").unwrap_err().status().as_u16(), 404);
-        assert_eq!(route(Method::GET, "/v2/x/other").unwrap_err().status().as_u16(), 404);
+        assert_eq!(
+            route(Method::GET, "/nope").unwrap_err().status().as_u16(),
+            404
+        );
+        assert_eq!(
+            route(Method::GET, "/v2/x/other")
+                .unwrap_err()
+                .status()
+                .as_u16(),
+            404
+        );
     }
 
     #[test]
     fn tags_list_pagination_passes_through() {
         let r = route(Method::GET, "/v2/x/tags/list?n=10&last=v1%2E2").unwrap();
-        assert_eq!(r.endpoint, Endpoint::TagsList { n: Some(10), last: Some("v1.2".into()) });
+        assert_eq!(
+            r.endpoint,
+            Endpoint::TagsList {
+                n: Some(10),
+                last: Some("v1.2".into())
+            }
+        );
         assert!(route(Method::GET, "/v2/x/tags/list?n=ten").is_err());
         assert!(route(Method::GET, "/v2/x/tags/list?last=%zz").is_err());
     }

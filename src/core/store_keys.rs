@@ -29,7 +29,11 @@ pub fn tag(host: &str, name: &str, class: &str, tag: &str) -> String {
 pub fn tag_list(host: &str, name: &str, n: Option<u32>, last: Option<&str>) -> String {
     bounded(
         "tags/",
-        format!("{host}/{name}?n={}&last={}", n.map(|n| n.to_string()).unwrap_or_default(), last.unwrap_or("")),
+        format!(
+            "{host}/{name}?n={}&last={}",
+            n.map(|n| n.to_string()).unwrap_or_default(),
+            last.unwrap_or("")
+        ),
     )
 }
 
@@ -41,6 +45,9 @@ mod tests {
     fn long_keys_are_hashed_and_short() {
         let k = tag("reg.test", &"a/".repeat(120), "i", "latest");
         assert!(k.len() <= MAX_KEY && k.starts_with("tag/#"));
-        assert_eq!(tag("docker.io", "library/alpine", "i", "3"), "tag/docker.io/library/alpine/i/3");
+        assert_eq!(
+            tag("docker.io", "library/alpine", "i", "3"),
+            "tag/docker.io/library/alpine/i/3"
+        );
     }
 }

@@ -32,7 +32,10 @@ pub fn rewrite_link(link: &str, client_name: &str, ns: Option<&str>) -> Option<S
     let end = start + link[start..].find('>')?;
     let target = &link[start..end];
     let query = target.split_once('?').map(|(_, q)| q).unwrap_or("");
-    let query: Vec<&str> = query.split('&').filter(|p| !p.is_empty() && !p.starts_with("ns=")).collect();
+    let query: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty() && !p.starts_with("ns="))
+        .collect();
     let mut q = query.join("&");
     if let Some(ns) = ns {
         if !q.is_empty() {
@@ -42,14 +45,25 @@ pub fn rewrite_link(link: &str, client_name: &str, ns: Option<&str>) -> Option<S
         q.push_str(ns);
     }
     let sep = if q.is_empty() { "" } else { "?" };
-    Some(format!("</v2/{client_name}/tags/list{sep}{q}>{}", &link[end + 1..]))
+    Some(format!(
+        "</v2/{client_name}/tags/list{sep}{q}>{}",
+        &link[end + 1..]
+    ))
 }
 
-fn serve(page: &CachedPage, client_name: &str, ns: Option<&str>) -> Result<Response<Body>, RegistryError> {
+fn serve(
+    page: &CachedPage,
+    client_name: &str,
+    ns: Option<&str>,
+) -> Result<Response<Body>, RegistryError> {
     let mut b = response(StatusCode::OK)
         .header(header::CONTENT_TYPE, "application/json")
         .header(header::CONTENT_LENGTH, page.body.len());
-    if let Some(l) = page.link.as_deref().and_then(|l| rewrite_link(l, client_name, ns)) {
+    if let Some(l) = page
+        .link
+        .as_deref()
+        .and_then(|l| rewrite_link(l, client_name, ns))
+    {
         b = b.header(header::LINK, l);
     }
     b.body(Body::Bytes(page.body.clone().into()))
@@ -105,7 +119,14 @@ pub(crate) async fn list(
     let what = format!("tags of {}", ctx.name);
     let resp = match inner
         .client
-        .request(ctx.up, Method::GET, &path, Some("application/json"), ctx.name.as_str(), false)
+        .request(
+            ctx.up,
+            Method::GET,
+            &path,
+            Some("application/json"),
+            ctx.name.as_str(),
+            false,
+        )
         .await
     {
         Ok(r) => r,
@@ -114,22 +135,43 @@ pub(crate) async fn list(
     match resp.status() {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND => {
-            return Err(RegistryError::NameUnknown(format!("repository {} is not known upstream", ctx.name)))
+            return Err(RegistryError::NameUnknown(format!(
+                "repository {} is not known upstream",
+                ctx.name
+            )))
         }
         s => return stale_or(status_failure(s, &what)),
     }
-    let link = resp.headers().get(header::LINK).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let link = resp
+        .headers()
+        .get(header::LINK)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = match read_body_limited(resp.into_body(), MAX_TAG_LIST).await {
         Ok(b) => b,
         Err(e) => return stale_or(RegistryError::BadUpstream(format!("{what}: {e}"))),
     };
     let body = match String::from_utf8(body) {
         Ok(b) if serde_json::from_str::<serde_json::Value>(&b).is_ok() => b,
-        _ => return stale_or(RegistryError::BadUpstream(format!("{what}: upstream sent invalid JSON"))),
+        _ => {
+            return stale_or(RegistryError::BadUpstream(format!(
+                "{what}: upstream sent invalid JSON"
+            )))
+        }
     };
-    let page = CachedPage { v: PAGE_VERSION, fetched_ms: now, body, link };
+    let page = CachedPage {
+        v: PAGE_VERSION,
+        fetched_ms: now,
+        body,
+        link,
+    };
     if let Ok(raw) = serde_json::to_vec(&page) {
-        inner.ports.kv.put(&key, &raw).await.map_err(|e| RegistryError::Internal(e.to_string()))?;
+        inner
+            .ports
+            .kv
+            .put(&key, &raw)
+            .await
+            .map_err(|e| RegistryError::Internal(e.to_string()))?;
     }
     Ok((serve(&page, client_name, ns)?, CacheStatus::Miss))
 }

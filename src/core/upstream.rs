@@ -61,8 +61,11 @@ fn basic_value(spec: &UpstreamSpec) -> Option<String> {
     spec.credentials.as_ref().map(|c| {
         format!(
             "Basic {}",
-            base64::engine::general_purpose::STANDARD
-                .encode(format!("{}:{}", c.username.expose(), c.password.expose()))
+            base64::engine::general_purpose::STANDARD.encode(format!(
+                "{}:{}",
+                c.username.expose(),
+                c.password.expose()
+            ))
         )
     })
 }
@@ -148,10 +151,14 @@ impl UpstreamClient {
         } else {
             None
         };
-        let resp = self.send_raw(&Method::GET, &url, None, auth.as_deref()).await?;
+        let resp = self
+            .send_raw(&Method::GET, &url, None, auth.as_deref())
+            .await?;
         let status = resp.status();
         if !status.is_success() {
-            return Err(UpstreamError::Other(format!("token endpoint answered {status}")));
+            return Err(UpstreamError::Other(format!(
+                "token endpoint answered {status}"
+            )));
         }
         let body = read_body_limited(resp.into_body(), MAX_TOKEN_BODY)
             .await
@@ -181,7 +188,9 @@ impl UpstreamClient {
             .map_err(|e| UpstreamError::Other(format!("bad upstream url: {e}")))?;
         let scope = pull_scope(name);
         let auth = self.cached_authorization(spec, &scope);
-        let mut resp = self.send_raw(&method, &url, accept, auth.as_deref()).await?;
+        let mut resp = self
+            .send_raw(&method, &url, accept, auth.as_deref())
+            .await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             let challenge = resp
                 .headers()
@@ -196,7 +205,9 @@ impl UpstreamClient {
                     scope: challenged,
                 }) => {
                     let want = challenged.unwrap_or_else(|| scope.clone());
-                    let token = self.fetch_token(spec, &realm, service.as_deref(), &want).await?;
+                    let token = self
+                        .fetch_token(spec, &realm, service.as_deref(), &want)
+                        .await?;
                     let value = format!("Bearer {}", token.token);
                     self.tokens
                         .borrow_mut()
@@ -206,7 +217,9 @@ impl UpstreamClient {
                 Some(Challenge::Basic) if spec.credentials.is_some() && auth.is_none() => {
                     self.basic_hosts.borrow_mut().push(spec.host.clone());
                     let value = basic_value(spec);
-                    resp = self.send_raw(&method, &url, accept, value.as_deref()).await?;
+                    resp = self
+                        .send_raw(&method, &url, accept, value.as_deref())
+                        .await?;
                 }
                 _ => {}
             }

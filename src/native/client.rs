@@ -46,7 +46,10 @@ impl Upstream for ReqwestUpstream {
     async fn send(&self, request: Request<()>) -> Result<Response<ByteStream>, UpstreamError> {
         let (parts, ()) = request.into_parts();
         let url = parts.uri.to_string();
-        let req = self.client.request(parts.method, url).headers(parts.headers);
+        let req = self
+            .client
+            .request(parts.method, url)
+            .headers(parts.headers);
         let resp = tokio::time::timeout(self.timeout, req.send())
             .await
             .map_err(|_| UpstreamError::Timeout("no response headers in time".into()))?
@@ -59,6 +62,7 @@ impl Upstream for ReqwestUpstream {
             .bytes_stream()
             .map_err(|e| BodyError(e.without_url().to_string()))
             .boxed_local();
-        out.body(body).map_err(|e| UpstreamError::Other(e.to_string()))
+        out.body(body)
+            .map_err(|e| UpstreamError::Other(e.to_string()))
     }
 }

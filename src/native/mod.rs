@@ -6,6 +6,9 @@
 //! ports, calls [`App::handle`], writes one log line per request, and shuts down gracefully on
 //! SIGTERM/SIGINT (stop accepting, let in-flight requests and fills finish, up to 30 s).
 
+// The native host is where time comes from: it may read the system clocks (the core may not).
+#![allow(clippy::disallowed_methods)]
+
 pub mod client;
 pub mod store;
 
@@ -53,11 +56,15 @@ pub struct EnvSecrets;
 impl SecretResolver for EnvSecrets {
     fn resolve(&self, reference: &str) -> Result<Secret, ConfigError> {
         let name = reference.strip_prefix("env:").ok_or_else(|| {
-            ConfigError(format!("secret reference {reference:?}: the native host reads env:NAME"))
+            ConfigError(format!(
+                "secret reference {reference:?}: the native host reads env:NAME"
+            ))
         })?;
-        std::env::var(name)
-            .map(Secret::new)
-            .map_err(|_| ConfigError(format!("environment variable {name} (a secret reference) is not set")))
+        std::env::var(name).map(Secret::new).map_err(|_| {
+            ConfigError(format!(
+                "environment variable {name} (a secret reference) is not set"
+            ))
+        })
     }
 }
 
@@ -124,7 +131,11 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
         .clone()
         .or(config.data_dir.as_ref().map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
-    Ok(Prepared { listen, data_dir, settings })
+    Ok(Prepared {
+        listen,
+        data_dir,
+        settings,
+    })
 }
 
 type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, BodyError>>>>;
@@ -195,7 +206,12 @@ impl Drop for LogLine {
     fn drop(&mut self) {
         add(&self.metrics.bytes_served, self.bytes);
         let (route, upstream, cache, error) = match &self.info {
-            Some(i) => (i.route, i.upstream.as_deref().unwrap_or("-"), i.cache.as_str(), i.error.as_deref()),
+            Some(i) => (
+                i.route,
+                i.upstream.as_deref().unwrap_or("-"),
+                i.cache.as_str(),
+                i.error.as_deref(),
+            ),
             None => ("-", "-", "-", None),
         };
         let mut line = format!(
@@ -249,7 +265,10 @@ fn to_hyper(resp: ::http::Response<Body>, mut log: LogLine) -> ::http::Response<
     ::http::Response::from_parts(parts, body)
 }
 
-async fn handle(app: App, req: ::http::Request<Incoming>) -> Result<::http::Response<HyperBody>, Infallible> {
+async fn handle(
+    app: App,
+    req: ::http::Request<Incoming>,
+) -> Result<::http::Response<HyperBody>, Infallible> {
     let started = Instant::now();
     let (parts, _body) = req.into_parts();
     let req = ::http::Request::from_parts(parts, ());
@@ -297,21 +316,30 @@ async fn run(p: Prepared) -> Result<(), String> {
     std::fs::create_dir_all(&p.data_dir)
         .map_err(|e| format!("creating {}: {e}", p.data_dir.display()))?;
     let kv = store::RedbKv::open(&p.data_dir.join("meta.redb")).map_err(|e| e.to_string())?;
-    let blobs = store::FsBlobStore::open(&p.data_dir, p.settings.max_size).map_err(|e| e.to_string())?;
-    let upstream = client::ReqwestUpstream::new(Duration::from_millis(p.settings.upstream_timeout_ms))?;
+    let blobs =
+        store::FsBlobStore::open(&p.data_dir, p.settings.max_size).map_err(|e| e.to_string())?;
+    let upstream =
+        client::ReqwestUpstream::new(Duration::from_millis(p.settings.upstream_timeout_ms))?;
     let fills = Rc::new(Cell::new(0usize));
     let ports = Ports {
         upstream: Rc::new(upstream),
         kv: Rc::new(kv),
         blobs: Rc::new(blobs),
         clock: Rc::new(SystemClock),
-        deferred: Rc::new(LocalDeferred { active: fills.clone() }),
+        deferred: Rc::new(LocalDeferred {
+            active: fills.clone(),
+        }),
     };
     let listener = tokio::net::TcpListener::bind(&p.listen)
         .await
         .map_err(|e| format!("listening on {}: {e}", p.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let upstream_names: Vec<String> = p.settings.upstreams.iter().map(|u| format!("{}={}", u.host, u.url)).collect();
+    let upstream_names: Vec<String> = p
+        .settings
+        .upstreams
+        .iter()
+        .map(|u| format!("{}={}", u.host, u.url))
+        .collect();
     eprintln!(
         "pullgate listening on http://{addr} data_dir={} upstreams={}",
         p.data_dir.display(),
@@ -348,7 +376,11 @@ async fn run(p: Prepared) -> Result<(), String> {
             _ = &mut stop => break,
         }
     }
-    eprintln!("pullgate shutting down: {} connections, {} fills in flight", connections.get(), fills.get());
+    eprintln!(
+        "pullgate shutting down: {} connections, {} fills in flight",
+        connections.get(),
+        fills.get()
+    );
     drop(listener);
     let deadline = Instant::now() + SHUTDOWN_GRACE;
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;

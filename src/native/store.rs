@@ -4,7 +4,9 @@
 //! access: a hit stamps the file's mtime (at most once a minute), and eviction removes the
 //! least recently stamped files first, whatever repository or upstream they came from.
 
-use crate::core::ports::{BlobStore, BlobWriter, BodyError, ByteStream, KvStore, StoreError, TailReader};
+use crate::core::ports::{
+    BlobStore, BlobWriter, BodyError, ByteStream, KvStore, StoreError, TailReader,
+};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redb::{Database, TableDefinition};
@@ -42,7 +44,8 @@ pub struct RedbKv {
 impl RedbKv {
     /// Opens (or creates) the database file.
     pub fn open(path: &Path) -> Result<RedbKv, StoreError> {
-        let db = Database::create(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let db =
+            Database::create(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         let tx = db.begin_write().map_err(store_err)?;
         tx.open_table(KV).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
@@ -66,7 +69,8 @@ impl KvStore for RedbKv {
             let tx = db.begin_write().map_err(store_err)?;
             {
                 let mut t = tx.open_table(KV).map_err(store_err)?;
-                t.insert(key.as_str(), value.as_slice()).map_err(store_err)?;
+                t.insert(key.as_str(), value.as_slice())
+                    .map_err(store_err)?;
             }
             tx.commit().map_err(store_err)
         })
@@ -120,7 +124,9 @@ pub struct FsBlobStore {
 
 fn hex_of(digest: &str) -> Result<&str, StoreError> {
     // The core validated the digest; refuse anything else rather than build a path from it.
-    let hex = digest.strip_prefix("sha256:").ok_or_else(|| StoreError("bad digest".into()))?;
+    let hex = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| StoreError("bad digest".into()))?;
     if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         Ok(hex)
     } else {
@@ -129,13 +135,19 @@ fn hex_of(digest: &str) -> Result<&str, StoreError> {
 }
 
 fn walk_blobs(dir: &Path, out: &mut Vec<(PathBuf, u64, SystemTime)>) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
     for e in rd.flatten() {
         let Ok(md) = e.metadata() else { continue };
         if md.is_dir() {
             walk_blobs(&e.path(), out);
         } else {
-            out.push((e.path(), md.len(), md.modified().unwrap_or(SystemTime::UNIX_EPOCH)));
+            out.push((
+                e.path(),
+                md.len(),
+                md.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+            ));
         }
     }
 }
@@ -163,7 +175,8 @@ impl FsBlobStore {
     pub fn open(root: &Path, max_size: u64) -> Result<FsBlobStore, StoreError> {
         let blobs = root.join("blobs").join("sha256");
         let tmp = root.join("tmp");
-        std::fs::create_dir_all(&blobs).map_err(|e| StoreError(format!("{}: {e}", blobs.display())))?;
+        std::fs::create_dir_all(&blobs)
+            .map_err(|e| StoreError(format!("{}: {e}", blobs.display())))?;
         let _ = std::fs::remove_dir_all(&tmp);
         std::fs::create_dir_all(&tmp).map_err(|e| StoreError(format!("{}: {e}", tmp.display())))?;
         let mut files = Vec::new();
@@ -211,7 +224,10 @@ fn file_stream(file: Arc<File>, start: u64, end: u64) -> ByteStream {
                 let n = buf.len() as u64;
                 Some((Ok(Bytes::from(buf)), (file, pos + n)))
             }
-            Ok(Ok(_)) => Some((Err(BodyError("blob file is shorter than expected".into())), (file, end))),
+            Ok(Ok(_)) => Some((
+                Err(BodyError("blob file is shorter than expected".into())),
+                (file, end),
+            )),
             Ok(Err(e)) => Some((Err(BodyError(e.to_string())), (file, end))),
             Err(e) => Some((Err(BodyError(e.to_string())), (file, end))),
         }
@@ -240,7 +256,12 @@ impl BlobStore for FsBlobStore {
         }
     }
 
-    async fn read(&self, digest: &str, start: u64, end: u64) -> Result<Option<ByteStream>, StoreError> {
+    async fn read(
+        &self,
+        digest: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<ByteStream>, StoreError> {
         let path = self.path(digest)?;
         match File::open(&path) {
             Ok(f) => Ok(Some(file_stream(Arc::new(f), start, end))),
@@ -252,7 +273,9 @@ impl BlobStore for FsBlobStore {
     async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
         let dest = self.path(digest)?;
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let tmp = self.tmp.join(format!("{}.{}.{n}", hex_of(digest)?, std::process::id()));
+        let tmp = self
+            .tmp
+            .join(format!("{}.{}.{n}", hex_of(digest)?, std::process::id()));
         let file = File::options()
             .read(true)
             .write(true)
