@@ -34,6 +34,7 @@ pub(crate) struct Inner {
 pub(crate) struct Ctx<'a> {
     pub inner: &'a Rc<Inner>,
     pub up: &'a UpstreamSpec,
+    pub up_index: usize,
     pub name: &'a Name,
     pub head: bool,
 }
@@ -171,6 +172,7 @@ impl App {
         let ctx = Ctx {
             inner: &self.inner,
             up: &self.inner.settings.upstreams[index],
+            up_index: index,
             name,
             head,
         };

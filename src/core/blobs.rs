@@ -433,18 +433,11 @@ pub(crate) async fn get(
                 .fills
                 .borrow_mut()
                 .insert(digest.as_str().to_string(), f.clone());
-            let up = ctx
-                .inner
-                .settings
-                .upstreams
-                .iter()
-                .position(|u| u.host == ctx.up.host)
-                .unwrap_or(0);
             ctx.inner.ports.deferred.spawn(
                 drive(
                     ctx.inner.clone(),
                     f.clone(),
-                    up,
+                    ctx.up_index,
                     ctx.name.clone(),
                     digest.clone(),
                 )

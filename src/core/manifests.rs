@@ -291,6 +291,7 @@ async fn get_tag(
     }
     let stale_or = |cached: Option<(TagRecord, StoredManifest)>, e: RegistryError| match cached {
         Some((rec, stored)) if is_servable_stale(&rec, now, settings.max_stale_ms) => {
+            inc(&m.upstream_errors);
             inc(&m.stale_served);
             Ok((serve(ctx, &rec.digest, stored)?, CacheStatus::Stale))
         }

@@ -99,6 +99,7 @@ pub(crate) async fn list(
     inc(&m.misses);
     let stale_or = |e: RegistryError| match &cached {
         Some(p) if now <= p.fetched_ms.saturating_add(inner.settings.max_stale_ms) => {
+            inc(&m.upstream_errors);
             inc(&m.stale_served);
             Ok((serve(p, client_name, ns)?, CacheStatus::Stale))
         }

@@ -18,6 +18,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+/// redb's page cache: metadata is small, and the memory target is tight.
+const REDB_CACHE: usize = 16 << 20;
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 /// A hit re-stamps a blob's access time only when the stamp is older than this.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
