@@ -3,8 +3,9 @@
 //! told. Not for production: nothing is bounded.
 
 use crate::core::ports::{
-    BlobStore, BlobWriter, ByteStream, Clock, KvStore, StoreError, TailReader,
+    BlobStore, BlobWriter, ByteStream, Clock, CommitError, KvStore, StoreError, TailReader,
 };
+use crate::core::reference::Digest;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::cell::{Cell, RefCell};
@@ -86,12 +87,19 @@ impl TailReader for MemTail {
 
 #[async_trait::async_trait(?Send)]
 impl BlobWriter for MemWriter {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
-        self.staged.borrow_mut().extend_from_slice(&chunk);
+    async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
+        let mut staged = self.staged.borrow_mut();
+        chunks.iter().for_each(|c| staged.extend_from_slice(c));
         Ok(())
     }
-    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+    async fn commit(self: Box<Self>) -> Result<(), CommitError> {
         let bytes = Bytes::from(self.staged.borrow().clone());
+        let actual = Digest::of(&bytes);
+        if actual.as_str() != self.digest {
+            return Err(CommitError::DigestMismatch {
+                actual: actual.to_string(),
+            });
+        }
         self.blobs.borrow_mut().insert(self.digest.clone(), bytes);
         Ok(())
     }

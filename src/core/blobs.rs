@@ -1,8 +1,15 @@
 //! Blobs: served from the blob store when present; on a miss, one *fill* per digest streams
-//! the upstream body into a staged write while hashing it, and every requester (the first and
-//! any that arrive while it runs) reads the growing staged bytes. The fill commits only when
-//! the sha256 matches; on a mismatch it aborts, stores nothing, and every reader's stream ends
-//! in an error, which makes the host abort the client connection.
+//! the upstream body into a staged write, and every requester (the first and any that arrive
+//! while it runs) reads the growing blob: the newest bytes straight from the chunks in memory
+//! (a bounded window), older ones back from the staged write. The store's writer hashes what
+//! it writes and commits only when the sha256 matches (the `BlobWriter` contract); on a
+//! mismatch nothing is stored and every reader's stream ends in an error, which makes the host
+//! abort the client connection.
+//!
+//! Receiving from the upstream and writing to the store run concurrently: the writer gets
+//! everything received since its last write in one call (adaptive batching), so hashing and
+//! disk writes overlap with the network instead of stalling it. The receiver waits when more
+//! than [`MAX_UNPERSISTED`] bytes are not yet written, which bounds memory.
 //!
 //! Readers never get the last [`HOLDBACK`] bytes before the digest is verified, so a client
 //! can never complete a transfer of bad bytes (Harbor withholds its tail for the same reason).
@@ -15,22 +22,26 @@ use crate::core::error::RegistryError;
 use crate::core::manifests::status_failure;
 use crate::core::media::header as h;
 use crate::core::metrics::{add, inc};
-use crate::core::ports::{BodyError, ByteStream, TailReader};
+use crate::core::ports::{BodyError, ByteStream, CommitError, TailReader};
 use crate::core::range::{ByteRange, RangeOutcome};
 use crate::core::reference::{Digest, Name};
-use bytes::{Bytes, BytesMut};
-use futures_util::future::{poll_fn, FutureExt};
+use bytes::Bytes;
+use futures_util::future::{join, poll_fn, FutureExt};
 use futures_util::StreamExt;
 use http::{header, Method, Response, StatusCode};
-use sha2::{Digest as _, Sha256};
 use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
 use std::rc::Rc;
 use std::task::{Poll, Waker};
 
 /// Bytes withheld from readers until the digest is verified.
 pub const HOLDBACK: u64 = 64 * 1024;
-/// Largest write the fill batches from ready upstream chunks, and largest read chunk.
-pub const CHUNK: usize = 256 * 1024;
+/// Largest read from the staged write.
+pub const CHUNK: usize = 512 * 1024;
+/// Written bytes kept in memory for readers that keep up.
+pub const WINDOW: u64 = 4 << 20;
+/// Most bytes received but not yet written before the receiver waits.
+pub const MAX_UNPERSISTED: u64 = 16 << 20;
 
 #[derive(Debug, Clone)]
 enum Phase {
@@ -43,8 +54,60 @@ enum Phase {
 struct FillState {
     phase: Phase,
     size: Option<u64>,
-    written: u64,
+    /// Bytes taken from the upstream.
+    received: u64,
+    /// Bytes the writer has written (readable through `tail`).
+    persisted: u64,
+    /// The newest chunks, in order; `recent_start` is the offset of the first.
+    recent: VecDeque<Bytes>,
+    recent_start: u64,
     tail: Option<Rc<dyn TailReader>>,
+}
+
+impl FillState {
+    /// The chunks not yet written, and the offset they reach.
+    fn unpersisted(&self) -> (Vec<Bytes>, u64) {
+        let mut off = self.recent_start;
+        let mut out = Vec::new();
+        for c in &self.recent {
+            if off >= self.persisted {
+                out.push(c.clone());
+            }
+            off += c.len() as u64;
+        }
+        (out, off)
+    }
+
+    /// Drops written chunks beyond the window.
+    fn trim(&mut self) {
+        while let Some(front) = self.recent.front() {
+            let len = front.len() as u64;
+            let in_memory = self.received - self.recent_start;
+            if self.recent_start + len > self.persisted || in_memory - len < WINDOW {
+                break;
+            }
+            self.recent.pop_front();
+            self.recent_start += len;
+        }
+    }
+
+    /// Bytes at `pos` (up to `limit`) from memory, if they are there.
+    fn from_memory(&self, pos: u64, limit: u64) -> Option<Bytes> {
+        if pos < self.recent_start {
+            return None;
+        }
+        let mut off = self.recent_start;
+        for c in &self.recent {
+            let end = off + c.len() as u64;
+            if pos < end {
+                let from = (pos - off) as usize;
+                let to = (limit.min(end) - off) as usize;
+                return Some(c.slice(from..to));
+            }
+            off = end;
+        }
+        None
+    }
 }
 
 /// One upstream transfer of one digest, shared by every reader.
@@ -60,7 +123,10 @@ impl Fill {
             state: RefCell::new(FillState {
                 phase: Phase::Connecting,
                 size: None,
-                written: 0,
+                received: 0,
+                persisted: 0,
+                recent: VecDeque::new(),
+                recent_start: 0,
                 tail: None,
             }),
             version: Cell::new(0),
@@ -116,8 +182,17 @@ impl Fill {
     }
 }
 
+/// What a reader does next.
+enum Step {
+    Chunk(Bytes),
+    ReadStaged(u64, usize),
+    Fail(String),
+    End,
+    Wait(u64),
+}
+
 /// A stream of bytes `[start, end)` of a fill as it grows (`end` None: to the end).
-fn tail_stream(
+fn fill_stream(
     fill: Rc<Fill>,
     tail: Rc<dyn TailReader>,
     start: u64,
@@ -129,36 +204,50 @@ fn tail_stream(
         async move {
             let pos = pos?;
             loop {
-                let seen = fill.version.get();
-                let (limit, finished) = {
+                let step = {
                     let s = fill.state.borrow();
-                    match &s.phase {
-                        Phase::Failed(e) => {
-                            return Some((Err(BodyError(e.to_string())), None));
-                        }
-                        Phase::Done => (s.written, true),
-                        _ => (s.written.saturating_sub(HOLDBACK), false),
+                    let (limit, finished) = match &s.phase {
+                        Phase::Failed(e) => (0, Err(e.to_string())),
+                        Phase::Done => (s.received, Ok(true)),
+                        _ => (s.received.saturating_sub(HOLDBACK), Ok(false)),
+                    };
+                    let limit = end.map_or(limit, |e| e.min(limit));
+                    match finished {
+                        Err(e) => Step::Fail(e),
+                        Ok(_) if pos < limit => match s.from_memory(pos, limit) {
+                            Some(b) => Step::Chunk(b),
+                            None => {
+                                let upto = limit.min(s.recent_start).min(s.persisted);
+                                Step::ReadStaged(pos, (upto - pos).min(CHUNK as u64) as usize)
+                            }
+                        },
+                        Ok(true) => Step::End,
+                        Ok(false) => Step::Wait(fill.version.get()),
                     }
                 };
-                let limit = end.map_or(limit, |e| e.min(limit));
-                if pos < limit {
-                    let want = (limit - pos).min(CHUNK as u64) as usize;
-                    return match tail.read_at(pos, want).await {
-                        Ok(b) if b.is_empty() => Some((
+                return match step {
+                    Step::Chunk(b) => {
+                        let next = pos + b.len() as u64;
+                        Some((Ok(b), Some(next)))
+                    }
+                    Step::ReadStaged(at, want) => match tail.read_at(at, want).await {
+                        Ok(b) if !b.is_empty() => {
+                            let next = at + b.len() as u64;
+                            Some((Ok(b), Some(next)))
+                        }
+                        Ok(_) => Some((
                             Err(BodyError("staged blob shorter than written".into())),
                             None,
                         )),
-                        Ok(b) => {
-                            let next = pos + b.len() as u64;
-                            Some((Ok(b), Some(next)))
-                        }
                         Err(e) => Some((Err(BodyError(e.to_string())), None)),
-                    };
-                }
-                if finished {
-                    return None;
-                }
-                fill.changed(seen).await;
+                    },
+                    Step::Fail(e) => Some((Err(BodyError(e)), None)),
+                    Step::End => None,
+                    Step::Wait(seen) => {
+                        fill.changed(seen).await;
+                        continue;
+                    }
+                };
             }
         }
     })
@@ -206,12 +295,13 @@ async fn transfer(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
+    let internal = |e: crate::core::ports::StoreError| RegistryError::Internal(e.to_string());
     let mut writer = inner
         .ports
         .blobs
         .create(digest.as_str())
         .await
-        .map_err(|e| RegistryError::Internal(e.to_string()))?;
+        .map_err(internal)?;
     let tail = writer.tail();
     fill.update(|s| {
         s.phase = Phase::Streaming;
@@ -219,80 +309,107 @@ async fn transfer(
         s.tail = tail;
     });
 
+    // The receiver and the writer run concurrently and meet in the fill's state.
+    let received_all: RefCell<Option<Result<(), RegistryError>>> = RefCell::new(None);
+    let write_failed: Cell<Option<RegistryError>> = Cell::new(None);
     let mut body = resp.into_body();
-    let mut hasher = Sha256::new();
-    let mut written: u64 = 0;
-    let outcome: Result<(), RegistryError> = async {
-        let upstream_err =
-            |e: BodyError| RegistryError::Unavailable(format!("{what}: upstream body: {e}"));
-        let mut ended = false;
-        while !ended {
-            let first = match body.next().await {
-                None => break,
-                Some(chunk) => chunk.map_err(upstream_err)?,
-            };
-            // Batch whatever else is ready, so the store sees few large writes.
-            let mut batch: Vec<Bytes> = vec![first];
-            let mut len = batch[0].len();
-            while len < CHUNK {
-                match body.next().now_or_never() {
-                    Some(Some(chunk)) => {
-                        let c = chunk.map_err(upstream_err)?;
-                        len += c.len();
-                        batch.push(c);
-                    }
-                    Some(None) => {
-                        ended = true;
+    let receiver = async {
+        let result = async {
+            loop {
+                loop {
+                    let seen = fill.version.get();
+                    let backlog = {
+                        let s = fill.state.borrow();
+                        s.received - s.persisted
+                    };
+                    if backlog <= MAX_UNPERSISTED {
                         break;
                     }
-                    None => break,
+                    if let Some(e) = write_failed.take() {
+                        return Err(e);
+                    }
+                    fill.changed(seen).await;
                 }
+                if let Some(e) = write_failed.take() {
+                    return Err(e);
+                }
+                let chunk = match body.next().await {
+                    None => break,
+                    Some(c) => c.map_err(|e| {
+                        RegistryError::Unavailable(format!("{what}: upstream body: {e}"))
+                    })?,
+                };
+                let len = chunk.len() as u64;
+                let total = fill.state.borrow().received + len;
+                if size.is_some_and(|s| total > s) {
+                    return Err(RegistryError::BadUpstream(format!(
+                        "{what}: longer than its Content-Length"
+                    )));
+                }
+                add(&inner.metrics.bytes_fetched, len);
+                fill.update(|s| {
+                    s.recent.push_back(chunk);
+                    s.received = total;
+                });
             }
-            let joined = if batch.len() == 1 {
-                batch.pop().unwrap_or_default()
-            } else {
-                let mut b = BytesMut::with_capacity(len);
-                batch.iter().for_each(|c| b.extend_from_slice(c));
-                b.freeze()
-            };
-            hasher.update(&joined);
-            written += joined.len() as u64;
-            if size.is_some_and(|s| written > s) {
-                return Err(RegistryError::BadUpstream(format!(
-                    "{what}: longer than its Content-Length"
+            let got = fill.state.borrow().received;
+            if size.is_some_and(|s| got != s) {
+                return Err(RegistryError::Unavailable(format!(
+                    "{what}: upstream body ended early"
                 )));
             }
-            writer
-                .write(joined)
-                .await
-                .map_err(|e| RegistryError::Internal(e.to_string()))?;
-            add(&inner.metrics.bytes_fetched, len as u64);
-            fill.update(|s| s.written = written);
+            Ok(())
         }
-        if size.is_some_and(|s| written != s) {
-            return Err(RegistryError::Unavailable(format!(
-                "{what}: upstream body ended early"
-            )));
+        .await;
+        *received_all.borrow_mut() = Some(result);
+        fill.update(|_| {});
+    };
+    let persister = async {
+        loop {
+            let seen = fill.version.get();
+            let (chunks, upto) = fill.state.borrow().unpersisted();
+            if chunks.is_empty() {
+                if received_all.borrow().is_some() {
+                    return;
+                }
+                fill.changed(seen).await;
+                continue;
+            }
+            if let Err(e) = writer.write(chunks).await {
+                write_failed.set(Some(internal(e)));
+                fill.update(|_| {});
+                return;
+            }
+            fill.update(|s| {
+                s.persisted = upto;
+                s.trim();
+            });
+            if received_all.borrow().as_ref().is_some_and(|r| r.is_err()) {
+                return;
+            }
         }
-        let got = Digest::from_sha256(&hasher.finalize());
-        if got != *digest {
-            inc(&inner.metrics.digest_mismatches);
-            return Err(RegistryError::BadUpstream(format!(
-                "{what}: upstream bytes hash to {got}; not cached"
-            )));
-        }
-        Ok(())
+    };
+    join(receiver, persister).await;
+    let outcome = match (write_failed.take(), received_all.into_inner()) {
+        (Some(e), _) => Err(e),
+        (None, Some(r)) => r,
+        (None, None) => Err(RegistryError::Internal(format!(
+            "{what}: fill ended without a result"
+        ))),
+    };
+    if let Err(e) = outcome {
+        writer.abort().await;
+        return Err(e);
     }
-    .await;
-    match outcome {
-        Ok(()) => writer
-            .commit()
-            .await
-            .map_err(|e| RegistryError::Internal(e.to_string())),
-        Err(e) => {
-            writer.abort().await;
-            Err(e)
+    match writer.commit().await {
+        Ok(()) => Ok(()),
+        Err(CommitError::DigestMismatch { actual }) => {
+            inc(&inner.metrics.digest_mismatches);
+            Err(RegistryError::BadUpstream(format!(
+                "{what}: upstream bytes hash to {actual}; not cached"
+            )))
         }
+        Err(CommitError::Store(e)) => Err(internal(e)),
     }
 }
 
@@ -465,7 +582,7 @@ pub(crate) async fn get(
         return Ok((unsatisfiable(size.unwrap_or(0))?, status));
     };
     let resp = finish(ctx, digest, code, start, end, size, || {
-        tail_stream(fill, tail, start, end)
+        fill_stream(fill, tail, start, end)
     })?;
     Ok((resp, status))
 }

@@ -70,17 +70,37 @@ pub trait BlobStore {
     async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError>;
 }
 
+/// Why a commit refused to make a blob visible.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The bytes written do not hash to the digest given to `create`; nothing was stored.
+    #[error("bytes hash to {actual}, not the expected digest; not stored")]
+    DigestMismatch {
+        /// The digest of what was written.
+        actual: String,
+    },
+    /// Storage failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// A blob being written. Nothing is visible under the digest until `commit`.
+///
+/// The contract every backend keeps (and `tests/` checks for each): the writer computes the
+/// sha256 of the bytes as they are written (in whatever thread or service suits the host:
+/// a blocking thread natively, R2's own checksum on Workers), and `commit` makes the blob
+/// visible only when that hash equals the digest given to [`BlobStore::create`]. A mismatch
+/// stores nothing and is [`CommitError::DigestMismatch`].
 #[async_trait::async_trait(?Send)]
 pub trait BlobWriter {
-    /// Appends bytes; when it returns, a [`TailReader`] sees them.
-    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError>;
-    /// Makes the blob visible under its digest (atomically).
-    async fn commit(self: Box<Self>) -> Result<(), StoreError>;
+    /// Appends the chunks in order; when it returns, a [`TailReader`] sees them.
+    async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError>;
+    /// Verifies the digest and makes the blob visible under it (atomically).
+    async fn commit(self: Box<Self>) -> Result<(), CommitError>;
     /// Drops the staged bytes.
     async fn abort(self: Box<Self>);
     /// A reader of the bytes written so far, valid after commit or abort too; None when the
-    /// store cannot read a blob while it is written (readers then wait for the commit).
+    /// store cannot read a blob while it is written.
     fn tail(&self) -> Option<Rc<dyn TailReader>>;
 }
 

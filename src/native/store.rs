@@ -5,11 +5,12 @@
 //! least recently stamped files first, whatever repository or upstream they came from.
 
 use crate::core::ports::{
-    BlobStore, BlobWriter, BodyError, ByteStream, KvStore, StoreError, TailReader,
+    BlobStore, BlobWriter, BodyError, ByteStream, CommitError, KvStore, StoreError, TailReader,
 };
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redb::{Database, TableDefinition};
+use sha2::{Digest as _, Sha256};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -46,8 +47,10 @@ pub struct RedbKv {
 impl RedbKv {
     /// Opens (or creates) the database file.
     pub fn open(path: &Path) -> Result<RedbKv, StoreError> {
-        let db =
-            Database::create(path).map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let db = redb::Builder::new()
+            .set_cache_size(REDB_CACHE)
+            .create(path)
+            .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
         let tx = db.begin_write().map_err(store_err)?;
         tx.open_table(KV).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
@@ -285,6 +288,8 @@ impl BlobStore for FsBlobStore {
             .open(&tmp)
             .map_err(|e| StoreError(format!("{}: {e}", tmp.display())))?;
         Ok(Box::new(FsWriter {
+            digest: digest.to_string(),
+            hasher: Some(Sha256::new()),
             file: Arc::new(file),
             tmp,
             dest,
@@ -295,6 +300,9 @@ impl BlobStore for FsBlobStore {
 }
 
 struct FsWriter {
+    digest: String,
+    /// Moved into the blocking write and back: hashing happens off the event loop.
+    hasher: Option<Sha256>,
     file: Arc<File>,
     tmp: PathBuf,
     dest: PathBuf,
@@ -320,15 +328,37 @@ impl TailReader for FsTail {
 
 #[async_trait::async_trait(?Send)]
 impl BlobWriter for FsWriter {
-    async fn write(&mut self, chunk: Bytes) -> Result<(), StoreError> {
+    async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
         let (f, at) = (self.file.clone(), self.written);
-        let len = chunk.len() as u64;
-        blocking(move || f.write_all_at(&chunk, at).map_err(store_err)).await?;
+        let mut hasher = self
+            .hasher
+            .take()
+            .ok_or_else(|| StoreError("a previous write failed".into()))?;
+        let (hasher, len) = blocking(move || {
+            let mut at = at;
+            for c in &chunks {
+                hasher.update(c);
+                f.write_all_at(c, at).map_err(store_err)?;
+                at += c.len() as u64;
+            }
+            Ok((hasher, chunks.iter().map(|c| c.len() as u64).sum::<u64>()))
+        })
+        .await?;
+        self.hasher = Some(hasher);
         self.written += len;
         Ok(())
     }
 
-    async fn commit(self: Box<Self>) -> Result<(), StoreError> {
+    async fn commit(mut self: Box<Self>) -> Result<(), CommitError> {
+        let hasher = self
+            .hasher
+            .take()
+            .ok_or_else(|| StoreError("a previous write failed".into()))?;
+        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        if actual != self.digest {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(CommitError::DigestMismatch { actual });
+        }
         let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
         blocking(move || {
             if let Some(parent) = dest.parent() {
