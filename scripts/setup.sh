@@ -8,6 +8,19 @@ set -euo pipefail
 
 export DEBIAN_FRONTEND=noninteractive
 
+# Runs a command with its output kept aside; shows that output only if the command fails.
+quietly() {
+    local log
+    log="$(mktemp)"
+    if ! "$@" >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        echo "setup: failed: $*" >&2
+        exit 1
+    fi
+    rm -f "$log"
+}
+
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then
     SUDO="sudo"
@@ -33,8 +46,8 @@ done
 
 if [ "${#missing[@]}" -gt 0 ]; then
     echo "setup: installing Debian packages: ${missing[*]}"
-    $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    quietly $SUDO apt-get update
+    quietly $SUDO apt-get install -y --no-install-recommends "${missing[@]}"
     for entry in "${PACKAGES[@]}"; do
         for command in ${entry#*:}; do
             command -v "$command" >/dev/null 2>&1 \
@@ -48,7 +61,7 @@ if command -v rustup >/dev/null 2>&1; then
     for target in wasm32-unknown-unknown wasm32-wasip2; do
         if ! grep -qx "$target" <<<"$installed_targets"; then
             echo "setup: adding rust target $target"
-            rustup target add "$target" >/dev/null
+            quietly rustup target add "$target"
         fi
     done
 else

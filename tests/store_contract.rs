@@ -26,7 +26,7 @@ async fn contract(store: &dyn BlobStore) {
     let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let digest = Digest::of(&data);
     let d = digest.as_str();
-    let halves = vec![
+    let halves = [
         Bytes::copy_from_slice(&data[..400_000]),
         Bytes::copy_from_slice(&data[400_000..]),
     ];

@@ -92,7 +92,7 @@ impl FillState {
     }
 
     /// Bytes at `pos` (up to `limit`) from memory, if they are there.
-    fn from_memory(&self, pos: u64, limit: u64) -> Option<Bytes> {
+    fn in_memory(&self, pos: u64, limit: u64) -> Option<Bytes> {
         if pos < self.recent_start {
             return None;
         }
@@ -214,7 +214,7 @@ fn fill_stream(
                     let limit = end.map_or(limit, |e| e.min(limit));
                     match finished {
                         Err(e) => Step::Fail(e),
-                        Ok(_) if pos < limit => match s.from_memory(pos, limit) {
+                        Ok(_) if pos < limit => match s.in_memory(pos, limit) {
                             Some(b) => Step::Chunk(b),
                             None => {
                                 let upto = limit.min(s.recent_start).min(s.persisted);

@@ -48,11 +48,18 @@ impl Containerd {
         require_tool("containerd");
         require_tool("ctr");
         require_root("containerd");
-        let dir = tempfile::Builder::new().prefix("pullgate-containerd-").tempdir().expect("tempdir");
+        let dir = tempfile::Builder::new()
+            .prefix("pullgate-containerd-")
+            .tempdir()
+            .expect("tempdir");
         let root = dir.path().join("root");
         let state = dir.path().join("state");
         let socket = dir.path().join("containerd.sock");
-        let disabled = DISABLED_PLUGINS.iter().map(|p| format!("\"{p}\"")).collect::<Vec<_>>().join(", ");
+        let disabled = DISABLED_PLUGINS
+            .iter()
+            .map(|p| format!("\"{p}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
         let config = format!(
             "version = 2\n\
              root = \"{root}\"\n\
@@ -71,13 +78,22 @@ impl Containerd {
         let mut command = Command::new("containerd");
         command.arg("--config").arg(&config_path);
         let mut process = ChildProcess::spawn("containerd", command, dir.path());
-        wait_for("containerd to answer `ctr version`", Duration::from_secs(30), || {
-            process.assert_running();
-            let ready = socket.exists()
-                && run_bounded(ctr_command(&socket, &["version"]), Duration::from_secs(10)).is_ok_and(|out| out.status.success());
-            ready.then_some(())
-        });
-        Containerd { dir, socket, process }
+        wait_for(
+            "containerd to answer `ctr version`",
+            Duration::from_secs(30),
+            || {
+                process.assert_running();
+                let ready = socket.exists()
+                    && run_bounded(ctr_command(&socket, &["version"]), Duration::from_secs(10))
+                        .is_ok_and(|out| out.status.success());
+                ready.then_some(())
+            },
+        );
+        Containerd {
+            dir,
+            socket,
+            process,
+        }
     }
 
     /// Runs `ctr --address SOCK --namespace pullgate-test ARGS…`; `Err` carries its output.
@@ -87,7 +103,11 @@ impl Containerd {
         if output.status.success() {
             Ok(stdout)
         } else {
-            Err(format!("ctr {args:?} failed ({}):\n{stdout}\n{}", output.status, String::from_utf8_lossy(&output.stderr)))
+            Err(format!(
+                "ctr {args:?} failed ({}):\n{stdout}\n{}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            ))
         }
     }
 
@@ -111,7 +131,15 @@ impl Containerd {
     /// native snapshotter.
     pub fn pull(&self, reference: &str, hosts_dir: &Path) -> Result<String, String> {
         let hosts_dir = hosts_dir.display().to_string();
-        self.ctr(&["images", "pull", "--hosts-dir", &hosts_dir, "--snapshotter", "native", reference])
+        self.ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts_dir,
+            "--snapshotter",
+            "native",
+            reference,
+        ])
     }
 
     /// The target digest of an image containerd has, as `ctr images ls` shows it.
@@ -119,30 +147,59 @@ impl Containerd {
         let listing = self.ctr(&["images", "ls"]).ok()?;
         listing.lines().skip(1).find_map(|line| {
             let columns: Vec<&str> = line.split_whitespace().collect();
-            (columns.first() == Some(&reference)).then(|| columns.get(2).map(|d| d.to_string())).flatten()
+            (columns.first() == Some(&reference))
+                .then(|| columns.get(2).map(|d| d.to_string()))
+                .flatten()
         })
     }
 
     /// Digests in containerd's content store, from `ctr content ls`.
     pub fn content_digests(&self) -> BTreeSet<String> {
         let listing = self.ctr(&["content", "ls", "-q"]).expect("ctr content ls");
-        listing.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_string).collect()
+        listing
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
     }
 
     /// Panics unless containerd stored `blob` with exactly the right bytes.
     pub fn assert_stored(&self, blob: &Blob) {
-        let path = self.dir.path().join("root/io.containerd.content.v1.content/blobs/sha256").join(blob.hex());
-        let bytes = std::fs::read(&path).unwrap_or_else(|_| panic!("containerd did not store {} ({})", blob.digest, blob.media_type));
-        assert_eq!(sha256_digest(&bytes), blob.digest, "containerd stored wrong bytes for {}", blob.digest);
+        let path = self
+            .dir
+            .path()
+            .join("root/io.containerd.content.v1.content/blobs/sha256")
+            .join(blob.hex());
+        let bytes = std::fs::read(&path).unwrap_or_else(|_| {
+            panic!(
+                "containerd did not store {} ({})",
+                blob.digest, blob.media_type
+            )
+        });
+        assert_eq!(
+            sha256_digest(&bytes),
+            blob.digest,
+            "containerd stored wrong bytes for {}",
+            blob.digest
+        );
     }
 
     /// Panics unless `reference` resolved to `manifest_digest` and containerd holds `image`'s
     /// manifest, config and every layer, byte for byte.
     pub fn assert_pulled(&self, reference: &str, manifest_digest: &str, image: &Image) {
-        assert_eq!(self.image_digest(reference).as_deref(), Some(manifest_digest), "ctr images ls for {reference}");
+        assert_eq!(
+            self.image_digest(reference).as_deref(),
+            Some(manifest_digest),
+            "ctr images ls for {reference}"
+        );
         let listed = self.content_digests();
         for blob in std::iter::once(&image.manifest).chain(image.blobs()) {
-            assert!(listed.contains(&blob.digest), "ctr content ls lacks {}", blob.digest);
+            assert!(
+                listed.contains(&blob.digest),
+                "ctr content ls lacks {}",
+                blob.digest
+            );
             self.assert_stored(blob);
         }
     }
@@ -155,6 +212,11 @@ impl Containerd {
 
 fn ctr_command(socket: &Path, args: &[&str]) -> Command {
     let mut command = Command::new("ctr");
-    command.arg("--address").arg(socket).arg("--namespace").arg(NAMESPACE).args(args);
+    command
+        .arg("--address")
+        .arg(socket)
+        .arg("--namespace")
+        .arg(NAMESPACE)
+        .args(args);
     command
 }

@@ -50,7 +50,11 @@ pub struct Blob {
 impl Blob {
     /// Wraps `bytes`, computing their digest.
     pub fn new(media_type: &str, bytes: Vec<u8>) -> Self {
-        Blob { media_type: media_type.to_string(), digest: sha256_digest(&bytes), bytes }
+        Blob {
+            media_type: media_type.to_string(),
+            digest: sha256_digest(&bytes),
+            bytes,
+        }
     }
 
     /// The hex part of the digest (the file name skopeo's `dir:` and distribution use).
@@ -74,7 +78,10 @@ pub struct Platform {
 impl Platform {
     /// `linux/<arch>`.
     pub fn linux(architecture: &str) -> Self {
-        Platform { os: "linux".into(), architecture: architecture.into() }
+        Platform {
+            os: "linux".into(),
+            architecture: architecture.into(),
+        }
     }
 
     /// The platform of this machine, which is what containerd pulls by default.
@@ -139,15 +146,26 @@ impl Image {
                 "created_by": format!("generated layer of {size} bytes"),
             })).collect::<Vec<_>>(),
         });
-        let config = Blob::new(config_type, serde_json::to_vec(&config).expect("config json"));
+        let config = Blob::new(
+            config_type,
+            serde_json::to_vec(&config).expect("config json"),
+        );
         let manifest = json!({
             "schemaVersion": 2,
             "mediaType": manifest_type,
             "config": config.descriptor(),
             "layers": layers.iter().map(Blob::descriptor).collect::<Vec<_>>(),
         });
-        let manifest = Blob::new(manifest_type, serde_json::to_vec_pretty(&manifest).expect("manifest json"));
-        Image { manifest, config, layers, platform }
+        let manifest = Blob::new(
+            manifest_type,
+            serde_json::to_vec_pretty(&manifest).expect("manifest json"),
+        );
+        Image {
+            manifest,
+            config,
+            layers,
+            platform,
+        }
     }
 
     /// An OCI image for the host platform.
@@ -167,13 +185,18 @@ impl Image {
 
     /// Config and layers: every blob the manifest references.
     pub fn blobs(&self) -> Vec<&Blob> {
-        std::iter::once(&self.config).chain(self.layers.iter()).collect()
+        std::iter::once(&self.config)
+            .chain(self.layers.iter())
+            .collect()
     }
 
     /// The largest layer (the one worth corrupting: the transfer is well under way when the
     /// damage arrives).
     pub fn largest_layer(&self) -> &Blob {
-        self.layers.iter().max_by_key(|layer| layer.bytes.len()).expect("image has layers")
+        self.layers
+            .iter()
+            .max_by_key(|layer| layer.bytes.len())
+            .expect("image has layers")
     }
 }
 
@@ -190,7 +213,14 @@ impl Index {
         let children: Vec<Image> = platforms
             .iter()
             .enumerate()
-            .map(|(i, platform)| Image::build(Format::Oci, platform.clone(), seed * 100 + i as u64, layer_sizes))
+            .map(|(i, platform)| {
+                Image::build(
+                    Format::Oci,
+                    platform.clone(),
+                    seed * 100 + i as u64,
+                    layer_sizes,
+                )
+            })
             .collect();
         let index = json!({
             "schemaVersion": 2,
@@ -204,13 +234,20 @@ impl Index {
                 descriptor
             }).collect::<Vec<_>>(),
         });
-        let index = Blob::new(OCI_INDEX, serde_json::to_vec_pretty(&index).expect("index json"));
+        let index = Blob::new(
+            OCI_INDEX,
+            serde_json::to_vec_pretty(&index).expect("index json"),
+        );
         Index { index, children }
     }
 
     /// An index for the host's platform and one other (linux/amd64 + linux/arm64).
     pub fn multi_arch(seed: u64, layer_sizes: &[usize]) -> Self {
-        Index::oci(seed, &[Platform::host(), Platform::other_than_host()], layer_sizes)
+        Index::oci(
+            seed,
+            &[Platform::host(), Platform::other_than_host()],
+            layer_sizes,
+        )
     }
 
     /// The index digest.
@@ -232,8 +269,16 @@ impl Index {
 fn layer_tar(seed: u64, index: usize, size: usize) -> Vec<u8> {
     let mut builder = tar::Builder::new(Vec::new());
     let note = format!("pullgate test layer seed={seed} index={index}\n");
-    append_file(&mut builder, &format!("layer-{seed}-{index}.txt"), note.as_bytes());
-    append_file(&mut builder, &format!("payload-{seed}-{index}.bin"), &pseudo_random_bytes(seed, index as u64, size));
+    append_file(
+        &mut builder,
+        &format!("layer-{seed}-{index}.txt"),
+        note.as_bytes(),
+    );
+    append_file(
+        &mut builder,
+        &format!("payload-{seed}-{index}.bin"),
+        &pseudo_random_bytes(seed, index as u64, size),
+    );
     builder.into_inner().expect("finish tar")
 }
 
@@ -243,7 +288,9 @@ fn append_file(builder: &mut tar::Builder<Vec<u8>>, path: &str, contents: &[u8])
     header.set_mode(0o644);
     header.set_mtime(1_704_067_200);
     header.set_entry_type(tar::EntryType::Regular);
-    builder.append_data(&mut header, path, contents).expect("append tar entry");
+    builder
+        .append_data(&mut header, path, contents)
+        .expect("append tar entry");
 }
 
 fn gzip(bytes: &[u8]) -> Vec<u8> {
@@ -254,7 +301,8 @@ fn gzip(bytes: &[u8]) -> Vec<u8> {
 
 /// xorshift64* keyed by (seed, stream): fast, deterministic, incompressible enough.
 fn pseudo_random_bytes(seed: u64, stream: u64, len: usize) -> Vec<u8> {
-    let mut state = (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_add(0xD1B5_4A32_D192_ED03)) | 1;
+    let mut state =
+        (seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ stream.wrapping_add(0xD1B5_4A32_D192_ED03)) | 1;
     let mut out = Vec::with_capacity(len + 8);
     while out.len() < len {
         state ^= state >> 12;

@@ -41,13 +41,20 @@ pub struct Fetched {
 impl Fetched {
     /// A header's value as text ("" when absent).
     pub fn header(&self, name: &str) -> &str {
-        self.headers.get(name).and_then(|value| value.to_str().ok()).unwrap_or("")
+        self.headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
     }
 
     /// The body as JSON (panics with the body when it is not JSON).
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|err| panic!("body is not JSON ({err}): {}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|err| {
+            panic!(
+                "body is not JSON ({err}): {}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     /// The first `errors[].code` of an OCI error envelope, if the body is one.
@@ -66,8 +73,16 @@ impl Fetched {
         let status = response.status();
         let headers = response.headers().clone();
         let mut body = Vec::new();
-        let body_error = response.read_to_end(&mut body).err().map(|err| err.to_string());
-        Fetched { status, headers, body, body_error }
+        let body_error = response
+            .read_to_end(&mut body)
+            .err()
+            .map(|err| err.to_string());
+        Fetched {
+            status,
+            headers,
+            body,
+            body_error,
+        }
     }
 }
 
@@ -87,7 +102,8 @@ impl RegistryClient {
         RegistryClient {
             base: base.trim_end_matches('/').to_string(),
             http: loopback_client(),
-            credentials: credentials.map(|(user, password)| (user.to_string(), password.to_string())),
+            credentials: credentials
+                .map(|(user, password)| (user.to_string(), password.to_string())),
             tokens: Mutex::new(HashMap::new()),
             tokens_fetched: Mutex::new(0),
         }
@@ -99,37 +115,66 @@ impl RegistryClient {
     }
 
     /// One request with no authentication at all (`path` includes any query string).
-    pub fn raw(&self, method: Method, path: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Fetched {
-        let mut request = self.http.request(method, format!("{}{}", self.base, path)).body(body);
+    pub fn raw(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Fetched {
+        let mut request = self
+            .http
+            .request(method, format!("{}{}", self.base, path))
+            .body(body);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
-        Fetched::read(request.send().unwrap_or_else(|err| panic!("request {path}: {err}")))
+        Fetched::read(
+            request
+                .send()
+                .unwrap_or_else(|err| panic!("request {path}: {err}")),
+        )
     }
 
     /// `GET /v2/<repo>/manifests/<reference>` accepting every manifest type.
     pub fn get_manifest(&self, repo: &str, reference: &str) -> Fetched {
         self.send(repo, |http| {
-            http.get(format!("{}/v2/{repo}/manifests/{reference}", self.base)).header(ACCEPT, ACCEPT_ANY_MANIFEST)
+            http.get(format!("{}/v2/{repo}/manifests/{reference}", self.base))
+                .header(ACCEPT, ACCEPT_ANY_MANIFEST)
         })
     }
 
     /// `GET /v2/<repo>/blobs/<digest>`.
     pub fn get_blob(&self, repo: &str, digest: &str) -> Fetched {
-        self.send(repo, |http| http.get(format!("{}/v2/{repo}/blobs/{digest}", self.base)))
+        self.send(repo, |http| {
+            http.get(format!("{}/v2/{repo}/blobs/{digest}", self.base))
+        })
     }
 
     /// Uploads a blob monolithically: `POST /v2/<repo>/blobs/uploads/`, then `PUT` of the
     /// whole body to the returned location with `?digest=`.
     pub fn push_blob(&self, repo: &str, blob: &Blob) {
-        let started = self.send(repo, |http| http.post(format!("{}/v2/{repo}/blobs/uploads/", self.base)));
-        assert_eq!(started.status, StatusCode::ACCEPTED, "start upload to {repo}: {}", String::from_utf8_lossy(&started.body));
+        let started = self.send(repo, |http| {
+            http.post(format!("{}/v2/{repo}/blobs/uploads/", self.base))
+        });
+        assert_eq!(
+            started.status,
+            StatusCode::ACCEPTED,
+            "start upload to {repo}: {}",
+            String::from_utf8_lossy(&started.body)
+        );
         let location = started.header(LOCATION.as_str()).to_string();
-        let location = if location.starts_with('/') { format!("{}{location}", self.base) } else { location };
+        let location = if location.starts_with('/') {
+            format!("{}{location}", self.base)
+        } else {
+            location
+        };
         let separator = if location.contains('?') { '&' } else { '?' };
         let url = format!("{location}{separator}digest={}", blob.digest);
         let finished = self.send(repo, |http| {
-            http.put(&url).header(CONTENT_TYPE, "application/octet-stream").body(blob.bytes.clone())
+            http.put(&url)
+                .header(CONTENT_TYPE, "application/octet-stream")
+                .body(blob.bytes.clone())
         });
         assert_eq!(
             finished.status,
@@ -153,7 +198,11 @@ impl RegistryClient {
             "push manifest {repo}:{reference}: {}",
             String::from_utf8_lossy(&response.body)
         );
-        assert_eq!(response.header("docker-content-digest"), manifest.digest, "registry computed another digest");
+        assert_eq!(
+            response.header("docker-content-digest"),
+            manifest.digest,
+            "registry computed another digest"
+        );
     }
 
     /// Pushes an image's blobs, then its manifest under `tag`.
@@ -182,17 +231,31 @@ impl RegistryClient {
             Some(token) => build(&self.http).header(AUTHORIZATION, format!("Bearer {token}")),
             None => build(&self.http),
         };
-        let first = with_token(&cached).send().unwrap_or_else(|err| panic!("request for {repo}: {err}"));
+        let first = with_token(&cached)
+            .send()
+            .unwrap_or_else(|err| panic!("request for {repo}: {err}"));
         if first.status() != StatusCode::UNAUTHORIZED {
             return Fetched::read(first);
         }
-        let challenge = first.headers().get(WWW_AUTHENTICATE).and_then(|value| value.to_str().ok()).unwrap_or("").to_string();
+        let challenge = first
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("")
+            .to_string();
         let Some(params) = parse_bearer_challenge(&challenge) else {
             return Fetched::read(first);
         };
         let token = self.fetch_token(&params);
-        self.tokens.lock().expect("lock").insert(repo.to_string(), token.clone());
-        Fetched::read(with_token(&Some(token)).send().unwrap_or_else(|err| panic!("retry for {repo}: {err}")))
+        self.tokens
+            .lock()
+            .expect("lock")
+            .insert(repo.to_string(), token.clone());
+        Fetched::read(
+            with_token(&Some(token))
+                .send()
+                .unwrap_or_else(|err| panic!("retry for {repo}: {err}")),
+        )
     }
 
     fn fetch_token(&self, challenge: &HashMap<String, String>) -> String {
@@ -208,17 +271,32 @@ impl RegistryClient {
         if let Some((user, password)) = &self.credentials {
             request = request.basic_auth(user, Some(password));
         }
-        let response = Fetched::read(request.send().unwrap_or_else(|err| panic!("token request to {realm}: {err}")));
-        assert!(response.status.is_success(), "token realm answered {}: {}", response.status, String::from_utf8_lossy(&response.body));
+        let response = Fetched::read(
+            request
+                .send()
+                .unwrap_or_else(|err| panic!("token request to {realm}: {err}")),
+        );
+        assert!(
+            response.status.is_success(),
+            "token realm answered {}: {}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        );
         *self.tokens_fetched.lock().expect("lock") += 1;
         let body = response.json();
-        body["token"].as_str().or(body["access_token"].as_str()).expect("token in realm response").to_string()
+        body["token"]
+            .as_str()
+            .or(body["access_token"].as_str())
+            .expect("token in realm response")
+            .to_string()
     }
 }
 
 /// `Bearer realm="…",service="…",scope="…"` → its parameters; `None` for other schemes.
 pub fn parse_bearer_challenge(header: &str) -> Option<HashMap<String, String>> {
-    let rest = header.strip_prefix("Bearer ").or_else(|| header.strip_prefix("bearer "))?;
+    let rest = header
+        .strip_prefix("Bearer ")
+        .or_else(|| header.strip_prefix("bearer "))?;
     let mut params = HashMap::new();
     let mut remaining = rest.trim();
     while !remaining.is_empty() {
@@ -232,7 +310,10 @@ pub fn parse_bearer_challenge(header: &str) -> Option<HashMap<String, String>> {
             (&after_key[..end], &after_key[end..])
         };
         params.insert(key.trim().to_ascii_lowercase(), value.to_string());
-        remaining = after_value.trim_start().trim_start_matches(',').trim_start();
+        remaining = after_value
+            .trim_start()
+            .trim_start_matches(',')
+            .trim_start();
     }
     Some(params)
 }

@@ -29,7 +29,10 @@ pub fn require_tool(tool: &str) {
 pub fn require_root(why: &str) {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let euid = unsafe { libc::geteuid() };
-    assert_eq!(euid, 0, "{why} needs root (CI runs as root); rerun the tests as root");
+    assert_eq!(
+        euid, 0,
+        "{why} needs root (CI runs as root); rerun the tests as root"
+    );
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (the OS picked it).
@@ -49,7 +52,26 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Opt
         if let Some(value) = probe() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        thread::sleep(delay);
+        delay = (delay * 2).min(Duration::from_millis(200));
+    }
+}
+
+/// Polls `condition` like [`wait_for`] and returns whether it became true within `timeout`.
+pub fn poll_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    let mut delay = Duration::from_millis(10);
+    loop {
+        if condition() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
         thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_millis(200));
     }
@@ -76,8 +98,16 @@ impl ChildProcess {
             .stderr(append_to(&stderr_path))
             .process_group(0);
         clear_proxy_env(&mut command);
-        let child = command.spawn().unwrap_or_else(|err| panic!("spawn {name} ({command:?}): {err}"));
-        ChildProcess { name: name.to_string(), child, stdout_path, stderr_path, reaped: None }
+        let child = command
+            .spawn()
+            .unwrap_or_else(|err| panic!("spawn {name} ({command:?}): {err}"));
+        ChildProcess {
+            name: name.to_string(),
+            child,
+            stdout_path,
+            stderr_path,
+            reaped: None,
+        }
     }
 
     /// The exit status if the process has exited.
@@ -91,7 +121,11 @@ impl ChildProcess {
     /// Panics with the process's logs if it has exited.
     pub fn assert_running(&mut self) {
         if let Some(status) = self.exit_status() {
-            panic!("{} exited unexpectedly ({status})\n{}", self.name, self.log_tail());
+            panic!(
+                "{} exited unexpectedly ({status})\n{}",
+                self.name,
+                self.log_tail()
+            );
         }
     }
 
@@ -171,7 +205,9 @@ pub fn run_bounded(mut command: Command, timeout: Duration) -> Result<Output, St
         .process_group(0);
     clear_proxy_env(&mut command);
     let description = format!("{command:?}");
-    let mut child = command.spawn().map_err(|err| format!("spawn {description}: {err}"))?;
+    let mut child = command
+        .spawn()
+        .map_err(|err| format!("spawn {description}: {err}"))?;
     let deadline = Instant::now() + timeout;
     let status = loop {
         if let Some(status) = child.try_wait().map_err(|err| err.to_string())? {
@@ -200,7 +236,14 @@ pub fn run_bounded(mut command: Command, timeout: Duration) -> Result<Output, St
 
 /// The tests talk to loopback only; make sure no inherited proxy setting reroutes a client.
 fn clear_proxy_env(command: &mut Command) {
-    for var in ["HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"] {
+    for var in [
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "ALL_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "all_proxy",
+    ] {
         command.env_remove(var);
     }
 }

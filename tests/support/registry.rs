@@ -77,8 +77,17 @@ impl Registry {
 
     fn start_with(token_server: Option<TokenServer>) -> Self {
         require_tool(REGISTRY_BINARY);
-        let dir = tempfile::Builder::new().prefix("pullgate-registry-").tempdir().expect("tempdir");
-        let mut registry = Registry { port: free_port(), dir, token_server, credentials: None, process: None };
+        let dir = tempfile::Builder::new()
+            .prefix("pullgate-registry-")
+            .tempdir()
+            .expect("tempdir");
+        let mut registry = Registry {
+            port: free_port(),
+            dir,
+            token_server,
+            credentials: None,
+            process: None,
+        };
         registry.write_config();
         registry.start();
         registry
@@ -96,12 +105,16 @@ impl Registry {
 
     /// The token server, when this registry requires tokens.
     pub fn token_server(&self) -> &TokenServer {
-        self.token_server.as_ref().expect("registry was started without token auth")
+        self.token_server
+            .as_ref()
+            .expect("registry was started without token auth")
     }
 
     /// The credentials the token server accepts, when this registry requires tokens.
     pub fn credentials(&self) -> Option<(&str, &str)> {
-        self.credentials.as_ref().map(|(user, password)| (user.as_str(), password.as_str()))
+        self.credentials
+            .as_ref()
+            .map(|(user, password)| (user.as_str(), password.as_str()))
     }
 
     /// A client that can push to and pull from this registry (doing the token dance).
@@ -128,12 +141,16 @@ impl Registry {
         let mut process = ChildProcess::spawn("docker-registry", command, self.dir.path());
         let client = loopback_client();
         let url = format!("{}/v2/", self.url());
-        wait_for("docker-registry to answer GET /v2/", Duration::from_secs(20), || {
-            process.assert_running();
-            let status = client.get(&url).send().ok()?.status();
-            // 401 is the ready answer of a token-auth registry.
-            (status.is_success() || status.as_u16() == 401).then_some(())
-        });
+        wait_for(
+            "docker-registry to answer GET /v2/",
+            Duration::from_secs(20),
+            || {
+                process.assert_running();
+                let status = client.get(&url).send().ok()?.status();
+                // 401 is the ready answer of a token-auth registry.
+                (status.is_success() || status.as_u16() == 401).then_some(())
+            },
+        );
         self.process = Some(process);
     }
 
@@ -145,14 +162,21 @@ impl Registry {
         }
         // The port must really be closed before a test relies on the upstream being down.
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], self.port));
-        wait_for("docker-registry port to close", Duration::from_secs(10), || {
-            std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err().then_some(())
-        });
+        wait_for(
+            "docker-registry port to close",
+            Duration::from_secs(10),
+            || {
+                std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200))
+                    .is_err()
+                    .then_some(())
+            },
+        );
     }
 
     /// The requests the registry has logged so far (across restarts).
     pub fn access_log(&self) -> Vec<AccessLogEntry> {
-        let stdout = std::fs::read_to_string(self.dir.path().join("docker-registry.stdout.log")).unwrap_or_default();
+        let stdout = std::fs::read_to_string(self.dir.path().join("docker-registry.stdout.log"))
+            .unwrap_or_default();
         stdout.lines().filter_map(parse_access_log_line).collect()
     }
 
@@ -160,17 +184,27 @@ impl Registry {
     pub fn access_log_summary(&self) -> String {
         let log = self.access_log();
         let start = log.len().saturating_sub(40);
-        log[start..].iter().map(|e| format!("{} {} -> {}", e.method, e.target, e.status)).collect::<Vec<_>>().join("\n")
+        log[start..]
+            .iter()
+            .map(|e| format!("{} {} -> {}", e.method, e.target, e.status))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 
     /// How many logged requests had `method` and a target containing `needle`.
     pub fn count_requests(&self, method: &str, needle: &str) -> usize {
-        self.access_log().iter().filter(|entry| entry.method == method && entry.target.contains(needle)).count()
+        self.access_log()
+            .iter()
+            .filter(|entry| entry.method == method && entry.target.contains(needle))
+            .count()
     }
 
     /// How many blob GETs and HEADs the registry has served (any status).
     pub fn blob_requests(&self) -> usize {
-        self.access_log().iter().filter(|entry| entry.target.contains("/blobs/sha256:")).count()
+        self.access_log()
+            .iter()
+            .filter(|entry| entry.target.contains("/blobs/sha256:"))
+            .count()
     }
 
     /// How many manifest and blob requests (any method, any status) the registry has served;
@@ -180,7 +214,8 @@ impl Registry {
             .iter()
             .filter(|entry| {
                 matches!(entry.method.as_str(), "GET" | "HEAD")
-                    && (entry.target.contains("/manifests/") || entry.target.contains("/blobs/sha256:"))
+                    && (entry.target.contains("/manifests/")
+                        || entry.target.contains("/blobs/sha256:"))
             })
             .count()
     }
@@ -188,7 +223,10 @@ impl Registry {
     /// Where distribution's filesystem driver keeps the bytes of `digest`.
     pub fn blob_path(&self, digest: &str) -> PathBuf {
         let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
-        self.storage_dir().join(format!("docker/registry/v2/blobs/sha256/{}/{hex}/data", &hex[..2]))
+        self.storage_dir().join(format!(
+            "docker/registry/v2/blobs/sha256/{}/{hex}/data",
+            &hex[..2]
+        ))
     }
 
     /// Damages the stored bytes of `digest` in place, keeping the length, so the registry
@@ -196,7 +234,8 @@ impl Registry {
     /// reads). The damage sits past the middle, after a client has already received data.
     pub fn corrupt_blob(&self, digest: &str) -> CorruptedBlob {
         let path = self.blob_path(digest);
-        let original = std::fs::read(&path).unwrap_or_else(|err| panic!("read {}: {err}", path.display()));
+        let original =
+            std::fs::read(&path).unwrap_or_else(|err| panic!("read {}: {err}", path.display()));
         let mut damaged = original.clone();
         let start = damaged.len() * 3 / 4;
         for byte in damaged.iter_mut().skip(start).take(64) {
@@ -204,7 +243,11 @@ impl Registry {
         }
         assert_ne!(damaged, original);
         replace_file(&path, &damaged);
-        CorruptedBlob { path, original, corrupted_digest: super::fixtures::sha256_digest(&damaged) }
+        CorruptedBlob {
+            path,
+            original,
+            corrupted_digest: super::fixtures::sha256_digest(&damaged),
+        }
     }
 
     fn storage_dir(&self) -> PathBuf {
@@ -261,6 +304,14 @@ fn parse_access_log_line(line: &str) -> Option<AccessLogEntry> {
     let end = request_and_rest.find('"')?;
     let mut request = request_and_rest[..end].split_whitespace();
     let (method, target) = (request.next()?.to_string(), request.next()?.to_string());
-    let status = request_and_rest[end + 1..].split_whitespace().next()?.parse().ok()?;
-    Some(AccessLogEntry { method, target, status })
+    let status = request_and_rest[end + 1..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    Some(AccessLogEntry {
+        method,
+        target,
+        status,
+    })
 }

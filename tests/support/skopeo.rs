@@ -48,7 +48,12 @@ impl CopiedImage {
         let mut files: Vec<PathBuf> = std::fs::read_dir(&self.path)
             .expect("read copy dir")
             .map(|entry| entry.expect("dir entry").path())
-            .filter(|path| !matches!(path.file_name().and_then(|n| n.to_str()), Some("manifest.json" | "version")))
+            .filter(|path| {
+                !matches!(
+                    path.file_name().and_then(|n| n.to_str()),
+                    Some("manifest.json" | "version")
+                )
+            })
             .collect();
         files.sort();
         files
@@ -58,12 +63,23 @@ impl CopiedImage {
     /// (`<hex>` for blobs, `<hex>.manifest.json` for child manifests).
     pub fn verify_every_file_digest(&self) {
         let files = self.content_files();
-        assert!(!files.is_empty(), "skopeo copied no blobs into {}", self.path().display());
+        assert!(
+            !files.is_empty(),
+            "skopeo copied no blobs into {}",
+            self.path().display()
+        );
         for path in files {
-            let name = path.file_name().and_then(|n| n.to_str()).expect("utf-8 file name");
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .expect("utf-8 file name");
             let hex = name.strip_suffix(".manifest.json").unwrap_or(name);
             let bytes = std::fs::read(&path).expect("read copied file");
-            assert_eq!(sha256_digest(&bytes), format!("sha256:{hex}"), "copied file {name} does not match its digest");
+            assert_eq!(
+                sha256_digest(&bytes),
+                format!("sha256:{hex}"),
+                "copied file {name} does not match its digest"
+            );
         }
     }
 
@@ -78,25 +94,53 @@ impl CopiedImage {
             String::from_utf8_lossy(&self.manifest())
         );
         for blob in image.blobs() {
-            let bytes = std::fs::read(self.path().join(blob.hex()))
-                .unwrap_or_else(|_| panic!("blob {} ({}) missing from the copy", blob.digest, blob.media_type));
+            let bytes = std::fs::read(self.path().join(blob.hex())).unwrap_or_else(|_| {
+                panic!(
+                    "blob {} ({}) missing from the copy",
+                    blob.digest, blob.media_type
+                )
+            });
             assert_eq!(bytes, blob.bytes, "blob {} differs", blob.digest);
         }
-        assert_eq!(self.content_files().len(), image.blobs().len(), "unexpected extra files in the copy");
+        assert_eq!(
+            self.content_files().len(),
+            image.blobs().len(),
+            "unexpected extra files in the copy"
+        );
     }
 
     /// Panics unless the copy (made with [`Platforms::All`]) is exactly `index` and all of its
     /// children.
     pub fn verify_index(&self, index: &Index) {
         self.verify_every_file_digest();
-        assert_eq!(sha256_digest(&self.manifest()), index.index.digest, "manifest.json differs from the pushed index");
+        assert_eq!(
+            sha256_digest(&self.manifest()),
+            index.index.digest,
+            "manifest.json differs from the pushed index"
+        );
         for child in &index.children {
-            let manifest = std::fs::read(self.path().join(format!("{}.manifest.json", child.manifest.hex())))
-                .unwrap_or_else(|_| panic!("child manifest {} missing from the copy", child.manifest.digest));
-            assert_eq!(manifest, child.manifest.bytes, "child manifest {} differs", child.manifest.digest);
+            let manifest = std::fs::read(
+                self.path()
+                    .join(format!("{}.manifest.json", child.manifest.hex())),
+            )
+            .unwrap_or_else(|_| {
+                panic!(
+                    "child manifest {} missing from the copy",
+                    child.manifest.digest
+                )
+            });
+            assert_eq!(
+                manifest, child.manifest.bytes,
+                "child manifest {} differs",
+                child.manifest.digest
+            );
             for blob in child.blobs() {
-                let bytes = std::fs::read(self.path().join(blob.hex()))
-                    .unwrap_or_else(|_| panic!("blob {} of {:?} missing from the copy", blob.digest, child.platform));
+                let bytes = std::fs::read(self.path().join(blob.hex())).unwrap_or_else(|_| {
+                    panic!(
+                        "blob {} of {:?} missing from the copy",
+                        blob.digest, child.platform
+                    )
+                });
                 assert_eq!(bytes, blob.bytes, "blob {} differs", blob.digest);
             }
         }
@@ -106,12 +150,26 @@ impl CopiedImage {
 /// Copies `docker://<reference>` (e.g. `127.0.0.1:5000/team/app:1`) into a fresh `dir:`.
 /// `credentials` are sent to the registry (and its token realm); without them skopeo sends
 /// none. Returns skopeo's stderr on failure.
-pub fn skopeo_copy(reference: &str, platforms: Platforms, credentials: Option<(&str, &str)>) -> Result<CopiedImage, String> {
+pub fn skopeo_copy(
+    reference: &str,
+    platforms: Platforms,
+    credentials: Option<(&str, &str)>,
+) -> Result<CopiedImage, String> {
     require_tool("skopeo");
-    let dir = tempfile::Builder::new().prefix("pullgate-skopeo-").tempdir().expect("tempdir");
-    let config_dir = tempfile::Builder::new().prefix("pullgate-skopeo-conf-").tempdir().expect("tempdir");
+    let dir = tempfile::Builder::new()
+        .prefix("pullgate-skopeo-")
+        .tempdir()
+        .expect("tempdir");
+    let config_dir = tempfile::Builder::new()
+        .prefix("pullgate-skopeo-conf-")
+        .tempdir()
+        .expect("tempdir");
     let policy = config_dir.path().join("policy.json");
-    std::fs::write(&policy, r#"{"default":[{"type":"insecureAcceptAnything"}]}"#).expect("write policy");
+    std::fs::write(
+        &policy,
+        r#"{"default":[{"type":"insecureAcceptAnything"}]}"#,
+    )
+    .expect("write policy");
     let registries_conf = config_dir.path().join("registries.conf");
     std::fs::write(&registries_conf, "").expect("write registries.conf");
     let destination = dir.path().join("image");
@@ -136,19 +194,34 @@ pub fn skopeo_copy(reference: &str, platforms: Platforms, credentials: Option<(&
             command.arg("--all");
         }
         Platforms::Only(platform) => {
-            command.arg(format!("--override-os={}", platform.os)).arg(format!("--override-arch={}", platform.architecture));
+            command
+                .arg(format!("--override-os={}", platform.os))
+                .arg(format!("--override-arch={}", platform.architecture));
         }
     }
-    command.arg(format!("docker://{reference}")).arg(format!("dir:{}", destination.display()));
+    command
+        .arg(format!("docker://{reference}"))
+        .arg(format!("dir:{}", destination.display()));
 
     let output = run_bounded(command, Duration::from_secs(120))?;
     if !output.status.success() {
-        return Err(format!("skopeo copy {reference} failed ({}):\n{}", output.status, String::from_utf8_lossy(&output.stderr)));
+        return Err(format!(
+            "skopeo copy {reference} failed ({}):\n{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        ));
     }
-    Ok(CopiedImage { _root: dir, path: destination })
+    Ok(CopiedImage {
+        _root: dir,
+        path: destination,
+    })
 }
 
 /// [`skopeo_copy`] that must succeed.
-pub fn skopeo_pull(reference: &str, platforms: Platforms, credentials: Option<(&str, &str)>) -> CopiedImage {
+pub fn skopeo_pull(
+    reference: &str,
+    platforms: Platforms,
+    credentials: Option<(&str, &str)>,
+) -> CopiedImage {
     skopeo_copy(reference, platforms, credentials).unwrap_or_else(|err| panic!("{err}"))
 }

@@ -59,10 +59,17 @@ impl TokenServer {
     /// `issuer`, to the one user `username`/`password`.
     pub fn start(issuer: &str, service: &str, username: &str, password: &str) -> Self {
         let key_pair = rcgen::KeyPair::generate().expect("generate P-256 key");
-        let params = rcgen::CertificateParams::new(vec!["pullgate-test-token-issuer".to_string()]).expect("cert params");
-        let cert = params.self_signed(&key_pair).expect("self-sign certificate");
-        let signer = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &key_pair.serialize_der(), &SystemRandom::new())
-            .expect("load signing key into ring");
+        let params = rcgen::CertificateParams::new(vec!["pullgate-test-token-issuer".to_string()])
+            .expect("cert params");
+        let cert = params
+            .self_signed(&key_pair)
+            .expect("self-sign certificate");
+        let signer = EcdsaKeyPair::from_pkcs8(
+            &ECDSA_P256_SHA256_FIXED_SIGNING,
+            &key_pair.serialize_der(),
+            &SystemRandom::new(),
+        )
+        .expect("load signing key into ring");
         let state = Arc::new(State {
             issuer: issuer.into(),
             service: service.into(),
@@ -91,7 +98,13 @@ impl TokenServer {
                 }
             })
         };
-        TokenServer { port, root_cert_pem: cert.pem(), state, stop, thread: Some(thread) }
+        TokenServer {
+            port,
+            root_cert_pem: cert.pem(),
+            state,
+            stop,
+            thread: Some(thread),
+        }
     }
 
     /// The realm URL to put in the registry's config.
@@ -156,7 +169,13 @@ fn serve_connection(state: &State, stream: TcpStream) {
             headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
         }
     }
-    let mut body = vec![0; headers.get("content-length").and_then(|len| len.parse().ok()).unwrap_or(0)];
+    let mut body = vec![
+        0;
+        headers
+            .get("content-length")
+            .and_then(|len| len.parse().ok())
+            .unwrap_or(0)
+    ];
     if reader.read_exact(&mut body).is_err() {
         return;
     }
@@ -178,17 +197,28 @@ fn serve_connection(state: &State, stream: TcpStream) {
     let _ = stream.flush();
 }
 
-fn handle(state: &State, method: &str, target: &str, headers: &HashMap<String, String>, body: &[u8]) -> (u16, String) {
+fn handle(
+    state: &State,
+    method: &str,
+    target: &str,
+    headers: &HashMap<String, String>,
+    body: &[u8],
+) -> (u16, String) {
     let (path, query) = target.split_once('?').unwrap_or((target, ""));
     if path != "/token" {
         return (404, r#"{"error":"not found"}"#.into());
     }
     state.requests.fetch_add(1, Ordering::SeqCst);
     let mut params = parse_form(query);
-    let basic = headers.get("authorization").and_then(|value| parse_basic(value));
+    let basic = headers
+        .get("authorization")
+        .and_then(|value| parse_basic(value));
     let credentials = if method == "POST" {
         let form = parse_form(&String::from_utf8_lossy(body));
-        let from_form = form.get("username").zip(form.get("password")).map(|(u, p)| (u[0].clone(), p[0].clone()));
+        let from_form = form
+            .get("username")
+            .zip(form.get("password"))
+            .map(|(u, p)| (u[0].clone(), p[0].clone()));
         params.extend(form);
         from_form.or(basic)
     } else {
@@ -196,13 +226,23 @@ fn handle(state: &State, method: &str, target: &str, headers: &HashMap<String, S
     };
     match credentials {
         Some((user, password)) if user == state.username && password == state.password => {}
-        _ => return (401, r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad or missing credentials"}]}"#.into()),
+        _ => {
+            return (
+                401,
+                r#"{"errors":[{"code":"UNAUTHORIZED","message":"bad or missing credentials"}]}"#
+                    .into(),
+            )
+        }
     }
     if params.get("service").map(|s| s[0].as_str()) != Some(state.service.as_str()) {
         return (400, r#"{"error":"unknown service"}"#.into());
     }
     let scopes = params.get("scope").cloned().unwrap_or_default();
-    state.scopes.lock().expect("scopes lock").extend(scopes.iter().cloned());
+    state
+        .scopes
+        .lock()
+        .expect("scopes lock")
+        .extend(scopes.iter().cloned());
     let token = sign_token(state, &scopes);
     state.issued.fetch_add(1, Ordering::SeqCst);
     let body = json!({ "token": token, "access_token": token, "expires_in": TOKEN_LIFETIME_SECS });
@@ -211,7 +251,10 @@ fn handle(state: &State, method: &str, target: &str, headers: &HashMap<String, S
 
 /// A JWT granting every requested action on every requested repository.
 fn sign_token(state: &State, scopes: &[String]) -> String {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).expect("clock after 1970").as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_secs();
     // Scopes may be space-separated within one parameter as well as repeated.
     let access: Vec<_> = scopes
         .iter()
@@ -234,13 +277,25 @@ fn sign_token(state: &State, scopes: &[String]) -> String {
         "jti": format!("{now}-{}", state.issued.load(Ordering::SeqCst)),
         "access": access,
     });
-    let signing_input = format!("{}.{}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(claims.to_string()));
-    let signature = state.signer.sign(&SystemRandom::new(), signing_input.as_bytes()).expect("sign token");
-    format!("{signing_input}.{}", URL_SAFE_NO_PAD.encode(signature.as_ref()))
+    let signing_input = format!(
+        "{}.{}",
+        URL_SAFE_NO_PAD.encode(header.to_string()),
+        URL_SAFE_NO_PAD.encode(claims.to_string())
+    );
+    let signature = state
+        .signer
+        .sign(&SystemRandom::new(), signing_input.as_bytes())
+        .expect("sign token");
+    format!(
+        "{signing_input}.{}",
+        URL_SAFE_NO_PAD.encode(signature.as_ref())
+    )
 }
 
 fn parse_basic(value: &str) -> Option<(String, String)> {
-    let encoded = value.strip_prefix("Basic ").or_else(|| value.strip_prefix("basic "))?;
+    let encoded = value
+        .strip_prefix("Basic ")
+        .or_else(|| value.strip_prefix("basic "))?;
     let decoded = String::from_utf8(STANDARD.decode(encoded.trim()).ok()?).ok()?;
     let (user, password) = decoded.split_once(':')?;
     Some((user.to_string(), password.to_string()))
@@ -251,7 +306,9 @@ fn parse_form(input: &str) -> HashMap<String, Vec<String>> {
     let mut out: HashMap<String, Vec<String>> = HashMap::new();
     for pair in input.split('&').filter(|pair| !pair.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        out.entry(percent_decode(key)).or_default().push(percent_decode(value));
+        out.entry(percent_decode(key))
+            .or_default()
+            .push(percent_decode(value));
     }
     out
 }
