@@ -50,9 +50,17 @@ impl KvStore for MemKv {
 #[derive(Default)]
 pub struct MemBlobStore {
     blobs: Rc<RefCell<HashMap<String, Bytes>>>,
+    no_tail: bool,
 }
 
 impl MemBlobStore {
+    /// A store that, like R2, cannot read a blob while it is written.
+    pub fn without_tail() -> Self {
+        MemBlobStore {
+            no_tail: true,
+            ..Default::default()
+        }
+    }
     /// The committed bytes of a blob.
     pub fn get(&self, digest: &str) -> Option<Bytes> {
         self.blobs.borrow().get(digest).cloned()
@@ -68,6 +76,7 @@ impl MemBlobStore {
 }
 
 struct MemWriter {
+    no_tail: bool,
     digest: String,
     staged: Rc<RefCell<Vec<u8>>>,
     blobs: Rc<RefCell<HashMap<String, Bytes>>>,
@@ -105,6 +114,9 @@ impl BlobWriter for MemWriter {
     }
     async fn abort(self: Box<Self>) {}
     fn tail(&self) -> Option<Rc<dyn TailReader>> {
+        if self.no_tail {
+            return None;
+        }
         Some(Rc::new(MemTail(self.staged.clone())))
     }
 }
@@ -130,6 +142,7 @@ impl BlobStore for MemBlobStore {
     }
     async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
         Ok(Box::new(MemWriter {
+            no_tail: self.no_tail,
             digest: digest.to_string(),
             staged: Rc::new(RefCell::new(Vec::new())),
             blobs: self.blobs.clone(),

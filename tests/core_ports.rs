@@ -227,11 +227,15 @@ struct Harness {
 }
 
 fn harness(extra: &str) -> Harness {
+    harness_with(extra, MemBlobStore::default())
+}
+
+fn harness_with(extra: &str, blobs: MemBlobStore) -> Harness {
     let up = Rc::new(FakeRegistry::default());
     *up.realm.borrow_mut() = "http://up.test/token".into();
     up.token_ttl.set(300);
     let clock = Rc::new(ManualClock::at(1_700_000_000_000));
-    let blobs = Rc::new(MemBlobStore::default());
+    let blobs = Rc::new(blobs);
     let config = parse_config(&format!(
         r#"
         builtin_upstreams = false
@@ -279,6 +283,7 @@ async fn collect(resp: Response<Body>) -> Got {
     let body = match body {
         Body::Empty => Ok(Bytes::new()),
         Body::Bytes(b) => Ok(b),
+        Body::Host(_) => panic!("in-memory stores never make host bodies"),
         Body::Stream(mut s) => {
             let mut out = Vec::new();
             let mut res = Ok(());
@@ -687,5 +692,24 @@ fn tags_list_is_cached_for_the_ttl_with_pagination_passed_through() {
             g.headers["link"],
             r#"</v2/app/tags/list?last=b&n=2&ns=up.test>; rel="next""#
         );
+    });
+}
+
+#[test]
+fn store_without_tail_serves_fast_readers_from_memory_and_slow_ones_after_commit() {
+    local(async {
+        let h = harness_with("", MemBlobStore::without_tail());
+        // Larger than the in-memory window, so a reader that waits falls behind it.
+        let data: Vec<u8> = (0..6_000_000u32).map(|i| (i % 253) as u8).collect();
+        let (d, bytes) = h.up.put_blob(data);
+        let path = format!("/v2/app/blobs/{d}");
+        let fast = h.app.handle(&get(&path, &[])).await;
+        let slow = h.app.handle(&get(&path, &[])).await;
+        // The fast reader drains while the fill runs; the slow one starts after it is done.
+        let fast = collect(fast).await;
+        assert_eq!(fast.body.unwrap(), bytes);
+        let slow = collect(slow).await;
+        assert_eq!(slow.body.unwrap(), bytes);
+        assert_eq!(h.up.count("GET", "/blobs/"), 1);
     });
 }

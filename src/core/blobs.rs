@@ -22,7 +22,7 @@ use crate::core::error::RegistryError;
 use crate::core::manifests::status_failure;
 use crate::core::media::header as h;
 use crate::core::metrics::{add, inc};
-use crate::core::ports::{BodyError, ByteStream, CommitError, TailReader};
+use crate::core::ports::{BlobStore, BodyError, ByteStream, CommitError, TailReader};
 use crate::core::range::{ByteRange, RangeOutcome};
 use crate::core::reference::{Digest, Name};
 use bytes::Bytes;
@@ -167,42 +167,50 @@ impl Fill {
             self.changed(seen).await;
         }
     }
-
-    /// Waits until the blob is committed (or the fill failed).
-    async fn wait_done(&self) -> Result<(), RegistryError> {
-        loop {
-            let seen = self.version.get();
-            match &self.state.borrow().phase {
-                Phase::Done => return Ok(()),
-                Phase::Failed(e) => return Err(e.clone()),
-                _ => {}
-            }
-            self.changed(seen).await;
-        }
-    }
 }
 
 /// What a reader does next.
 enum Step {
     Chunk(Bytes),
-    ReadStaged(u64, usize),
+    ReadStaged(Rc<dyn TailReader>, u64, usize),
+    ReadCommitted(u64),
     Fail(String),
     End,
     Wait(u64),
 }
 
-/// A stream of bytes `[start, end)` of a fill as it grows (`end` None: to the end).
+/// Where a fill reader gets its next bytes.
+enum ReadState {
+    /// From the fill, at this offset.
+    Fill(u64),
+    /// From the committed blob (a store without a tail reader, reader behind the window).
+    Store(ByteStream),
+}
+
+/// A stream of bytes `[start, end)` of a fill as it grows (`end` None: to the end). Bytes come
+/// from memory when the reader keeps up, from the staged write when it falls behind, or, for
+/// a store that cannot read a write in progress, from the committed blob once it is verified.
 fn fill_stream(
     fill: Rc<Fill>,
-    tail: Rc<dyn TailReader>,
+    blobs: Rc<dyn BlobStore>,
+    digest: Digest,
     start: u64,
     end: Option<u64>,
 ) -> ByteStream {
-    futures_util::stream::unfold(Some(start), move |pos| {
+    futures_util::stream::unfold(Some(ReadState::Fill(start)), move |state| {
         let fill = fill.clone();
-        let tail = tail.clone();
+        let blobs = blobs.clone();
+        let digest = digest.clone();
         async move {
-            let pos = pos?;
+            let pos = match state? {
+                ReadState::Store(mut s) => {
+                    return s.next().await.map(|item| {
+                        let next = item.is_ok().then_some(ReadState::Store(s));
+                        (item, next)
+                    });
+                }
+                ReadState::Fill(pos) => pos,
+            };
             loop {
                 let step = {
                     let s = fill.state.borrow();
@@ -214,12 +222,18 @@ fn fill_stream(
                     let limit = end.map_or(limit, |e| e.min(limit));
                     match finished {
                         Err(e) => Step::Fail(e),
-                        Ok(_) if pos < limit => match s.in_memory(pos, limit) {
-                            Some(b) => Step::Chunk(b),
-                            None => {
+                        Ok(done) if pos < limit => match (s.in_memory(pos, limit), &s.tail) {
+                            (Some(b), _) => Step::Chunk(b),
+                            (None, Some(tail)) => {
                                 let upto = limit.min(s.recent_start).min(s.persisted);
-                                Step::ReadStaged(pos, (upto - pos).min(CHUNK as u64) as usize)
+                                Step::ReadStaged(
+                                    tail.clone(),
+                                    pos,
+                                    (upto - pos).min(CHUNK as u64) as usize,
+                                )
                             }
+                            (None, None) if done => Step::ReadCommitted(limit),
+                            (None, None) => Step::Wait(fill.version.get()),
                         },
                         Ok(true) => Step::End,
                         Ok(false) => Step::Wait(fill.version.get()),
@@ -228,12 +242,12 @@ fn fill_stream(
                 return match step {
                     Step::Chunk(b) => {
                         let next = pos + b.len() as u64;
-                        Some((Ok(b), Some(next)))
+                        Some((Ok(b), Some(ReadState::Fill(next))))
                     }
-                    Step::ReadStaged(at, want) => match tail.read_at(at, want).await {
+                    Step::ReadStaged(tail, at, want) => match tail.read_at(at, want).await {
                         Ok(b) if !b.is_empty() => {
                             let next = at + b.len() as u64;
-                            Some((Ok(b), Some(next)))
+                            Some((Ok(b), Some(ReadState::Fill(next))))
                         }
                         Ok(_) => Some((
                             Err(BodyError("staged blob shorter than written".into())),
@@ -241,6 +255,19 @@ fn fill_stream(
                         )),
                         Err(e) => Some((Err(BodyError(e.to_string())), None)),
                     },
+                    Step::ReadCommitted(limit) => {
+                        match blobs.read(digest.as_str(), pos, limit).await {
+                            Ok(Some(mut s)) => s.next().await.map(|item| {
+                                let next = item.is_ok().then_some(ReadState::Store(s));
+                                (item, next)
+                            }),
+                            Ok(None) => Some((
+                                Err(BodyError(format!("blob {digest} vanished after its fill"))),
+                                None,
+                            )),
+                            Err(e) => Some((Err(BodyError(e.to_string())), None)),
+                        }
+                    }
                     Step::Fail(e) => Some((Err(BodyError(e)), None)),
                     Step::End => None,
                     Step::Wait(seen) => {
@@ -461,14 +488,10 @@ fn finish(
     start: u64,
     end: Option<u64>,
     size: Option<u64>,
-    body: impl FnOnce() -> ByteStream,
+    body: impl FnOnce() -> Body,
 ) -> Result<Response<Body>, RegistryError> {
     let length = end.map(|e| e - start);
-    let body = if ctx.head {
-        Body::Empty
-    } else {
-        Body::Stream(body())
-    };
+    let body = if ctx.head { Body::Empty } else { body() };
     let mut resp = blob_response(status, digest, length, body)?;
     if status == StatusCode::PARTIAL_CONTENT {
         if let (Some(e), Some(s)) = (end, size) {
@@ -497,19 +520,18 @@ async fn from_store(
         return unsatisfiable(size).map(Some);
     };
     let end_v = end.unwrap_or(size);
-    let stream = if ctx.head {
+    let body = if ctx.head {
         None
     } else {
         match blobs
-            .read(digest.as_str(), start, end_v)
+            .serve(digest.as_str(), start, end_v)
             .await
             .map_err(internal)?
         {
-            Some(s) => Some(s),
+            Some(b) => Some(b),
             None => return Ok(None),
         }
     };
-    let mut stream = stream;
     finish(
         ctx,
         digest,
@@ -517,11 +539,7 @@ async fn from_store(
         start,
         Some(end_v),
         Some(size),
-        move || {
-            stream
-                .take()
-                .unwrap_or_else(|| futures_util::stream::empty().boxed_local())
-        },
+        move || body.unwrap_or(Body::Empty),
     )
     .map(Some)
 }
@@ -564,25 +582,13 @@ pub(crate) async fn get(
         }
     };
     fill.wait_started().await?;
-    let (size, tail) = {
-        let s = fill.state.borrow();
-        (s.size, s.tail.clone())
-    };
-    let Some(tail) = tail else {
-        // This store cannot read a write in progress: answer once it is committed.
-        fill.wait_done().await?;
-        return match from_store(ctx, digest, range).await? {
-            Some(resp) => Ok((resp, status)),
-            None => Err(RegistryError::Internal(format!(
-                "blob {digest} vanished after its fill"
-            ))),
-        };
-    };
+    let size = fill.state.borrow().size;
     let Some((code, start, end)) = plan(range, size) else {
         return Ok((unsatisfiable(size.unwrap_or(0))?, status));
     };
+    let blobs = ctx.inner.ports.blobs.clone();
     let resp = finish(ctx, digest, code, start, end, size, || {
-        fill_stream(fill, tail, start, end)
+        Body::Stream(fill_stream(fill, blobs, digest.clone(), start, end))
     })?;
     Ok((resp, status))
 }

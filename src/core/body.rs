@@ -11,7 +11,14 @@ pub enum Body {
     Bytes(Bytes),
     /// A streamed body (blobs). A stream error means: abort the connection.
     Stream(ByteStream),
+    /// A body only the host understands (e.g. an R2 object's own stream on Workers, handed to
+    /// the response without pumping its bytes through the core). Produced by a host's own
+    /// [`BlobStore::serve`](crate::core::ports::BlobStore::serve); other hosts never see one.
+    Host(HostBody),
 }
+
+/// An opaque host body; the host that made it downcasts it.
+pub struct HostBody(pub Box<dyn std::any::Any>);
 
 impl std::fmt::Debug for Body {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -19,6 +26,7 @@ impl std::fmt::Debug for Body {
             Body::Empty => f.write_str("Body::Empty"),
             Body::Bytes(b) => write!(f, "Body::Bytes({} bytes)", b.len()),
             Body::Stream(_) => f.write_str("Body::Stream"),
+            Body::Host(_) => f.write_str("Body::Host"),
         }
     }
 }

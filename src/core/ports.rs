@@ -3,6 +3,7 @@
 //! tests implement them in memory. Port errors are their own types; the core maps them to
 //! registry errors.
 
+use crate::core::body::Body;
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use futures_util::stream::LocalBoxStream;
@@ -66,6 +67,12 @@ pub trait BlobStore {
         start: u64,
         end: u64,
     ) -> Result<Option<ByteStream>, StoreError>;
+    /// The body for serving bytes `[start, end)` of a stored blob to a client; None if it
+    /// vanished. A host whose platform can hand its own stream to the response overrides this
+    /// to return [`Body::Host`]; the default streams [`BlobStore::read`].
+    async fn serve(&self, digest: &str, start: u64, end: u64) -> Result<Option<Body>, StoreError> {
+        Ok(self.read(digest, start, end).await?.map(Body::Stream))
+    }
     /// Starts writing a blob under a staging name.
     async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError>;
 }

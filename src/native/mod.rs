@@ -246,6 +246,12 @@ fn to_hyper(resp: ::http::Response<Body>, mut log: LogLine) -> ::http::Response<
             drop(log);
             HyperBody::Full(Some(b))
         }
+        Body::Host(_) => {
+            // Only a host's own BlobStore makes these; the native stores never do.
+            log.abort();
+            drop(log);
+            HyperBody::Empty
+        }
         Body::Stream(s) => {
             let frames = s.map(move |chunk| match chunk {
                 Ok(b) => {
