@@ -44,6 +44,18 @@ impl KvStore for MemKv {
         self.map.borrow_mut().remove(key);
         Ok(())
     }
+    async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let mut keys: Vec<String> = self
+            .map
+            .borrow()
+            .keys()
+            .filter(|k| k.starts_with(prefix))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys.truncate(limit);
+        Ok(keys)
+    }
 }
 
 /// A blob store in memory; staged writes are readable while they grow.

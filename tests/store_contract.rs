@@ -127,3 +127,35 @@ fn fs_blob_store_evicts_over_its_cap() {
         assert_eq!(store.stat(newest.as_str()).await.unwrap(), Some(1000));
     });
 }
+
+async fn kv_contract(kv: &dyn pullgate::core::ports::KvStore) {
+    for k in ["outbox/2", "outbox/1", "outboy/1", "outbox/3", "other"] {
+        kv.put(k, k.as_bytes()).await.unwrap();
+    }
+    assert_eq!(kv.get("outbox/1").await.unwrap().unwrap(), b"outbox/1");
+    assert_eq!(
+        kv.list("outbox/", 10).await.unwrap(),
+        ["outbox/1", "outbox/2", "outbox/3"]
+    );
+    assert_eq!(
+        kv.list("outbox/", 2).await.unwrap(),
+        ["outbox/1", "outbox/2"]
+    );
+    kv.delete("outbox/2").await.unwrap();
+    kv.delete("absent").await.unwrap();
+    assert_eq!(
+        kv.list("outbox/", 10).await.unwrap(),
+        ["outbox/1", "outbox/3"]
+    );
+    assert_eq!(kv.get("outbox/2").await.unwrap(), None);
+}
+
+#[test]
+fn kv_stores_keep_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        kv_contract(&pullgate::testing::MemKv::default()).await;
+        kv_contract(&pullgate::native::store::RedbKv::open(&dir.path().join("m.redb")).unwrap())
+            .await;
+    });
+}

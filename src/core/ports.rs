@@ -53,6 +53,8 @@ pub trait KvStore {
     async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError>;
     /// Deletes a value (absent is fine).
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
+    /// Keys starting with `prefix`, in key order, at most `limit` of them.
+    async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError>;
 }
 
 /// Blobs by digest, content-addressed. Only verified bytes become visible.

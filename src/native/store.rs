@@ -96,8 +96,22 @@ impl KvStore for RedbKv {
         })
         .await
     }
-}
 
+    async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(KV).map_err(store_err)?;
+        let mut out = Vec::new();
+        for entry in table.range(prefix..).map_err(store_err)? {
+            let (k, _) = entry.map_err(store_err)?;
+            let k = k.value();
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(k.to_string());
+        }
+        Ok(out)
+    }
+}
 /// Blob usage shared by the store and its writers: the byte total and the eviction guard.
 struct Usage {
     blobs: PathBuf,
