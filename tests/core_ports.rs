@@ -61,7 +61,7 @@ impl FakeRegistry {
         (d, b)
     }
 
-    fn respond(&self, req: &Request<()>) -> Result<Response<ByteStream>, UpstreamError> {
+    fn respond(&self, req: &Request<Bytes>) -> Result<Response<ByteStream>, UpstreamError> {
         let url = req.uri().to_string();
         let auth = req
             .headers()
@@ -196,7 +196,7 @@ struct FakeUpstream(Rc<FakeRegistry>);
 
 #[async_trait::async_trait(?Send)]
 impl Upstream for FakeUpstream {
-    async fn send(&self, request: Request<()>) -> Result<Response<ByteStream>, UpstreamError> {
+    async fn send(&self, request: Request<Bytes>) -> Result<Response<ByteStream>, UpstreamError> {
         self.0.respond(&request)
     }
 }

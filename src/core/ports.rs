@@ -32,11 +32,12 @@ pub enum UpstreamError {
     Other(String),
 }
 
-/// Outbound HTTP. Must not follow redirects (the core follows them, without `Authorization`).
+/// Outbound HTTP: registry requests (empty bodies) and the gateway's deliveries (small JSON or
+/// form bodies). Must not follow redirects (the core follows them, without `Authorization`).
 #[async_trait::async_trait(?Send)]
 pub trait Upstream {
-    /// Sends a request with an empty body and returns the response with a streaming body.
-    async fn send(&self, request: Request<()>) -> Result<Response<ByteStream>, UpstreamError>;
+    /// Sends a request and returns the response with a streaming body.
+    async fn send(&self, request: Request<Bytes>) -> Result<Response<ByteStream>, UpstreamError>;
 }
 
 /// A storage failure.

@@ -103,7 +103,7 @@ impl UpstreamClient {
             b = b.header(header::AUTHORIZATION, v);
         }
         let req = b
-            .body(())
+            .body(bytes::Bytes::new())
             .map_err(|e| UpstreamError::Other(format!("bad upstream request: {e}")))?;
         inc(&self.metrics.upstream_requests);
         self.http.send(req).await

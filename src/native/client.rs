@@ -43,7 +43,7 @@ fn classify(e: reqwest::Error) -> UpstreamError {
 
 #[async_trait::async_trait(?Send)]
 impl Upstream for ReqwestUpstream {
-    async fn send(&self, request: Request<()>) -> Result<Response<ByteStream>, UpstreamError> {
+    async fn send(&self, request: Request<bytes::Bytes>) -> Result<Response<ByteStream>, UpstreamError> {
         let (parts, ()) = request.into_parts();
         let url = parts.uri.to_string();
         let req = self
