@@ -43,13 +43,19 @@ fn classify(e: reqwest::Error) -> UpstreamError {
 
 #[async_trait::async_trait(?Send)]
 impl Upstream for ReqwestUpstream {
-    async fn send(&self, request: Request<bytes::Bytes>) -> Result<Response<ByteStream>, UpstreamError> {
-        let (parts, ()) = request.into_parts();
+    async fn send(
+        &self,
+        request: Request<bytes::Bytes>,
+    ) -> Result<Response<ByteStream>, UpstreamError> {
+        let (parts, body) = request.into_parts();
         let url = parts.uri.to_string();
-        let req = self
+        let mut req = self
             .client
             .request(parts.method, url)
             .headers(parts.headers);
+        if !body.is_empty() {
+            req = req.body(body);
+        }
         let resp = tokio::time::timeout(self.timeout, req.send())
             .await
             .map_err(|_| UpstreamError::Timeout("no response headers in time".into()))?
