@@ -9,14 +9,15 @@ use crate::core::error::RegistryError;
 use crate::core::manifests;
 use crate::core::media::{header as h, parse_accept};
 use crate::core::metrics::{inc, Metrics};
-use crate::core::ports::Ports;
+use crate::core::ports::{ByteStream, Ports};
 use crate::core::range::parse_range;
 use crate::core::reference::Name;
 use crate::core::route::{parse_route, Endpoint, Route};
 use crate::core::tags;
 use crate::core::upstream::UpstreamClient;
+use futures_util::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
 
@@ -28,6 +29,8 @@ pub(crate) struct Inner {
     pub metrics: Rc<Metrics>,
     /// Blob fills in flight, by digest: concurrent misses join one upstream transfer.
     pub fills: RefCell<HashMap<String, Rc<Fill>>>,
+    /// A gateway outbox pass is running (one at a time per instance).
+    pub pumping: Cell<bool>,
 }
 
 /// What a request handler works on.
@@ -89,8 +92,24 @@ impl App {
                 client,
                 metrics,
                 fills: RefCell::new(HashMap::new()),
+                pumping: Cell::new(false),
             }),
         }
+    }
+
+    pub(crate) fn from_inner(inner: Rc<Inner>) -> App {
+        App { inner }
+    }
+
+    /// Runs the gateway's due deliveries once. Hosts call it from a timer (native), a cron
+    /// trigger or queue consumer (Workers), or on requests (Spin); webhooks also start it.
+    pub async fn pump_outbox(&self) -> crate::core::gateway::PumpReport {
+        crate::core::gateway::pump(&self.inner).await
+    }
+
+    /// When the next pending delivery is due (ms since the epoch), if any.
+    pub async fn next_delivery_due(&self) -> Option<u64> {
+        crate::core::gateway::next_due(&self.inner).await
     }
 
     /// The counters.
@@ -103,10 +122,32 @@ impl App {
         &self.inner.settings
     }
 
-    /// Handles one request. Never fails: errors become OCI envelopes. The response carries a
-    /// [`RequestInfo`] extension for the host's log line.
+    /// Handles one request without a body (every registry route); see [`App::handle_with_body`].
     pub async fn handle(&self, req: &Request<()>) -> Response<Body> {
+        self.handle_with_body(req, futures_util::stream::empty().boxed_local())
+            .await
+    }
+
+    /// Handles one request. Never fails: errors become OCI envelopes on registry routes and
+    /// JSON errors on gateway routes. The body is read only by routes that take one (webhooks,
+    /// stage results), and never past their cap. The response carries a [`RequestInfo`]
+    /// extension for the host's log line.
+    pub async fn handle_with_body(&self, req: &Request<()>, body: ByteStream) -> Response<Body> {
         inc(&self.inner.metrics.requests);
+        if let Some(mut resp) = crate::core::gateway::handle(&self.inner, req, body).await {
+            let route = if req.uri().path().starts_with("/hooks/") {
+                "hook"
+            } else {
+                "chain"
+            };
+            resp.extensions_mut().insert(RequestInfo {
+                route,
+                upstream: None,
+                cache: CacheStatus::None,
+                error: None,
+            });
+            return resp;
+        }
         let head = req.method() == Method::HEAD;
         let route = parse_route(
             &self.inner.settings,

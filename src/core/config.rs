@@ -26,6 +26,24 @@ pub struct Config {
     /// Upstream registries.
     #[serde(default)]
     pub upstream: Vec<UpstreamConfig>,
+    /// Webhook receivers (the gateway).
+    #[serde(default)]
+    pub webhook: Vec<crate::core::gateway::config::WebhookConfig>,
+    /// Build systems and event sinks.
+    #[serde(default)]
+    pub target: Vec<crate::core::gateway::config::TargetConfig>,
+    /// Trigger rules.
+    #[serde(default)]
+    pub rule: Vec<crate::core::gateway::config::RuleConfig>,
+    /// Which target runs each chain stage.
+    #[serde(default)]
+    pub stage: Vec<crate::core::gateway::config::StageConfig>,
+    /// The delivery chain.
+    #[serde(default)]
+    pub chain: crate::core::gateway::config::ChainConfig,
+    /// Gateway limits and admin token.
+    #[serde(default)]
+    pub gateway: crate::core::gateway::config::GatewayConfig,
 }
 
 /// `[cache]`.
@@ -146,6 +164,8 @@ pub struct Settings {
     pub upstream_timeout_ms: u64,
     /// Upstreams; exactly one is `default`.
     pub upstreams: Vec<UpstreamSpec>,
+    /// The build-trigger gateway.
+    pub gateway: crate::core::gateway::config::GatewaySettings,
 }
 
 /// Docker Hub's client-facing name.
@@ -379,6 +399,17 @@ impl Config {
             max_manifest_size: size(&c.max_manifest_size, "4MiB")?,
             upstream_timeout_ms: dur(&c.upstream_timeout, "30s")?,
             upstreams,
+            gateway: crate::core::gateway::config::resolve(
+                crate::core::gateway::config::GatewayInput {
+                    webhooks: &self.webhook,
+                    targets: &self.target,
+                    rules: &self.rule,
+                    stages: &self.stage,
+                    chain: &self.chain,
+                    gateway: &self.gateway,
+                },
+                secrets,
+            )?,
         })
     }
 }

@@ -8,6 +8,7 @@ pub(crate) mod blobs;
 pub mod body;
 pub mod config;
 pub mod error;
+pub mod gateway;
 pub mod manifests;
 pub mod media;
 pub mod metrics;

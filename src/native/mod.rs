@@ -34,6 +34,8 @@ use std::time::{Duration, Instant};
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./pullgate-data";
+/// How often the gateway's outbox is checked for due deliveries.
+const PUMP_EVERY: Duration = Duration::from_millis(500);
 /// How long shutdown waits for in-flight work.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -271,12 +273,31 @@ fn to_hyper(resp: ::http::Response<Body>, mut log: LogLine) -> ::http::Response<
     ::http::Response::from_parts(parts, body)
 }
 
+/// The request body as a core stream (read only by routes that take a body).
+fn incoming_stream(body: Incoming) -> crate::core::ports::ByteStream {
+    use hyper::body::Body as _;
+    futures_util::stream::unfold(body, |mut body| async move {
+        loop {
+            match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+                None => return None,
+                Some(Err(e)) => return Some((Err(BodyError(e.to_string())), body)),
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        return Some((Ok(data), body));
+                    }
+                }
+            }
+        }
+    })
+    .boxed_local()
+}
+
 async fn handle(
     app: App,
     req: ::http::Request<Incoming>,
 ) -> Result<::http::Response<HyperBody>, Infallible> {
     let started = Instant::now();
-    let (parts, _body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let req = ::http::Request::from_parts(parts, ());
     let log = LogLine {
         method: req.method().to_string(),
@@ -288,7 +309,7 @@ async fn handle(
         metrics: app.metrics(),
         failed: false,
     };
-    let resp = app.handle(&req).await;
+    let resp = app.handle_with_body(&req, incoming_stream(body)).await;
     Ok(to_hyper(resp, log))
 }
 
@@ -352,6 +373,14 @@ async fn run(p: Prepared) -> Result<(), String> {
         upstream_names.join(",")
     );
     let app = App::new(p.settings, ports);
+    // The gateway's outbox: deliveries persisted before a restart go out now, retries when due.
+    let pump_app = app.clone();
+    tokio::task::spawn_local(async move {
+        loop {
+            pump_app.pump_outbox().await;
+            tokio::time::sleep(PUMP_EVERY).await;
+        }
+    });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = Rc::new(Cell::new(0usize));
     let stop = shutdown_signal();

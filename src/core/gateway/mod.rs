@@ -1,0 +1,959 @@
+//! The build-trigger gateway: verified webhooks in (`POST /hooks/<name>`), chain runs and
+//! outbound deliveries out, and the `/chain/…` routes to observe and steer them.
+//!
+//! Order of work for a delivery: cap the body (413, read no further) → verify the signature
+//! over the raw bytes (401) → dedup on (webhook, delivery id, sha256 of the body) → parse (400)
+//! → match rules → persist runs and their first deliveries → answer 202 → dispatch after the
+//! response through the deferred-work port. Deliveries are at-least-once: persisted before
+//! they are sent, retried with backoff, dead-lettered after the configured attempts, and
+//! replayable. Every decision lives in the pure submodules; this module does the I/O.
+
+pub mod chain;
+pub mod config;
+pub mod event;
+pub mod outbox;
+pub mod rules;
+pub mod verify;
+
+use crate::core::app::{App, Inner};
+use crate::core::body::Body;
+use crate::core::gateway::chain::{Action, ChainError, Run};
+use crate::core::gateway::config::GatewaySettings;
+use crate::core::gateway::event::{delivery_id, parse_delivery, Parsed, SourceEvent};
+use crate::core::gateway::outbox::{
+    Delivery, DeliveryKind, StageCall, DEAD, DELIVERY_VERSION, PENDING,
+};
+use crate::core::gateway::verify::{derive_token, tokens_match, verify_delivery};
+use crate::core::media::DEFAULT_ACCEPT;
+use crate::core::metrics::inc;
+use crate::core::ports::{ByteStream, StoreError};
+use bytes::Bytes;
+use futures_util::{FutureExt, StreamExt};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+use std::rc::Rc;
+
+/// Largest stage-result body read.
+const MAX_RESULT_BODY: u64 = 64 * 1024;
+/// Deliveries handled per pump pass.
+const PUMP_BATCH: usize = 100;
+/// Dedup records examined for expiry per pump pass.
+const DEDUP_SWEEP: usize = 500;
+
+/// What one pump pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PumpReport {
+    /// Due deliveries attempted.
+    pub attempted: u32,
+    /// Delivered.
+    pub delivered: u32,
+    /// Failed and rescheduled.
+    pub retrying: u32,
+    /// Moved to the dead-letter list.
+    pub dead: u32,
+}
+
+fn json_response(status: StatusCode, v: Value) -> Response<Body> {
+    let body = v.to_string();
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .header(header::CONTENT_LENGTH, body.len())
+        .body(Body::Bytes(body.into()))
+        .unwrap_or_else(|_| Response::new(Body::Empty))
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    json_response(status, json!({ "error": msg.into() }))
+}
+
+fn internal(e: StoreError) -> Response<Body> {
+    error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
+}
+
+fn hash_hex(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+        h.update([0u8]);
+    }
+    hex::encode(h.finalize())
+}
+
+enum ReadError {
+    TooLarge,
+    Broken(String),
+}
+
+async fn read_capped(mut body: ByteStream, cap: u64) -> Result<Vec<u8>, ReadError> {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ReadError::Broken(e.to_string()))?;
+        if out.len() as u64 + chunk.len() as u64 > cap {
+            return Err(ReadError::TooLarge);
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
+}
+
+fn content_length(h: &HeaderMap) -> Option<u64> {
+    h.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// `acme/app:tag` for an image reference, without its registry host: what a registry
+/// notification (which names the repository and tag) is matched against.
+pub fn image_key(image: &str) -> String {
+    match image.split_once('/') {
+        Some((first, rest))
+            if first.contains('.') || first.contains(':') || first == "localhost" =>
+        {
+            rest.to_string()
+        }
+        _ => image.to_string(),
+    }
+}
+
+fn run_key(id: &str) -> String {
+    format!("run/{id}")
+}
+
+fn commit_index(repository: &str, commit: &str) -> String {
+    format!(
+        "run-by-commit/{}/{commit}/",
+        &hash_hex(&[repository.as_bytes()])[..16]
+    )
+}
+
+fn image_index(key: &str) -> String {
+    format!("run-by-image/{}/", &hash_hex(&[key.as_bytes()])[..32])
+}
+
+async fn load_run(inner: &Inner, id: &str) -> Result<Option<Run>, StoreError> {
+    Ok(inner
+        .ports
+        .kv
+        .get(&run_key(id))
+        .await?
+        .and_then(|raw| serde_json::from_slice::<Run>(&raw).ok()))
+}
+
+async fn save_run(inner: &Inner, run: &Run) -> Result<(), StoreError> {
+    let raw = serde_json::to_vec(run).map_err(|e| StoreError(e.to_string()))?;
+    inner.ports.kv.put(&run_key(&run.id), &raw).await
+}
+
+async fn load_delivery(inner: &Inner, key: &str) -> Result<Option<Delivery>, StoreError> {
+    Ok(inner
+        .ports
+        .kv
+        .get(key)
+        .await?
+        .and_then(|raw| serde_json::from_slice::<Delivery>(&raw).ok())
+        .filter(|d| d.v == DELIVERY_VERSION))
+}
+
+async fn save_delivery(inner: &Inner, prefix: &str, d: &Delivery) -> Result<(), StoreError> {
+    let raw = serde_json::to_vec(d).map_err(|e| StoreError(e.to_string()))?;
+    inner.ports.kv.put(&format!("{prefix}{}", d.id), &raw).await
+}
+
+/// Persists a delivery for each action (once: an existing pending record is kept).
+async fn enqueue(inner: &Inner, run: &Run, actions: Vec<Action>) -> Result<(), StoreError> {
+    let gw = &inner.settings.gateway;
+    let now = inner.ports.clock.now_ms();
+    for a in actions {
+        let (what, kind) = match a {
+            Action::Dispatch { stage, target } => (
+                format!("dispatch/{stage}"),
+                DeliveryKind::Dispatch { stage, target },
+            ),
+            Action::Prewarm { stage } => {
+                (format!("prewarm/{stage}"), DeliveryKind::Prewarm { stage })
+            }
+            Action::Emit { event_type, stage } => {
+                let Some(target) = gw.chain.events.clone() else {
+                    continue;
+                };
+                let what = format!("event/{event_type}/{}", stage.as_deref().unwrap_or("-"));
+                (
+                    what,
+                    DeliveryKind::Event {
+                        target,
+                        event_type: event_type.to_string(),
+                        stage,
+                    },
+                )
+            }
+        };
+        let id = outbox::delivery_id(&run.id, &what);
+        if inner
+            .ports
+            .kv
+            .get(&format!("{PENDING}{id}"))
+            .await?
+            .is_some()
+        {
+            continue;
+        }
+        let d = Delivery {
+            v: DELIVERY_VERSION,
+            id,
+            run: run.id.clone(),
+            kind,
+            attempts: 0,
+            next_ms: now,
+            created_ms: now,
+            last_error: None,
+        };
+        save_delivery(inner, PENDING, &d).await?;
+    }
+    Ok(())
+}
+
+fn spawn_pump(inner: &Rc<Inner>) {
+    let app = App::from_inner(inner.clone());
+    inner.ports.deferred.spawn(
+        async move {
+            app.pump_outbox().await;
+        }
+        .boxed_local(),
+    );
+}
+
+/// Routes `/hooks/…` and `/chain…`; None for every other path.
+pub(crate) async fn handle(
+    inner: &Rc<Inner>,
+    req: &Request<()>,
+    body: ByteStream,
+) -> Option<Response<Body>> {
+    let path = req.uri().path();
+    if let Some(name) = path.strip_prefix("/hooks/") {
+        return Some(if req.method() == Method::POST {
+            hook(inner, name, req.headers(), body).await
+        } else {
+            error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "webhooks are delivered with POST",
+            )
+        });
+    }
+    let rest = if path == "/chain" {
+        Some("")
+    } else {
+        path.strip_prefix("/chain/")
+    };
+    let rest = rest?;
+    Some(chain_route(inner, req, rest, body).await)
+}
+
+async fn hook(
+    inner: &Rc<Inner>,
+    name: &str,
+    headers: &HeaderMap,
+    body: ByteStream,
+) -> Response<Body> {
+    let gw = &inner.settings.gateway;
+    let Some(wh) = gw.webhook(name) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            format!("no webhook named {name:?} is configured"),
+        );
+    };
+    if content_length(headers).is_some_and(|l| l > gw.max_body) {
+        return error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("body larger than {} bytes", gw.max_body),
+        );
+    }
+    let body = match read_capped(body, gw.max_body).await {
+        Ok(b) => b,
+        Err(ReadError::TooLarge) => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("body larger than {} bytes", gw.max_body),
+            )
+        }
+        Err(ReadError::Broken(e)) => {
+            return error(StatusCode::BAD_REQUEST, format!("reading the body: {e}"))
+        }
+    };
+    let now = inner.ports.clock.now_ms();
+    if let Err(e) = verify_delivery(
+        wh.provider,
+        wh.secret.expose(),
+        &wh.header,
+        headers,
+        &body,
+        now,
+        gw.timestamp_tolerance_ms,
+    ) {
+        return error(StatusCode::UNAUTHORIZED, format!("webhook {name}: {e}"));
+    }
+    let delivery = delivery_id(wh.provider, headers).unwrap_or_default();
+    let body_hash = hash_hex(&[&body]);
+    let dedup_key = format!(
+        "dedup/{name}/{}",
+        hash_hex(&[delivery.as_bytes(), body_hash.as_bytes()])
+    );
+    match inner.ports.kv.get(&dedup_key).await {
+        Ok(Some(raw)) => {
+            let seen: u64 = std::str::from_utf8(&raw)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            if now.saturating_sub(seen) < gw.dedup_window_ms {
+                return json_response(
+                    StatusCode::OK,
+                    json!({ "status": "duplicate", "reason": "this delivery was already received" }),
+                );
+            }
+        }
+        Ok(None) => {}
+        Err(e) => return internal(e),
+    }
+    let parsed = match parse_delivery(wh.provider, headers, &body) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let mut started = Vec::new();
+    let mut advanced = Vec::new();
+    let reply = match parsed {
+        Parsed::Ignored(reason) => json!({ "status": "ignored", "reason": reason }),
+        Parsed::Events(events) => {
+            for ev in &events {
+                let r = match ev {
+                    SourceEvent::Artifact { .. } => artifact_published(inner, ev)
+                        .await
+                        .map(|ids| advanced.extend(ids)),
+                    _ => start_runs(inner, name, &delivery, &body_hash, ev)
+                        .await
+                        .map(|ids| started.extend(ids)),
+                };
+                if let Err(e) = r {
+                    return internal(e);
+                }
+            }
+            if started.is_empty() && advanced.is_empty() {
+                json!({ "status": "ignored", "reason": "no rule matched" })
+            } else {
+                json!({ "status": "accepted", "runs": started, "advanced": advanced })
+            }
+        }
+    };
+    if let Err(e) = inner
+        .ports
+        .kv
+        .put(&dedup_key, now.to_string().as_bytes())
+        .await
+    {
+        return internal(e);
+    }
+    if !started.is_empty() || !advanced.is_empty() {
+        spawn_pump(inner);
+    }
+    json_response(StatusCode::ACCEPTED, reply)
+}
+
+async fn start_runs(
+    inner: &Rc<Inner>,
+    webhook: &str,
+    delivery: &str,
+    body_hash: &str,
+    ev: &SourceEvent,
+) -> Result<Vec<String>, StoreError> {
+    let gw: &GatewaySettings = &inner.settings.gateway;
+    let now = inner.ports.clock.now_ms();
+    let mut ids = Vec::new();
+    for (i, rule) in gw.rules.iter().enumerate() {
+        if !rules::rule_matches(rule, webhook, ev) {
+            continue;
+        }
+        let id = hash_hex(&[
+            webhook.as_bytes(),
+            delivery.as_bytes(),
+            body_hash.as_bytes(),
+            i.to_string().as_bytes(),
+        ])[..24]
+            .to_string();
+        if load_run(inner, &id).await?.is_some() {
+            continue; // the same delivery again: the run exists already
+        }
+        let image = rule.image.as_deref().map(|t| rules::render_image(t, ev));
+        let (run, actions) = chain::new_run(id.clone(), webhook, ev, rule, image.clone(), gw, now);
+        save_run(inner, &run).await?;
+        if let SourceEvent::Push {
+            repository, commit, ..
+        }
+        | SourceEvent::Tag {
+            repository, commit, ..
+        } = ev
+        {
+            inner
+                .ports
+                .kv
+                .put(&format!("{}{id}", commit_index(repository, commit)), b"")
+                .await?;
+        }
+        if let Some(img) = &image {
+            inner
+                .ports
+                .kv
+                .put(&format!("{}{id}", image_index(&image_key(img))), b"")
+                .await?;
+        }
+        enqueue(inner, &run, actions).await?;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
+/// A pushed image finishes the `build` stage of every running run that builds it.
+async fn artifact_published(
+    inner: &Rc<Inner>,
+    ev: &SourceEvent,
+) -> Result<Vec<String>, StoreError> {
+    let SourceEvent::Artifact {
+        repository,
+        tag: Some(tag),
+        digest,
+        ..
+    } = ev
+    else {
+        return Ok(Vec::new());
+    };
+    let now = inner.ports.clock.now_ms();
+    let prefix = image_index(&format!("{repository}:{tag}"));
+    let mut ids = Vec::new();
+    for key in inner.ports.kv.list(&prefix, 100).await? {
+        let id = &key[prefix.len()..];
+        let Some(mut run) = load_run(inner, id).await? else {
+            continue;
+        };
+        if run.current_stage() != Some("build") {
+            continue;
+        }
+        run.digest = Some(digest.clone());
+        let Ok(actions) = run.complete(
+            "build",
+            true,
+            Some(format!("registry reported {repository}:{tag} at {digest}")),
+            now,
+        ) else {
+            continue;
+        };
+        save_run(inner, &run).await?;
+        enqueue(inner, &run, actions).await?;
+        ids.push(run.id.clone());
+    }
+    Ok(ids)
+}
+
+fn bearer(h: &HeaderMap) -> Option<&str> {
+    h.get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// None when the request carries the admin token; otherwise the refusal to send.
+fn refuse_non_admin(gw: &GatewaySettings, h: &HeaderMap) -> Option<Response<Body>> {
+    let Some(token) = &gw.admin_token else {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "admin routes are disabled: set [gateway] admin_token",
+        ));
+    };
+    match bearer(h) {
+        Some(given) if tokens_match(given, token.expose()) => None,
+        _ => Some(error(StatusCode::UNAUTHORIZED, "admin token required")),
+    }
+}
+
+fn query_param(q: Option<&str>, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(q?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+async fn chain_route(
+    inner: &Rc<Inner>,
+    req: &Request<()>,
+    rest: &str,
+    body: ByteStream,
+) -> Response<Body> {
+    let gw = &inner.settings.gateway;
+    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    let m = req.method();
+    // Stage results authenticate with the run's own token; everything else is admin.
+    if let ([run_id, stage], true) = (parts.as_slice(), *m == Method::POST) {
+        if *run_id != "dead-letters" && *run_id != "outbox" {
+            return stage_result(inner, run_id, stage, req.headers(), body).await;
+        }
+    }
+    if let Some(refusal) = refuse_non_admin(gw, req.headers()) {
+        return refusal;
+    }
+    let kv = &inner.ports.kv;
+    match (m.clone(), parts.as_slice()) {
+        (Method::GET, []) => {
+            let Some(repo) = query_param(req.uri().query(), "repository") else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "list runs with ?repository=<url>[&commit=<sha>]",
+                );
+            };
+            let mut prefix = commit_index(&repo, "");
+            prefix.truncate(prefix.len() - 1);
+            let prefix = match query_param(req.uri().query(), "commit") {
+                Some(c) => format!("{prefix}/{c}/"),
+                None => format!("{prefix}/"),
+            };
+            let keys = match kv.list(&prefix, 200).await {
+                Ok(k) => k,
+                Err(e) => return internal(e),
+            };
+            let mut runs = Vec::new();
+            for k in keys {
+                let id = k.rsplit('/').next().unwrap_or("");
+                if let Ok(Some(run)) = load_run(inner, id).await {
+                    runs.push(json!({ "id": run.id, "status": run.status, "stage": run.current_stage(), "image": run.image, "event": run.event, "created_ms": run.created_ms }));
+                }
+            }
+            json_response(StatusCode::OK, json!({ "runs": runs }))
+        }
+        (Method::GET, ["dead-letters"]) => match kv.list(DEAD, 500).await {
+            Ok(keys) => {
+                let mut out = Vec::new();
+                for k in keys {
+                    if let Ok(Some(d)) = load_delivery(inner, &k).await {
+                        out.push(d);
+                    }
+                }
+                json_response(StatusCode::OK, json!({ "dead_letters": out }))
+            }
+            Err(e) => internal(e),
+        },
+        (Method::POST, ["dead-letters", id, "replay"]) => replay(inner, id).await,
+        (Method::POST, ["outbox", "pump"]) => {
+            let report = App::from_inner(inner.clone()).pump_outbox().await;
+            json_response(
+                StatusCode::OK,
+                serde_json::to_value(report).unwrap_or(Value::Null),
+            )
+        }
+        (Method::GET, [id]) => match load_run(inner, id).await {
+            Ok(Some(run)) => json_response(
+                StatusCode::OK,
+                serde_json::to_value(&run).unwrap_or(Value::Null),
+            ),
+            Ok(None) => error(StatusCode::NOT_FOUND, format!("no run {id:?}")),
+            Err(e) => internal(e),
+        },
+        _ => error(StatusCode::NOT_FOUND, "no such chain route"),
+    }
+}
+
+async fn replay(inner: &Rc<Inner>, id: &str) -> Response<Body> {
+    let key = format!("{DEAD}{id}");
+    let mut d = match load_delivery(inner, &key).await {
+        Ok(Some(d)) => d,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no dead letter {id:?}")),
+        Err(e) => return internal(e),
+    };
+    let now = inner.ports.clock.now_ms();
+    d.attempts = 0;
+    d.next_ms = now;
+    d.last_error = None;
+    let r = async {
+        save_delivery(inner, PENDING, &d).await?;
+        inner.ports.kv.delete(&key).await?;
+        if let (Some(stage), Some(mut run)) = (d.stage(), load_run(inner, &d.run).await?) {
+            run.reopen(stage, now);
+            save_run(inner, &run).await?;
+        }
+        Ok::<_, StoreError>(())
+    }
+    .await;
+    if let Err(e) = r {
+        return internal(e);
+    }
+    spawn_pump(inner);
+    json_response(
+        StatusCode::ACCEPTED,
+        json!({ "status": "replaying", "delivery": d.id }),
+    )
+}
+
+async fn stage_result(
+    inner: &Rc<Inner>,
+    run_id: &str,
+    stage: &str,
+    headers: &HeaderMap,
+    body: ByteStream,
+) -> Response<Body> {
+    let gw = &inner.settings.gateway;
+    let Some(key) = &gw.run_secret else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "stage results are disabled: set [gateway] run_secret or admin_token",
+        );
+    };
+    let expected = derive_token(key.expose().as_bytes(), run_id);
+    if !bearer(headers).is_some_and(|t| tokens_match(t, &expected)) {
+        return error(StatusCode::UNAUTHORIZED, "the run's token is required");
+    }
+    let body = match read_capped(body, MAX_RESULT_BODY).await {
+        Ok(b) => b,
+        Err(ReadError::TooLarge) => {
+            return error(StatusCode::PAYLOAD_TOO_LARGE, "result body too large")
+        }
+        Err(ReadError::Broken(e)) => return error(StatusCode::BAD_REQUEST, e),
+    };
+    let v: Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => return error(StatusCode::BAD_REQUEST, format!("result must be JSON: {e}")),
+    };
+    let success = match v.get("status").and_then(|s| s.as_str()) {
+        Some("succeeded") | Some("success") => true,
+        Some("failed") | Some("failure") => false,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "result needs \"status\": \"succeeded\" or \"failed\"",
+            )
+        }
+    };
+    let detail = v
+        .get("detail")
+        .and_then(|d| d.as_str())
+        .map(|d| d.chars().take(500).collect());
+    let mut run = match load_run(inner, run_id).await {
+        Ok(Some(r)) => r,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no run {run_id:?}")),
+        Err(e) => return internal(e),
+    };
+    if let Some(d) = v.get("digest").and_then(|d| d.as_str()) {
+        run.digest = Some(d.to_string());
+    }
+    let now = inner.ports.clock.now_ms();
+    let actions = match run.complete(stage, success, detail, now) {
+        Ok(a) => a,
+        Err(e @ ChainError::NotRunning(_)) | Err(e @ ChainError::Finished) => {
+            return error(StatusCode::CONFLICT, e.to_string())
+        }
+    };
+    if let Err(e) = async {
+        save_run(inner, &run).await?;
+        enqueue(inner, &run, actions).await
+    }
+    .await
+    {
+        return internal(e);
+    }
+    spawn_pump(inner);
+    json_response(
+        StatusCode::OK,
+        serde_json::to_value(&run).unwrap_or(Value::Null),
+    )
+}
+
+/// Sends one delivery; Ok(detail) when it was accepted.
+async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, String> {
+    let gw = &inner.settings.gateway;
+    let now = inner.ports.clock.now_ms();
+    let request = match &d.kind {
+        DeliveryKind::Prewarm { .. } => {
+            let image = run
+                .image
+                .as_deref()
+                .ok_or("the run has no image to pre-warm")?;
+            return prewarm(inner, image).await;
+        }
+        DeliveryKind::Dispatch { stage, target } => {
+            let t = gw
+                .target(target)
+                .ok_or_else(|| format!("target {target:?} is no longer configured"))?;
+            let key = gw
+                .run_secret
+                .as_ref()
+                .map(|s| s.expose().as_bytes().to_vec())
+                .unwrap_or_default();
+            let token = derive_token(&key, &run.id);
+            let call = StageCall {
+                run,
+                stage,
+                delivery: &d.id,
+                run_token: &token,
+                callback: format!(
+                    "{}/chain/{}/{stage}",
+                    gw.public_url.as_deref().unwrap_or(""),
+                    run.id
+                ),
+            };
+            outbox::dispatch_request(t, &call)?
+        }
+        DeliveryKind::Event {
+            target,
+            event_type,
+            stage,
+        } => {
+            let t = gw
+                .target(target)
+                .ok_or_else(|| format!("target {target:?} is no longer configured"))?;
+            outbox::event_request(t, run, &d.id, event_type, stage.as_deref(), None, now)?
+        }
+    };
+    inc(&inner.metrics.upstream_requests);
+    let resp = inner
+        .ports
+        .upstream
+        .send(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    // Drain a little of the answer so the connection can be reused; its content is not needed.
+    let _ = crate::core::upstream::read_body_limited(resp.into_body(), 64 * 1024).await;
+    if status.is_success() {
+        Ok(format!("target answered {status}"))
+    } else {
+        Err(format!("target answered {status}"))
+    }
+}
+
+async fn drain(app: &App, path: &str, accept: Option<&str>) -> Result<(u64, Bytes), String> {
+    let mut b = Request::builder().method(Method::GET).uri(path);
+    if let Some(a) = accept {
+        b = b.header(header::ACCEPT, a);
+    }
+    let req = b.body(()).map_err(|e| e.to_string())?;
+    // Boxed: pre-warming goes back through App::handle, which can reach the pump again.
+    let resp = Box::pin(app.handle(&req)).await;
+    let status = resp.status();
+    if status != StatusCode::OK {
+        return Err(format!("GET {path}: {status}"));
+    }
+    match resp.into_body() {
+        Body::Bytes(b) => Ok((b.len() as u64, b)),
+        Body::Empty => Ok((0, Bytes::new())),
+        Body::Host(_) => Ok((0, Bytes::new())),
+        Body::Stream(mut s) => {
+            let mut n = 0u64;
+            while let Some(c) = s.next().await {
+                n += c.map_err(|e| format!("GET {path}: {e}"))?.len() as u64;
+            }
+            Ok((n, Bytes::new()))
+        }
+    }
+}
+
+/// Pulls `image` through the cache: the index, the configured platforms' manifests, their
+/// configs and layers; so the first regional pull is warm.
+async fn prewarm(inner: &Rc<Inner>, image: &str) -> Result<String, String> {
+    let app = App::from_inner(inner.clone());
+    let (name, reference) = match image.rsplit_once('@') {
+        Some((n, d)) => (n, d),
+        None => match image.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
+            Some((n, t)) => (n, t),
+            None => (image, "latest"),
+        },
+    };
+    let base = format!("/v2/{name}");
+    let (_, top) = drain(
+        &app,
+        &format!("{base}/manifests/{reference}"),
+        Some(DEFAULT_ACCEPT),
+    )
+    .await?;
+    let top: Value =
+        serde_json::from_slice(&top).map_err(|e| format!("manifest is not JSON: {e}"))?;
+    let platforms = &inner.settings.gateway.chain.platforms;
+    let mut manifests = Vec::new();
+    if let Some(children) = top.get("manifests").and_then(|m| m.as_array()) {
+        for c in children {
+            let plat = format!(
+                "{}/{}",
+                c.pointer("/platform/os")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or(""),
+                c.pointer("/platform/architecture")
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+            );
+            if !platforms.is_empty() && !platforms.contains(&plat) {
+                continue;
+            }
+            let d = c
+                .get("digest")
+                .and_then(|d| d.as_str())
+                .ok_or("index entry without a digest")?;
+            let (_, m) =
+                drain(&app, &format!("{base}/manifests/{d}"), Some(DEFAULT_ACCEPT)).await?;
+            manifests.push(serde_json::from_slice::<Value>(&m).map_err(|e| e.to_string())?);
+        }
+    } else {
+        manifests.push(top);
+    }
+    let (mut blobs, mut bytes) = (0u32, 0u64);
+    for m in &manifests {
+        let config = m.pointer("/config/digest").and_then(|d| d.as_str());
+        let layers = m
+            .get("layers")
+            .and_then(|l| l.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l.get("digest").and_then(|d| d.as_str()));
+        for d in config.into_iter().chain(layers) {
+            let (n, _) = drain(&app, &format!("{base}/blobs/{d}"), None).await?;
+            blobs += 1;
+            bytes += n;
+        }
+    }
+    Ok(format!(
+        "pre-warmed {} manifest(s) and {blobs} blob(s), {bytes} bytes",
+        manifests.len()
+    ))
+}
+
+/// Runs due deliveries once; see [`App::pump_outbox`].
+pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
+    let mut report = PumpReport::default();
+    if inner.pumping.replace(true) {
+        return report;
+    }
+    let gw = &inner.settings.gateway;
+    let keys = inner
+        .ports
+        .kv
+        .list(PENDING, PUMP_BATCH)
+        .await
+        .unwrap_or_default();
+    for key in keys {
+        let now = inner.ports.clock.now_ms();
+        let Ok(Some(mut d)) = load_delivery(inner, &key).await else {
+            continue;
+        };
+        if d.next_ms > now {
+            continue;
+        }
+        let Ok(Some(run)) = load_run(inner, &d.run).await else {
+            let _ = inner.ports.kv.delete(&key).await;
+            continue;
+        };
+        report.attempted += 1;
+        let result = execute(inner, &d, &run).await;
+        let now = inner.ports.clock.now_ms();
+        // Reload: a result may have been posted while the request was in flight.
+        let mut run = match load_run(inner, &d.run).await {
+            Ok(Some(r)) => r,
+            _ => run,
+        };
+        let stage = d.stage().map(str::to_string);
+        let mut actions = Vec::new();
+        match result {
+            Ok(detail) => {
+                report.delivered += 1;
+                let _ = inner.ports.kv.delete(&key).await;
+                match (&d.kind, stage.as_deref()) {
+                    (DeliveryKind::Prewarm { .. }, Some(s)) => {
+                        actions = run.complete(s, true, Some(detail), now).unwrap_or_default();
+                    }
+                    (DeliveryKind::Dispatch { .. }, Some(s)) => run.attempted(s, true, None, now),
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                inc(&inner.metrics.upstream_errors);
+                d.attempts += 1;
+                d.last_error = Some(e.clone());
+                let is_stage_work = !matches!(d.kind, DeliveryKind::Event { .. });
+                if let (true, Some(s)) = (is_stage_work, stage.as_deref()) {
+                    run.attempted(s, false, Some(&e), now);
+                }
+                if d.attempts >= gw.max_attempts {
+                    report.dead += 1;
+                    let _ = save_delivery(inner, DEAD, &d).await;
+                    let _ = inner.ports.kv.delete(&key).await;
+                    if let (true, Some(s)) = (is_stage_work, stage.as_deref()) {
+                        actions = run
+                            .complete(
+                                s,
+                                false,
+                                Some(format!(
+                                    "delivery dead-lettered after {} attempts: {e}",
+                                    d.attempts
+                                )),
+                                now,
+                            )
+                            .unwrap_or_default();
+                    }
+                } else {
+                    report.retrying += 1;
+                    d.next_ms = now
+                        + outbox::retry_delay_ms(
+                            d.attempts,
+                            gw.retry_base_ms,
+                            gw.retry_max_ms,
+                            &d.id,
+                        );
+                    let _ = save_delivery(inner, PENDING, &d).await;
+                }
+            }
+        }
+        let _ = save_run(inner, &run).await;
+        let _ = enqueue(inner, &run, actions).await;
+    }
+    sweep_dedup(inner).await;
+    inner.pumping.set(false);
+    report
+}
+
+async fn sweep_dedup(inner: &Inner) {
+    let now = inner.ports.clock.now_ms();
+    let window = inner.settings.gateway.dedup_window_ms;
+    for key in inner
+        .ports
+        .kv
+        .list("dedup/", DEDUP_SWEEP)
+        .await
+        .unwrap_or_default()
+    {
+        if let Ok(Some(raw)) = inner.ports.kv.get(&key).await {
+            let seen: u64 = std::str::from_utf8(&raw)
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            if now.saturating_sub(seen) >= window {
+                let _ = inner.ports.kv.delete(&key).await;
+            }
+        }
+    }
+}
+
+/// The earliest `next_ms` among pending deliveries (hosts with timers sleep until then).
+pub(crate) async fn next_due(inner: &Inner) -> Option<u64> {
+    let mut next = None;
+    for key in inner.ports.kv.list(PENDING, PUMP_BATCH).await.ok()? {
+        if let Ok(Some(d)) = load_delivery(inner, &key).await {
+            next = Some(next.map_or(d.next_ms, |n: u64| n.min(d.next_ms)));
+        }
+    }
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_keys_drop_the_registry_host() {
+        assert_eq!(
+            image_key("registry.example.com/acme/app:main-1"),
+            "acme/app:main-1"
+        );
+        assert_eq!(image_key("127.0.0.1:5000/acme/app:v1"), "acme/app:v1");
+        assert_eq!(image_key("localhost/app:v1"), "app:v1");
+        assert_eq!(image_key("acme/app:v1"), "acme/app:v1");
+    }
+}

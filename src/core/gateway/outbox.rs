@@ -1,0 +1,397 @@
+//! Outbound deliveries: persisted records (`outbox/pending/<id>`, `outbox/dead/<id>`), the
+//! retry schedule (exponential backoff with jitter, bounded attempts, then a dead-letter
+//! record), and building each target's HTTP request. Pure; the gateway module stores records
+//! and sends requests through the ports.
+//!
+//! Records hold no secrets: tokens and signatures are added when a request is built, from the
+//! configuration in force at that moment.
+
+use crate::core::gateway::chain::Run;
+use crate::core::gateway::config::{Target, TargetKind};
+use crate::core::gateway::event::SourceEvent;
+use crate::core::gateway::verify::sign_hex;
+use bytes::Bytes;
+use http::{header, Method, Request};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use sha2::{Digest as _, Sha256};
+
+/// Version of the delivery record format.
+pub const DELIVERY_VERSION: u32 = 1;
+/// Key prefix of pending deliveries.
+pub const PENDING: &str = "outbox/pending/";
+/// Key prefix of dead letters.
+pub const DEAD: &str = "outbox/dead/";
+
+/// What a delivery does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum DeliveryKind {
+    /// Ask a target to run a stage.
+    Dispatch {
+        /// Stage.
+        stage: String,
+        /// Target name.
+        target: String,
+    },
+    /// Send a CDEvent to a cloudevents target.
+    Event {
+        /// Target name.
+        target: String,
+        /// CDEvents type.
+        event_type: String,
+        /// Stage, if any.
+        stage: Option<String>,
+    },
+    /// Pre-warm the cache with the run's image (pullgate's own `distribute`).
+    Prewarm {
+        /// Stage.
+        stage: String,
+    },
+}
+
+/// A persisted delivery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Delivery {
+    /// Format version.
+    pub v: u32,
+    /// Stable id (also the CloudEvents `ce-id`).
+    pub id: String,
+    /// Run id.
+    pub run: String,
+    /// What to do.
+    pub kind: DeliveryKind,
+    /// Attempts made.
+    pub attempts: u32,
+    /// Not before (ms).
+    pub next_ms: u64,
+    /// Created (ms).
+    pub created_ms: u64,
+    /// Last failure.
+    pub last_error: Option<String>,
+}
+
+impl Delivery {
+    /// The stage this delivery belongs to, if any.
+    pub fn stage(&self) -> Option<&str> {
+        match &self.kind {
+            DeliveryKind::Dispatch { stage, .. } | DeliveryKind::Prewarm { stage } => Some(stage),
+            DeliveryKind::Event { stage, .. } => stage.as_deref(),
+        }
+    }
+}
+
+/// A stable id for a delivery of `what` in `run` (the same across retries and restarts).
+pub fn delivery_id(run: &str, what: &str) -> String {
+    hex::encode(&Sha256::digest(format!("{run}\0{what}").as_bytes())[..16])
+}
+
+/// The delay before attempt `attempt + 1`, after `attempt` failures: `base · 2^(attempt−1)`,
+/// capped at `max`, with jitter in [½, 1) of that derived from the id (deterministic, so the
+/// core needs no random source).
+pub fn retry_delay_ms(attempt: u32, base_ms: u64, max_ms: u64, id: &str) -> u64 {
+    let exp = base_ms
+        .saturating_mul(1u64 << attempt.saturating_sub(1).min(30))
+        .min(max_ms)
+        .max(1);
+    let h = Sha256::digest(format!("{id}:{attempt}").as_bytes());
+    let r = u64::from_be_bytes([h[0], h[1], h[2], h[3], h[4], h[5], h[6], h[7]]);
+    exp / 2 + r % (exp / 2).max(1)
+}
+
+/// Formats ms since the epoch as RFC 3339 UTC (`2026-11-22T00:01:02.003Z`).
+pub fn rfc3339(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
+/// What a stage's target is told about the run.
+pub struct StageCall<'a> {
+    /// The run.
+    pub run: &'a Run,
+    /// The stage.
+    pub stage: &'a str,
+    /// Delivery id.
+    pub delivery: &'a str,
+    /// Token the target uses to post the stage result back.
+    pub run_token: &'a str,
+    /// Where to post it.
+    pub callback: String,
+}
+
+fn event_fields(e: &SourceEvent) -> (String, String, String) {
+    match e {
+        SourceEvent::Push {
+            repository,
+            git_ref,
+            commit,
+            ..
+        }
+        | SourceEvent::Tag {
+            repository,
+            git_ref,
+            commit,
+            ..
+        } => (repository.clone(), git_ref.clone(), commit.clone()),
+        SourceEvent::Artifact {
+            repository, digest, ..
+        } => (repository.clone(), String::new(), digest.clone()),
+    }
+}
+
+fn ref_name(e: &SourceEvent) -> String {
+    match e {
+        SourceEvent::Push { branch, .. } => branch.clone(),
+        SourceEvent::Tag { tag, .. } => tag.clone(),
+        SourceEvent::Artifact { .. } => String::new(),
+    }
+}
+
+/// The stage payload every target kind carries (at most 10 top-level keys, GitHub's limit).
+fn stage_payload(c: &StageCall<'_>) -> Value {
+    let (repository, git_ref, commit) = event_fields(&c.run.event);
+    json!({
+        "run": c.run.id,
+        "stage": c.stage,
+        "repository": repository,
+        "ref": git_ref,
+        "commit": commit,
+        "image": c.run.image,
+        "digest": c.run.digest,
+        "callback": c.callback,
+        "token": c.run_token,
+    })
+}
+
+fn base(method: Method, t: &Target) -> http::request::Builder {
+    Request::builder()
+        .method(method)
+        .uri(t.url.as_str())
+        .header(header::USER_AGENT, crate::core::upstream::USER_AGENT)
+}
+
+fn bearer(b: http::request::Builder, t: &Target) -> http::request::Builder {
+    match &t.token {
+        Some(tok) => b.header(header::AUTHORIZATION, format!("Bearer {}", tok.expose())),
+        None => b,
+    }
+}
+
+/// Builds the request that asks `t` to run a stage.
+pub fn dispatch_request(t: &Target, c: &StageCall<'_>) -> Result<Request<Bytes>, String> {
+    let payload = stage_payload(c);
+    let (b, body): (http::request::Builder, Vec<u8>) = match t.kind {
+        TargetKind::GitHubDispatch => {
+            let event_type: String = format!("pullgate-{}", c.stage).chars().take(100).collect();
+            let body = json!({ "event_type": event_type, "client_payload": payload });
+            let b = bearer(base(Method::POST, t), t)
+                .header(header::ACCEPT, "application/vnd.github+json")
+                .header("x-github-api-version", "2022-11-28")
+                .header(header::CONTENT_TYPE, "application/json");
+            (b, body.to_string().into_bytes())
+        }
+        TargetKind::GitHubWorkflow => {
+            let git_ref = t.git_ref.clone().unwrap_or_else(|| ref_name(&c.run.event));
+            // workflow_dispatch inputs are strings.
+            let inputs: serde_json::Map<String, Value> = payload
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| {
+                            (
+                                k.clone(),
+                                Value::String(v.as_str().map(str::to_string).unwrap_or_else(
+                                    || {
+                                        if v.is_null() {
+                                            String::new()
+                                        } else {
+                                            v.to_string()
+                                        }
+                                    },
+                                )),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            let body = json!({ "ref": git_ref, "inputs": inputs });
+            let b = bearer(base(Method::POST, t), t)
+                .header(header::ACCEPT, "application/vnd.github+json")
+                .header("x-github-api-version", "2022-11-28")
+                .header(header::CONTENT_TYPE, "application/json");
+            (b, body.to_string().into_bytes())
+        }
+        TargetKind::GitLabPipeline => {
+            let git_ref = t.git_ref.clone().unwrap_or_else(|| ref_name(&c.run.event));
+            let mut form = url::form_urlencoded::Serializer::new(String::new());
+            form.append_pair("token", t.token.as_ref().map(|s| s.expose()).unwrap_or(""));
+            form.append_pair("ref", &git_ref);
+            if let Some(o) = payload.as_object() {
+                for (k, v) in o {
+                    let v = v.as_str().map(str::to_string).unwrap_or_else(|| {
+                        if v.is_null() {
+                            String::new()
+                        } else {
+                            v.to_string()
+                        }
+                    });
+                    form.append_pair(
+                        &format!("variables[PULLGATE_{}]", k.to_ascii_uppercase()),
+                        &v,
+                    );
+                }
+            }
+            let b = base(Method::POST, t)
+                .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
+            (b, form.finish().into_bytes())
+        }
+        TargetKind::CloudEvents => {
+            return event_request(
+                t,
+                c.run,
+                c.delivery,
+                crate::core::gateway::chain::cdevents::PIPELINERUN_QUEUED,
+                Some(c.stage),
+                Some(payload),
+                0,
+            );
+        }
+        TargetKind::Http => {
+            let body =
+                json!({ "type": "pullgate.stage", "delivery": c.delivery, "payload": payload })
+                    .to_string()
+                    .into_bytes();
+            let sig = sign_hex(
+                t.secret
+                    .as_ref()
+                    .map(|s| s.expose().as_bytes())
+                    .unwrap_or(b""),
+                &body,
+            );
+            let b = base(Method::POST, t)
+                .header(header::CONTENT_TYPE, "application/json")
+                .header("x-pullgate-delivery", c.delivery)
+                .header("x-pullgate-signature", format!("sha256={sig}"));
+            (b, body)
+        }
+    };
+    b.body(Bytes::from(body)).map_err(|e| e.to_string())
+}
+
+/// Builds a CloudEvents 1.0 binary-mode request carrying a CDEvent about `run`.
+pub fn event_request(
+    t: &Target,
+    run: &Run,
+    delivery: &str,
+    event_type: &str,
+    stage: Option<&str>,
+    extra: Option<Value>,
+    now_ms: u64,
+) -> Result<Request<Bytes>, String> {
+    let (repository, git_ref, commit) = event_fields(&run.event);
+    let source = format!("/pullgate/{}", run.webhook);
+    let time = rfc3339(if now_ms == 0 { run.updated_ms } else { now_ms });
+    let subject_id = match stage {
+        Some(s) => format!("{}/{s}", run.id),
+        None => run.id.clone(),
+    };
+    let mut content = json!({
+        "run": run.id,
+        "stage": stage,
+        "repository": repository,
+        "ref": git_ref,
+        "commit": commit,
+        "image": run.image,
+        "status": run.status,
+    });
+    if let Some(d) = &run.digest {
+        // CDEvents artifact ids are purls.
+        let (repo_url, name) = match run
+            .image
+            .as_deref()
+            .and_then(|i| i.rsplit_once(':'))
+            .map(|(r, _)| r)
+        {
+            Some(r) => (r.to_string(), r.rsplit('/').next().unwrap_or(r).to_string()),
+            None => (String::new(), String::new()),
+        };
+        content["artifactId"] = Value::String(format!(
+            "pkg:oci/{name}@{}?repository_url={repo_url}",
+            d.replace(':', "%3A")
+        ));
+    }
+    if let Some(x) = extra {
+        content["stageCall"] = x;
+    }
+    let body = json!({
+        "context": { "version": "0.4.1", "id": delivery, "source": source, "type": event_type, "timestamp": time },
+        "subject": { "id": subject_id, "source": source, "content": content },
+    });
+    bearer(base(Method::POST, t), t)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", delivery)
+        .header("ce-source", source.as_str())
+        .header("ce-type", event_type)
+        .header("ce-time", time.as_str())
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Bytes::from(body.to_string()))
+        .map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        let d1 = retry_delay_ms(1, 2000, 600_000, "x");
+        assert!((1000..2000).contains(&d1), "{d1}");
+        let d3 = retry_delay_ms(3, 2000, 600_000, "x");
+        assert!((4000..8000).contains(&d3), "{d3}");
+        let d30 = retry_delay_ms(30, 2000, 600_000, "x");
+        assert!((300_000..600_000).contains(&d30), "{d30}");
+        assert_eq!(retry_delay_ms(3, 2000, 600_000, "x"), d3, "deterministic");
+        assert_ne!(
+            retry_delay_ms(3, 2000, 600_000, "y"),
+            d3,
+            "jittered per delivery"
+        );
+    }
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(1_614_265_330_123), "2021-02-25T15:02:10.123Z");
+        assert_eq!(rfc3339(1_795_305_600_000), "2026-11-22T00:00:00.000Z");
+    }
+
+    #[test]
+    fn delivery_ids_are_stable() {
+        assert_eq!(
+            delivery_id("r", "dispatch/build/1"),
+            delivery_id("r", "dispatch/build/1")
+        );
+        assert_ne!(
+            delivery_id("r", "dispatch/build/1"),
+            delivery_id("r", "dispatch/scan/1")
+        );
+        assert_eq!(delivery_id("r", "x").len(), 32);
+    }
+}
