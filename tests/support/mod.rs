@@ -19,6 +19,7 @@ pub mod fixtures;
 pub mod http;
 pub mod process;
 pub mod pullgate;
+pub mod receiver;
 pub mod registry;
 pub mod skopeo;
 pub mod token_server;

@@ -31,6 +31,8 @@ pub struct Registry {
     port: u16,
     token_server: Option<TokenServer>,
     credentials: Option<(String, String)>,
+    /// (endpoint URL, Authorization value) for push notifications.
+    notify: Option<(String, String)>,
     process: Option<ChildProcess>,
 }
 
@@ -68,6 +70,27 @@ impl Registry {
 
     /// A registry that requires bearer tokens from a fresh [`TokenServer`], which gives them
     /// only to `username`/`password`.
+    /// A plain registry on `port` that sends push notifications (distribution's envelope) to
+    /// `url` with `Authorization: <authorization>`.
+    pub fn start_with_notifications_on(port: u16, url: &str, authorization: &str) -> Self {
+        require_tool(REGISTRY_BINARY);
+        let dir = tempfile::Builder::new()
+            .prefix("pullgate-registry-")
+            .tempdir()
+            .expect("tempdir");
+        let mut registry = Registry {
+            port,
+            dir,
+            token_server: None,
+            credentials: None,
+            notify: Some((url.into(), authorization.into())),
+            process: None,
+        };
+        registry.write_config();
+        registry.start();
+        registry
+    }
+
     pub fn start_with_token_auth(username: &str, password: &str) -> Self {
         let token_server = TokenServer::start(TOKEN_ISSUER, TOKEN_SERVICE, username, password);
         let mut registry = Registry::start_with(Some(token_server));
@@ -86,6 +109,7 @@ impl Registry {
             dir,
             token_server,
             credentials: None,
+            notify: None,
             process: None,
         };
         registry.write_config();
@@ -274,7 +298,13 @@ impl Registry {
              maintenance:\n    uploadpurging:\n      enabled: false\n\
              http:\n  addr: 127.0.0.1:{port}\n  secret: pullgate-test-secret\n\
              health:\n  storagedriver:\n    enabled: false\n\
-             {auth}",
+             {auth}{notify}",
+            notify = match &self.notify {
+                None => String::new(),
+                Some((url, authorization)) => format!(
+                    "notifications:\n  endpoints:\n    - name: pullgate\n      url: {url}\n      headers:\n        Authorization: [\"{authorization}\"]\n      timeout: 2s\n      threshold: 10\n      backoff: 1s\n"
+                ),
+            },
             storage = self.storage_dir().display(),
             port = self.port,
         );

@@ -119,11 +119,15 @@ fn run_key(id: &str) -> String {
     format!("run/{id}")
 }
 
-fn commit_index(repository: &str, commit: &str) -> String {
+fn repository_prefix(repository: &str) -> String {
     format!(
-        "run-by-commit/{}/{commit}/",
+        "run-by-commit/{}/",
         &hash_hex(&[repository.as_bytes()])[..16]
     )
+}
+
+fn commit_index(repository: &str, commit: &str) -> String {
+    format!("{}{commit}/", repository_prefix(repository))
 }
 
 fn image_index(key: &str) -> String {
@@ -504,11 +508,9 @@ async fn chain_route(
                     "list runs with ?repository=<url>[&commit=<sha>]",
                 );
             };
-            let mut prefix = commit_index(&repo, "");
-            prefix.truncate(prefix.len() - 1);
             let prefix = match query_param(req.uri().query(), "commit") {
-                Some(c) => format!("{prefix}/{c}/"),
-                None => format!("{prefix}/"),
+                Some(c) => commit_index(&repo, &c),
+                None => repository_prefix(&repo),
             };
             let keys = match kv.list(&prefix, 200).await {
                 Ok(k) => k,
