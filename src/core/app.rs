@@ -31,6 +31,8 @@ pub(crate) struct Inner {
     pub fills: RefCell<HashMap<String, Rc<Fill>>>,
     /// A gateway outbox pass is running (one at a time per instance).
     pub pumping: Cell<bool>,
+    /// When a request last started an outbox pass (ms).
+    pub last_pump_ms: Cell<u64>,
 }
 
 /// What a request handler works on.
@@ -93,6 +95,7 @@ impl App {
                 metrics,
                 fills: RefCell::new(HashMap::new()),
                 pumping: Cell::new(false),
+                last_pump_ms: Cell::new(0),
             }),
         }
     }
@@ -134,6 +137,7 @@ impl App {
     /// extension for the host's log line.
     pub async fn handle_with_body(&self, req: &Request<()>, body: ByteStream) -> Response<Body> {
         inc(&self.inner.metrics.requests);
+        crate::core::gateway::pump_if_idle(&self.inner);
         if let Some(mut resp) = crate::core::gateway::handle(&self.inner, req, body).await {
             let route = if req.uri().path().starts_with("/hooks/") {
                 "hook"

@@ -226,6 +226,23 @@ fn spawn_pump(inner: &Rc<Inner>) {
     );
 }
 
+/// How often requests start an outbox pass on their own.
+const PUMP_ON_REQUEST_EVERY_MS: u64 = 1000;
+
+/// Starts an outbox pass when none was started by a request for a second: hosts without
+/// timers (Spin) get their retries as requests arrive; hosts with one lose nothing by it.
+pub(crate) fn pump_if_idle(inner: &Rc<Inner>) {
+    let gw = &inner.settings.gateway;
+    if gw.webhooks.is_empty() && gw.targets.is_empty() {
+        return;
+    }
+    let now = inner.ports.clock.now_ms();
+    if now.saturating_sub(inner.last_pump_ms.get()) >= PUMP_ON_REQUEST_EVERY_MS {
+        inner.last_pump_ms.set(now);
+        spawn_pump(inner);
+    }
+}
+
 /// Routes `/hooks/…` and `/chain…`; None for every other path.
 pub(crate) async fn handle(
     inner: &Rc<Inner>,

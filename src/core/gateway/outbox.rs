@@ -395,3 +395,140 @@ mod tests {
         assert_eq!(delivery_id("r", "x").len(), 32);
     }
 }
+
+#[cfg(test)]
+mod request_tests {
+    use super::*;
+    use crate::core::config::Secret;
+    use crate::core::gateway::chain::{RunStatus, RUN_VERSION};
+
+    fn run() -> Run {
+        Run {
+            v: RUN_VERSION,
+            id: "run1".into(),
+            webhook: "app".into(),
+            event: SourceEvent::Push {
+                repository: "https://gitlab.com/acme/app.git".into(),
+                git_ref: "refs/heads/main".into(),
+                branch: "main".into(),
+                commit: "abc".into(),
+                author: "a".into(),
+            },
+            image: Some("reg.example/acme/app:main-abc".into()),
+            digest: Some("sha256:00".into()),
+            stages: vec![],
+            current: None,
+            status: RunStatus::Running,
+            created_ms: 0,
+            updated_ms: 0,
+            timeline: vec![],
+        }
+    }
+
+    fn target(kind: TargetKind, url: &str) -> Target {
+        Target {
+            name: "t".into(),
+            kind,
+            url: url::Url::parse(url).unwrap(),
+            token: Some(Secret::new("tok".into())),
+            secret: Some(Secret::new("key".into())),
+            git_ref: None,
+        }
+    }
+
+    fn call(r: &Run) -> StageCall<'_> {
+        StageCall {
+            run: r,
+            stage: "build",
+            delivery: "d1",
+            run_token: "rt",
+            callback: "/chain/run1/build".into(),
+        }
+    }
+
+    #[test]
+    fn gitlab_pipeline_trigger_is_a_form_with_token_ref_and_variables() {
+        let r = run();
+        let req = dispatch_request(
+            &target(
+                TargetKind::GitLabPipeline,
+                "https://gitlab.com/api/v4/projects/7/trigger/pipeline",
+            ),
+            &call(&r),
+        )
+        .unwrap();
+        assert_eq!(
+            req.headers()["content-type"],
+            "application/x-www-form-urlencoded"
+        );
+        let form: Vec<(String, String)> = url::form_urlencoded::parse(req.body())
+            .into_owned()
+            .collect();
+        assert!(form.contains(&("token".into(), "tok".into())));
+        assert!(form.contains(&("ref".into(), "main".into())));
+        assert!(form.contains(&("variables[PULLGATE_RUN]".into(), "run1".into())));
+        assert!(form.contains(&(
+            "variables[PULLGATE_IMAGE]".into(),
+            "reg.example/acme/app:main-abc".into()
+        )));
+    }
+
+    #[test]
+    fn github_workflow_dispatch_has_ref_and_string_inputs() {
+        let r = run();
+        let req = dispatch_request(
+            &target(
+                TargetKind::GitHubWorkflow,
+                "https://api.github.com/repos/a/b/actions/workflows/ci.yml/dispatches",
+            ),
+            &call(&r),
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(req.body()).unwrap();
+        assert_eq!(v["ref"], "main");
+        assert!(v["inputs"]
+            .as_object()
+            .unwrap()
+            .values()
+            .all(|x| x.is_string()));
+        assert_eq!(req.headers()["authorization"], "Bearer tok");
+    }
+
+    #[test]
+    fn cloudevents_are_binary_mode_cdevents() {
+        let r = run();
+        let req = event_request(
+            &target(TargetKind::CloudEvents, "http://sink/"),
+            &r,
+            "d9",
+            "dev.cdevents.artifact.published.0.2.0",
+            Some("distribute"),
+            None,
+            1_795_305_600_000,
+        )
+        .unwrap();
+        let h = req.headers();
+        assert_eq!(h["ce-specversion"], "1.0");
+        assert_eq!(h["ce-id"], "d9");
+        assert_eq!(h["ce-type"], "dev.cdevents.artifact.published.0.2.0");
+        assert_eq!(h["ce-time"], "2026-11-22T00:00:00.000Z");
+        let v: Value = serde_json::from_slice(req.body()).unwrap();
+        assert_eq!(v["context"]["id"], "d9");
+        assert_eq!(v["subject"]["id"], "run1/distribute");
+        assert_eq!(
+            v["subject"]["content"]["artifactId"],
+            "pkg:oci/app@sha256%3A00?repository_url=reg.example/acme/app"
+        );
+    }
+
+    #[test]
+    fn http_target_signs_its_body() {
+        let r = run();
+        let req = dispatch_request(&target(TargetKind::Http, "http://hook/"), &call(&r)).unwrap();
+        let sig = req.headers()["x-pullgate-signature"]
+            .to_str()
+            .unwrap()
+            .to_string();
+        assert_eq!(sig, format!("sha256={}", sign_hex(b"key", req.body())));
+    }
+}
