@@ -10,3 +10,6 @@ pub mod testing;
 
 #[cfg(feature = "native")]
 pub mod native;
+
+#[cfg(feature = "worker")]
+pub mod worker;

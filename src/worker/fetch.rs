@@ -1,0 +1,94 @@
+//! `FetchUpstream`: the core's upstream port over the Workers `fetch` API, with
+//! `redirect: "manual"` (the core follows redirects itself, without `Authorization`, and never
+//! caches the redirect URL). Like the native client, a request times out when the response
+//! headers take longer than the upstream timeout, and a body fails when it goes silent for
+//! that long.
+
+use crate::core::ports::{BodyError, ByteStream, Upstream, UpstreamError};
+use bytes::Bytes;
+use futures_util::future::{select, Either};
+use futures_util::StreamExt;
+use http::{Request, Response};
+use std::time::Duration;
+use worker::wasm_bindgen::JsValue;
+use worker::{AbortController, Delay, Fetch, Headers, Method, RequestInit, RequestRedirect};
+
+/// The upstream port over `fetch`.
+pub struct FetchUpstream {
+    timeout: Duration,
+}
+
+impl FetchUpstream {
+    /// A client with the given timeout.
+    pub fn new(timeout: Duration) -> FetchUpstream {
+        FetchUpstream { timeout }
+    }
+}
+
+fn other(e: impl std::fmt::Display) -> UpstreamError {
+    UpstreamError::Other(e.to_string())
+}
+
+#[async_trait::async_trait(?Send)]
+impl Upstream for FetchUpstream {
+    async fn send(&self, request: Request<Bytes>) -> Result<Response<ByteStream>, UpstreamError> {
+        let (parts, body) = request.into_parts();
+        let headers = Headers::new();
+        for (name, value) in &parts.headers {
+            let value = value.to_str().map_err(other)?;
+            headers.append(name.as_str(), value).map_err(other)?;
+        }
+        let mut init = RequestInit::new();
+        init.with_method(Method::from(parts.method.as_str().to_string()))
+            .with_headers(headers)
+            .with_redirect(RequestRedirect::Manual);
+        if !body.is_empty() {
+            let array = worker::js_sys::Uint8Array::from(&body[..]);
+            init.with_body(Some(JsValue::from(array)));
+        }
+        let url = parts.uri.to_string();
+        let req = worker::Request::new_with_init(&url, &init).map_err(other)?;
+        let controller = AbortController::default();
+        let signal = controller.signal();
+        let fetch = Fetch::Request(req);
+        let sending = Box::pin(fetch.send_with_signal(&signal));
+        let mut resp = match select(sending, Delay::from(self.timeout)).await {
+            Either::Left((Ok(resp), _)) => resp,
+            // The runtime reports refused connections, DNS and TLS failures alike.
+            Either::Left((Err(e), _)) => return Err(UpstreamError::Connect(e.to_string())),
+            Either::Right(_) => {
+                controller.abort();
+                return Err(UpstreamError::Timeout("no response headers in time".into()));
+            }
+        };
+        let mut out = Response::builder().status(resp.status_code());
+        for (name, value) in resp.headers().entries() {
+            out = out.header(name, value);
+        }
+        let timeout = self.timeout;
+        let body: ByteStream = match resp.stream() {
+            Ok(stream) => {
+                // Each chunk must arrive within the timeout; a silent body ends in an error.
+                futures_util::stream::unfold(Some(stream), move |stream| async move {
+                    let mut stream = stream?;
+                    match select(stream.next(), Delay::from(timeout)).await {
+                        Either::Left((Some(Ok(chunk)), _)) => {
+                            Some((Ok(Bytes::from(chunk)), Some(stream)))
+                        }
+                        Either::Left((Some(Err(e)), _)) => {
+                            Some((Err(BodyError(format!("upstream body: {e}"))), None))
+                        }
+                        Either::Left((None, _)) => None,
+                        Either::Right(_) => {
+                            Some((Err(BodyError("upstream body went silent".into())), None))
+                        }
+                    }
+                })
+                .boxed_local()
+            }
+            // No body (e.g. a 304 or a HEAD).
+            Err(_) => futures_util::stream::empty().boxed_local(),
+        };
+        out.body(body).map_err(other)
+    }
+}

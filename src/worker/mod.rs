@@ -1,0 +1,303 @@
+//! The Cloudflare Workers host: the `fetch` handler of the worker. It reads the configuration
+//! from the `PULLGATE_CONFIG` variable (the same TOML as the native host's file), builds the
+//! ports from the worker's bindings — [`WorkerKv`] over the KV namespace `PULLGATE_KV`,
+//! [`R2BlobStore`] over the R2 bucket `PULLGATE_R2`, [`FetchUpstream`], [`DateClock`] and
+//! [`WaitUntil`] — and hands every request to [`App::handle`]. This module is the only place
+//! that names the `worker` crate; it decides nothing about registries or caching.
+//!
+//! One [`App`] lives per isolate, built on the first request, so requests that an isolate
+//! serves at the same time share its blob fills and its token cache. A secret reference
+//! `env:NAME` in the configuration names a Worker secret (`wrangler secret put NAME`) or a
+//! plain variable.
+//!
+//! Responses: a warm blob is R2's own stream ([`r2::R2Body`]), handed to the runtime
+//! untouched; a streamed body of known length goes through a `FixedLengthStream`, so every blob
+//! response carries `Content-Length` (responses built from a plain stream would be chunked).
+//! A stream that fails mid-body (a digest mismatch) errors the response stream, and the
+//! runtime resets the client connection.
+//!
+//! # Limitations
+//! - Coalescing is per isolate: concurrent cold misses for one blob in the same isolate share
+//!   one upstream transfer; isolates (and locations) each fetch their own copy until one of
+//!   them has committed the blob to R2.
+//! - Deferred work (a fill whose first client left) runs under `waitUntil`, which the runtime
+//!   cuts 30 s after the response ended; such a fill is then lost and the next miss restarts it.
+//! - Tag records are in KV, which is eventually consistent (a new record can take up to 60 s to
+//!   reach other locations), so locations may revalidate a tag independently.
+//! - `max_size` is not enforced: size R2 with an object lifecycle rule. `listen` and `data_dir`
+//!   are ignored. Metrics are per isolate.
+//! - Request bodies are ignored (the registry API served here is pull-only).
+
+pub mod fetch;
+pub mod kv;
+pub mod r2;
+
+pub use fetch::FetchUpstream;
+pub use kv::WorkerKv;
+pub use r2::R2BlobStore;
+
+use crate::core::app::{error_response, App};
+use crate::core::body::{Body, RequestInfo};
+use crate::core::config::{parse_config, Config, ConfigError, Secret, SecretResolver};
+use crate::core::error::RegistryError;
+use crate::core::ports::{Clock, Deferred, Ports};
+use futures_util::future::LocalBoxFuture;
+use futures_util::StreamExt;
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context as TaskContext, Poll};
+use std::time::Duration;
+use worker::{event, Context, Env, FixedLengthStream, Headers, ResponseBuilder};
+
+/// The variable holding the configuration TOML.
+pub const CONFIG_VAR: &str = "PULLGATE_CONFIG";
+/// The KV namespace binding (tag records, tag lists).
+pub const KV_BINDING: &str = "PULLGATE_KV";
+/// The R2 bucket binding (blobs and manifests by digest).
+pub const R2_BINDING: &str = "PULLGATE_R2";
+
+thread_local! {
+    /// The core of this isolate.
+    static APP: RefCell<Option<App>> = const { RefCell::new(None) };
+    /// The request whose future is being polled right now (see [`WithRequest`]).
+    static CURRENT: RefCell<Option<Rc<Context>>> = const { RefCell::new(None) };
+}
+
+/// Resolves `env:NAME` to the Worker secret or variable `NAME`.
+pub struct WorkerSecrets<'a> {
+    env: &'a Env,
+}
+
+impl SecretResolver for WorkerSecrets<'_> {
+    fn resolve(&self, reference: &str) -> Result<Secret, ConfigError> {
+        let name = reference.strip_prefix("env:").ok_or_else(|| {
+            ConfigError(format!(
+                "secret reference {reference:?}: the Workers host reads env:NAME (a secret or variable)"
+            ))
+        })?;
+        if let Ok(s) = self.env.secret(name) {
+            return Ok(Secret::new(s.to_string()));
+        }
+        self.env
+            .var(name)
+            .map(|v| Secret::new(v.to_string()))
+            .map_err(|_| {
+                ConfigError(format!(
+                    "secret {name} (a secret reference) is not set: wrangler secret put {name}"
+                ))
+            })
+    }
+}
+
+/// Wall-clock time from `Date.now()` (the runtime advances it at I/O).
+pub struct DateClock;
+
+impl Clock for DateClock {
+    fn now_ms(&self) -> u64 {
+        worker::js_sys::Date::now() as u64
+    }
+}
+
+/// Deferred work through `waitUntil` of the request that started it, so the runtime keeps the
+/// isolate alive for it after the response (within the platform's 30 s budget).
+pub struct WaitUntil;
+
+impl Deferred for WaitUntil {
+    fn spawn(&self, work: LocalBoxFuture<'static, ()>) {
+        match CURRENT.with(|c| c.borrow().clone()) {
+            Some(ctx) => ctx.wait_until(work),
+            // Not inside a request (never expected): still run it.
+            None => worker::wasm_bindgen_futures::spawn_local(work),
+        }
+    }
+}
+
+/// A request's future, with [`CURRENT`] naming that request while it is polled: the core
+/// spawns deferred work synchronously inside `handle`, so [`WaitUntil`] finds the request that
+/// started the work even when several requests interleave in one isolate.
+struct WithRequest<F> {
+    ctx: Rc<Context>,
+    inner: Pin<Box<F>>,
+}
+
+impl<F: Future> Future for WithRequest<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        let previous = CURRENT.with(|c| c.replace(Some(self.ctx.clone())));
+        let out = self.inner.as_mut().poll(cx);
+        CURRENT.with(|c| *c.borrow_mut() = previous);
+        out
+    }
+}
+
+/// Builds the core from the configuration and bindings.
+fn build_app(env: &Env) -> Result<App, String> {
+    let config = match env.var(CONFIG_VAR) {
+        Ok(text) => parse_config(&text.to_string()).map_err(|e| format!("{CONFIG_VAR}: {e}"))?,
+        Err(_) => Config::default(),
+    };
+    let settings = config
+        .resolve(&WorkerSecrets { env })
+        .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
+    let kv = env
+        .kv(KV_BINDING)
+        .map_err(|e| format!("KV namespace binding {KV_BINDING}: {e}"))?;
+    let bucket = env
+        .bucket(R2_BINDING)
+        .map_err(|e| format!("R2 bucket binding {R2_BINDING}: {e}"))?;
+    let ports = Ports {
+        upstream: Rc::new(FetchUpstream::new(Duration::from_millis(
+            settings.upstream_timeout_ms,
+        ))),
+        kv: Rc::new(WorkerKv::new(kv, bucket.clone())),
+        blobs: Rc::new(R2BlobStore::new(bucket)),
+        clock: Rc::new(DateClock),
+        deferred: Rc::new(WaitUntil),
+    };
+    Ok(App::new(settings, ports))
+}
+
+/// The isolate's core, built on first use.
+fn app(env: &Env) -> Result<App, String> {
+    if let Some(app) = APP.with(|a| a.borrow().clone()) {
+        return Ok(app);
+    }
+    let app = build_app(env)?;
+    APP.with(|a| *a.borrow_mut() = Some(app.clone()));
+    Ok(app)
+}
+
+/// The request as the core sees it: method, path and query, headers; no body.
+fn to_http(req: &worker::Request) -> worker::Result<http::Request<()>> {
+    let url = req.url()?;
+    let path_and_query = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_string(),
+    };
+    let mut builder = http::Request::builder()
+        .method(req.method().as_ref())
+        .uri(path_and_query);
+    for (name, value) in req.headers().entries() {
+        builder = builder.header(name, value);
+    }
+    builder
+        .body(())
+        .map_err(|e| worker::Error::RustError(e.to_string()))
+}
+
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Converts the core's response; logs one line for it.
+fn to_worker(
+    resp: http::Response<Body>,
+    method: &str,
+    path: &str,
+) -> worker::Result<worker::Response> {
+    let (parts, body) = resp.into_parts();
+    let status = parts.status.as_u16();
+    let info = parts.extensions.get::<RequestInfo>().cloned();
+    let headers = Headers::new();
+    for (name, value) in &parts.headers {
+        if let Ok(v) = value.to_str() {
+            headers.append(name.as_str(), v)?;
+        }
+    }
+    let length = content_length(&parts.headers);
+    let line = log_line(method, path, status, info.as_ref());
+    let builder = ResponseBuilder::new()
+        .with_status(status)
+        .with_headers(headers);
+    let resp = match body {
+        Body::Empty => builder.empty(),
+        Body::Bytes(b) => builder.fixed(b.to_vec()),
+        Body::Host(host) => match host.0.downcast::<r2::R2Body>() {
+            Ok(r2) => builder.stream(r2.stream),
+            Err(_) => {
+                worker::console_error!("{line} error=\"unknown host body\"");
+                return worker::Response::error("unknown host body", 500);
+            }
+        },
+        Body::Stream(stream) => {
+            let logged = line.clone();
+            let chunks = stream.map(move |chunk| match chunk {
+                Ok(b) => Ok(Vec::from(b)),
+                Err(e) => {
+                    // Erroring the stream makes the runtime reset the client connection, so
+                    // a client never takes a short or unverified body for a whole one.
+                    worker::console_error!("{logged} aborted=true error={:?}", e.0);
+                    Err(worker::Error::RustError(e.0))
+                }
+            });
+            match length {
+                Some(len) => {
+                    let fixed: worker::worker_sys::FixedLengthStream =
+                        FixedLengthStream::wrap(chunks, len).into();
+                    builder.stream(fixed.readable())
+                }
+                None => builder.from_stream(chunks)?,
+            }
+        }
+    };
+    worker::console_log!("{line}");
+    Ok(resp)
+}
+
+fn log_line(method: &str, path: &str, status: u16, info: Option<&RequestInfo>) -> String {
+    let (route, upstream, cache, error) = match info {
+        Some(i) => (
+            i.route,
+            i.upstream.as_deref().unwrap_or("-"),
+            i.cache.as_str(),
+            i.error.as_deref(),
+        ),
+        None => ("-", "-", "-", None),
+    };
+    let mut line = format!(
+        "method={method} path={path} route={route} upstream={upstream} cache={cache} status={status}"
+    );
+    if let Some(e) = error {
+        line.push_str(&format!(" error={e:?}"));
+    }
+    line
+}
+
+async fn serve(req: worker::Request, env: Env) -> worker::Result<worker::Response> {
+    let request = to_http(&req)?;
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let app = match app(&env) {
+        Ok(app) => app,
+        Err(e) => {
+            worker::console_error!("pullgate cannot start: {e}");
+            let resp = error_response(
+                &RegistryError::Internal("pullgate is misconfigured; see the worker log".into()),
+                request.method() == http::Method::HEAD,
+            );
+            return to_worker(resp, &method, &path);
+        }
+    };
+    let resp = app.handle(&request).await;
+    to_worker(resp, &method, &path)
+}
+
+/// The worker's `fetch` handler.
+#[event(fetch)]
+pub async fn main(
+    req: worker::Request,
+    env: Env,
+    ctx: Context,
+) -> worker::Result<worker::Response> {
+    WithRequest {
+        ctx: Rc::new(ctx),
+        inner: Box::pin(serve(req, env)),
+    }
+    .await
+}

@@ -1,0 +1,335 @@
+//! `R2BlobStore`: the core's blob port over an R2 bucket. Blobs live under
+//! `blobs/sha256/<hex>`, each object exactly the verified bytes of its digest.
+//!
+//! A warm hit hands R2's own `ReadableStream` (a range read when the client asked for one) to
+//! the response as a [`Body::Host`], so large layers never pass through wasm.
+//!
+//! A fill is written without knowing its length in advance (the `create` port does not carry
+//! it), and R2 only stores streams of known length. So the writer buffers up to [`PART`] bytes:
+//! a blob that fits is stored by one `put` of that buffer; a larger one becomes a multipart
+//! upload of equal [`PART`]-sized parts. Either way the bytes are hashed on the way by the
+//! runtime's native `crypto.DigestStream` (no SHA-256 in wasm), and `commit` compares that hash
+//! with the digest *before* anything becomes visible: a mismatch aborts the multipart upload
+//! (its parts are never readable) or skips the `put`. The single `put` also hands R2 the
+//! expected SHA-256, so R2 checks the bytes it received once more. An object appears under its
+//! key only on the successful `put` or `completeMultipartUpload`, both atomic.
+//!
+//! # Limitations
+//! - No tail reader: R2 cannot read an object while it is written. The core serves readers
+//!   that keep up from its in-memory window and slower ones from the committed object.
+//! - Reads are not recorded as accesses: eviction is by R2 object lifecycle rules (age since
+//!   upload), not least-recently-used.
+//! - A fill holds up to [`PART`] bytes in memory until its part is uploaded.
+
+use crate::core::body::{Body, HostBody};
+use crate::core::ports::{
+    BlobStore, BlobWriter, BodyError, ByteStream, CommitError, StoreError, TailReader,
+};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use std::rc::Rc;
+use worker::js_sys::{ArrayBuffer, Uint8Array};
+use worker::wasm_bindgen::{JsCast, JsValue};
+use worker::wasm_bindgen_futures::JsFuture;
+use worker::web_sys::{ReadableStream, WritableStreamDefaultWriter};
+use worker::{Bucket, Data, MultipartUpload, Range, UploadedPart};
+
+/// Size of a multipart part, and the largest blob stored by a single `put`. R2 needs parts of
+/// at least 5 MiB, all the same size except the last.
+pub const PART: usize = 8 << 20;
+
+/// Key prefix of blobs in the bucket.
+const BLOB_PREFIX: &str = "blobs/sha256/";
+
+/// An R2 object body for the host to hand to the response, without touching its bytes.
+pub struct R2Body {
+    /// R2's own stream of the requested bytes.
+    pub stream: ReadableStream,
+}
+
+/// The blob port over an R2 bucket.
+pub struct R2BlobStore {
+    bucket: Bucket,
+}
+
+impl R2BlobStore {
+    /// Wraps the bucket binding.
+    pub fn new(bucket: Bucket) -> R2BlobStore {
+        R2BlobStore { bucket }
+    }
+}
+
+fn r2_err(what: &str, key: &str, e: impl std::fmt::Display) -> StoreError {
+    StoreError(format!("R2 {what} {key}: {e}"))
+}
+
+/// `sha256:<hex>` → (object key, the 32 digest bytes).
+fn blob_key(digest: &str) -> Result<(String, Vec<u8>), StoreError> {
+    let hex_part = digest
+        .strip_prefix("sha256:")
+        .ok_or_else(|| StoreError(format!("unsupported digest {digest}")))?;
+    let raw = hex::decode(hex_part)
+        .ok()
+        .filter(|b| b.len() == 32)
+        .ok_or_else(|| StoreError(format!("malformed digest {digest}")))?;
+    Ok((format!("{BLOB_PREFIX}{hex_part}"), raw))
+}
+
+impl R2BlobStore {
+    /// R2's stream of bytes `[start, end)` of a stored blob, or None.
+    async fn range_stream(
+        &self,
+        digest: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<ReadableStream>, StoreError> {
+        let (key, _) = blob_key(digest)?;
+        let length = end.saturating_sub(start);
+        let obj = self
+            .bucket
+            .get(&key)
+            .range(Range::OffsetWithLength {
+                offset: start,
+                length: length.max(1),
+            })
+            .execute()
+            .await
+            .map_err(|e| r2_err("get", &key, e))?;
+        let Some(obj) = obj else { return Ok(None) };
+        let Some(body) = obj.body() else {
+            return Ok(None);
+        };
+        match body.response_body() {
+            Ok(worker::ResponseBody::Stream(s)) => Ok(Some(s)),
+            Ok(_) => Err(r2_err("get", &key, "object body is not a stream")),
+            Err(e) => Err(r2_err("get", &key, e)),
+        }
+    }
+}
+
+#[async_trait::async_trait(?Send)]
+impl BlobStore for R2BlobStore {
+    async fn stat(&self, digest: &str) -> Result<Option<u64>, StoreError> {
+        let (key, _) = blob_key(digest)?;
+        let obj = self
+            .bucket
+            .head(&key)
+            .await
+            .map_err(|e| r2_err("head", &key, e))?;
+        Ok(obj.map(|o| o.size()))
+    }
+
+    async fn read(
+        &self,
+        digest: &str,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<ByteStream>, StoreError> {
+        if start >= end {
+            return Ok(Some(futures_util::stream::empty().boxed_local()));
+        }
+        let Some(stream) = self.range_stream(digest, start, end).await? else {
+            return Ok(None);
+        };
+        let bytes = worker::ByteStream::from(stream).map(|chunk| {
+            chunk
+                .map(Bytes::from)
+                .map_err(|e| BodyError(format!("R2 read: {e}")))
+        });
+        Ok(Some(bytes.boxed_local()))
+    }
+
+    async fn serve(&self, digest: &str, start: u64, end: u64) -> Result<Option<Body>, StoreError> {
+        if start >= end {
+            return Ok(Some(Body::Empty));
+        }
+        Ok(self
+            .range_stream(digest, start, end)
+            .await?
+            .map(|stream| Body::Host(HostBody(Box::new(R2Body { stream })))))
+    }
+
+    async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
+        let (key, expected) = blob_key(digest)?;
+        let hasher = NativeSha256::new().map_err(|e| r2_err("hash", &key, e))?;
+        Ok(Box::new(R2BlobWriter {
+            bucket: self.bucket.clone(),
+            key,
+            expected,
+            hasher,
+            buf: Vec::new(),
+            upload: None,
+        }))
+    }
+}
+
+/// SHA-256 by the runtime (`crypto.DigestStream`), fed chunk by chunk.
+struct NativeSha256 {
+    stream: worker::worker_sys::DigestStream,
+    writer: WritableStreamDefaultWriter,
+}
+
+fn js_text(e: JsValue) -> String {
+    e.as_string()
+        .or_else(|| {
+            e.dyn_ref::<worker::js_sys::Error>()
+                .map(|e| String::from(e.message()))
+        })
+        .unwrap_or_else(|| format!("{e:?}"))
+}
+
+impl NativeSha256 {
+    fn new() -> Result<NativeSha256, String> {
+        let stream = worker::worker_sys::DigestStream::new("SHA-256");
+        let writer = stream.get_writer().map_err(js_text)?;
+        Ok(NativeSha256 { stream, writer })
+    }
+
+    async fn update(&self, chunk: &[u8]) -> Result<(), String> {
+        let array = Uint8Array::from(chunk);
+        JsFuture::from(self.writer.write_with_chunk(&array))
+            .await
+            .map(|_| ())
+            .map_err(js_text)
+    }
+
+    async fn finish(self) -> Result<Vec<u8>, String> {
+        JsFuture::from(self.writer.close()).await.map_err(js_text)?;
+        let buf: ArrayBuffer = JsFuture::from(self.stream.digest())
+            .await
+            .map_err(js_text)?
+            .unchecked_into();
+        Ok(Uint8Array::new(&buf).to_vec())
+    }
+
+    fn abort(self) {
+        let _ = self.writer.abort();
+    }
+}
+
+struct Multipart {
+    upload: MultipartUpload,
+    parts: Vec<UploadedPart>,
+}
+
+/// A blob being written: hashed natively, buffered into parts, visible only after `commit`
+/// found the hash equal to the digest.
+pub struct R2BlobWriter {
+    bucket: Bucket,
+    key: String,
+    expected: Vec<u8>,
+    hasher: NativeSha256,
+    /// Bytes not yet uploaded (less than [`PART`] between writes).
+    buf: Vec<u8>,
+    upload: Option<Multipart>,
+}
+
+impl R2BlobWriter {
+    async fn upload_part(&mut self, data: Vec<u8>) -> Result<(), StoreError> {
+        if self.upload.is_none() {
+            let upload = self
+                .bucket
+                .create_multipart_upload(&self.key)
+                .execute()
+                .await
+                .map_err(|e| r2_err("create multipart upload", &self.key, e))?;
+            self.upload = Some(Multipart {
+                upload,
+                parts: Vec::new(),
+            });
+        }
+        let Some(m) = self.upload.as_mut() else {
+            return Err(r2_err("upload part", &self.key, "no multipart upload"));
+        };
+        let number = u16::try_from(m.parts.len() + 1)
+            .map_err(|_| r2_err("upload part", &self.key, "blob has too many parts"))?;
+        let part = m
+            .upload
+            .upload_part(number, Data::Bytes(data))
+            .await
+            .map_err(|e| r2_err("upload part", &self.key, e))?;
+        m.parts.push(part);
+        Ok(())
+    }
+}
+
+#[async_trait::async_trait(?Send)]
+impl BlobWriter for R2BlobWriter {
+    async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
+        for chunk in chunks {
+            self.hasher
+                .update(&chunk)
+                .await
+                .map_err(|e| r2_err("hash", &self.key, e))?;
+            let mut rest: &[u8] = &chunk;
+            while !rest.is_empty() {
+                // A full buffer is uploaded only once more bytes follow, so a blob of exactly
+                // PART bytes is still stored by a single verified put.
+                if self.buf.len() == PART {
+                    let part = std::mem::replace(&mut self.buf, Vec::with_capacity(PART));
+                    self.upload_part(part).await?;
+                }
+                let take = (PART - self.buf.len()).min(rest.len());
+                self.buf.extend_from_slice(&rest[..take]);
+                rest = &rest[take..];
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<(), CommitError> {
+        let key = self.key.clone();
+        let actual = self
+            .hasher
+            .finish()
+            .await
+            .map_err(|e| r2_err("hash", &key, e))?;
+        if actual != self.expected {
+            if let Some(m) = self.upload.take() {
+                let _ = m.upload.abort().await;
+            }
+            return Err(CommitError::DigestMismatch {
+                actual: format!("sha256:{}", hex::encode(actual)),
+            });
+        }
+        let buf = std::mem::take(&mut self.buf);
+        match self.upload.take() {
+            None => {
+                self.bucket
+                    .put(&key, Data::Bytes(buf))
+                    .sha256(self.expected.clone())
+                    .execute()
+                    .await
+                    .map_err(|e| r2_err("put", &key, e))?;
+            }
+            Some(mut m) => {
+                if !buf.is_empty() {
+                    let number = u16::try_from(m.parts.len() + 1)
+                        .map_err(|_| r2_err("upload part", &key, "blob has too many parts"))?;
+                    let part = m
+                        .upload
+                        .upload_part(number, Data::Bytes(buf))
+                        .await
+                        .map_err(|e| r2_err("upload part", &key, e))?;
+                    m.parts.push(part);
+                }
+                m.upload
+                    .complete(m.parts)
+                    .await
+                    .map_err(|e| r2_err("complete multipart upload", &key, e))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn abort(mut self: Box<Self>) {
+        if let Some(m) = self.upload.take() {
+            let _ = m.upload.abort().await;
+        }
+        self.hasher.abort();
+    }
+
+    fn tail(&self) -> Option<Rc<dyn TailReader>> {
+        None
+    }
+}
