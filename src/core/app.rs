@@ -152,6 +152,15 @@ impl App {
             });
             return resp;
         }
+        if let Some(mut resp) = crate::core::helm::handle(&self.inner, req).await {
+            resp.extensions_mut().insert(RequestInfo {
+                route: "helm",
+                upstream: None,
+                cache: CacheStatus::None,
+                error: None,
+            });
+            return resp;
+        }
         let head = req.method() == Method::HEAD;
         let route = parse_route(
             &self.inner.settings,

@@ -44,6 +44,9 @@ pub struct Config {
     /// Gateway limits and admin token.
     #[serde(default)]
     pub gateway: crate::core::gateway::config::GatewayConfig,
+    /// Classic Helm chart repositories.
+    #[serde(default)]
+    pub helm: Vec<crate::core::helm::HelmConfig>,
 }
 
 /// `[cache]`.
@@ -166,6 +169,8 @@ pub struct Settings {
     pub upstreams: Vec<UpstreamSpec>,
     /// The build-trigger gateway.
     pub gateway: crate::core::gateway::config::GatewaySettings,
+    /// Classic Helm chart repositories.
+    pub helm: Vec<crate::core::helm::HelmRepo>,
 }
 
 /// Docker Hub's client-facing name.
@@ -410,6 +415,7 @@ impl Config {
                 },
                 secrets,
             )?,
+            helm: crate::core::helm::resolve(&self.helm)?,
         })
     }
 }

@@ -9,6 +9,7 @@ pub mod body;
 pub mod config;
 pub mod error;
 pub mod gateway;
+pub mod helm;
 pub mod manifests;
 pub mod media;
 pub mod metrics;
