@@ -31,6 +31,8 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Read a password on standard input and print its argon2id hash for `[[identity]]`.
+    HashPassword,
 }
 
 fn main() {
@@ -47,9 +49,23 @@ fn main() {
             upstreams: upstream,
             config,
         }),
+        Command::HashPassword => hash_password(),
     };
     if let Err(e) = result {
         eprintln!("pullgate: {e}");
         std::process::exit(2);
     }
+}
+
+fn hash_password() -> Result<(), String> {
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the password: {e}"))?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err("an empty password was given".into());
+    }
+    println!("{}", pullgate::native::hash_password(password)?);
+    Ok(())
 }

@@ -152,6 +152,16 @@ impl BlobStore for MemBlobStore {
         let part = b.slice(start..end);
         Ok(Some(futures_util::stream::iter([Ok(part)]).boxed_local()))
     }
+    async fn delete(&self, digest: &str) -> Result<bool, StoreError> {
+        Ok(self.blobs.borrow_mut().remove(digest).is_some())
+    }
+    async fn usage(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        let b = self.blobs.borrow();
+        Ok(Some((
+            b.len() as u64,
+            b.values().map(|v| v.len() as u64).sum(),
+        )))
+    }
     async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
         Ok(Box::new(MemWriter {
             no_tail: self.no_tail,

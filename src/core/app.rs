@@ -2,6 +2,7 @@
 //! the ports it was built with. It routes, validates, and hands each endpoint to its module
 //! (`manifests`, `blobs`, `tags`); it builds every error as the OCI envelope.
 
+use crate::core::access::gate;
 use crate::core::blobs::{self, Fill};
 use crate::core::body::{Body, CacheStatus, RequestInfo};
 use crate::core::config::{Settings, UpstreamSpec};
@@ -33,6 +34,8 @@ pub(crate) struct Inner {
     pub pumping: Cell<bool>,
     /// When a request last started an outbox pass (ms).
     pub last_pump_ms: Cell<u64>,
+    /// Rate-limit buckets.
+    pub limiter: RefCell<crate::core::access::limit::Limiter>,
 }
 
 /// What a request handler works on.
@@ -96,6 +99,7 @@ impl App {
                 fills: RefCell::new(HashMap::new()),
                 pumping: Cell::new(false),
                 last_pump_ms: Cell::new(0),
+                limiter: RefCell::new(Default::default()),
             }),
         }
     }
@@ -138,27 +142,54 @@ impl App {
     pub async fn handle_with_body(&self, req: &Request<()>, body: ByteStream) -> Response<Body> {
         inc(&self.inner.metrics.requests);
         crate::core::gateway::pump_if_idle(&self.inner);
-        if let Some(mut resp) = crate::core::gateway::handle(&self.inner, req, body).await {
-            let route = if req.uri().path().starts_with("/hooks/") {
+        let info = |route: &'static str, identity: Option<String>| RequestInfo {
+            route,
+            upstream: None,
+            cache: CacheStatus::None,
+            error: None,
+            identity,
+        };
+        let caller = match gate::admit(&self.inner, req) {
+            Ok(c) => c,
+            Err(resp) => {
+                let mut resp = *resp;
+                resp.extensions_mut().insert(info("denied", None));
+                return resp;
+            }
+        };
+        let who = Some(caller.principal.name.clone());
+        let path = req.uri().path();
+        if path == "/token" {
+            let mut resp = gate::token_endpoint(&self.inner, req, body).await;
+            resp.extensions_mut().insert(info("token", who));
+            return resp;
+        }
+        if let Some(mut resp) = crate::core::admin::handle(&self.inner, req, &caller).await {
+            resp.extensions_mut().insert(info("admin", who));
+            return resp;
+        }
+        if let Some(mut resp) = crate::core::gateway::handle(&self.inner, req, body, &caller).await
+        {
+            let route = if path.starts_with("/hooks/") {
                 "hook"
             } else {
                 "chain"
             };
-            resp.extensions_mut().insert(RequestInfo {
-                route,
-                upstream: None,
-                cache: CacheStatus::None,
-                error: None,
-            });
+            resp.extensions_mut().insert(info(route, who));
             return resp;
         }
+        if let Some(repo) = path
+            .strip_prefix("/charts/")
+            .and_then(|r| r.split('/').next())
+        {
+            if let Err(resp) = gate::authorize_pull(&self.inner, req, &caller, "charts", repo) {
+                let mut resp = *resp;
+                resp.extensions_mut().insert(info("helm", who));
+                return resp;
+            }
+        }
         if let Some(mut resp) = crate::core::helm::handle(&self.inner, req).await {
-            resp.extensions_mut().insert(RequestInfo {
-                route: "helm",
-                upstream: None,
-                cache: CacheStatus::None,
-                error: None,
-            });
+            resp.extensions_mut().insert(info("helm", who));
             return resp;
         }
         let head = req.method() == Method::HEAD;
@@ -176,6 +207,33 @@ impl App {
             ),
             Err(_) => ("error", None),
         };
+        let gate_result = match &route {
+            Ok(r) => match (r.upstream, r.name.as_ref()) {
+                (Some(i), Some(name)) => gate::authorize_pull(
+                    &self.inner,
+                    req,
+                    &caller,
+                    &self.inner.settings.upstreams[i].host,
+                    name.as_str(),
+                ),
+                _ if r.endpoint == Endpoint::Base => {
+                    gate::authorize_base(&self.inner, req, &caller)
+                }
+                _ => Ok(()),
+            },
+            Err(_) => Ok(()),
+        };
+        if let Err(resp) = gate_result {
+            let mut resp = *resp;
+            resp.extensions_mut().insert(RequestInfo {
+                route: route_kind,
+                upstream,
+                cache: CacheStatus::None,
+                error: None,
+                identity: who,
+            });
+            return resp;
+        }
         let result = match route {
             Ok(r) => self.dispatch(req, r, head).await,
             Err(e) => Err(e),
@@ -201,6 +259,7 @@ impl App {
             upstream,
             cache,
             error,
+            identity: who,
         });
         resp
     }

@@ -552,7 +552,7 @@ pub(crate) async fn get(
 ) -> Result<(Response<Body>, CacheStatus), RegistryError> {
     let m = &ctx.inner.metrics;
     if let Some(resp) = from_store(ctx, digest, range).await? {
-        inc(&m.hits);
+        m.hit(&ctx.up.host);
         return Ok((resp, CacheStatus::Hit));
     }
     let existing = ctx.inner.fills.borrow().get(digest.as_str()).cloned();
@@ -562,7 +562,7 @@ pub(crate) async fn get(
             (f, CacheStatus::Coalesced)
         }
         None => {
-            inc(&m.misses);
+            m.miss(&ctx.up.host);
             let f = Fill::new();
             ctx.inner
                 .fills

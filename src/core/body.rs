@@ -70,4 +70,6 @@ pub struct RequestInfo {
     pub cache: CacheStatus,
     /// Error text for the log (never contains secrets).
     pub error: Option<String>,
+    /// Who asked (`anonymous` when unauthenticated); None when refused before authentication.
+    pub identity: Option<String>,
 }

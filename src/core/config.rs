@@ -47,6 +47,23 @@ pub struct Config {
     /// Classic Helm chart repositories.
     #[serde(default)]
     pub helm: Vec<crate::core::helm::HelmConfig>,
+    /// Native only: where the audit log goes (default `<data_dir>/audit.log`; `-` for stderr).
+    pub audit_log: Option<String>,
+    /// Authentication on the mirror.
+    #[serde(default)]
+    pub auth: crate::core::access::AuthConfig,
+    /// Users and robot accounts.
+    #[serde(default)]
+    pub identity: Vec<crate::core::access::IdentityConfig>,
+    /// Authorization rules.
+    #[serde(default)]
+    pub access: Vec<crate::core::access::AccessRuleConfig>,
+    /// Network allowlists.
+    #[serde(default)]
+    pub network: Vec<crate::core::access::NetworkRuleConfig>,
+    /// Rate limits.
+    #[serde(default)]
+    pub rate_limit: crate::core::access::RateLimitConfig,
 }
 
 /// `[cache]`.
@@ -171,6 +188,8 @@ pub struct Settings {
     pub gateway: crate::core::gateway::config::GatewaySettings,
     /// Classic Helm chart repositories.
     pub helm: Vec<crate::core::helm::HelmRepo>,
+    /// Access control, network rules and rate limits.
+    pub access: crate::core::access::AccessSettings,
 }
 
 /// Docker Hub's client-facing name.
@@ -416,6 +435,16 @@ impl Config {
                 secrets,
             )?,
             helm: crate::core::helm::resolve(&self.helm)?,
+            access: crate::core::access::resolve(
+                crate::core::access::AccessInput {
+                    auth: &self.auth,
+                    identities: &self.identity,
+                    rules: &self.access,
+                    networks: &self.network,
+                    rate_limit: &self.rate_limit,
+                },
+                secrets,
+            )?,
         })
     }
 }

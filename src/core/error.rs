@@ -38,6 +38,9 @@ pub enum RegistryError {
     /// The endpoint does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// Authentication is required (or the credentials were refused).
+    #[error("{0}")]
+    Unauthorized(String),
     /// The upstream refused our credentials or the configured access.
     #[error("{0}")]
     Denied(String),
@@ -66,6 +69,7 @@ const TABLE: &[(&str, &str, u16)] = &[
     ("RangeInvalid", "SIZE_INVALID", 416),
     ("Unsupported", "UNSUPPORTED", 405),
     ("NotFound", "UNSUPPORTED", 404),
+    ("Unauthorized", "UNAUTHORIZED", 401),
     ("Denied", "DENIED", 403),
     ("TooManyRequests", "TOOMANYREQUESTS", 429),
     ("Unavailable", "UNAVAILABLE", 503),
@@ -85,6 +89,7 @@ impl RegistryError {
             RegistryError::RangeInvalid(_) => "RangeInvalid",
             RegistryError::Unsupported(_) => "Unsupported",
             RegistryError::NotFound(_) => "NotFound",
+            RegistryError::Unauthorized(_) => "Unauthorized",
             RegistryError::Denied(_) => "Denied",
             RegistryError::TooManyRequests(_) => "TooManyRequests",
             RegistryError::Unavailable(_) => "Unavailable",
@@ -148,6 +153,7 @@ mod tests {
             RegistryError::RangeInvalid(String::new()),
             RegistryError::Unsupported(String::new()),
             RegistryError::NotFound(String::new()),
+            RegistryError::Unauthorized(String::new()),
             RegistryError::Denied(String::new()),
             RegistryError::TooManyRequests(String::new()),
             RegistryError::Unavailable(String::new()),

@@ -248,10 +248,10 @@ pub(crate) async fn get(
     match reference {
         Reference::Digest(d) => {
             if let Some(stored) = load(ctx, d.as_str()).await? {
-                inc(&m.hits);
+                m.hit(&ctx.up.host);
                 return Ok((serve(ctx, d.as_str(), stored)?, CacheStatus::Hit));
             }
-            inc(&m.misses);
+            m.miss(&ctx.up.host);
             match fetch(ctx, d.as_str(), Some(d), accept).await {
                 Ok((digest, stored)) => {
                     Ok((serve(ctx, digest.as_str(), stored)?, CacheStatus::Miss))
@@ -300,7 +300,7 @@ async fn get_tag(
 
     if let Some((rec, stored)) = &cached {
         if is_fresh(rec, now, settings.tag_ttl_ms) {
-            inc(&m.hits);
+            m.hit(&ctx.up.host);
             return Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Hit));
         }
         // Revalidate with HEAD: free against Docker Hub's pull limit.
@@ -326,7 +326,7 @@ async fn get_tag(
                     .and_then(|v| parse_digest(v).ok());
                 if upstream_digest.as_ref().map(Digest::as_str) == Some(rec.digest.as_str()) {
                     save_record(ctx, &key, &rec.digest).await?;
-                    inc(&m.hits);
+                    m.hit(&ctx.up.host);
                     return Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Hit));
                 }
                 // Moved (or no digest header): fetch below.
@@ -334,11 +334,11 @@ async fn get_tag(
                     if let Some(s) = load(ctx, d.as_str()).await? {
                         if accept.accepts(&s.media_type) {
                             save_record(ctx, &key, d.as_str()).await?;
-                            inc(&m.hits);
+                            m.hit(&ctx.up.host);
                             return Ok((serve(ctx, d.as_str(), s)?, CacheStatus::Hit));
                         }
                     }
-                    inc(&m.misses);
+                    m.miss(&ctx.up.host);
                     return match fetch(ctx, d.as_str(), Some(&d), accept).await {
                         Ok((digest, s)) => {
                             save_record(ctx, &key, digest.as_str()).await?;
@@ -358,7 +358,7 @@ async fn get_tag(
         }
     }
 
-    inc(&m.misses);
+    m.miss(&ctx.up.host);
     match fetch(ctx, tag.as_str(), None, accept).await {
         Ok((digest, stored)) => {
             save_record(ctx, &key, digest.as_str()).await?;

@@ -1,7 +1,9 @@
 //! Counters for `/metrics` (Prometheus text exposition format 0.0.4). Plain atomics, so a host
 //! may share them across threads; the core only increments.
 
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 /// The counters.
 #[derive(Debug, Default)]
@@ -26,6 +28,10 @@ pub struct Metrics {
     pub digest_mismatches: AtomicU64,
     /// Requests handled.
     pub requests: AtomicU64,
+    /// Requests refused by access control, network rules or rate limits.
+    pub denied: AtomicU64,
+    /// (hits, misses) by upstream host.
+    pub by_upstream: Mutex<BTreeMap<String, [u64; 2]>>,
 }
 
 /// Adds one.
@@ -39,13 +45,44 @@ pub fn add(c: &AtomicU64, n: u64) {
 }
 
 impl Metrics {
+    fn count(&self, host: &str, i: usize) {
+        if let Ok(mut m) = self.by_upstream.lock() {
+            m.entry(host.to_string()).or_insert([0, 0])[i] += 1;
+        }
+    }
+
+    /// Counts a cache hit for `host`.
+    pub fn hit(&self, host: &str) {
+        inc(&self.hits);
+        self.count(host, 0);
+    }
+
+    /// Counts a cache miss for `host`.
+    pub fn miss(&self, host: &str) {
+        inc(&self.misses);
+        self.count(host, 1);
+    }
+
+    /// (hits, misses) by upstream.
+    pub fn per_upstream(&self) -> BTreeMap<String, [u64; 2]> {
+        self.by_upstream
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 10] = [
+        let rows: [(&str, &str, &AtomicU64); 11] = [
             (
                 "pullgate_requests_total",
                 "Requests handled.",
                 &self.requests,
+            ),
+            (
+                "pullgate_denied_total",
+                "Requests refused by access control, network rules or rate limits.",
+                &self.denied,
             ),
             (
                 "pullgate_cache_hits_total",
@@ -94,6 +131,24 @@ impl Metrics {
             ),
         ];
         let mut out = String::new();
+        let per = self.per_upstream();
+        for (name, help, i) in [
+            (
+                "pullgate_upstream_cache_hits_total",
+                "Cache hits by upstream.",
+                0,
+            ),
+            (
+                "pullgate_upstream_cache_misses_total",
+                "Cache misses by upstream.",
+                1,
+            ),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            for (host, c) in &per {
+                out.push_str(&format!("{name}{{upstream=\"{host}\"}} {}\n", c[i]));
+            }
+        }
         for (name, help, v) in rows {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",

@@ -2,6 +2,8 @@
 //! over the ports in [`ports`]. No tokio, no filesystem, no wall-clock reads: it compiles for
 //! `wasm32-unknown-unknown` and `wasm32-wasip2`, and every host calls [`app::App::handle`].
 
+pub mod access;
+pub mod admin;
 pub mod app;
 pub mod auth;
 pub(crate) mod blobs;

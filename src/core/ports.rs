@@ -76,6 +76,16 @@ pub trait BlobStore {
     async fn serve(&self, digest: &str, start: u64, end: u64) -> Result<Option<Body>, StoreError> {
         Ok(self.read(digest, start, end).await?.map(Body::Stream))
     }
+    /// Removes a stored blob (admin purge); Ok(false) when it was not stored. A store that
+    /// cannot delete answers an error saying so.
+    async fn delete(&self, digest: &str) -> Result<bool, StoreError> {
+        let _ = digest;
+        Err(StoreError("this blob store cannot delete blobs".into()))
+    }
+    /// (blob count, bytes) when the store keeps them; None when it cannot tell cheaply.
+    async fn usage(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(None)
+    }
     /// Starts writing a blob under a staging name.
     async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError>;
 }

@@ -92,11 +92,11 @@ pub(crate) async fn list(
         .filter(|p| p.v == PAGE_VERSION);
     if let Some(p) = &cached {
         if now < p.fetched_ms.saturating_add(inner.settings.tag_ttl_ms) {
-            inc(&m.hits);
+            m.hit(&ctx.up.host);
             return Ok((serve(p, client_name, ns)?, CacheStatus::Hit));
         }
     }
-    inc(&m.misses);
+    m.miss(&ctx.up.host);
     let stale_or = |e: RegistryError| match &cached {
         Some(p) if now <= p.fetched_ms.saturating_add(inner.settings.max_stale_ms) => {
             inc(&m.upstream_errors);

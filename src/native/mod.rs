@@ -9,6 +9,7 @@
 // The native host is where time comes from: it may read the system clocks (the core may not).
 #![allow(clippy::disallowed_methods)]
 
+pub mod audit;
 pub mod client;
 pub mod store;
 
@@ -99,6 +100,22 @@ impl Deferred for LocalDeferred {
     }
 }
 
+/// An argon2id PHC hash of `password` with a random salt (`pullgate hash-password`), for an
+/// `[[identity]] password_hash`.
+pub fn hash_password(password: &str) -> Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    use std::io::Read;
+    let mut salt = [0u8; 16];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut salt))
+        .map_err(|e| format!("reading /dev/urandom: {e}"))?;
+    let salt = SaltString::encode_b64(&salt).map_err(|e| e.to_string())?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
 /// Everything `serve` resolved before it binds.
 pub struct Prepared {
     /// Listen address.
@@ -107,6 +124,8 @@ pub struct Prepared {
     pub data_dir: PathBuf,
     /// Core settings.
     pub settings: Settings,
+    /// Audit log destination.
+    pub audit_log: PathBuf,
 }
 
 /// Reads the config file and flags into settings.
@@ -133,10 +152,16 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
         .clone()
         .or(config.data_dir.as_ref().map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+    let audit_log = config
+        .audit_log
+        .as_ref()
+        .map(PathBuf::from)
+        .unwrap_or_else(|| data_dir.join("audit.log"));
     Ok(Prepared {
         listen,
         data_dir,
         settings,
+        audit_log,
     })
 }
 
@@ -193,6 +218,9 @@ struct LogLine {
     started: Instant,
     metrics: Rc<Metrics>,
     failed: bool,
+    ip: Option<std::net::IpAddr>,
+    digest: Option<String>,
+    audit: Rc<audit::AuditSink>,
 }
 
 impl LogLine {
@@ -231,6 +259,22 @@ impl Drop for LogLine {
             line.push_str(&format!(" error={e:?}"));
         }
         eprintln!("{line}");
+        if audit::is_audited(route) {
+            self.audit.record(&audit::to_json(&audit::Entry {
+                now_ms: SystemClock.now_ms(),
+                identity: self.info.as_ref().and_then(|i| i.identity.as_deref()),
+                ip: self.ip.map(|i| i.to_string()),
+                method: &self.method,
+                path: &self.path,
+                route,
+                upstream: (upstream != "-").then_some(upstream),
+                status: self.status,
+                bytes: self.bytes,
+                cache,
+                digest: self.digest.as_deref(),
+                aborted: self.failed,
+            }));
+        }
     }
 }
 
@@ -238,6 +282,11 @@ fn to_hyper(resp: ::http::Response<Body>, mut log: LogLine) -> ::http::Response<
     let (parts, body) = resp.into_parts();
     log.status = parts.status.as_u16();
     log.info = parts.extensions.get::<RequestInfo>().cloned();
+    log.digest = parts
+        .headers
+        .get("docker-content-digest")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body: HyperBody = match body {
         Body::Empty => {
             drop(log);
@@ -295,11 +344,19 @@ fn incoming_stream(body: Incoming) -> crate::core::ports::ByteStream {
 async fn handle(
     app: App,
     req: ::http::Request<Incoming>,
+    peer: std::net::IpAddr,
+    audit: Rc<audit::AuditSink>,
 ) -> Result<::http::Response<HyperBody>, Infallible> {
     let started = Instant::now();
     let (parts, body) = req.into_parts();
-    let req = ::http::Request::from_parts(parts, ());
+    let mut req = ::http::Request::from_parts(parts, ());
+    // The socket's address is the only one the native host can vouch for.
+    req.extensions_mut()
+        .insert(crate::core::access::ClientAddr(peer));
     let log = LogLine {
+        ip: Some(peer),
+        digest: None,
+        audit,
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
         status: 0,
@@ -372,6 +429,7 @@ async fn run(p: Prepared) -> Result<(), String> {
         p.data_dir.display(),
         upstream_names.join(",")
     );
+    let audit = Rc::new(audit::AuditSink::open(&p.audit_log)?);
     let app = App::new(p.settings, ports);
     // The gateway's outbox: deliveries persisted before a restart go out now, retries when due.
     let pump_app = app.clone();
@@ -388,7 +446,7 @@ async fn run(p: Prepared) -> Result<(), String> {
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(s) => s,
                     Err(e) => {
                         eprintln!("accept failed: {e}");
@@ -397,7 +455,10 @@ async fn run(p: Prepared) -> Result<(), String> {
                 };
                 let _ = stream.set_nodelay(true);
                 let app = app.clone();
-                let service = hyper::service::service_fn(move |req| handle(app.clone(), req));
+                let audit = audit.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    handle(app.clone(), req, peer.ip(), audit.clone())
+                });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service);
                 let conn = graceful.watch(conn);

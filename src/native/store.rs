@@ -117,12 +117,14 @@ struct Usage {
     blobs: PathBuf,
     max_size: u64,
     total: AtomicU64,
+    count: AtomicU64,
     evicting: AtomicBool,
 }
 
 impl Usage {
     /// Counts a committed blob and starts an eviction pass if the cap is exceeded.
     fn add(self: &Arc<Self>, bytes: u64) {
+        self.count.fetch_add(1, Ordering::Relaxed);
         let total = self.total.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if total <= self.max_size || self.evicting.swap(true, Ordering::AcqRel) {
             return;
@@ -130,7 +132,8 @@ impl Usage {
         let usage = self.clone();
         tokio::task::spawn_blocking(move || {
             let target = usage.max_size / 100 * EVICT_TO_PERCENT;
-            evict(&usage.blobs, &usage.total, target);
+            let (_, files) = evict(&usage.blobs, &usage.total, target);
+            usage.count.fetch_sub(files, Ordering::Relaxed);
             usage.evicting.store(false, Ordering::Release);
         });
     }
@@ -173,12 +176,12 @@ fn walk_blobs(dir: &Path, out: &mut Vec<(PathBuf, u64, SystemTime)>) {
     }
 }
 
-/// Removes least recently used blobs until `total` ≤ `target`. Returns bytes removed.
-pub fn evict(blobs: &Path, total: &AtomicU64, target: u64) -> u64 {
+/// Removes least recently used blobs until `total` ≤ `target`. Returns (bytes, files) removed.
+pub fn evict(blobs: &Path, total: &AtomicU64, target: u64) -> (u64, u64) {
     let mut files = Vec::new();
     walk_blobs(blobs, &mut files);
     files.sort_by_key(|(_, _, t)| *t);
-    let mut removed = 0;
+    let (mut removed, mut n) = (0, 0);
     for (path, len, _) in files {
         if total.load(Ordering::Relaxed) <= target {
             break;
@@ -186,9 +189,10 @@ pub fn evict(blobs: &Path, total: &AtomicU64, target: u64) -> u64 {
         if std::fs::remove_file(&path).is_ok() {
             total.fetch_sub(len, Ordering::Relaxed);
             removed += len;
+            n += 1;
         }
     }
-    removed
+    (removed, n)
 }
 
 impl FsBlobStore {
@@ -203,12 +207,14 @@ impl FsBlobStore {
         let mut files = Vec::new();
         walk_blobs(&blobs, &mut files);
         let total = files.iter().map(|(_, l, _)| l).sum();
+        let count = files.len() as u64;
         Ok(FsBlobStore {
             tmp,
             usage: Arc::new(Usage {
                 blobs,
                 max_size,
                 total: AtomicU64::new(total),
+                count: AtomicU64::new(count),
                 evicting: AtomicBool::new(false),
             }),
             seq: AtomicU64::new(0),
@@ -285,6 +291,31 @@ impl BlobStore for FsBlobStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(store_err(e)),
         }
+    }
+
+    async fn delete(&self, digest: &str) -> Result<bool, StoreError> {
+        let path = self.path(digest)?;
+        let len = match std::fs::metadata(&path) {
+            Ok(md) => md.len(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => return Err(store_err(e)),
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => {
+                self.usage.total.fetch_sub(len, Ordering::Relaxed);
+                self.usage.count.fetch_sub(1, Ordering::Relaxed);
+                Ok(true)
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(store_err(e)),
+        }
+    }
+
+    async fn usage(&self) -> Result<Option<(u64, u64)>, StoreError> {
+        Ok(Some((
+            self.usage.count.load(Ordering::Relaxed),
+            self.usage.total.load(Ordering::Relaxed),
+        )))
     }
 
     async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
@@ -420,7 +451,7 @@ mod tests {
         let mid = mk("bb/mid", 200);
         let new = mk("aa/new", 100);
         let total = AtomicU64::new(300);
-        assert_eq!(evict(&blobs, &total, 150), 200);
+        assert_eq!(evict(&blobs, &total, 150), (200, 2));
         assert!(!old.exists() && !mid.exists() && new.exists());
         assert_eq!(total.load(Ordering::Relaxed), 100);
     }

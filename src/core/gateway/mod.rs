@@ -248,6 +248,7 @@ pub(crate) async fn handle(
     inner: &Rc<Inner>,
     req: &Request<()>,
     body: ByteStream,
+    caller: &crate::core::access::gate::Caller,
 ) -> Option<Response<Body>> {
     let path = req.uri().path();
     if let Some(name) = path.strip_prefix("/hooks/") {
@@ -266,7 +267,7 @@ pub(crate) async fn handle(
         path.strip_prefix("/chain/")
     };
     let rest = rest?;
-    Some(chain_route(inner, req, rest, body).await)
+    Some(chain_route(inner, req, rest, body, caller).await)
 }
 
 async fn hook(
@@ -503,6 +504,7 @@ async fn chain_route(
     req: &Request<()>,
     rest: &str,
     body: ByteStream,
+    caller: &crate::core::access::gate::Caller,
 ) -> Response<Body> {
     let gw = &inner.settings.gateway;
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
@@ -513,8 +515,16 @@ async fn chain_route(
             return stage_result(inner, run_id, stage, req.headers(), body).await;
         }
     }
+    // Replays and pumps are the `trigger` action; reading runs is `admin`.
+    let action = if *m == Method::POST {
+        "trigger"
+    } else {
+        "admin"
+    };
     if let Some(refusal) = refuse_non_admin(gw, req.headers()) {
-        return refusal;
+        if !crate::core::access::gate::may_administer(inner, caller, action) {
+            return refusal;
+        }
     }
     let kv = &inner.ports.kv;
     match (m.clone(), parts.as_slice()) {
