@@ -1,0 +1,410 @@
+//! End-to-end tests of access control on the mirror, through the native binary with real
+//! clients on loopback: anonymous and authenticated `skopeo` pulls against allow and deny
+//! rules, containerd with credentials, rate limits, a network allowlist that refuses before
+//! any upstream call, the audit log, and the admin API's purge.
+
+// The harness is a host, not the core: it reads the real clock for its bounded waits.
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use support::containerd::Containerd;
+use support::fixtures::Image;
+use support::http::loopback_client;
+use support::process::poll_until;
+use support::pullgate::Pullgate;
+use support::registry::Registry;
+use support::skopeo::{skopeo_copy, skopeo_pull, Platforms};
+
+const PASSWORD: &str = "correct horse battery staple";
+const ROBOT_TOKEN: &str = "robot-token-never-logged-4f1c";
+const TOKEN_SECRET: &str = "token-signing-key-for-tests";
+
+/// Upstream with `library/public` (anonymous may pull) and `team/private` (alice only).
+fn upstream() -> (Registry, Image, Image) {
+    let registry = Registry::start_plain();
+    let public = Image::oci(11, &[8 << 10, 40 << 10]);
+    let private = Image::oci(12, &[8 << 10, 40 << 10]);
+    registry.push_image("library/public", "v1", &public);
+    registry.push_image("team/private", "v1", &private);
+    (registry, public, private)
+}
+
+fn hash(password: &str) -> String {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pullgate"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("pullgate hash-password");
+    use std::io::Write;
+    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("write password");
+    let out = child.wait_with_output().expect("hash-password output");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
+}
+
+fn config(extra: &str) -> String {
+    format!(
+        r#"
+[auth]
+enabled = true
+token_secret = "env:PG_TOKEN_SECRET"
+token_ttl = "5m"
+
+[[identity]]
+name = "alice"
+password_hash = "{hash}"
+groups = ["devs"]
+
+[[identity]]
+name = "robot"
+token = "env:PG_ROBOT_TOKEN"
+groups = ["ops"]
+
+[[access]]
+who = ["anonymous"]
+upstreams = ["reg.test"]
+repositories = ["library/*"]
+actions = ["pull"]
+
+[[access]]
+who = ["group:devs"]
+actions = ["pull"]
+
+[[access]]
+who = ["robot"]
+actions = ["admin"]
+
+{extra}
+"#,
+        hash = hash(PASSWORD)
+    )
+}
+
+fn start(registry: &Registry, extra: &str) -> Pullgate {
+    Pullgate::builder()
+        .config(&config(extra))
+        .upstream("reg.test", &registry.url())
+        .env("PG_TOKEN_SECRET", TOKEN_SECRET)
+        .env("PG_ROBOT_TOKEN", ROBOT_TOKEN)
+        .start()
+}
+
+#[test]
+fn skopeo_pulls_follow_the_allow_and_deny_rules() {
+    let (registry, public, private) = upstream();
+    let pg = start(&registry, "");
+    let host = pg.host();
+
+    // Anonymous: the public repository only.
+    skopeo_pull(
+        &format!("{host}/reg.test/library/public:v1"),
+        Platforms::Host,
+        None,
+    )
+    .verify_image(&public);
+    let denied = skopeo_copy(
+        &format!("{host}/reg.test/team/private:v1"),
+        Platforms::Host,
+        None,
+    );
+    assert!(denied.is_err(), "anonymous must not pull team/private");
+
+    // alice logs in (the token flow) and may pull it; a wrong password may not.
+    skopeo_pull(
+        &format!("{host}/reg.test/team/private:v1"),
+        Platforms::Host,
+        Some(("alice", PASSWORD)),
+    )
+    .verify_image(&private);
+    let wrong = skopeo_copy(
+        &format!("{host}/reg.test/team/private:v1"),
+        Platforms::Host,
+        Some(("alice", "wrong")),
+    );
+    assert!(wrong.is_err());
+
+    // The protocol underneath: /v2/ challenges, /token issues, the token opens the repository.
+    let c = loopback_client();
+    let r = c.get(format!("{}/v2/", pg.url())).send().unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let challenge = r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(
+        challenge.starts_with("Bearer realm=\"http://") && challenge.contains("/token\""),
+        "{challenge}"
+    );
+    let r = c
+        .get(format!(
+            "{}/v2/reg.test/team/private/manifests/v1",
+            pg.url()
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    assert!(r.headers()["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .contains("scope=\"repository:reg.test/team/private:pull\""));
+    let t: Value = serde_json::from_slice(
+        &c.get(format!(
+            "{}/token?service=pullgate&scope=repository:reg.test/team/private:pull",
+            pg.url()
+        ))
+        .basic_auth("alice", Some(PASSWORD))
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap(),
+    )
+    .unwrap();
+    let token = t["token"].as_str().unwrap();
+    let r = c
+        .get(format!(
+            "{}/v2/reg.test/team/private/manifests/v1",
+            pg.url()
+        ))
+        .bearer_auth(token)
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    // The robot authenticates but has no pull rule: 403 DENIED in the OCI envelope.
+    let r = c
+        .get(format!(
+            "{}/v2/reg.test/team/private/manifests/v1",
+            pg.url()
+        ))
+        .bearer_auth(ROBOT_TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(String::from_utf8_lossy(&r.bytes().unwrap()).contains("DENIED"));
+
+    // The audit log has each case, and no secret.
+    let audit = std::fs::read_to_string(pg.data_dir().join("audit.log")).expect("audit.log");
+    let records: Vec<Value> = audit
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert!(records.iter().any(|r| r["identity"] == "alice"
+        && r["route"] == "blob"
+        && r["status"] == 200
+        && r["digest"].is_string()));
+    assert!(records.iter().any(|r| r["identity"] == "anonymous"
+        && r["repository"] == "reg.test/library/public"
+        && r["route"] == "manifest"));
+    assert!(records
+        .iter()
+        .any(|r| r["status"] == 401 && r["repository"] == "reg.test/team/private"));
+    assert!(records.iter().any(|r| r["status"] == 403));
+    assert!(records.iter().all(|r| r["ip"] == "127.0.0.1"));
+    for secret in [PASSWORD, ROBOT_TOKEN, TOKEN_SECRET, token] {
+        assert!(
+            !audit.contains(secret),
+            "a secret leaked into the audit log"
+        );
+        assert!(
+            !pg.log_tail().contains(secret),
+            "a secret leaked into the log"
+        );
+    }
+}
+
+#[test]
+fn containerd_pulls_with_credentials() {
+    support::process::require_root("containerd");
+    let (registry, _, private) = upstream();
+    let pg = start(&registry, "");
+    let ctr = Containerd::start();
+    let hosts = ctr.configure_mirror("reg.test", &pg.host());
+    let hosts = hosts.display().to_string();
+    let reference = "reg.test/team/private:v1";
+    let anonymous = ctr.ctr(&[
+        "images",
+        "pull",
+        "--hosts-dir",
+        &hosts,
+        "--snapshotter",
+        "native",
+        reference,
+    ]);
+    assert!(anonymous.is_err(), "anonymous containerd must be refused");
+    let user = format!("alice:{PASSWORD}");
+    ctr.ctr(&[
+        "images",
+        "pull",
+        "--user",
+        &user,
+        "--hosts-dir",
+        &hosts,
+        "--snapshotter",
+        "native",
+        reference,
+    ])
+    .unwrap_or_else(|e| panic!("{e}\n{}", pg.log_tail()));
+    ctr.assert_pulled(reference, private.digest(), &private);
+}
+
+#[test]
+fn rate_limited_client_gets_429_and_recovers() {
+    let (registry, _, _) = upstream();
+    let pg = start(&registry, "[rate_limit]\nper_ip = \"5/s\"\nburst = 5\n");
+    let c = loopback_client();
+    let url = format!("{}/v2/reg.test/library/public/manifests/v1", pg.url());
+    let mut limited = None;
+    for _ in 0..50 {
+        let r = c.get(&url).send().unwrap();
+        if r.status().as_u16() == 429 {
+            limited = Some(r);
+            break;
+        }
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    let r = limited.expect("50 requests at once must hit a 5/s limit");
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry >= 1);
+    assert!(String::from_utf8_lossy(&r.bytes().unwrap()).contains("TOOMANYREQUESTS"));
+    assert!(poll_until(Duration::from_secs(10), || c
+        .get(&url)
+        .send()
+        .unwrap()
+        .status()
+        .as_u16()
+        == 200));
+}
+
+#[test]
+fn denied_network_is_refused_before_any_upstream_call() {
+    let (registry, _, _) = upstream();
+    let pg = start(
+        &registry,
+        "[[network]]\nroutes = [\"registry\", \"admin\"]\nallow = [\"10.0.0.0/8\"]\n",
+    );
+    let before = registry.access_log().len();
+    let r = loopback_client()
+        .get(format!(
+            "{}/v2/reg.test/library/public/manifests/v1",
+            pg.url()
+        ))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 403);
+    assert!(String::from_utf8_lossy(&r.bytes().unwrap()).contains("DENIED"));
+    assert_eq!(
+        registry.access_log().len(),
+        before,
+        "{}",
+        registry.access_log_summary()
+    );
+    // Health stays reachable for the operator's probes.
+    assert_eq!(
+        loopback_client()
+            .get(format!("{}/healthz", pg.url()))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+}
+
+#[test]
+fn admin_purge_makes_the_next_pull_go_upstream() {
+    let (registry, public, _) = upstream();
+    let pg = start(&registry, "");
+    let host = pg.host();
+    let reference = format!("{host}/reg.test/library/public:v1");
+    skopeo_pull(&reference, Platforms::Host, None).verify_image(&public);
+    skopeo_pull(&reference, Platforms::Host, None);
+    let manifest_gets = || registry.count_requests("GET", "/v2/library/public/manifests/");
+    let before = manifest_gets();
+
+    let c = loopback_client();
+    // Only the admin action may purge.
+    let r = c
+        .post(format!(
+            "{}/admin/purge?repository=reg.test/library/public",
+            pg.url()
+        ))
+        .basic_auth("alice", Some(PASSWORD))
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+    let stats: Value = serde_json::from_slice(
+        &c.get(format!("{}/admin/stats", pg.url()))
+            .bearer_auth(ROBOT_TOKEN)
+            .send()
+            .unwrap()
+            .bytes()
+            .unwrap(),
+    )
+    .unwrap();
+    assert!(
+        stats["by_upstream"]["reg.test"]["hits"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert!(stats["blobs"]["count"].as_u64().unwrap() >= 3, "{stats}");
+    let tags: Value = serde_json::from_slice(
+        &c.get(format!(
+            "{}/admin/tags?repository=reg.test/library/public",
+            pg.url()
+        ))
+        .bearer_auth(ROBOT_TOKEN)
+        .send()
+        .unwrap()
+        .bytes()
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(tags["tags"][0]["tag"], "v1", "{tags}");
+    let r = c
+        .post(format!(
+            "{}/admin/purge?repository=reg.test/library/public",
+            pg.url()
+        ))
+        .bearer_auth(ROBOT_TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let purged: Value = serde_json::from_slice(&r.bytes().unwrap()).unwrap();
+    assert!(
+        purged["purged"]["tag_records"].as_u64().unwrap() >= 1,
+        "{purged}"
+    );
+
+    skopeo_pull(&reference, Platforms::Host, None).verify_image(&public);
+    assert!(
+        manifest_gets() > before,
+        "the pull after a purge must go upstream"
+    );
+    // A blob purged by digest is fetched again too.
+    let layer = &public.layers[0].digest;
+    let blob_gets = || registry.count_requests("GET", &format!("/blobs/{layer}"));
+    let b0 = blob_gets();
+    let r = c
+        .post(format!("{}/admin/purge?digest={layer}", pg.url()))
+        .bearer_auth(ROBOT_TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(pg
+        .client()
+        .get_blob("reg.test/library/public", layer)
+        .is_complete_success());
+    assert_eq!(blob_gets(), b0 + 1);
+}
