@@ -3,7 +3,7 @@
 //! token. Answers JSON.
 
 use crate::core::access::gate::{may_administer, Caller};
-use crate::core::app::Inner;
+use crate::core::app::{json_error as err, json_response as reply, Inner};
 use crate::core::body::Body;
 use crate::core::gateway::outbox::DEAD;
 use crate::core::gateway::verify::tokens_match;
@@ -13,20 +13,6 @@ use crate::core::store_keys;
 use http::{header, Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
-
-fn reply(status: StatusCode, v: Value) -> Response<Body> {
-    let body = v.to_string();
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len())
-        .body(Body::Bytes(body.into()))
-        .unwrap_or_else(|_| Response::new(Body::Empty))
-}
-
-fn err(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
-    reply(status, json!({ "error": msg.into() }))
-}
 
 /// True when the request carries the gateway admin token.
 pub(crate) fn has_admin_token(inner: &Inner, req: &Request<()>) -> bool {

@@ -75,6 +75,16 @@ pub(crate) fn error_response(e: &RegistryError, head: bool) -> Response<Body> {
         .unwrap_or_else(|_| Response::new(Body::Empty))
 }
 
+/// A JSON response (the non-registry routes: gateway, admin, token, charts).
+pub(crate) fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
+    text(status, "application/json", v.to_string())
+}
+
+/// `{"error": msg}` with `status`.
+pub(crate) fn json_error(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
+    json_response(status, serde_json::json!({ "error": msg.into() }))
+}
+
 fn text(status: StatusCode, content_type: &str, text: String) -> Response<Body> {
     let len = text.len();
     response(status)

@@ -8,7 +8,7 @@ use crate::core::access::{
     authenticate, basic_credentials, check_password, is_allowed, is_network_allowed, route_family,
     token_grants, ClientAddr, Principal, RouteFamily,
 };
-use crate::core::app::{error_response, Inner};
+use crate::core::app::{error_response, json_error, json_response, Inner};
 use crate::core::body::Body;
 use crate::core::error::RegistryError;
 use crate::core::gateway::outbox::rfc3339;
@@ -29,21 +29,11 @@ pub struct Caller {
     pub ip: Option<IpAddr>,
 }
 
-fn json_error(status: StatusCode, msg: &str) -> Response<Body> {
-    let body = json!({ "error": msg }).to_string();
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len())
-        .body(Body::Bytes(body.into()))
-        .unwrap_or_else(|_| Response::new(Body::Empty))
-}
-
 fn refuse(fam: RouteFamily, status: StatusCode, e: RegistryError, head: bool) -> Response<Body> {
     if fam == RouteFamily::Registry {
         error_response(&e, head)
     } else {
-        json_error(status, &e.to_string())
+        json_error(status, e.to_string())
     }
 }
 
@@ -120,7 +110,7 @@ pub(crate) fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Box<Resp
                 return Err(Box::new(if fam == RouteFamily::Registry {
                     challenge(inner, req, None, &e.to_string())
                 } else {
-                    json_error(StatusCode::UNAUTHORIZED, &e.to_string())
+                    json_error(StatusCode::UNAUTHORIZED, e.to_string())
                 }));
             }
             Err(_) => Principal::anonymous(),
@@ -191,7 +181,7 @@ pub(crate) fn authorize_pull(
         if route_family(req.uri().path()) == RouteFamily::Registry {
             error_response(&e, head)
         } else {
-            json_error(StatusCode::FORBIDDEN, &e.to_string())
+            json_error(StatusCode::FORBIDDEN, e.to_string())
         },
     ))
 }
@@ -270,7 +260,7 @@ pub(crate) async fn token_endpoint(
             Some(other) => {
                 return json_error(
                     StatusCode::BAD_REQUEST,
-                    &format!("grant_type {other:?} is not supported"),
+                    format!("grant_type {other:?} is not supported"),
                 )
             }
             None => {}
@@ -326,17 +316,13 @@ pub(crate) async fn token_endpoint(
         access,
     };
     let t = token::sign(key.expose().as_bytes(), &claims);
-    let body = json!({
-        "token": t,
-        "access_token": t,
-        "expires_in": s.token_ttl_ms / 1000,
-        "issued_at": rfc3339(now),
-    })
-    .to_string();
-    Response::builder()
-        .status(StatusCode::OK)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len())
-        .body(Body::Bytes(body.into()))
-        .unwrap_or_else(|_| Response::new(Body::Empty))
+    json_response(
+        StatusCode::OK,
+        json!({
+            "token": t,
+            "access_token": t,
+            "expires_in": s.token_ttl_ms / 1000,
+            "issued_at": rfc3339(now),
+        }),
+    )
 }

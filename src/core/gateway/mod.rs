@@ -15,7 +15,7 @@ pub mod outbox;
 pub mod rules;
 pub mod verify;
 
-use crate::core::app::{App, Inner};
+use crate::core::app::{json_error as error, json_response, App, Inner};
 use crate::core::body::Body;
 use crate::core::gateway::chain::{Action, ChainError, Run};
 use crate::core::gateway::config::GatewaySettings;
@@ -52,20 +52,6 @@ pub struct PumpReport {
     pub retrying: u32,
     /// Moved to the dead-letter list.
     pub dead: u32,
-}
-
-fn json_response(status: StatusCode, v: Value) -> Response<Body> {
-    let body = v.to_string();
-    Response::builder()
-        .status(status)
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, body.len())
-        .body(Body::Bytes(body.into()))
-        .unwrap_or_else(|_| Response::new(Body::Empty))
-}
-
-fn error(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
-    json_response(status, json!({ "error": msg.into() }))
 }
 
 fn internal(e: StoreError) -> Response<Body> {
