@@ -14,6 +14,7 @@
 
 #![allow(dead_code)]
 
+pub mod charts;
 pub mod containerd;
 pub mod fixtures;
 pub mod http;
