@@ -196,7 +196,7 @@ fn warm_index_and_chart_do_not_reach_the_upstream() {
     let index_url = format!("{}/charts/stable/index.yaml", pg.url());
     let chart_url = format!("{}/charts/stable/app-1.0.0.tgz", pg.url());
     let first_index = get(&index_url);
-    let first_chart = get(&chart_url);
+    assert_eq!(get(&chart_url).0, 200);
     let before = pg.metrics();
     for _ in 0..3 {
         assert_eq!(get(&index_url), first_index);
@@ -220,7 +220,6 @@ fn warm_index_and_chart_do_not_reach_the_upstream() {
         after.total(metric::UPSTREAM_REQUESTS),
         before.total(metric::UPSTREAM_REQUESTS)
     );
-    let _ = first_chart;
 }
 
 /// With a zero TTL every index request revalidates with `If-None-Match` (the upstream
@@ -228,7 +227,7 @@ fn warm_index_and_chart_do_not_reach_the_upstream() {
 /// chart can be pulled.
 #[test]
 fn index_revalidation_uses_etags_and_sees_new_charts() {
-    let mut server = ChartServer::start();
+    let server = ChartServer::start();
     publish(&server, &[("app", "1.0.0")]);
     let pg = pullgate_for(&server, "0s");
     let index_url = format!("{}/charts/stable/index.yaml", pg.url());
@@ -256,7 +255,6 @@ fn index_revalidation_uses_etags_and_sees_new_charts() {
     let (status, body) = get(&format!("{}/charts/stable/app-2.0.0.tgz", pg.url()));
     assert_eq!(status, 200);
     assert_eq!(sha256_digest(&body), digests["app-2.0.0.tgz"]);
-    let _ = &mut server;
 }
 
 /// When the upstream is down, the last index is served (stale) and cached charts still
@@ -473,7 +471,7 @@ fn large_index_is_streamed_within_bounded_memory() {
         growth >> 20
     );
     assert!(
-        growth < 48 << 20,
+        growth < 32 << 20,
         "pullgate's peak RSS grew by {} MiB for a {} MiB index",
         growth >> 20,
         upstream.len() >> 20

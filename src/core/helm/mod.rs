@@ -36,6 +36,8 @@
 
 pub mod rewrite;
 pub mod store;
+#[cfg(test)]
+mod tests;
 
 use crate::core::app::Inner;
 use crate::core::body::{Body, CacheStatus};

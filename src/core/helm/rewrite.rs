@@ -47,6 +47,7 @@
 //! so an index that gained one chart version yields mostly the same chunks as before, and a
 //! content-addressed store keeps them once.
 
+use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};
 use url::Url;
 
@@ -173,7 +174,10 @@ pub struct Rewriter {
     out: Vec<u8>,
     ready: VecDeque<Vec<u8>>,
     charts: Vec<ChartRef>,
-    keys: HashMap<String, usize>,
+    /// Path hash → index in `charts`: no second copy of every path in memory.
+    keys: HashMap<u64, u32>,
+    /// Paths whose hash collides with another path's.
+    overflow: HashMap<String, u32>,
     entries: u64,
     passed_through: u64,
 }
@@ -471,6 +475,7 @@ impl Rewriter {
             ready: VecDeque::new(),
             charts: Vec::new(),
             keys: HashMap::new(),
+            overflow: HashMap::new(),
             entries: 0,
             passed_through: 0,
         }
@@ -516,7 +521,10 @@ impl Rewriter {
             let out = std::mem::take(&mut self.out);
             self.ready.push_back(out);
         }
-        let mut charts = self.charts;
+        // The path index is done with: free it before the caller serialises the map.
+        self.keys = HashMap::new();
+        self.overflow = HashMap::new();
+        let mut charts = std::mem::take(&mut self.charts);
         charts.sort_unstable_by(|a, b| a.key.cmp(&b.key));
         Ok((
             self.ready.into_iter().collect(),
@@ -851,6 +859,15 @@ impl Rewriter {
         Ok(())
     }
 
+    /// The index in `charts` of the chart recorded under `key`.
+    fn find(&self, key: &str) -> Option<usize> {
+        match self.keys.get(&fnv1a(key.as_bytes())) {
+            Some(&i) if self.charts[i as usize].key == key => Some(i as usize),
+            Some(_) => self.overflow.get(key).map(|&i| i as usize),
+            None => None,
+        }
+    }
+
     /// Picks the path for a chart file, recording it; None when the entry cannot get one.
     fn assign(&mut self, e: &Entry) -> Option<String> {
         let digest = e.digest?;
@@ -886,11 +903,19 @@ impl Rewriter {
             });
         let prefixed = format!("{}/{file}", hex::encode(&digest[..8]));
         for key in [file, prefixed] {
-            match self.keys.get(&key) {
-                Some(&i) if self.charts[i].digest == digest => return Some(key),
+            match self.find(&key) {
+                Some(i) if self.charts[i].digest == digest => return Some(key),
                 Some(_) => continue,
                 None => {
-                    self.keys.insert(key.clone(), self.charts.len());
+                    let (h, i) = (fnv1a(key.as_bytes()), self.charts.len() as u32);
+                    match self.keys.entry(h) {
+                        MapEntry::Occupied(_) => {
+                            self.overflow.insert(key.clone(), i);
+                        }
+                        MapEntry::Vacant(v) => {
+                            v.insert(i);
+                        }
+                    }
                     self.charts.push(ChartRef {
                         key: key.clone(),
                         digest,

@@ -200,31 +200,28 @@ async fn read_chunk(blobs: &dyn BlobStore, d: &str, n: u64) -> Result<Option<Vec
 }
 
 /// Serialises the sorted chart map as `path\tsha256hex\turl\n` lines, cut into chunks at
-/// content-chosen paths: (first path, bytes) per chunk.
-pub fn map_chunks(charts: &[ChartRef]) -> Vec<(String, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut cur: Vec<u8> = Vec::new();
-    let mut first: Option<&str> = None;
-    for c in charts {
-        let cut = cur.len() >= MAP_CHUNK_MAX
-            || (cur.len() >= MAP_CHUNK_MIN && fnv1a(c.key.as_bytes()) % 8 == 0);
-        if cut {
-            if let Some(f) = first.take() {
-                out.push((f.to_string(), std::mem::take(&mut cur)));
+/// content-chosen paths: yields (first path, bytes) per chunk, one chunk in memory at a time.
+pub fn map_chunks(charts: &[ChartRef]) -> impl Iterator<Item = (String, Vec<u8>)> + '_ {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        let first = charts.get(pos)?;
+        let mut cur: Vec<u8> = Vec::new();
+        while let Some(c) = charts.get(pos) {
+            let cut = cur.len() >= MAP_CHUNK_MAX
+                || (cur.len() >= MAP_CHUNK_MIN && fnv1a(c.key.as_bytes()) % 8 == 0);
+            if cut {
+                break;
             }
+            cur.extend_from_slice(c.key.as_bytes());
+            cur.push(b'\t');
+            cur.extend_from_slice(hex::encode(c.digest).as_bytes());
+            cur.push(b'\t');
+            cur.extend_from_slice(c.url.as_bytes());
+            cur.push(b'\n');
+            pos += 1;
         }
-        first.get_or_insert(c.key.as_str());
-        cur.extend_from_slice(c.key.as_bytes());
-        cur.push(b'\t');
-        cur.extend_from_slice(hex::encode(c.digest).as_bytes());
-        cur.push(b'\t');
-        cur.extend_from_slice(c.url.as_bytes());
-        cur.push(b'\n');
-    }
-    if let Some(f) = first {
-        out.push((f.to_string(), cur));
-    }
-    out
+        Some((first.key.clone(), cur))
+    })
 }
 
 /// Finds `key` in one map chunk.
@@ -567,7 +564,7 @@ mod tests {
             .map(|i| chart(&format!("app-{i:05}.tgz"), (i % 251) as u8))
             .collect();
         charts.sort_by(|a, b| a.key.cmp(&b.key));
-        let chunks = map_chunks(&charts);
+        let chunks: Vec<_> = map_chunks(&charts).collect();
         assert!(chunks.len() > 3);
         for (first, bytes) in &chunks {
             assert!(bytes.len() <= MAP_CHUNK_MAX + 200);
@@ -578,7 +575,7 @@ mod tests {
             assert_eq!(find_in_chunk(&chunks[i - 1].1, &c.key).as_ref(), Some(c));
         }
         assert_eq!(find_in_chunk(&chunks[0].1, "nope.tgz"), None);
-        assert!(map_chunks(&[]).is_empty());
+        assert_eq!(map_chunks(&[]).count(), 0);
     }
 
     #[test]
@@ -586,11 +583,11 @@ mod tests {
         let charts: Vec<ChartRef> = (0..20_000)
             .map(|i| chart(&format!("app-{i:05}.tgz"), 1))
             .collect();
-        let before = map_chunks(&charts);
+        let before: Vec<_> = map_chunks(&charts).collect();
         let mut more = charts.clone();
         more.push(chart("app-10000a.tgz", 2));
         more.sort_by(|a, b| a.key.cmp(&b.key));
-        let after = map_chunks(&more);
+        let after: Vec<_> = map_chunks(&more).collect();
         let changed = after.iter().filter(|c| !before.contains(c)).count();
         assert!(changed <= 2, "{changed} of {} chunks changed", after.len());
     }
