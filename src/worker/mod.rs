@@ -29,10 +29,12 @@
 //! - Request bodies are ignored (the registry API served here is pull-only).
 
 pub mod fetch;
+pub mod gate;
 pub mod kv;
 pub mod r2;
 
 pub use fetch::FetchUpstream;
+pub use gate::Gated;
 pub use kv::WorkerKv;
 pub use r2::R2BlobStore;
 
@@ -62,7 +64,9 @@ thread_local! {
     /// The core of this isolate.
     static APP: RefCell<Option<App>> = const { RefCell::new(None) };
     /// The request whose future is being polled right now (see [`WithRequest`]).
-    static CURRENT: RefCell<Option<Rc<Context>>> = const { RefCell::new(None) };
+    static CURRENT: RefCell<Option<(u64, Rc<Context>)>> = const { RefCell::new(None) };
+    /// Request numbers, the owners of [`Gated`] work.
+    static NEXT_REQUEST: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
 /// Resolves `env:NAME` to the Worker secret or variable `NAME`.
@@ -107,7 +111,7 @@ pub struct WaitUntil;
 impl Deferred for WaitUntil {
     fn spawn(&self, work: LocalBoxFuture<'static, ()>) {
         match CURRENT.with(|c| c.borrow().clone()) {
-            Some(ctx) => ctx.wait_until(work),
+            Some((id, ctx)) => ctx.wait_until(Gated::new(id, work)),
             // Not inside a request (never expected): still run it.
             None => worker::wasm_bindgen_futures::spawn_local(work),
         }
@@ -117,16 +121,19 @@ impl Deferred for WaitUntil {
 /// A request's future, with [`CURRENT`] naming that request while it is polled: the core
 /// spawns deferred work synchronously inside `handle`, so [`WaitUntil`] finds the request that
 /// started the work even when several requests interleave in one isolate.
+/// The inner future is [`Gated`], so it is only ever polled in its own request's context.
 struct WithRequest<F> {
+    id: u64,
     ctx: Rc<Context>,
-    inner: Pin<Box<F>>,
+    inner: Pin<Box<Gated<F>>>,
 }
 
 impl<F: Future> Future for WithRequest<F> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
-        let previous = CURRENT.with(|c| c.replace(Some(self.ctx.clone())));
+        let current = (self.id, self.ctx.clone());
+        let previous = CURRENT.with(|c| c.replace(Some(current)));
         let out = self.inner.as_mut().poll(cx);
         CURRENT.with(|c| *c.borrow_mut() = previous);
         out
@@ -198,6 +205,7 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 /// Converts the core's response; logs one line for it.
 fn to_worker(
     resp: http::Response<Body>,
+    id: u64,
     method: &str,
     path: &str,
 ) -> worker::Result<worker::Response> {
@@ -227,7 +235,8 @@ fn to_worker(
         },
         Body::Stream(stream) => {
             let logged = line.clone();
-            let chunks = stream.map(move |chunk| match chunk {
+            // Gated: a coalesced reader is woken by the fill of another request.
+            let chunks = Gated::new(id, stream).map(move |chunk| match chunk {
                 Ok(b) => Ok(Vec::from(b)),
                 Err(e) => {
                     // Erroring the stream makes the runtime reset the client connection, so
@@ -269,7 +278,7 @@ fn log_line(method: &str, path: &str, status: u16, info: Option<&RequestInfo>) -
     line
 }
 
-async fn serve(req: worker::Request, env: Env) -> worker::Result<worker::Response> {
+async fn serve(req: worker::Request, env: Env, id: u64) -> worker::Result<worker::Response> {
     let request = to_http(&req)?;
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
@@ -281,11 +290,11 @@ async fn serve(req: worker::Request, env: Env) -> worker::Result<worker::Respons
                 &RegistryError::Internal("pullgate is misconfigured; see the worker log".into()),
                 request.method() == http::Method::HEAD,
             );
-            return to_worker(resp, &method, &path);
+            return to_worker(resp, id, &method, &path);
         }
     };
     let resp = app.handle(&request).await;
-    to_worker(resp, &method, &path)
+    to_worker(resp, id, &method, &path)
 }
 
 /// The worker's `fetch` handler.
@@ -295,9 +304,15 @@ pub async fn main(
     env: Env,
     ctx: Context,
 ) -> worker::Result<worker::Response> {
+    let id = NEXT_REQUEST.with(|n| {
+        let id = n.get();
+        n.set(id.wrapping_add(1));
+        id
+    });
     WithRequest {
+        id,
         ctx: Rc::new(ctx),
-        inner: Box::pin(serve(req, env)),
+        inner: Box::pin(Gated::new(id, serve(req, env, id))),
     }
     .await
 }
