@@ -21,8 +21,9 @@
 //! Memory: an index is streamed through the line-oriented [`rewrite::Rewriter`] and stored as
 //! content-addressed chunks plus a chunked, sorted chart map ([`store`]); a request never
 //! holds a whole index. Peak memory for a refresh is about one output chunk (≤ 8 MiB) plus
-//! the chart references (about 200 bytes per chart version), so a 50 MB index fits a Workers
-//! isolate.
+//! the chart references (about 150 bytes per chart version): measured natively, a 50 MB
+//! index of 49,000 chart versions raises peak RSS by 13 MiB, well within a Workers isolate's
+//! 128 MB. The key-value record stays a few KiB (Spin's values stop at 1 MB).
 //!
 //! Limits: no credentials for chart repositories; index formats other than Helm's block YAML
 //! (JSON, flow style, anchors on `urls`) are refused with 502; chart entries without a

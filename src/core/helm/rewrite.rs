@@ -1113,6 +1113,22 @@ generated: "2024-05-01T10:00:00Z"
     }
 
     #[test]
+    fn bare_dash_entries_and_empty_collections() {
+        let index = format!(
+            "apiVersion: v1\nentries:\n  a:\n  -\n    digest: {D1}\n    urls:\n    - https://x.example/a-1.tgz\n  -\n    urls: []\n  b: []\n  c:\n    - urls:\n      - https://x.example/c-1.tgz\n      digest: {D2}\n"
+        );
+        let (out, s) = run(&index).unwrap();
+        assert!(out.contains("  -\n    digest: "), "{out}");
+        assert!(out.contains("    - a-1.tgz\n"), "{out}");
+        assert!(out.contains("      - c-1.tgz\n"), "{out}");
+        assert_eq!(s.entries, 3);
+        assert_eq!(s.passed_through, 1);
+        let (out, s) = run("apiVersion: v1\nentries: {}\n").unwrap();
+        assert_eq!(out, "apiVersion: v1\nentries: {}\n");
+        assert!(s.charts.is_empty());
+    }
+
+    #[test]
     fn entries_without_a_usable_digest_keep_upstream_urls_made_absolute() {
         let index = format!(
             "apiVersion: v1\nentries:\n  a:\n  - name: a\n    urls:\n    - charts/a-1.tgz\n    version: \"1\"\n  - digest: nothex\n    urls:\n    - https://other.example/a-2.tgz\n  - digest: {D1}\n    urls:\n    - oci://registry.example/a\n"
