@@ -9,7 +9,7 @@
 //! go-yaml block style), one line at a time, and keeps in memory only the current line, the
 //! current chart version entry, the output not yet handed to the caller, and the list of
 //! chart references. Peak memory is about the output chunk size plus the reference list
-//! (roughly 200 bytes per chart version), whatever the index size.
+//! (roughly 150 bytes per chart version), whatever the index size.
 //!
 //! The structure it follows (Helm's `repo.IndexFile`, see the Helm chart repository guide,
 //! <https://helm.sh/docs/topics/chart_repository/#the-index-file>):
