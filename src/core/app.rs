@@ -199,7 +199,16 @@ impl App {
             }
         }
         if let Some(mut resp) = crate::core::helm::handle(&self.inner, req).await {
-            resp.extensions_mut().insert(info("helm", who));
+            let outcome = resp
+                .extensions()
+                .get::<crate::core::helm::HelmOutcome>()
+                .cloned();
+            let mut i = info("helm", who);
+            if let Some(o) = outcome {
+                i.cache = o.cache;
+                i.error = o.error;
+            }
+            resp.extensions_mut().insert(i);
             return resp;
         }
         let head = req.method() == Method::HEAD;
