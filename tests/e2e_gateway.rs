@@ -16,7 +16,7 @@ use serde_json::{json, Value};
 use sha2::Sha256;
 
 use support::fixtures::Image;
-use support::http::loopback_client;
+use support::http::{loopback_client, RegistryClient};
 use support::process::{poll_until, run_bounded};
 use support::pullgate::Pullgate;
 use support::receiver::Receiver;
@@ -403,6 +403,19 @@ url = "{r}/events"
 [chain]
 stages = ["build", "distribute"]
 events = "events"
+
+# The mirror requires authentication: pre-warming is pullgate's own pull and must not need it.
+[auth]
+enabled = true
+token_secret = "env:PG_HOOK_SECRET"
+
+[[identity]]
+name = "puller"
+token = "env:PG_PULLER_TOKEN"
+
+[[access]]
+who = ["puller"]
+actions = ["pull"]
 "#,
         r = receiver.url()
     );
@@ -417,6 +430,7 @@ events = "events"
         .env("PG_HOOK_SECRET", SECRET)
         .env("PG_GH_TOKEN", GH_TOKEN)
         .env("PG_REGISTRY_AUTH", "Bearer registry-notification-secret")
+        .env("PG_PULLER_TOKEN", "puller-token")
         .start();
     let registry = Registry::start_with_notifications_on(
         reg_port,
@@ -501,7 +515,13 @@ events = "events"
         .starts_with("pkg:oci/app@sha256%3A"));
     // A warm pull now costs the upstream no blob transfer.
     let before = registry.blob_requests();
-    let client = pg.client();
+    let client = RegistryClient::new(&pg.url(), Some(("puller", "puller-token")));
+    assert!(
+        !pg.client()
+            .get_blob("reg.test/acme/app", &image.blobs()[0].digest)
+            .is_complete_success(),
+        "anonymous is refused"
+    );
     for blob in image.blobs() {
         let got = client.get_blob("reg.test/acme/app", &blob.digest);
         assert!(got.is_complete_success());

@@ -27,7 +27,14 @@ pub struct Caller {
     pub principal: Principal,
     /// The client address, when the host knows it.
     pub ip: Option<IpAddr>,
+    /// pullgate itself (the gateway's pre-warm), not a client.
+    pub internal: bool,
 }
+
+/// Marks a request pullgate makes to itself (pre-warming through the cache). Only in-process
+/// code can put a Rust type in a request's extensions, so no client can claim it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InternalCall;
 
 fn refuse(fam: RouteFamily, status: StatusCode, e: RegistryError, head: bool) -> Response<Body> {
     if fam == RouteFamily::Registry {
@@ -82,6 +89,17 @@ fn burst(rate: Rate, configured: Option<u32>) -> u32 {
 /// Network allowlist, authentication and rate limits, before any routing. Err: the response.
 pub(crate) fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Box<Response<Body>>> {
     let s = &inner.settings.access;
+    if req.extensions().get::<InternalCall>().is_some() {
+        return Ok(Caller {
+            principal: Principal {
+                name: "pullgate".into(),
+                groups: vec![],
+                grants: None,
+            },
+            ip: None,
+            internal: true,
+        });
+    }
     let path = req.uri().path();
     let fam = route_family(path);
     let head = req.method() == Method::HEAD;
@@ -144,7 +162,11 @@ pub(crate) fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Box<Resp
             return Err(Box::new(resp));
         }
     }
-    Ok(Caller { principal, ip })
+    Ok(Caller {
+        principal,
+        ip,
+        internal: false,
+    })
 }
 
 /// May the caller pull `repository` from `upstream`? Err: the 401/403 to send.
@@ -156,7 +178,7 @@ pub(crate) fn authorize_pull(
     repository: &str,
 ) -> Result<(), Box<Response<Body>>> {
     let s = &inner.settings.access;
-    if !s.enabled {
+    if !s.enabled || caller.internal {
         return Ok(());
     }
     let p = &caller.principal;

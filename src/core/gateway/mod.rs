@@ -742,7 +742,9 @@ async fn drain(app: &App, path: &str, accept: Option<&str>) -> Result<(u64, Byte
     if let Some(a) = accept {
         b = b.header(header::ACCEPT, a);
     }
-    let req = b.body(()).map_err(|e| e.to_string())?;
+    let mut req = b.body(()).map_err(|e| e.to_string())?;
+    req.extensions_mut()
+        .insert(crate::core::access::gate::InternalCall);
     // Boxed: pre-warming goes back through App::handle, which can reach the pump again.
     let resp = Box::pin(app.handle(&req)).await;
     let status = resp.status();
