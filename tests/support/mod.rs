@@ -24,3 +24,4 @@ pub mod receiver;
 pub mod registry;
 pub mod skopeo;
 pub mod token_server;
+pub mod worker;
