@@ -3,7 +3,8 @@
 # is missing, into a cache directory outside the work tree (PULLGATE_TOOLS, default
 # ~/.cache/pullgate-tools):
 #   - worker-build (crates.io), pinned below;
-#   - wasm-bindgen-cli, exactly the wasm-bindgen version in src/worker/entry/Cargo.lock;
+#   - wasm-bindgen-cli, exactly the wasm-bindgen version in Cargo.lock (the worker bundle in
+#     src/worker/entry builds with a copy of that lockfile);
 #   - wrangler, esbuild, binaryen (wasm-opt) and a Node 22 runtime for wrangler, from the npm
 #     registry, pinned by package.json/package-lock.json (keyed by the lockfile's hash);
 #   - the rustup target wasm32-unknown-unknown.
@@ -19,7 +20,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOLS=${PULLGATE_TOOLS:-$HOME/.cache/pullgate-tools}
 WORKER_BUILD_VERSION=0.8.7
-LOCK="$ROOT/src/worker/entry/Cargo.lock"
+LOCK="$ROOT/Cargo.lock"
 WASM_BINDGEN_VERSION=$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' "$LOCK")
 if [ -z "$WASM_BINDGEN_VERSION" ]; then
     echo "worker-tools: no wasm-bindgen in $LOCK" >&2

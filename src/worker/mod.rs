@@ -2,8 +2,9 @@
 //! from the `PULLGATE_CONFIG` variable (the same TOML as the native host's file), builds the
 //! ports from the worker's bindings — [`WorkerKv`] over the KV namespace `PULLGATE_KV`,
 //! [`R2BlobStore`] over the R2 bucket `PULLGATE_R2`, [`FetchUpstream`], [`DateClock`] and
-//! [`WaitUntil`] — and hands every request to [`App::handle`]. This module is the only place
-//! that names the `worker` crate; it decides nothing about registries or caching.
+//! [`WaitUntil`] — and hands every request to [`App::handle_with_body`]. This module and its
+//! adapters are the only place that names the `worker` crate; they decide nothing about
+//! registries or caching.
 //!
 //! One [`App`] lives per isolate, built on the first request, so requests that an isolate
 //! serves at the same time share its blob fills and its token cache. A secret reference
@@ -16,17 +17,21 @@
 //! A stream that fails mid-body (a digest mismatch) errors the response stream, and the
 //! runtime resets the client connection.
 //!
+//! Every request's futures and streams run [`Gated`]: only in that request's own I/O context,
+//! as workerd requires (see `gate.rs`).
+//!
 //! # Limitations
 //! - Coalescing is per isolate: concurrent cold misses for one blob in the same isolate share
-//!   one upstream transfer; isolates (and locations) each fetch their own copy until one of
-//!   them has committed the blob to R2.
+//!   one upstream transfer (readers in other requests see new bytes within 20 ms); isolates
+//!   (and locations) each fetch their own copy until one of them has committed the blob to R2.
 //! - Deferred work (a fill whose first client left) runs under `waitUntil`, which the runtime
 //!   cuts 30 s after the response ended; such a fill is then lost and the next miss restarts it.
 //! - Tag records are in KV, which is eventually consistent (a new record can take up to 60 s to
 //!   reach other locations), so locations may revalidate a tag independently.
 //! - `max_size` is not enforced: size R2 with an object lifecycle rule. `listen` and `data_dir`
 //!   are ignored. Metrics are per isolate.
-//! - Request bodies are ignored (the registry API served here is pull-only).
+//! - The client address the core sees (network allowlists, rate limits) is `CF-Connecting-IP`;
+//!   rate-limit counters are per isolate.
 
 pub mod fetch;
 pub mod gate;
@@ -38,11 +43,12 @@ pub use gate::Gated;
 pub use kv::WorkerKv;
 pub use r2::R2BlobStore;
 
+use crate::core::access::ClientAddr;
 use crate::core::app::{error_response, App};
 use crate::core::body::{Body, RequestInfo};
 use crate::core::config::{parse_config, Config, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
-use crate::core::ports::{Clock, Deferred, Ports};
+use crate::core::ports::{BodyError, ByteStream, Clock, Deferred, Ports};
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use std::cell::RefCell;
@@ -59,6 +65,8 @@ pub const CONFIG_VAR: &str = "PULLGATE_CONFIG";
 pub const KV_BINDING: &str = "PULLGATE_KV";
 /// The R2 bucket binding (blobs and manifests by digest).
 pub const R2_BINDING: &str = "PULLGATE_R2";
+/// The header in which Cloudflare's edge passes the client's address.
+pub const CLIENT_IP_HEADER: &str = "cf-connecting-ip";
 
 thread_local! {
     /// The core of this isolate.
@@ -177,7 +185,9 @@ fn app(env: &Env) -> Result<App, String> {
     Ok(app)
 }
 
-/// The request as the core sees it: method, path and query, headers; no body.
+/// The request as the core sees it: method, path and query, headers, and the client address
+/// from `CF-Connecting-IP` (set by Cloudflare's edge, which overwrites any value a client
+/// sends); the body separately.
 fn to_http(req: &worker::Request) -> worker::Result<http::Request<()>> {
     let url = req.url()?;
     let path_and_query = match url.query() {
@@ -190,9 +200,34 @@ fn to_http(req: &worker::Request) -> worker::Result<http::Request<()>> {
     for (name, value) in req.headers().entries() {
         builder = builder.header(name, value);
     }
-    builder
+    let mut request = builder
         .body(())
-        .map_err(|e| worker::Error::RustError(e.to_string()))
+        .map_err(|e| worker::Error::RustError(e.to_string()))?;
+    let client = req
+        .headers()
+        .get(CLIENT_IP_HEADER)?
+        .and_then(|ip| ip.trim().parse::<std::net::IpAddr>().ok());
+    if let Some(ip) = client {
+        request.extensions_mut().insert(ClientAddr(ip));
+    }
+    Ok(request)
+}
+
+/// The request body as a core stream (read only by routes that take one: webhooks, tokens).
+fn body_stream(req: &mut worker::Request) -> ByteStream {
+    match req.method() {
+        worker::Method::Get | worker::Method::Head => futures_util::stream::empty().boxed_local(),
+        _ => match req.stream() {
+            Ok(stream) => stream
+                .map(|chunk| {
+                    chunk
+                        .map(bytes::Bytes::from)
+                        .map_err(|e| BodyError(format!("request body: {e}")))
+                })
+                .boxed_local(),
+            Err(_) => futures_util::stream::empty().boxed_local(),
+        },
+    }
 }
 
 fn content_length(headers: &http::HeaderMap) -> Option<u64> {
@@ -260,17 +295,18 @@ fn to_worker(
 }
 
 fn log_line(method: &str, path: &str, status: u16, info: Option<&RequestInfo>) -> String {
-    let (route, upstream, cache, error) = match info {
+    let (route, upstream, cache, error, identity) = match info {
         Some(i) => (
             i.route,
             i.upstream.as_deref().unwrap_or("-"),
             i.cache.as_str(),
             i.error.as_deref(),
+            i.identity.as_deref().unwrap_or("-"),
         ),
-        None => ("-", "-", "-", None),
+        None => ("-", "-", "-", None, "-"),
     };
     let mut line = format!(
-        "method={method} path={path} route={route} upstream={upstream} cache={cache} status={status}"
+        "method={method} path={path} route={route} upstream={upstream} cache={cache} identity={identity} status={status}"
     );
     if let Some(e) = error {
         line.push_str(&format!(" error={e:?}"));
@@ -278,8 +314,9 @@ fn log_line(method: &str, path: &str, status: u16, info: Option<&RequestInfo>) -
     line
 }
 
-async fn serve(req: worker::Request, env: Env, id: u64) -> worker::Result<worker::Response> {
+async fn serve(mut req: worker::Request, env: Env, id: u64) -> worker::Result<worker::Response> {
     let request = to_http(&req)?;
+    let body = body_stream(&mut req);
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
     let app = match app(&env) {
@@ -293,7 +330,7 @@ async fn serve(req: worker::Request, env: Env, id: u64) -> worker::Result<worker
             return to_worker(resp, id, &method, &path);
         }
     };
-    let resp = app.handle(&request).await;
+    let resp = app.handle_with_body(&request, body).await;
     to_worker(resp, id, &method, &path)
 }
 

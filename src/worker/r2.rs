@@ -18,7 +18,8 @@
 //! - No tail reader: R2 cannot read an object while it is written. The core serves readers
 //!   that keep up from its in-memory window and slower ones from the committed object.
 //! - Reads are not recorded as accesses: eviction is by R2 object lifecycle rules (age since
-//!   upload), not least-recently-used.
+//!   upload), not least-recently-used. `usage` is not reported (counting would list the whole
+//!   bucket); the R2 dashboard shows it.
 //! - A fill holds up to [`PART`] bytes in memory until its part is uploaded.
 
 use crate::core::body::{Body, HostBody};
@@ -147,6 +148,21 @@ impl BlobStore for R2BlobStore {
             .range_stream(digest, start, end)
             .await?
             .map(|stream| Body::Host(HostBody(Box::new(R2Body { stream })))))
+    }
+
+    async fn delete(&self, digest: &str) -> Result<bool, StoreError> {
+        let (key, _) = blob_key(digest)?;
+        let existed = self
+            .bucket
+            .head(&key)
+            .await
+            .map_err(|e| r2_err("head", &key, e))?
+            .is_some();
+        self.bucket
+            .delete(&key)
+            .await
+            .map_err(|e| r2_err("delete", &key, e))?;
+        Ok(existed)
     }
 
     async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
