@@ -13,3 +13,6 @@ pub mod native;
 
 #[cfg(feature = "worker")]
 pub mod worker;
+
+#[cfg(feature = "spin")]
+pub mod spin;

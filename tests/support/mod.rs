@@ -23,5 +23,6 @@ pub mod pullgate;
 pub mod receiver;
 pub mod registry;
 pub mod skopeo;
+pub mod spin;
 pub mod token_server;
 pub mod worker;

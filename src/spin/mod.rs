@@ -1,0 +1,337 @@
+//! The Spin host: pullgate as a Spin HTTP component (`spin up`, SpinKube, Fermyon Cloud). It
+//! reads the configuration from the Spin variable `pullgate_config` (the same TOML as the
+//! native host's file), builds the ports — [`SpinKv`] over the key-value store `default`,
+//! [`KvBlobStore`] in the same store, [`SpinUpstream`] over outbound HTTP, [`WasiClock`] and
+//! [`SpinDeferred`] — and hands every request to [`App::handle_with_body`]. This module is the
+//! only place that names `spin_sdk`; it decides nothing about registries or caching.
+//!
+//! The component targets the world in `wit/world.wit`: it exports
+//! `wasi:http/incoming-handler@0.2.0` and imports WASI 0.2, `wasi:http/outgoing-handler`,
+//! `fermyon:spin/key-value@2.0.0` and `fermyon:spin/variables@2.0.0` — all provided by Spin 3.0
+//! and later (spin-sdk 5; spin-sdk 7 would need a Spin that runs WASIp3 handlers).
+//!
+//! Variables (declared in `spin.toml`): `pullgate_config` (TOML; empty for the defaults),
+//! `pullgate_kv_blob_max_size` (largest blob kept in the key-value store, default `64MiB`),
+//! and one variable per secret. A secret reference in the configuration is `variable:name`
+//! (the Spin variable `name`) or `env:NAME` (the Spin variable `name`, lowercased, so one
+//! configuration works on every host); mark those variables `secret = true`.
+//!
+//! Each request runs on [`reactor::block_on`]; work the core defers (a blob fill whose client
+//! left, an outbox pass) runs in the same handler call after the response is complete, and the
+//! handler returns when it is done.
+//!
+//! # Limitations
+//! - Spin runs one request per component instance and drops the instance afterwards: the
+//!   core's in-memory state lives for one request. Concurrent misses for one blob are not
+//!   coalesced across requests (each fetches; the key-value store keeps one copy), the token
+//!   cache and rate-limit buckets start empty on every request, and `/metrics` shows only the
+//!   request that reads it.
+//! - No timers and no background tasks: deferred work finishes before the handler returns
+//!   (within Spin's request timeout, if one is set); gateway retries happen when a later
+//!   request finds the outbox idle (`pump_if_idle`) or on `POST /chain/outbox/pump` from a cron.
+//! - Blobs live in the key-value store, chunked, up to `pullgate_kv_blob_max_size` each; larger
+//!   ones are verified and streamed through, not cached (see [`blobs`]). There is no eviction
+//!   and `max_size` is ignored. An S3-compatible blob store is not implemented yet.
+//! - `list` reads every key of the store (Spin has no prefix scan), so admin listings cost
+//!   O(keys).
+//! - `listen`, `data_dir` and `audit_log` are ignored. The client address for network rules is
+//!   Spin's `spin-client-addr` header.
+
+pub mod blobs;
+pub mod kv;
+pub mod outbound;
+pub mod reactor;
+
+pub use blobs::KvBlobStore;
+pub use kv::SpinKv;
+pub use outbound::SpinUpstream;
+pub use reactor::SpinDeferred;
+
+use crate::core::access::ClientAddr;
+use crate::core::app::{error_response, App};
+use crate::core::body::{Body, RequestInfo};
+use crate::core::config::{parse_config, parse_size, Config, ConfigError, Secret, SecretResolver};
+use crate::core::error::RegistryError;
+use crate::core::ports::{ByteStream, Clock, Ports};
+use futures_util::StreamExt;
+use spin_sdk::http::{IncomingRequest, ResponseOutparam};
+use spin_sdk::key_value::Store;
+use spin_sdk::wit::wasi::http0_2_0::types::{
+    ErrorCode, Fields, IncomingBody, Method, OutgoingBody, OutgoingResponse,
+};
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::Duration;
+
+/// The variable holding the configuration TOML.
+pub const CONFIG_VAR: &str = "pullgate_config";
+/// The variable holding the largest blob size kept in the key-value store.
+pub const KV_BLOB_MAX_VAR: &str = "pullgate_kv_blob_max_size";
+/// Default of [`KV_BLOB_MAX_VAR`].
+pub const DEFAULT_KV_BLOB_MAX: &str = "64MiB";
+/// The key-value store (`key_value_stores` in `spin.toml`).
+pub const KV_STORE: &str = "default";
+/// The header Spin puts the client's address in.
+pub const CLIENT_ADDR_HEADER: &str = "spin-client-addr";
+
+thread_local! {
+    /// The core of this instance, and its blob store (for the end-of-request cleanup).
+    static APP: RefCell<Option<(App, Rc<KvBlobStore>)>> = const { RefCell::new(None) };
+}
+
+/// Reads a Spin variable; `Ok(None)` when it is not defined or empty.
+fn variable(name: &str) -> Result<Option<String>, ConfigError> {
+    match spin_sdk::variables::get(name) {
+        Ok(v) if v.trim().is_empty() => Ok(None),
+        Ok(v) => Ok(Some(v)),
+        Err(spin_sdk::variables::Error::Undefined(_)) => Ok(None),
+        Err(e) => Err(ConfigError(format!("Spin variable {name}: {e}"))),
+    }
+}
+
+/// Resolves `variable:name` and `env:NAME` to the Spin variable `name`.
+pub struct SpinSecrets;
+
+impl SecretResolver for SpinSecrets {
+    fn resolve(&self, reference: &str) -> Result<Secret, ConfigError> {
+        let name = if let Some(n) = reference.strip_prefix("variable:") {
+            n.to_string()
+        } else if let Some(n) = reference.strip_prefix("env:") {
+            n.to_ascii_lowercase()
+        } else {
+            return Err(ConfigError(format!(
+                "secret reference {reference:?}: the Spin host reads variable:name (or env:NAME)"
+            )));
+        };
+        variable(&name)?.map(Secret::new).ok_or_else(|| {
+            ConfigError(format!(
+                "secret {name} (a secret reference) is not set: declare it in spin.toml's \
+                 [variables] and [component.pullgate.variables] and give it a value"
+            ))
+        })
+    }
+}
+
+/// Wall-clock time from `wasi:clocks/wall-clock`.
+pub struct WasiClock;
+
+impl Clock for WasiClock {
+    fn now_ms(&self) -> u64 {
+        let now = wasi::clocks::wall_clock::now();
+        now.seconds * 1000 + u64::from(now.nanoseconds / 1_000_000)
+    }
+}
+
+/// Builds the core from the variables and the key-value store.
+fn build_app() -> Result<(App, Rc<KvBlobStore>), String> {
+    let config = match variable(CONFIG_VAR).map_err(|e| e.to_string())? {
+        Some(text) => parse_config(&text).map_err(|e| format!("{CONFIG_VAR}: {e}"))?,
+        None => Config::default(),
+    };
+    let settings = config
+        .resolve(&SpinSecrets)
+        .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
+    let max_blob = variable(KV_BLOB_MAX_VAR)
+        .map_err(|e| e.to_string())?
+        .unwrap_or_else(|| DEFAULT_KV_BLOB_MAX.into());
+    let max_blob = parse_size(&max_blob).map_err(|e| format!("{KV_BLOB_MAX_VAR}: {e}"))?;
+    let store = Rc::new(
+        Store::open(KV_STORE)
+            .map_err(|e| format!("key-value store {KV_STORE:?} (key_value_stores): {e}"))?,
+    );
+    let blobs = Rc::new(KvBlobStore::new(store.clone(), max_blob));
+    let ports = Ports {
+        upstream: Rc::new(SpinUpstream::new(Duration::from_millis(
+            settings.upstream_timeout_ms,
+        ))),
+        kv: Rc::new(SpinKv::new(store)),
+        blobs: blobs.clone(),
+        clock: Rc::new(WasiClock),
+        deferred: Rc::new(SpinDeferred),
+    };
+    Ok((App::new(settings, ports), blobs))
+}
+
+/// The instance's core, built on first use.
+fn app() -> Result<(App, Rc<KvBlobStore>), String> {
+    if let Some(app) = APP.with(|a| a.borrow().clone()) {
+        return Ok(app);
+    }
+    let app = build_app()?;
+    APP.with(|a| *a.borrow_mut() = Some(app.clone()));
+    Ok(app)
+}
+
+fn method(m: &Method) -> ::http::Method {
+    match m {
+        Method::Get => ::http::Method::GET,
+        Method::Head => ::http::Method::HEAD,
+        Method::Post => ::http::Method::POST,
+        Method::Put => ::http::Method::PUT,
+        Method::Delete => ::http::Method::DELETE,
+        Method::Patch => ::http::Method::PATCH,
+        Method::Options => ::http::Method::OPTIONS,
+        Method::Connect => ::http::Method::CONNECT,
+        Method::Trace => ::http::Method::TRACE,
+        Method::Other(o) => ::http::Method::from_bytes(o.as_bytes()).unwrap_or_default(),
+    }
+}
+
+/// The request as the core sees it (method, path and query, headers, client address) and its
+/// body as a stream.
+fn to_http(req: IncomingRequest) -> Result<(::http::Request<()>, ByteStream), String> {
+    let path = req.path_with_query().unwrap_or_else(|| "/".into());
+    let mut builder = ::http::Request::builder()
+        .method(method(&req.method()))
+        .uri(path);
+    let mut client = None;
+    for (name, value) in req.headers().entries() {
+        if name.eq_ignore_ascii_case(CLIENT_ADDR_HEADER) {
+            client = std::str::from_utf8(&value)
+                .ok()
+                .and_then(|v| v.parse::<std::net::SocketAddr>().ok())
+                .map(|a| a.ip());
+        }
+        builder = builder.header(name, value);
+    }
+    let mut request = builder.body(()).map_err(|e| e.to_string())?;
+    if let Some(ip) = client {
+        request.extensions_mut().insert(ClientAddr(ip));
+    }
+    let body = match req.consume() {
+        Ok(body) => match body.stream() {
+            Ok(stream) => outbound::input_stream(
+                stream,
+                RequestBody {
+                    _body: body,
+                    _request: req,
+                },
+            ),
+            Err(()) => futures_util::stream::empty().boxed_local(),
+        },
+        Err(()) => futures_util::stream::empty().boxed_local(),
+    };
+    Ok((request, body))
+}
+
+/// An incoming request's body and the request, dropped in that order (held, never read).
+struct RequestBody {
+    _body: IncomingBody,
+    _request: IncomingRequest,
+}
+
+fn log_line(method: &str, path: &str, status: u16, info: Option<&RequestInfo>) -> String {
+    let (route, upstream, cache, error) = match info {
+        Some(i) => (
+            i.route,
+            i.upstream.as_deref().unwrap_or("-"),
+            i.cache.as_str(),
+            i.error.as_deref(),
+        ),
+        None => ("-", "-", "-", None),
+    };
+    let mut line = format!(
+        "method={method} path={path} route={route} upstream={upstream} cache={cache} status={status}"
+    );
+    if let Some(e) = error {
+        line.push_str(&format!(" error={e:?}"));
+    }
+    line
+}
+
+/// Sends the core's response: headers, then the body streamed into the runtime. A body stream
+/// that fails (a digest mismatch) drops the outgoing body unfinished, which the runtime turns
+/// into an aborted response, so a client never takes a short body for a whole one.
+async fn respond(out: ResponseOutparam, resp: ::http::Response<Body>, head: bool, line: String) {
+    let (parts, body) = resp.into_parts();
+    let headers = Fields::new();
+    for (name, value) in &parts.headers {
+        if let Err(e) = headers.append(name.as_str(), value.as_bytes()) {
+            eprintln!("{line} dropped_header={name} reason={e:?}");
+        }
+    }
+    let response = OutgoingResponse::new(headers);
+    let _ = response.set_status_code(parts.status.as_u16());
+    let Ok(outgoing) = response.body() else {
+        eprintln!("{line} error=\"response body taken\"");
+        return;
+    };
+    spin_sdk::wit::wasi::http0_2_0::types::ResponseOutparam::set(out.into_inner(), Ok(response));
+    let result = match body {
+        Body::Empty => Ok(()),
+        Body::Bytes(b) => write_body(&outgoing, futures_util::stream::iter([Ok(b)]).boxed_local())
+            .await
+            .map_err(|e| format!("{e:?}")),
+        Body::Stream(s) => write_body(&outgoing, s).await,
+        Body::Host(_) => Err("unknown host body".to_string()),
+    };
+    match result {
+        Ok(()) => match OutgoingBody::finish(outgoing, None) {
+            // A HEAD response announces a Content-Length its empty body cannot match; the
+            // runtime says so, but the client got what it asked for.
+            Ok(()) | Err(ErrorCode::HttpResponseBodySize(_)) if head => eprintln!("{line}"),
+            Ok(()) => eprintln!("{line}"),
+            Err(e) => eprintln!("{line} aborted=true error={:?}", format!("{e:?}")),
+        },
+        Err(e) => {
+            drop(outgoing);
+            eprintln!("{line} aborted=true error={e:?}");
+        }
+    }
+}
+
+async fn write_body(outgoing: &OutgoingBody, mut body: ByteStream) -> Result<(), String> {
+    let stream = outgoing
+        .write()
+        .map_err(|()| "response body stream taken".to_string())?;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| e.0)?;
+        outbound::write_all(&stream, &chunk)
+            .await
+            .map_err(|e| format!("client went away: {e:?}"))?;
+    }
+    Ok(())
+}
+
+async fn serve(req: IncomingRequest, out: ResponseOutparam) {
+    let (request, body) = match to_http(req) {
+        Ok(r) => r,
+        Err(e) => {
+            let resp = error_response(&RegistryError::Internal(e.clone()), false);
+            respond(out, resp, false, format!("error={e:?}")).await;
+            return;
+        }
+    };
+    let method = request.method().to_string();
+    let path = request.uri().path().to_string();
+    let head = request.method() == ::http::Method::HEAD;
+    let (app, blobs) = match app() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("pullgate cannot start: {e}");
+            let resp = error_response(
+                &RegistryError::Internal("pullgate is misconfigured; see the component log".into()),
+                head,
+            );
+            let line = log_line(&method, &path, resp.status().as_u16(), None);
+            respond(out, resp, head, line).await;
+            return;
+        }
+    };
+    reactor::run_with_deferred(async {
+        let resp = app.handle_with_body(&request, body).await;
+        let info = resp.extensions().get::<RequestInfo>().cloned();
+        let line = log_line(&method, &path, resp.status().as_u16(), info.as_ref());
+        respond(out, resp, head, line).await;
+    })
+    .await;
+    blobs.end_request();
+}
+
+/// The component's `wasi:http/incoming-handler` export.
+#[spin_sdk::http_component]
+fn handle(req: IncomingRequest, out: ResponseOutparam) {
+    if reactor::block_on(serve(req, out)).is_err() {
+        eprintln!("pullgate: request stalled (a future waited on nothing)");
+    }
+}

@@ -1,0 +1,316 @@
+//! End-to-end tests of the Spin host: the component built by `spin.toml`'s build command runs
+//! under `wasmtime serve`, composed with a test-only stand-in for Spin's key-value and
+//! variables interfaces (`tests/spin-shim`), all on loopback. Debian's `docker-registry` is the
+//! upstream; `skopeo` pulls through the component and every blob it stores is checked against
+//! its digest. The first test checks the component's imports and exports against `wit/`.
+//!
+//! What this proves and what only `spin up` would is written down in docs/spin.md.
+//!
+//! Tools: `bash scripts/spin-tools.sh` (pinned wasmtime and wasm-tools, into a cache outside
+//! the work tree) and `scripts/setup.sh` (docker-registry, skopeo). Then
+//! `cargo test --test e2e_spin`.
+
+// The harness is a host, not the core: it reads the real clock (timeouts).
+#![allow(clippy::disallowed_methods)]
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use reqwest::{Method, StatusCode};
+
+use support::fixtures::{sha256_digest, Image};
+use support::registry::Registry;
+use support::skopeo::{skopeo_copy, skopeo_pull, Platforms};
+use support::spin::{built_component, component_wit, SpinApp};
+
+/// The component must stay small enough to start fast on every request.
+const MAX_COMPONENT_BYTES: u64 = 2 << 20;
+/// Blobs above this are streamed through, not kept (the `pullgate_kv_blob_max_size` the tests
+/// set).
+const KV_BLOB_MAX: usize = 8 << 20;
+/// Layer sizes: one within a key-value chunk, one spanning four chunks.
+const LAYER_SIZES: &[usize] = &[64 << 10, 3 << 20];
+
+/// `import`/`export` lines of the world `world` in a WIT text (`wasm-tools component wit`):
+/// (imports, exports).
+fn world_items(wit: &str, world: Option<&str>) -> (BTreeSet<String>, BTreeSet<String>) {
+    let mut imports = BTreeSet::new();
+    let mut exports = BTreeSet::new();
+    let mut inside = false;
+    for line in wit.lines() {
+        let trimmed = line.trim();
+        if let Some(rest) = trimmed.strip_prefix("world ") {
+            let name = rest.trim_end_matches('{').trim();
+            inside = world.is_none_or(|w| w == name);
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if trimmed == "}" && !line.starts_with(' ') {
+            inside = false;
+            continue;
+        }
+        let item = |prefix: &str| {
+            trimmed
+                .strip_prefix(prefix)
+                .map(|s| s.trim_end_matches(';').trim().to_string())
+        };
+        if let Some(i) = item("import ") {
+            imports.insert(i);
+        } else if let Some(e) = item("export ") {
+            exports.insert(e);
+        }
+    }
+    (imports, exports)
+}
+
+/// What a component may import and must export: the world `pullgate` in `wit/`.
+fn allowed_by_wit() -> (BTreeSet<String>, BTreeSet<String>) {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("wit");
+    let (imports, exports) = world_items(&component_wit(&dir), Some("pullgate"));
+    assert!(
+        !imports.is_empty(),
+        "wit/ has no world pullgate with imports"
+    );
+    (imports, exports)
+}
+
+/// Interfaces a component's WIT imports that `allowed` does not, and whether its exports are
+/// exactly `expected`.
+fn violations(
+    component: &str,
+    allowed: &BTreeSet<String>,
+    expected: &BTreeSet<String>,
+) -> Vec<String> {
+    let (imports, exports) = world_items(component, None);
+    let mut out: Vec<String> = imports
+        .difference(allowed)
+        .map(|i| format!("imports {i}, which Spin does not provide (not in wit/)"))
+        .collect();
+    if &exports != expected {
+        out.push(format!("exports {exports:?}, not {expected:?}"));
+    }
+    out
+}
+
+/// The component builds with `spin.toml`'s command, stays under 2 MiB, imports nothing beyond
+/// what Spin provides (the world in `wit/`) and exports the HTTP handler. The checker itself
+/// refuses a component that imports an interface outside `wit/`.
+#[test]
+fn component_imports_only_what_spin_provides_and_exports_the_http_handler() {
+    let component = built_component();
+    let size = std::fs::metadata(&component).expect("component").len();
+    eprintln!(
+        "component {}: {size} bytes ({:.2} MiB)",
+        component.display(),
+        size as f64 / (1u64 << 20) as f64
+    );
+    assert!(
+        size < MAX_COMPONENT_BYTES,
+        "the component is {size} bytes, over {MAX_COMPONENT_BYTES}"
+    );
+    let (allowed, expected_exports) = allowed_by_wit();
+    let wit = component_wit(&component);
+    let found = violations(&wit, &allowed, &expected_exports);
+    assert!(found.is_empty(), "{}\n{wit}", found.join("\n"));
+    let (imports, _) = world_items(&wit, None);
+    for needed in [
+        "fermyon:spin/key-value@2.0.0",
+        "fermyon:spin/variables@2.0.0",
+        "wasi:http/outgoing-handler@0.2.6",
+    ] {
+        assert!(
+            imports.contains(needed),
+            "component does not import {needed}:\n{wit}"
+        );
+    }
+
+    // The checker catches an import Spin does not provide, and a wrong export.
+    let foreign = wit.replace(
+        "  import fermyon:spin/variables@2.0.0;",
+        "  import fermyon:spin/variables@2.0.0;\n  import wasi:keyvalue/store@0.2.0-draft2;",
+    );
+    let found = violations(&foreign, &allowed, &expected_exports);
+    assert!(
+        found.iter().any(|v| v.contains("wasi:keyvalue/store")),
+        "checker missed a foreign import: {found:?}"
+    );
+    let p3 = wit.replace(
+        "export wasi:http/incoming-handler@0.2.0;",
+        "export wasi:http/handler@0.3.0;",
+    );
+    assert!(!violations(&p3, &allowed, &expected_exports).is_empty());
+}
+
+fn upstream_config(upstreams: &[(&str, &Registry)], extra: &str) -> String {
+    // docker.io points at a closed loopback port unless a test names it: nothing reaches the
+    // internet.
+    let mut config = String::new();
+    if !upstreams.iter().any(|(host, _)| *host == "docker.io") {
+        config.push_str(&format!(
+            "[[upstream]]\nhost = \"docker.io\"\nurl = \"http://127.0.0.1:{}\"\n\n",
+            support::process::free_port()
+        ));
+    }
+    for (host, registry) in upstreams {
+        config.push_str(&format!(
+            "[[upstream]]\nhost = \"{host}\"\nurl = \"{}\"\n\n",
+            registry.url()
+        ));
+    }
+    format!("{extra}\n{config}")
+}
+
+fn pull_and_verify(app: &SpinApp, pulls: &[(String, &Image)], when: &str) {
+    for (reference, image) in pulls {
+        let copy = skopeo_copy(reference, Platforms::Host, None)
+            .unwrap_or_else(|e| panic!("pull {reference} ({when}): {e}\n{}", app.log()));
+        copy.verify_image(image);
+    }
+}
+
+fn blob_keys(app: &SpinApp, digest: &str) -> Vec<String> {
+    let hex = digest.trim_start_matches("sha256:");
+    app.kv_keys("default")
+        .into_iter()
+        .filter(|k| k.contains(hex))
+        .collect()
+}
+
+/// skopeo pulls a multi-layer OCI image (one layer spanning several key-value chunks) and a
+/// Docker schema 2 image through the component with every blob intact; blob responses carry
+/// Content-Length and the digest, cold and warm, on HEAD and for a range; a blob above the cap
+/// is verified and served but leaves nothing in the store. Then the upstream stops: warm pulls
+/// (tags revalidated on every pull, so served stale) still succeed from the key-value store.
+#[test]
+fn skopeo_pulls_through_the_spin_component_and_warm_pulls_survive_the_upstream_stopping() {
+    let mut hub = Registry::start_plain();
+    let app_image = Image::oci(210, LAYER_SIZES);
+    let legacy = Image::docker_schema2(211, &[8 << 10, 32 << 10]);
+    let big = Image::oci(212, &[12 << 20]);
+    hub.push_image("library/alpine", "1", &app_image);
+    hub.push_image("acme/legacy", "1", &legacy);
+    hub.push_image("team/big", "1", &big);
+
+    let mut app = SpinApp::builder()
+        .config(&upstream_config(
+            &[("docker.io", &hub)],
+            "[cache]\ntag_ttl = \"0s\"\n",
+        ))
+        .variable("pullgate_kv_blob_max_size", &KV_BLOB_MAX.to_string())
+        .start();
+    let host = app.host();
+
+    // Blob responses, cold (through the fill) and warm (from the store).
+    let client = app.client();
+    let layer = &app_image.layers[1];
+    for pass in ["cold", "warm"] {
+        let got = client.get_blob("library/alpine", &layer.digest);
+        assert!(
+            got.is_complete_success(),
+            "{pass} blob GET: {got:?}\n{}",
+            app.log()
+        );
+        assert_eq!(got.body, layer.bytes, "{pass} blob bytes");
+        assert_eq!(
+            got.header("content-length"),
+            layer.bytes.len().to_string(),
+            "{pass}: {:?}",
+            got.headers
+        );
+        assert_eq!(got.header("docker-content-digest"), layer.digest);
+    }
+    let path = format!("/v2/library/alpine/blobs/{}", layer.digest);
+    let head = client.raw(Method::HEAD, &path, &[], Vec::new());
+    assert_eq!(head.status, StatusCode::OK, "{}", app.log());
+    assert_eq!(head.header("content-length"), layer.bytes.len().to_string());
+    let range = client.raw(
+        Method::GET,
+        &path,
+        &[("range", "bytes=1000000-1001023")],
+        Vec::new(),
+    );
+    assert_eq!(range.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(range.header("content-length"), "1024");
+    assert_eq!(range.body, layer.bytes[1_000_000..1_001_024]);
+
+    let pulls = [
+        (format!("{host}/alpine:1"), &app_image),
+        (
+            format!("{host}/library/alpine@{}", app_image.digest()),
+            &app_image,
+        ),
+        (format!("{host}/acme/legacy:1"), &legacy),
+    ];
+    pull_and_verify(&app, &pulls, "cold");
+
+    // Every blob of the cached images has a head record in the store.
+    for image in [&app_image, &legacy] {
+        for blob in image.blobs() {
+            let hex = blob.digest.trim_start_matches("sha256:");
+            assert!(
+                app.kv_keys("default").contains(&format!("~blob/{hex}")),
+                "blob {} is not in the key-value store",
+                blob.digest
+            );
+        }
+    }
+
+    // Above the cap: served and verified, never stored (not even staged chunks remain).
+    let copy = skopeo_pull(&format!("{host}/team/big:1"), Platforms::Host, None);
+    copy.verify_image(&big);
+    assert!(
+        blob_keys(&app, &big.layers[0].digest).is_empty(),
+        "a blob above the cap left keys behind: {:?}",
+        blob_keys(&app, &big.layers[0].digest)
+    );
+
+    // Upstream gone, fresh instances (a restart changes nothing on Spin: every request gets
+    // a new instance anyway): everything cached is still served.
+    let before = hub.blob_requests();
+    hub.stop();
+    app.restart();
+    pull_and_verify(&app, &pulls, "upstream stopped");
+    assert_eq!(hub.blob_requests(), before);
+    hub.start();
+}
+
+/// A blob whose upstream bytes do not match its digest is refused (the pull fails) and nothing
+/// of it stays in the key-value store; once the upstream is fixed, the pull succeeds and the
+/// blob is stored.
+#[test]
+fn corrupted_upstream_blob_is_refused_and_never_stored() {
+    let hub = Registry::start_plain();
+    let image = Image::oci(220, &[2 << 20]);
+    hub.push_image("library/victim", "1", &image);
+    let layer = &image.layers[0];
+    let corrupted = hub.corrupt_blob(&layer.digest);
+    let app = SpinApp::builder()
+        .config(&upstream_config(&[("docker.io", &hub)], ""))
+        .start();
+
+    let got = app.client().get_blob("library/victim", &layer.digest);
+    assert!(
+        !got.is_complete_success(),
+        "a corrupted blob was served as complete: {got:?}"
+    );
+    assert!(
+        skopeo_copy(&format!("{}/victim:1", app.host()), Platforms::Host, None).is_err(),
+        "skopeo pulled an image with a corrupted layer"
+    );
+    assert!(
+        blob_keys(&app, &layer.digest).is_empty(),
+        "corrupted blob left keys: {:?}",
+        blob_keys(&app, &layer.digest)
+    );
+    let _ = sha256_digest(&[]);
+    let _ = &corrupted.corrupted_digest;
+
+    corrupted.restore();
+    let copy = skopeo_pull(&format!("{}/victim:1", app.host()), Platforms::Host, None);
+    copy.verify_image(&image);
+    let hex = layer.digest.trim_start_matches("sha256:");
+    assert!(app.kv_keys("default").contains(&format!("~blob/{hex}")));
+}
