@@ -19,7 +19,7 @@ use std::collections::BTreeSet;
 
 use reqwest::{Method, StatusCode};
 
-use support::fixtures::{sha256_digest, Image};
+use support::fixtures::Image;
 use support::registry::Registry;
 use support::skopeo::{skopeo_copy, skopeo_pull, Platforms};
 use support::spin::{built_component, component_wit, SpinApp};
@@ -305,12 +305,92 @@ fn corrupted_upstream_blob_is_refused_and_never_stored() {
         "corrupted blob left keys: {:?}",
         blob_keys(&app, &layer.digest)
     );
-    let _ = sha256_digest(&[]);
-    let _ = &corrupted.corrupted_digest;
+    assert!(
+        !app.kv_keys("default")
+            .iter()
+            .any(|k| k.contains(corrupted.corrupted_digest.trim_start_matches("sha256:"))),
+        "the corrupted bytes were stored"
+    );
 
     corrupted.restore();
     let copy = skopeo_pull(&format!("{}/victim:1", app.host()), Platforms::Host, None);
     copy.verify_image(&image);
     let hex = layer.digest.trim_start_matches("sha256:");
     assert!(app.kv_keys("default").contains(&format!("~blob/{hex}")));
+}
+
+/// An upstream that wants bearer tokens, with credentials from Spin variables referenced as
+/// `variable:name` and `env:NAME` (the variable `name`) in `pullgate_config`: pulls work and
+/// the credentials reach the token realm.
+#[test]
+fn token_auth_upstream_pulls_with_credentials_from_spin_variables() {
+    let secured = Registry::start_with_token_auth("puller", "s3cret-pull-password");
+    let private = Image::oci(230, &[16 << 10]);
+    secured.push_image("team/private", "1", &private);
+    let tokens = secured.token_server();
+    let before = tokens.requests();
+    let config = format!(
+        "{}[[upstream]]\nhost = \"private.test\"\nurl = \"{}\"\n\
+         username = \"variable:dockerhub_user\"\npassword = \"env:DOCKERHUB_TOKEN\"\n",
+        upstream_config(&[], ""),
+        secured.url()
+    );
+    let app = SpinApp::builder()
+        .config(&config)
+        .variable("dockerhub_user", "puller")
+        .variable("dockerhub_token", "s3cret-pull-password")
+        .start();
+    let reference = format!("{}/private.test/team/private:1", app.host());
+    skopeo_copy(&reference, Platforms::Host, None)
+        .unwrap_or_else(|e| panic!("{e}\n{}", app.log()))
+        .verify_image(&private);
+    assert!(tokens.requests() > before, "no token was fetched");
+    assert!(tokens
+        .scopes_requested()
+        .iter()
+        .any(|scope| scope == "repository:team/private:pull"));
+    assert!(
+        !app.log().contains("s3cret-pull-password"),
+        "a secret reached the log"
+    );
+}
+
+/// A manifest over Spin's 1 MB value limit (padded with a 1.5 MB annotation) is stored as
+/// chunks (the shim refuses any value over 1 MB, as Spin documents) and served whole, also
+/// after the upstream stopped.
+#[test]
+fn manifest_over_one_megabyte_is_chunked_in_the_key_value_store() {
+    let mut hub = Registry::start_plain();
+    let mut image = Image::oci(240, &[8 << 10]);
+    let mut manifest: serde_json::Value =
+        serde_json::from_slice(&image.manifest.bytes).expect("manifest json");
+    manifest["annotations"] = serde_json::json!({ "pullgate.test.padding": "p".repeat(1_500_000) });
+    image.manifest = support::fixtures::Blob::new(
+        &image.manifest.media_type,
+        serde_json::to_vec(&manifest).expect("manifest json"),
+    );
+    hub.push_image("library/padded", "1", &image);
+    let mut app = SpinApp::builder()
+        .config(&upstream_config(
+            &[("docker.io", &hub)],
+            "[cache]\ntag_ttl = \"0s\"\n",
+        ))
+        .start();
+    let reference = format!("{}/padded:1", app.host());
+    skopeo_copy(&reference, Platforms::Host, None)
+        .unwrap_or_else(|e| panic!("{e}\n{}", app.log()))
+        .verify_image(&image);
+    let keys = app.kv_keys("default");
+    assert!(
+        keys.iter().any(|k| k.starts_with("~chunk/")),
+        "the 1.5 MB manifest was not chunked: {keys:?}"
+    );
+    hub.stop();
+    app.restart();
+    skopeo_copy(&reference, Platforms::Host, None)
+        .unwrap_or_else(|e| panic!("{e}\n{}", app.log()))
+        .verify_image(&image);
+    let got = app.client().get_manifest("library/padded", image.digest());
+    assert_eq!(got.body, image.manifest.bytes);
+    hub.start();
 }
