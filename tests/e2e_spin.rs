@@ -394,3 +394,40 @@ fn manifest_over_one_megabyte_is_chunked_in_the_key_value_store() {
     assert_eq!(got.body, image.manifest.bytes);
     hub.start();
 }
+
+/// A client that leaves after the first bytes of a cold blob does not stop the fill: the
+/// handler keeps the instance alive until the deferred fill has verified and stored the blob.
+#[test]
+fn a_fill_whose_client_left_still_finishes_and_is_stored() {
+    use std::io::Read;
+
+    let hub = Registry::start_plain();
+    let image = Image::oci(250, &[6 << 20]);
+    hub.push_image("library/leaver", "1", &image);
+    let app = SpinApp::builder()
+        .config(&upstream_config(&[("docker.io", &hub)], ""))
+        .start();
+    let layer = &image.layers[0];
+    let hex = layer.digest.trim_start_matches("sha256:").to_string();
+    {
+        let mut response = support::http::loopback_client()
+            .get(format!(
+                "{}/v2/library/leaver/blobs/{}",
+                app.url(),
+                layer.digest
+            ))
+            .send()
+            .expect("GET blob");
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut first = [0u8; 1024];
+        response.read_exact(&mut first).expect("first bytes");
+        assert_eq!(first[..], layer.bytes[..1024]);
+        // Dropped here: the client hangs up with most of the blob unread.
+    }
+    let stored = support::process::poll_until(std::time::Duration::from_secs(60), || {
+        app.kv_keys("default").contains(&format!("~blob/{hex}"))
+    });
+    assert!(stored, "the fill stopped with its client\n{}", app.log());
+    let got = app.client().get_blob("library/leaver", &layer.digest);
+    assert_eq!(got.body, layer.bytes);
+}

@@ -22,7 +22,6 @@ use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Duration;
 use wasi::io::poll::Pollable;
 
 thread_local! {
@@ -109,12 +108,6 @@ pub async fn ready(pollable: Pollable) {
         }
     })
     .await
-}
-
-/// Resolves after `duration` (monotonic clock).
-pub async fn sleep(duration: Duration) {
-    let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
-    ready(wasi::clocks::monotonic_clock::subscribe_duration(nanos)).await
 }
 
 /// The deferred-work port on Spin: work joins the current request's [`run_with_deferred`],
