@@ -414,3 +414,15 @@ fn concurrent_cold_misses_in_one_isolate_share_one_upstream_transfer() {
         upstream.access_log_summary()
     );
 }
+
+/// The deployable bundle (wasm + JavaScript) stays within the size budget: at most 1 MiB
+/// gzipped (Cloudflare's own limits are 3 MiB on Free and 10 MiB on Paid).
+#[test]
+fn worker_bundle_stays_within_one_mib_gzipped() {
+    let (raw, gzipped) = support::worker::bundle_gzip_size();
+    eprintln!("worker bundle: {raw} bytes, {gzipped} bytes gzipped");
+    assert!(
+        gzipped <= 1 << 20,
+        "the worker bundle is {gzipped} bytes gzipped ({raw} raw), over the 1 MiB budget"
+    );
+}

@@ -108,6 +108,27 @@ fn built_bundle() -> PathBuf {
     }
 }
 
+/// The gzip-compressed size of the built bundle (its wasm and JavaScript files), the figure
+/// Cloudflare's size limit applies to. Builds the bundle if needed.
+pub fn bundle_gzip_size() -> (u64, u64) {
+    use std::io::Write as _;
+    let entry = built_bundle();
+    // main is build/worker/shim.mjs; the wasm and its glue sit one level up.
+    let dir = entry
+        .parent()
+        .and_then(Path::parent)
+        .expect("bundle directory");
+    let mut raw = 0u64;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    for name in ["index_bg.wasm", "index.js", "worker/shim.mjs"] {
+        let bytes = std::fs::read(dir.join(name))
+            .unwrap_or_else(|e| panic!("read {}: {e}", dir.join(name).display()));
+        raw += bytes.len() as u64;
+        encoder.write_all(&bytes).expect("gzip");
+    }
+    (raw, encoder.finish().expect("gzip").len() as u64)
+}
+
 /// The repository's `wrangler.toml` for a built bundle: `main` absolute, no `[build]`, and
 /// `[vars]` holding only `PULLGATE_CONFIG`.
 fn dev_config(bundle: &Path, pullgate_config: &str) -> String {
