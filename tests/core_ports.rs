@@ -713,3 +713,31 @@ fn store_without_tail_serves_fast_readers_from_memory_and_slow_ones_after_commit
         assert_eq!(h.up.count("GET", "/blobs/"), 1);
     });
 }
+
+#[test]
+fn head_on_a_cold_blob_asks_the_upstream_head_and_transfers_nothing() {
+    local(async {
+        let h = harness("");
+        let (d, bytes) = h.up.put_blob(vec![5u8; 70_000]);
+        let req = Request::head(format!("/v2/app/blobs/{d}"))
+            .body(())
+            .unwrap();
+        let resp = h.app.handle(&req).await;
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(
+            resp.headers()["content-length"],
+            bytes.len().to_string().as_str()
+        );
+        assert_eq!(resp.headers()["docker-content-digest"], d.as_str());
+        assert!(matches!(resp.body(), Body::Empty));
+        assert_eq!(h.up.count("HEAD", "/blobs/"), 1);
+        assert_eq!(h.up.count("GET", "/blobs/"), 0, "no transfer for a HEAD");
+        assert_eq!(h.blobs.count(), 0);
+        // An unknown blob: the upstream HEAD says 404, the fill confirms it.
+        let missing = Digest::of(b"missing");
+        let req = Request::head(format!("/v2/app/blobs/{missing}"))
+            .body(())
+            .unwrap();
+        assert_eq!(h.app.handle(&req).await.status(), StatusCode::NOT_FOUND);
+    });
+}

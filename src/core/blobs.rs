@@ -544,6 +544,26 @@ async fn from_store(
     .map(Some)
 }
 
+/// Answers a HEAD from the upstream's HEAD, when it gives a length.
+async fn head_upstream(ctx: &Ctx<'_>, digest: &Digest) -> Option<Response<Body>> {
+    let path = format!("/v2/{}/blobs/{digest}", ctx.name);
+    let resp = ctx
+        .inner
+        .client
+        .request(ctx.up, Method::HEAD, &path, None, ctx.name.as_str(), true)
+        .await
+        .ok()?;
+    if resp.status() != StatusCode::OK {
+        return None;
+    }
+    let size = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())?;
+    blob_response(StatusCode::OK, digest, Some(size), Body::Empty).ok()
+}
+
 /// `GET|HEAD /v2/<name>/blobs/<digest>`.
 pub(crate) async fn get(
     ctx: &Ctx<'_>,
@@ -556,6 +576,16 @@ pub(crate) async fn get(
         return Ok((resp, CacheStatus::Hit));
     }
     let existing = ctx.inner.fills.borrow().get(digest.as_str()).cloned();
+    if ctx.head && existing.is_none() {
+        // A HEAD carries no bytes, so the upstream's own HEAD answers it without starting a
+        // transfer (on hosts whose deferred work is cut after the response, a fill started by
+        // a HEAD would be wasted). Chained caches may 404 a HEAD until someone GETs the blob:
+        // then, and on any other failure, fall through to a fill.
+        if let Some(resp) = head_upstream(ctx, digest).await {
+            m.miss(&ctx.up.host);
+            return Ok((resp, CacheStatus::Miss));
+        }
+    }
     let (fill, status) = match existing {
         Some(f) => {
             inc(&m.coalesced_waits);
