@@ -1,7 +1,8 @@
 //! The Spin host: pullgate as a Spin HTTP component (`spin up`, SpinKube, Fermyon Cloud). It
 //! reads the configuration from the Spin variable `pullgate_config` (the same TOML as the
 //! native host's file), builds the ports — [`SpinKv`] over the key-value store `default`,
-//! [`KvBlobStore`] in the same store, [`SpinUpstream`] over outbound HTTP, [`WasiClock`] and
+//! [`S3BlobStore`] over an S3-compatible bucket when `pullgate_s3_endpoint` is set, otherwise
+//! [`KvBlobStore`] in the key-value store, [`SpinUpstream`] over outbound HTTP, [`WasiClock`] and
 //! [`SpinDeferred`] — and hands every request to [`App::handle_with_body`]. This module is the
 //! only place that names `spin_sdk`; it decides nothing about registries or caching.
 //!
@@ -12,7 +13,9 @@
 //!
 //! Variables (declared in `spin.toml`): `pullgate_config` (TOML; empty for the defaults),
 //! `pullgate_kv_blob_max_size` (largest blob kept in the key-value store, default `64MiB`),
-//! and one variable per secret. A secret reference in the configuration is `variable:name`
+//! the S3 blob store's `pullgate_s3_endpoint`, `pullgate_s3_bucket`, `pullgate_s3_region`,
+//! `pullgate_s3_url_style`, `pullgate_s3_access_key_id` and `pullgate_s3_secret_access_key`
+//! (the last two secret), and one variable per secret. A secret reference in the configuration is `variable:name`
 //! (the Spin variable `name`) or `env:NAME` (the Spin variable `name`, lowercased, so one
 //! configuration works on every host); mark those variables `secret = true`.
 //!
@@ -29,9 +32,10 @@
 //! - No timers and no background tasks: deferred work finishes before the handler returns
 //!   (within Spin's request timeout, if one is set); gateway retries happen when a later
 //!   request finds the outbox idle (`pump_if_idle`) or on `POST /chain/outbox/pump` from a cron.
-//! - Blobs live in the key-value store, chunked, up to `pullgate_kv_blob_max_size` each; larger
-//!   ones are verified and streamed through, not cached (see [`blobs`]). There is no eviction
-//!   and `max_size` is ignored. An S3-compatible blob store is not implemented yet.
+//! - Without an S3 endpoint, blobs live in the key-value store, chunked, up to
+//!   `pullgate_kv_blob_max_size` each; larger ones are verified and streamed through, not
+//!   cached (see [`blobs`]). With one, every blob goes to the bucket (see [`s3`]). Either way
+//!   there is no eviction and `max_size` is ignored.
 //! - `list` reads every key of the store (Spin has no prefix scan), so admin listings cost
 //!   O(keys).
 //! - `listen`, `data_dir` and `audit_log` are ignored. The client address for network rules is
@@ -41,18 +45,20 @@ pub mod blobs;
 pub mod kv;
 pub mod outbound;
 pub mod reactor;
+pub mod s3;
 
 pub use blobs::KvBlobStore;
 pub use kv::SpinKv;
 pub use outbound::SpinUpstream;
 pub use reactor::SpinDeferred;
+pub use s3::{S3BlobStore, S3Settings};
 
 use crate::core::access::ClientAddr;
 use crate::core::app::{error_response, App};
 use crate::core::body::{Body, RequestInfo};
 use crate::core::config::{parse_config, parse_size, Config, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
-use crate::core::ports::{ByteStream, Clock, Ports};
+use crate::core::ports::{BlobStore, ByteStream, Clock, Ports};
 use futures_util::StreamExt;
 use spin_sdk::http::{IncomingRequest, ResponseOutparam};
 use spin_sdk::key_value::Store;
@@ -69,6 +75,18 @@ pub const CONFIG_VAR: &str = "pullgate_config";
 pub const KV_BLOB_MAX_VAR: &str = "pullgate_kv_blob_max_size";
 /// Default of [`KV_BLOB_MAX_VAR`].
 pub const DEFAULT_KV_BLOB_MAX: &str = "64MiB";
+/// The S3 endpoint URL; set, it makes [`S3BlobStore`] the blob store (unset: [`KvBlobStore`]).
+pub const S3_ENDPOINT_VAR: &str = "pullgate_s3_endpoint";
+/// The S3 bucket.
+pub const S3_BUCKET_VAR: &str = "pullgate_s3_bucket";
+/// The S3 region (default `us-east-1`; `auto` on R2).
+pub const S3_REGION_VAR: &str = "pullgate_s3_region";
+/// `path` (default) or `virtual-host`.
+pub const S3_URL_STYLE_VAR: &str = "pullgate_s3_url_style";
+/// The S3 access key id (a secret variable).
+pub const S3_ACCESS_KEY_ID_VAR: &str = "pullgate_s3_access_key_id";
+/// The S3 secret access key (a secret variable).
+pub const S3_SECRET_ACCESS_KEY_VAR: &str = "pullgate_s3_secret_access_key";
 /// The key-value store (`key_value_stores` in `spin.toml`).
 pub const KV_STORE: &str = "default";
 /// The header Spin puts the client's address in.
@@ -76,7 +94,7 @@ pub const CLIENT_ADDR_HEADER: &str = "spin-client-addr";
 
 thread_local! {
     /// The core of this instance, and its blob store (for the end-of-request cleanup).
-    static APP: RefCell<Option<(App, Rc<KvBlobStore>)>> = const { RefCell::new(None) };
+    static APP: RefCell<Option<(App, Option<Rc<KvBlobStore>>)>> = const { RefCell::new(None) };
 }
 
 /// Reads a Spin variable; `Ok(None)` when it is not defined or empty.
@@ -122,8 +140,44 @@ impl Clock for WasiClock {
     }
 }
 
+/// Reads a variable, or `default` when it is unset or empty.
+fn variable_or(name: &str, default: &str) -> Result<String, String> {
+    Ok(variable(name)
+        .map_err(|e| e.to_string())?
+        .unwrap_or_else(|| default.into()))
+}
+
+/// The S3 settings from the `pullgate_s3_*` variables; None when no endpoint is set.
+fn s3_settings() -> Result<Option<S3Settings>, String> {
+    let Some(endpoint) = variable(S3_ENDPOINT_VAR).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let required = |name: &str| -> Result<String, String> {
+        variable(name)
+            .map_err(|e| e.to_string())?
+            .ok_or_else(|| format!("{name} must be set when {S3_ENDPOINT_VAR} is"))
+    };
+    let path_style = match variable_or(S3_URL_STYLE_VAR, "path")?.as_str() {
+        "path" => true,
+        "virtual-host" => false,
+        other => {
+            return Err(format!(
+                "{S3_URL_STYLE_VAR}: {other:?} is neither \"path\" nor \"virtual-host\""
+            ))
+        }
+    };
+    Ok(Some(S3Settings {
+        endpoint: endpoint.trim().to_string(),
+        bucket: required(S3_BUCKET_VAR)?,
+        region: variable_or(S3_REGION_VAR, "us-east-1")?,
+        access_key_id: required(S3_ACCESS_KEY_ID_VAR)?,
+        secret_access_key: required(S3_SECRET_ACCESS_KEY_VAR)?,
+        path_style,
+    }))
+}
+
 /// Builds the core from the variables and the key-value store.
-fn build_app() -> Result<(App, Rc<KvBlobStore>), String> {
+fn build_app() -> Result<(App, Option<Rc<KvBlobStore>>), String> {
     let config = match variable(CONFIG_VAR).map_err(|e| e.to_string())? {
         Some(text) => parse_config(&text).map_err(|e| format!("{CONFIG_VAR}: {e}"))?,
         None => Config::default(),
@@ -131,29 +185,37 @@ fn build_app() -> Result<(App, Rc<KvBlobStore>), String> {
     let settings = config
         .resolve(&SpinSecrets)
         .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
-    let max_blob = variable(KV_BLOB_MAX_VAR)
-        .map_err(|e| e.to_string())?
-        .unwrap_or_else(|| DEFAULT_KV_BLOB_MAX.into());
-    let max_blob = parse_size(&max_blob).map_err(|e| format!("{KV_BLOB_MAX_VAR}: {e}"))?;
     let store = Rc::new(
         Store::open(KV_STORE)
             .map_err(|e| format!("key-value store {KV_STORE:?} (key_value_stores): {e}"))?,
     );
-    let blobs = Rc::new(KvBlobStore::new(store.clone(), max_blob));
+    let timeout = Duration::from_millis(settings.upstream_timeout_ms);
+    let clock: Rc<dyn Clock> = Rc::new(WasiClock);
+    let (blobs, kv_blobs): (Rc<dyn BlobStore>, _) = match s3_settings()? {
+        Some(s3) => {
+            let blobs = S3BlobStore::new(&s3, Rc::new(SpinUpstream::new(timeout)), clock.clone())
+                .map_err(|e| format!("{S3_ENDPOINT_VAR}: {e}"))?;
+            (Rc::new(blobs), None)
+        }
+        None => {
+            let max_blob = variable_or(KV_BLOB_MAX_VAR, DEFAULT_KV_BLOB_MAX)?;
+            let max_blob = parse_size(&max_blob).map_err(|e| format!("{KV_BLOB_MAX_VAR}: {e}"))?;
+            let blobs = Rc::new(KvBlobStore::new(store.clone(), max_blob));
+            (blobs.clone(), Some(blobs))
+        }
+    };
     let ports = Ports {
-        upstream: Rc::new(SpinUpstream::new(Duration::from_millis(
-            settings.upstream_timeout_ms,
-        ))),
+        upstream: Rc::new(SpinUpstream::new(timeout)),
         kv: Rc::new(SpinKv::new(store)),
-        blobs: blobs.clone(),
-        clock: Rc::new(WasiClock),
+        blobs,
+        clock,
         deferred: Rc::new(SpinDeferred),
     };
-    Ok((App::new(settings, ports), blobs))
+    Ok((App::new(settings, ports), kv_blobs))
 }
 
 /// The instance's core, built on first use.
-fn app() -> Result<(App, Rc<KvBlobStore>), String> {
+fn app() -> Result<(App, Option<Rc<KvBlobStore>>), String> {
     if let Some(app) = APP.with(|a| a.borrow().clone()) {
         return Ok(app);
     }
@@ -325,7 +387,9 @@ async fn serve(req: IncomingRequest, out: ResponseOutparam) {
         respond(out, resp, head, line).await;
     })
     .await;
-    blobs.end_request();
+    if let Some(blobs) = blobs {
+        blobs.end_request();
+    }
 }
 
 /// The component's `wasi:http/incoming-handler` export.
