@@ -2,11 +2,13 @@
 //! under `wasmtime serve`, composed with a test-only stand-in for Spin's key-value and
 //! variables interfaces (`tests/spin-shim`), all on loopback. Debian's `docker-registry` is the
 //! upstream; `skopeo` pulls through the component and every blob it stores is checked against
-//! its digest. The first test checks the component's imports and exports against `wit/`.
+//! its digest. The first test checks the component's imports and exports against `wit/`. The
+//! `s3_store_*` tests point the S3 blob store at `moto_server` (PyPI `moto[server]`) on
+//! loopback and read its bucket directly.
 //!
 //! What this proves and what only `spin up` would is written down in docs/spin.md.
 //!
-//! Tools: `bash scripts/spin-tools.sh` (pinned wasmtime and wasm-tools, into a cache outside
+//! Tools: `bash scripts/spin-tools.sh` (pinned wasmtime, wasm-tools and moto, into a cache outside
 //! the work tree) and `scripts/setup.sh` (docker-registry, skopeo). Then
 //! `cargo test --test e2e_spin`.
 
@@ -22,13 +24,17 @@ use reqwest::{Method, StatusCode};
 use support::fixtures::Image;
 use support::registry::Registry;
 use support::skopeo::{skopeo_copy, skopeo_pull, Platforms};
-use support::spin::{built_component, component_wit, SpinApp};
+use support::spin::{built_component, component_wit, Moto, SpinApp, MOTO_SECRET_ACCESS_KEY};
 
 /// The component must stay small enough to start fast on every request.
 const MAX_COMPONENT_BYTES: u64 = 2 << 20;
 /// Blobs above this are streamed through, not kept (the `pullgate_kv_blob_max_size` the tests
 /// set).
 const KV_BLOB_MAX: usize = 8 << 20;
+/// The S3 bucket the S3 tests use.
+const BUCKET: &str = "pullgate-blobs";
+/// The S3 store's multipart part size (src/spin/s3.rs `PART_SIZE`).
+const S3_PART: usize = 8 << 20;
 /// Layer sizes: one within a key-value chunk, one spanning four chunks.
 const LAYER_SIZES: &[usize] = &[64 << 10, 3 << 20];
 
@@ -430,4 +436,187 @@ fn a_fill_whose_client_left_still_finishes_and_is_stored() {
     assert!(stored, "the fill stopped with its client\n{}", app.log());
     let got = app.client().get_blob("library/leaver", &layer.digest);
     assert_eq!(got.body, layer.bytes);
+}
+
+/// The object key of a blob in the S3 store.
+fn s3_key(digest: &str) -> String {
+    format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"))
+}
+
+/// With the S3 blob store configured, skopeo pulls through the component and every blob lands
+/// in moto's bucket as an object under its digest key, byte for byte — none in the key-value
+/// store. After the upstream stops, warm pulls are served from the bucket; the secret access key
+/// never reaches the log.
+#[test]
+fn s3_store_keeps_pulled_blobs_in_the_bucket_and_serves_warm_pulls_from_it() {
+    let mut hub = Registry::start_plain();
+    let moto = Moto::start(BUCKET);
+    let image = Image::oci(260, &[64 << 10, 3 << 20]);
+    let legacy = Image::docker_schema2(261, &[8 << 10]);
+    hub.push_image("library/s3app", "1", &image);
+    hub.push_image("acme/s3legacy", "1", &legacy);
+    let mut app = SpinApp::builder()
+        .config(&upstream_config(
+            &[("docker.io", &hub)],
+            "[cache]\ntag_ttl = \"0s\"\n",
+        ))
+        .s3(&moto, BUCKET)
+        .start();
+    let host = app.host();
+    let pulls = [
+        (format!("{host}/s3app:1"), &image),
+        (format!("{host}/acme/s3legacy:1"), &legacy),
+    ];
+    pull_and_verify(&app, &pulls, "cold");
+
+    let keys = moto.object_keys(BUCKET);
+    for blob in image.blobs().into_iter().chain(legacy.blobs()) {
+        let key = s3_key(&blob.digest);
+        assert!(
+            keys.contains(&key),
+            "{key} not in the bucket: {keys:?}\n{}",
+            app.log()
+        );
+        assert_eq!(
+            moto.object(BUCKET, &key).as_deref(),
+            Some(&blob.bytes[..]),
+            "object {key}"
+        );
+        assert!(
+            blob_keys(&app, &blob.digest).is_empty(),
+            "blob {} also went to the key-value store",
+            blob.digest
+        );
+    }
+    assert!(moto.pending_uploads(BUCKET).is_empty());
+
+    // Warm: Content-Length and a range, served from the bucket.
+    let layer = &image.layers[1];
+    let path = format!("/v2/library/s3app/blobs/{}", layer.digest);
+    let client = app.client();
+    let head = client.raw(Method::HEAD, &path, &[], Vec::new());
+    assert_eq!(head.status, StatusCode::OK, "{}", app.log());
+    assert_eq!(head.header("content-length"), layer.bytes.len().to_string());
+    let range = client.raw(
+        Method::GET,
+        &path,
+        &[("range", "bytes=1000000-1001023")],
+        Vec::new(),
+    );
+    assert_eq!(range.status, StatusCode::PARTIAL_CONTENT, "{}", app.log());
+    assert_eq!(range.body, layer.bytes[1_000_000..1_001_024]);
+
+    let before = hub.blob_requests();
+    hub.stop();
+    app.restart();
+    pull_and_verify(&app, &pulls, "upstream stopped");
+    assert_eq!(hub.blob_requests(), before, "a warm pull went upstream");
+    assert!(
+        !app.log().contains(MOTO_SECRET_ACCESS_KEY),
+        "the S3 secret reached the log"
+    );
+    hub.start();
+}
+
+/// Corrupted upstream blobs, one within a part (sent with one PUT only after verification) and
+/// one of several parts (a multipart upload, aborted on the mismatch), are refused and leave
+/// nothing in the bucket: no object under any key, no incomplete upload. Fixed upstream, both
+/// are stored.
+#[test]
+fn s3_store_refuses_corrupted_blobs_and_leaves_no_object_or_upload() {
+    let hub = Registry::start_plain();
+    let moto = Moto::start(BUCKET);
+    let image = Image::oci(270, &[2 << 20, S3_PART + (3 << 20)]);
+    hub.push_image("library/s3victim", "1", &image);
+    let corrupted: Vec<_> = image
+        .layers
+        .iter()
+        .map(|layer| hub.corrupt_blob(&layer.digest))
+        .collect();
+    let app = SpinApp::builder()
+        .config(&upstream_config(&[("docker.io", &hub)], ""))
+        .s3(&moto, BUCKET)
+        .start();
+
+    for layer in &image.layers {
+        let got = app.client().get_blob("library/s3victim", &layer.digest);
+        assert!(
+            !got.is_complete_success(),
+            "a corrupted blob was served as complete: {got:?}"
+        );
+    }
+    assert!(
+        skopeo_copy(&format!("{}/s3victim:1", app.host()), Platforms::Host, None).is_err(),
+        "skopeo pulled an image with corrupted layers"
+    );
+    let keys = moto.object_keys(BUCKET);
+    for (layer, bad) in image.layers.iter().zip(&corrupted) {
+        for hex in [&layer.digest, &bad.corrupted_digest] {
+            let hex = hex.trim_start_matches("sha256:");
+            assert!(
+                !keys.iter().any(|k| k.contains(hex)),
+                "corrupted blob left an object: {keys:?}"
+            );
+        }
+    }
+    assert!(
+        !keys.iter().any(|k| k.starts_with("blobs/")),
+        "a blob object was stored: {keys:?}"
+    );
+    let pending = moto.pending_uploads(BUCKET);
+    assert!(
+        pending.is_empty(),
+        "incomplete uploads left: {pending:?}\n{}",
+        app.log()
+    );
+
+    for bad in &corrupted {
+        bad.restore();
+    }
+    skopeo_pull(&format!("{}/s3victim:1", app.host()), Platforms::Host, None).verify_image(&image);
+    for layer in &image.layers {
+        assert_eq!(
+            moto.object(BUCKET, &s3_key(&layer.digest)).as_deref(),
+            Some(&layer.bytes[..])
+        );
+    }
+}
+
+/// A blob of several multipart parts (20 MiB, parts of 8 MiB) streams up through a multipart
+/// upload and back: cold and warm GETs return it whole, a range across a part boundary is
+/// exact, and the object in the bucket is byte for byte the blob.
+#[test]
+fn s3_store_streams_a_blob_larger_than_one_part_both_ways() {
+    let hub = Registry::start_plain();
+    let moto = Moto::start(BUCKET);
+    let image = Image::oci(280, &[20 << 20]);
+    hub.push_image("library/s3big", "1", &image);
+    let app = SpinApp::builder()
+        .config(&upstream_config(&[("docker.io", &hub)], ""))
+        .s3(&moto, BUCKET)
+        .start();
+    let layer = &image.layers[0];
+    assert!(layer.bytes.len() > 2 * S3_PART);
+    let client = app.client();
+    for pass in ["cold", "warm"] {
+        let got = client.get_blob("library/s3big", &layer.digest);
+        assert!(got.is_complete_success(), "{pass}: {got:?}\n{}", app.log());
+        assert!(got.body == layer.bytes, "{pass}: bytes differ");
+        assert_eq!(got.header("content-length"), layer.bytes.len().to_string());
+    }
+    let object = moto
+        .object(BUCKET, &s3_key(&layer.digest))
+        .expect("the blob is in the bucket");
+    assert!(object == layer.bytes, "the object differs from the blob");
+    let (from, to) = (S3_PART - 512, S3_PART + 511);
+    let range = client.raw(
+        Method::GET,
+        &format!("/v2/library/s3big/blobs/{}", layer.digest),
+        &[("range", &format!("bytes={from}-{to}"))],
+        Vec::new(),
+    );
+    assert_eq!(range.status, StatusCode::PARTIAL_CONTENT, "{}", app.log());
+    assert!(range.body == layer.bytes[from..=to]);
+    skopeo_pull(&format!("{}/s3big:1", app.host()), Platforms::Host, None).verify_image(&image);
+    assert!(moto.pending_uploads(BUCKET).is_empty());
 }

@@ -33,10 +33,11 @@ fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// `WASMTIME_BIN` and `WASM_TOOLS_BIN`, loaded once.
+/// `WASMTIME_BIN`, `WASM_TOOLS_BIN` and `MOTO_SERVER_BIN`, loaded once.
 pub struct Tools {
     pub wasmtime: PathBuf,
     pub wasm_tools: PathBuf,
+    pub moto_server: PathBuf,
 }
 
 /// The pinned tools from `scripts/spin-tools.sh`.
@@ -46,7 +47,7 @@ pub fn tools() -> &'static Tools {
         let script = repo_root().join("scripts/spin-tools.sh");
         let mut command = Command::new("bash");
         command.arg("-c").arg(format!(
-            ". \"$(bash '{}' --check)\" && printf '%s\\n%s\\n' \"$WASMTIME_BIN\" \"$WASM_TOOLS_BIN\"",
+            ". \"$(bash '{}' --check)\" && printf '%s\\n%s\\n%s\\n' \"$WASMTIME_BIN\" \"$WASM_TOOLS_BIN\" \"$MOTO_SERVER_BIN\"",
             script.display()
         ));
         let output = run_bounded(command, Duration::from_secs(60))?;
@@ -59,10 +60,11 @@ pub fn tools() -> &'static Tools {
         }
         let text = String::from_utf8_lossy(&output.stdout).to_string();
         let mut lines = text.lines();
-        match (lines.next(), lines.next()) {
-            (Some(w), Some(t)) => Ok(Tools {
+        match (lines.next(), lines.next(), lines.next()) {
+            (Some(w), Some(t), Some(m)) => Ok(Tools {
                 wasmtime: PathBuf::from(w),
                 wasm_tools: PathBuf::from(t),
+                moto_server: PathBuf::from(m),
             }),
             _ => Err(format!("scripts/spin-tools.sh wrote no tool paths: {text:?}")),
         }
@@ -212,6 +214,15 @@ impl SpinAppBuilder {
     /// The `pullgate_config` variable (the native host's configuration schema).
     pub fn config(self, toml: &str) -> Self {
         self.variable("pullgate_config", toml)
+    }
+
+    /// The S3 blob store in `bucket` of `moto` (the `pullgate_s3_*` variables).
+    pub fn s3(self, moto: &Moto, bucket: &str) -> Self {
+        self.variable("pullgate_s3_endpoint", &moto.url())
+            .variable("pullgate_s3_bucket", bucket)
+            .variable("pullgate_s3_region", "us-east-1")
+            .variable("pullgate_s3_access_key_id", MOTO_ACCESS_KEY_ID)
+            .variable("pullgate_s3_secret_access_key", MOTO_SECRET_ACCESS_KEY)
     }
 
     /// A Spin variable; it must be declared in `spin.toml`'s `[component.pullgate.variables]`
@@ -378,6 +389,126 @@ impl SpinApp {
             .map(|p| p.stdout() + &p.log_tail())
             .unwrap_or_default()
     }
+}
+
+/// The access key id the tests give the S3 store (moto accepts any).
+pub const MOTO_ACCESS_KEY_ID: &str = "AKIAPULLGATETEST";
+/// The secret access key the tests give the S3 store; it must never reach the log.
+pub const MOTO_SECRET_ACCESS_KEY: &str = "pullgate-test-secret-QeT4nG8v";
+
+/// A local S3-compatible server: moto's `moto_server` (installed by `scripts/spin-tools.sh`)
+/// on 127.0.0.1, in memory. The tests read the bucket with plain requests (moto does not
+/// check signatures); the component signs its own.
+pub struct Moto {
+    port: u16,
+    process: ChildProcess,
+    _dir: TempDir,
+}
+
+impl Moto {
+    /// Starts moto and creates `bucket`.
+    pub fn start(bucket: &str) -> Moto {
+        let dir = tempfile::Builder::new()
+            .prefix("pullgate-moto-")
+            .tempdir()
+            .expect("tempdir");
+        let port = free_port();
+        let mut command = Command::new(&tools().moto_server);
+        command
+            .current_dir(dir.path())
+            .arg("-H")
+            .arg("127.0.0.1")
+            .arg("-p")
+            .arg(port.to_string());
+        let mut process = ChildProcess::spawn("moto-server", command, dir.path());
+        let client = loopback_client();
+        let url = format!("http://127.0.0.1:{port}/");
+        wait_for("moto_server to answer", Duration::from_secs(60), || {
+            process.assert_running();
+            client.get(&url).send().ok().map(|_| ())
+        });
+        let moto = Moto {
+            port,
+            process,
+            _dir: dir,
+        };
+        let created = client
+            .put(format!("{}/{bucket}", moto.url()))
+            .send()
+            .expect("create bucket");
+        assert!(created.status().is_success(), "create bucket: {created:?}");
+        moto
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    fn get_text(&self, path_and_query: &str) -> String {
+        let response = loopback_client()
+            .get(format!("{}{path_and_query}", self.url()))
+            .send()
+            .expect("GET moto");
+        assert!(
+            response.status().is_success(),
+            "{path_and_query}: {response:?}"
+        );
+        response.text().expect("moto body")
+    }
+
+    /// Every object key in `bucket` (ListObjectsV2).
+    pub fn object_keys(&self, bucket: &str) -> Vec<String> {
+        xml_values(
+            &self.get_text(&format!("/{bucket}?list-type=2&max-keys=1000")),
+            "Key",
+        )
+    }
+
+    /// The keys of `bucket`'s incomplete multipart uploads (ListMultipartUploads).
+    pub fn pending_uploads(&self, bucket: &str) -> Vec<String> {
+        xml_values(&self.get_text(&format!("/{bucket}?uploads")), "Key")
+    }
+
+    /// An object's bytes, or None. moto refuses anonymous object reads (403) but checks no
+    /// signature: the query has the shape of a presigned URL with a dummy signature.
+    pub fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let response = loopback_client()
+            .get(format!(
+                "{}/{bucket}/{key}?X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=\
+                 {MOTO_ACCESS_KEY_ID}%2F20240101%2Fus-east-1%2Fs3%2Faws4_request&X-Amz-Date=\
+                 20240101T000000Z&X-Amz-Expires=900&X-Amz-SignedHeaders=host&X-Amz-Signature=00",
+                self.url()
+            ))
+            .send()
+            .expect("GET object");
+        if response.status() == reqwest::StatusCode::NOT_FOUND {
+            return None;
+        }
+        assert!(response.status().is_success(), "GET {key}: {response:?}");
+        Some(response.bytes().expect("object body").to_vec())
+    }
+
+    /// moto's log.
+    pub fn log(&self) -> String {
+        self.process.stdout() + &self.process.log_tail()
+    }
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        self.process.terminate(Duration::from_secs(10));
+    }
+}
+
+/// The texts of every `<tag>…</tag>` in `xml`.
+fn xml_values(xml: &str, tag: &str) -> Vec<String> {
+    let open = format!("<{tag}>");
+    let close = format!("</{tag}>");
+    xml.split(&open)
+        .skip(1)
+        .filter_map(|rest| rest.split(&close).next().map(str::to_string))
+        .collect()
 }
 
 fn collect_keys(dir: &Path, prefix: &str, out: &mut Vec<String>) {
