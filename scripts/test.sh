@@ -26,3 +26,5 @@ done
 
 echo "== tests"
 cargo test --locked --all-targets
+echo "== Spin host unit tests (native, spin feature)"
+cargo test --locked --lib --no-default-features --features spin spin::
