@@ -389,7 +389,7 @@ fn admin_purge_makes_the_next_pull_go_upstream() {
 
     skopeo_pull(&reference, Platforms::Host, None).verify_image(&public);
     assert!(
-        manifest_gets() > before,
+        poll_until(Duration::from_secs(10), || manifest_gets() > before),
         "the pull after a purge must go upstream"
     );
     // A blob purged by digest is fetched again too.
@@ -406,5 +406,10 @@ fn admin_purge_makes_the_next_pull_go_upstream() {
         .client()
         .get_blob("reg.test/library/public", layer)
         .is_complete_success());
-    assert_eq!(blob_gets(), b0 + 1);
+    // The registry writes its access-log line after the response: wait for it (bounded).
+    assert!(
+        poll_until(Duration::from_secs(10), || blob_gets() == b0 + 1),
+        "{}",
+        registry.access_log_summary()
+    );
 }

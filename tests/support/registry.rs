@@ -199,8 +199,20 @@ impl Registry {
 
     /// The requests the registry has logged so far (across restarts).
     pub fn access_log(&self) -> Vec<AccessLogEntry> {
-        let stdout = std::fs::read_to_string(self.dir.path().join("docker-registry.stdout.log"))
-            .unwrap_or_default();
+        // The registry writes a request's line after it has sent the response, so a client
+        // can finish first: read once the log has stopped growing (bounded, about 2 s at most).
+        let path = self.dir.path().join("docker-registry.stdout.log");
+        let len = || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        let mut last = len();
+        for _ in 0..40 {
+            std::thread::sleep(Duration::from_millis(50));
+            let now = len();
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let stdout = std::fs::read_to_string(&path).unwrap_or_default();
         stdout.lines().filter_map(parse_access_log_line).collect()
     }
 
