@@ -61,6 +61,21 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut probe: impl FnMut() -> Opt
     }
 }
 
+/// Waits until `url` answers 2xx, panicking early (with its log) if `process` exits; `what`
+/// names the server in the timeout message.
+pub fn wait_until_serving(what: &str, process: &mut ChildProcess, url: &str, timeout: Duration) {
+    let client = super::http::loopback_client();
+    wait_for(&format!("{what} to answer 200 on {url}"), timeout, || {
+        process.assert_running();
+        client
+            .get(url)
+            .send()
+            .ok()
+            .filter(|response| response.status().is_success())
+            .map(|_| ())
+    });
+}
+
 /// Polls `condition` like [`wait_for`] and returns whether it became true within `timeout`.
 pub fn poll_until(timeout: Duration, mut condition: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;

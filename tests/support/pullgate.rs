@@ -13,7 +13,7 @@ use tempfile::TempDir;
 
 use super::fixtures::sha256_digest;
 use super::http::{loopback_client, RegistryClient};
-use super::process::{free_port, wait_for, ChildProcess};
+use super::process::{free_port, wait_until_serving, ChildProcess};
 
 /// Counter names pullgate exports (contract with `src/`).
 pub mod metric {
@@ -153,21 +153,8 @@ impl Pullgate {
             command.env(name, value);
         }
         let mut process = ChildProcess::spawn("pullgate", command, self.dir.path());
-        let client = loopback_client();
         let url = format!("{}/healthz", self.url());
-        wait_for(
-            &format!("pullgate to answer 200 on {url}"),
-            Duration::from_secs(30),
-            || {
-                process.assert_running();
-                client
-                    .get(&url)
-                    .send()
-                    .ok()
-                    .filter(|response| response.status().is_success())
-                    .map(|_| ())
-            },
-        );
+        wait_until_serving("pullgate", &mut process, &url, Duration::from_secs(30));
         self.process = Some(process);
     }
 
@@ -196,16 +183,7 @@ impl Pullgate {
 
     /// Reads `GET /metrics`.
     pub fn metrics(&self) -> Metrics {
-        let response = loopback_client()
-            .get(format!("{}/metrics", self.url()))
-            .send()
-            .expect("GET /metrics");
-        assert!(
-            response.status().is_success(),
-            "GET /metrics answered {}",
-            response.status()
-        );
-        Metrics::parse(&response.text().expect("metrics body"))
+        Metrics::fetch(&self.url())
     }
 
     /// Every regular file under the data dir.
@@ -265,6 +243,20 @@ pub struct Metrics {
 
 impl Metrics {
     /// Parses `name{labels} value [timestamp]` lines, ignoring comments.
+    /// Reads and parses `GET <base>/metrics`.
+    pub fn fetch(base: &str) -> Self {
+        let response = loopback_client()
+            .get(format!("{base}/metrics"))
+            .send()
+            .expect("GET /metrics");
+        assert!(
+            response.status().is_success(),
+            "GET /metrics answered {}",
+            response.status()
+        );
+        Metrics::parse(&response.text().expect("metrics body"))
+    }
+
     pub fn parse(text: &str) -> Self {
         let samples = text
             .lines()

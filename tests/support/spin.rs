@@ -21,7 +21,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::http::{loopback_client, RegistryClient};
-use super::process::{free_port, run_bounded, wait_for, ChildProcess};
+use super::process::{free_port, run_bounded, wait_for, wait_until_serving, ChildProcess};
 use super::pullgate::Metrics;
 
 /// How long building the component and the shim may take on a cold machine.
@@ -332,21 +332,8 @@ impl SpinApp {
         }
         command.arg(&self.component);
         let mut process = ChildProcess::spawn("wasmtime-serve", command, self.dir.path());
-        let client = loopback_client();
         let url = format!("{}/v2/", self.url());
-        wait_for(
-            &format!("the Spin component to answer 200 on {url}"),
-            READY_TIMEOUT,
-            || {
-                process.assert_running();
-                client
-                    .get(&url)
-                    .send()
-                    .ok()
-                    .filter(|response| response.status().is_success())
-                    .map(|_| ())
-            },
-        );
+        wait_until_serving("the Spin component", &mut process, &url, READY_TIMEOUT);
         self.process = Some(process);
     }
 
@@ -366,12 +353,7 @@ impl SpinApp {
     /// Reads `GET /metrics` (of the one instance that serves that request: Spin keeps no
     /// instance between requests).
     pub fn metrics(&self) -> Metrics {
-        let response = loopback_client()
-            .get(format!("{}/metrics", self.url()))
-            .send()
-            .expect("GET /metrics");
-        assert!(response.status().is_success());
-        Metrics::parse(&response.text().expect("metrics body"))
+        Metrics::fetch(&self.url())
     }
 
     /// Every key in the key-value store `store`, decoded from the shim's file names.

@@ -16,8 +16,8 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::fixtures::sha256_digest;
-use super::http::{loopback_client, RegistryClient};
-use super::process::{free_port, run_bounded, wait_for, ChildProcess};
+use super::http::RegistryClient;
+use super::process::{free_port, run_bounded, wait_until_serving, ChildProcess};
 use super::pullgate::Metrics;
 
 /// How long building the worker may take on a cold machine (cargo, wasm-bindgen, wasm-opt).
@@ -273,21 +273,8 @@ impl Worker {
             .arg("--persist-to")
             .arg(self.state_dir());
         let mut process = ChildProcess::spawn("wrangler", command, self.dir.path());
-        let client = loopback_client();
         let url = format!("{}/v2/", self.url());
-        wait_for(
-            &format!("the worker to answer 200 on {url}"),
-            READY_TIMEOUT,
-            || {
-                process.assert_running();
-                client
-                    .get(&url)
-                    .send()
-                    .ok()
-                    .filter(|response| response.status().is_success())
-                    .map(|_| ())
-            },
-        );
+        wait_until_serving("the worker", &mut process, &url, READY_TIMEOUT);
         self.process = Some(process);
     }
 
@@ -306,16 +293,7 @@ impl Worker {
 
     /// Reads `GET /metrics` (per isolate: `wrangler dev` runs one).
     pub fn metrics(&self) -> Metrics {
-        let response = loopback_client()
-            .get(format!("{}/metrics", self.url()))
-            .send()
-            .expect("GET /metrics");
-        assert!(
-            response.status().is_success(),
-            "GET /metrics answered {}",
-            response.status()
-        );
-        Metrics::parse(&response.text().expect("metrics body"))
+        Metrics::fetch(&self.url())
     }
 
     /// Files of the local KV/R2 state holding bytes whose digest is `content_digest` (what a
