@@ -43,6 +43,31 @@ pub struct UpstreamClient {
     basic_hosts: RefCell<Vec<String>>,
 }
 
+/// Where a redirect response points, resolved against the URL that answered it; None when
+/// the response is not a redirect (301, 302, 303, 307, 308 — a 304 answers a conditional
+/// request and is final). A redirect without `Location`, to a malformed URL or to anything
+/// but http(s) is an error. Shared by every place that follows redirects itself.
+pub(crate) fn redirect_target(
+    current: &Url,
+    resp: &Response<ByteStream>,
+) -> Result<Option<Url>, UpstreamError> {
+    if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
+        return Ok(None);
+    }
+    let location = resp
+        .headers()
+        .get(header::LOCATION)
+        .and_then(|l| l.to_str().ok())
+        .ok_or_else(|| UpstreamError::Other("redirect without Location".into()))?;
+    let next = current
+        .join(location)
+        .map_err(|_| UpstreamError::Other("redirect to a malformed URL".into()))?;
+    if !matches!(next.scheme(), "http" | "https") {
+        return Err(UpstreamError::Other("redirect to a non-HTTP URL".into()));
+    }
+    Ok(Some(next))
+}
+
 /// Reads a whole (small) body, refusing more than `limit` bytes.
 pub async fn read_body_limited(mut body: ByteStream, limit: usize) -> Result<Vec<u8>, String> {
     let mut out = Vec::new();
@@ -227,24 +252,13 @@ impl UpstreamClient {
         if follow {
             let mut current = url;
             for _ in 0..MAX_REDIRECTS {
-                if !resp.status().is_redirection() {
+                let Some(next) = redirect_target(&current, &resp)? else {
                     break;
-                }
-                let location = resp
-                    .headers()
-                    .get(header::LOCATION)
-                    .and_then(|l| l.to_str().ok())
-                    .ok_or_else(|| UpstreamError::Other("redirect without Location".into()))?;
-                let next = current
-                    .join(location)
-                    .map_err(|_| UpstreamError::Other("redirect to a malformed URL".into()))?;
-                if !matches!(next.scheme(), "http" | "https") {
-                    return Err(UpstreamError::Other("redirect to a non-HTTP URL".into()));
-                }
+                };
                 resp = self.send_raw(&method, &next, None, None).await?;
                 current = next;
             }
-            if resp.status().is_redirection() {
+            if redirect_target(&current, &resp)?.is_some() {
                 return Err(UpstreamError::Other("too many redirects".into()));
             }
         }

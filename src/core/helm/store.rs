@@ -20,7 +20,7 @@ use super::{HelmError, HelmRepo};
 use crate::core::app::Inner;
 use crate::core::metrics::{add, inc};
 use crate::core::ports::{BlobStore, ByteStream, CommitError, UpstreamError};
-use crate::core::upstream::USER_AGENT;
+use crate::core::upstream::{redirect_target, USER_AGENT};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -150,21 +150,10 @@ pub(crate) async fn get(
             .map_err(|e| UpstreamError::Other(format!("bad upstream request: {e}")))?;
         inc(&inner.metrics.upstream_requests);
         let resp = inner.ports.upstream.send(req).await?;
-        if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
-            return Ok(resp);
+        match redirect_target(&current, &resp)? {
+            None => return Ok(resp),
+            Some(next) => current = next,
         }
-        let location = resp
-            .headers()
-            .get(header::LOCATION)
-            .and_then(|l| l.to_str().ok())
-            .ok_or_else(|| UpstreamError::Other("redirect without Location".into()))?;
-        let next = current
-            .join(location)
-            .map_err(|_| UpstreamError::Other("redirect to a malformed URL".into()))?;
-        if !matches!(next.scheme(), "http" | "https") {
-            return Err(UpstreamError::Other("redirect to a non-HTTP URL".into()));
-        }
-        current = next;
     }
     Err(UpstreamError::Other("too many redirects".into()))
 }
