@@ -36,6 +36,9 @@ pub(crate) struct Inner {
     pub last_pump_ms: Cell<u64>,
     /// Rate-limit buckets.
     pub limiter: RefCell<crate::core::access::limit::Limiter>,
+    /// Held across every read-modify-write of a gateway run record, so a stage result posted
+    /// while the pump records a delivery attempt is never overwritten by a stale copy.
+    pub run_lock: futures_util::lock::Mutex<()>,
 }
 
 /// What a request handler works on.
@@ -110,6 +113,7 @@ impl App {
                 pumping: Cell::new(false),
                 last_pump_ms: Cell::new(0),
                 limiter: RefCell::new(Default::default()),
+                run_lock: futures_util::lock::Mutex::new(()),
             }),
         }
     }

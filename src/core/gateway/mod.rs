@@ -385,6 +385,7 @@ async fn start_runs(
             i.to_string().as_bytes(),
         ])[..24]
             .to_string();
+        let _guard = inner.run_lock.lock().await;
         if load_run(inner, &id).await?.is_some() {
             continue; // the same delivery again: the run exists already
         }
@@ -436,6 +437,7 @@ async fn artifact_published(
     let mut ids = Vec::new();
     for key in inner.ports.kv.list(&prefix, 100).await? {
         let id = &key[prefix.len()..];
+        let _guard = inner.run_lock.lock().await;
         let Some(mut run) = load_run(inner, id).await? else {
             continue;
         };
@@ -584,6 +586,7 @@ async fn replay(inner: &Rc<Inner>, id: &str) -> Response<Body> {
     let r = async {
         save_delivery(inner, PENDING, &d).await?;
         inner.ports.kv.delete(&key).await?;
+        let _guard = inner.run_lock.lock().await;
         if let (Some(stage), Some(mut run)) = (d.stage(), load_run(inner, &d.run).await?) {
             run.reopen(stage, now);
             save_run(inner, &run).await?;
@@ -644,6 +647,7 @@ async fn stage_result(
         .get("detail")
         .and_then(|d| d.as_str())
         .map(|d| d.chars().take(500).collect());
+    let _guard = inner.run_lock.lock().await;
     let mut run = match load_run(inner, run_id).await {
         Ok(Some(r)) => r,
         Ok(None) => return error(StatusCode::NOT_FOUND, format!("no run {run_id:?}")),
@@ -861,7 +865,9 @@ pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
         report.attempted += 1;
         let result = execute(inner, &d, &run).await;
         let now = inner.ports.clock.now_ms();
-        // Reload: a result may have been posted while the request was in flight.
+        // Reload under the run lock: a result may have been posted while the request was in
+        // flight, and must not be overwritten by this pass's stale copy.
+        let _guard = inner.run_lock.lock().await;
         let mut run = match load_run(inner, &d.run).await {
             Ok(Some(r)) => r,
             _ => run,
