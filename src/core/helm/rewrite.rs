@@ -32,7 +32,9 @@
 //! an [`IndexError`] naming the line: a JSON or flow-style index, several documents, anchors,
 //! aliases or tags on `digest`/`urls`, a URL spanning several lines, lines longer than
 //! [`MAX_LINE`], entries larger than [`MAX_ENTRY`], and a document without `apiVersion` (an
-//! HTML error page served with 200 is refused, not cached).
+//! HTML error page served with 200 is refused, not cached). Error messages name the line and
+//! what was wrong, never the text found there: the bytes may be another service's answer
+//! (an index URL redirected somewhere internal), and an error must not relay them.
 //!
 //! Each entry is buffered until it ends, because its `digest` may come after its `urls`.
 //! An entry with a sha256 digest and an http(s) URL gets every URL replaced by a relative
@@ -296,7 +298,7 @@ fn parse_quoted(s: &str) -> Result<(String, usize), String> {
                 u32::from_str_radix(&h, 16)
                     .ok()
                     .and_then(char::from_u32)
-                    .ok_or_else(|| format!("bad escape \\{e}{h}"))
+                    .ok_or_else(|| "a malformed \\x, \\u or \\U escape".to_string())
             };
             out.push(match e {
                 '"' => '"',
@@ -310,7 +312,7 @@ fn parse_quoted(s: &str) -> Result<(String, usize), String> {
                 'x' => hex(2, &mut chars)?,
                 'u' => hex(4, &mut chars)?,
                 'U' => hex(8, &mut chars)?,
-                _ => return Err(format!("unsupported escape \\{e}")),
+                _ => return Err("an unsupported escape".into()),
             });
             continue;
         }
@@ -334,7 +336,9 @@ fn parse_scalar(s: &str) -> Result<Option<String>, String> {
         }
         Some(b'&' | b'*' | b'!') => Err("anchors, aliases and tags are not supported here".into()),
         Some(b'|' | b'>') => Err("a block scalar is not supported here".into()),
-        Some(b'{' | b'[' | b'@' | b'`' | b'%') => Err(format!("unexpected value {t:?}")),
+        Some(b'{' | b'[' | b'@' | b'`' | b'%') => {
+            Err("a value starting with a reserved character".into())
+        }
         Some(_) => {
             let end = t.find(" #").unwrap_or(t.len());
             Ok(Some(t[..end].trim_end().to_string()))
@@ -618,7 +622,7 @@ impl Rewriter {
                 LineKind::Other(r) if r.starts_with('{') => Err(self.err(
                     "a JSON or flow-style index is not supported (block YAML as `helm repo index` writes it is)".into(),
                 )),
-                _ => Err(self.err(format!("unexpected top-level line {:?}", clip(rest)))),
+                _ => Err(self.err("unexpected top-level line".into())),
             };
         }
         match self.level {
@@ -629,7 +633,7 @@ impl Rewriter {
                     self.start_chart(indent, &rest[v..])?;
                     self.emit(raw)
                 }
-                _ => Err(self.err(format!("expected a chart name, found {:?}", clip(rest)))),
+                _ => Err(self.err("expected a chart name".into())),
             },
             Level::Chart { chart, item } => match kind {
                 LineKind::Seq(after) if indent >= chart && item.is_none_or(|i| i == indent) => {
@@ -639,10 +643,7 @@ impl Rewriter {
                     self.start_chart(indent, &rest[v..])?;
                     self.emit(raw)
                 }
-                _ => Err(self.err(format!(
-                    "expected a chart version entry (`- `), found {:?}",
-                    clip(rest)
-                ))),
+                _ => Err(self.err("expected a chart version entry (`- `)".into())),
             },
             Level::Entry {
                 chart,
@@ -697,10 +698,9 @@ impl Rewriter {
                     }
                     (_, Some(ki)) if indent > ki => {
                         if urls {
-                            return Err(self.err(format!(
-                                "unexpected line in urls (a URL must fit on one line): {:?}",
-                                clip(rest)
-                            )));
+                            return Err(self.err(
+                                "unexpected line in urls (a URL must fit on one line)".into(),
+                            ));
                         }
                         return self.emit(raw);
                     }
@@ -709,10 +709,7 @@ impl Rewriter {
                     }
                     _ => {}
                 }
-                Err(self.err(format!(
-                    "unexpected line in a chart version entry: {:?}",
-                    clip(rest)
-                )))
+                Err(self.err("unexpected line in a chart version entry".into()))
             }
         }
     }
@@ -972,14 +969,6 @@ impl Rewriter {
         }
         Ok(())
     }
-}
-
-fn clip(s: &str) -> &str {
-    let mut end = s.len().min(60);
-    while !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    &s[..end]
 }
 
 #[cfg(test)]
