@@ -30,6 +30,9 @@ pub(crate) struct Inner {
     pub metrics: Rc<Metrics>,
     /// Blob fills in flight, by digest: concurrent misses join one upstream transfer.
     pub fills: RefCell<HashMap<String, Rc<Fill>>>,
+    /// Chart repository work in flight (index revalidations, chart fills), shared by
+    /// concurrent identical misses.
+    pub helm: crate::core::helm::flight::InFlight,
     /// A gateway outbox pass is running (one at a time per instance).
     pub pumping: Cell<bool>,
     /// When a request last started an outbox pass (ms).
@@ -110,6 +113,7 @@ impl App {
                 client,
                 metrics,
                 fills: RefCell::new(HashMap::new()),
+                helm: Default::default(),
                 pumping: Cell::new(false),
                 last_pump_ms: Cell::new(0),
                 limiter: RefCell::new(Default::default()),

@@ -10,11 +10,17 @@
 //!   to `max_stale` past its last confirmation. An upstream 404 is answered 404, and the
 //!   cached index is kept for a later outage.
 //! - `GET|HEAD /charts/<name>/<path>`: a chart file the index lists. Served from the blob
-//!   store when present; otherwise fetched from the URL the index lists (absolute, or
-//!   relative to the repository URL; redirects followed without credentials), written under
-//!   the sha256 the index lists, and committed only if the bytes hash to it — then served.
-//!   A mismatch answers 502 and stores nothing: a client never receives bad bytes as a
-//!   success. The fill runs on the deferred port, so it completes if the client leaves.
+//!   store when this repository holds it ([`holdings`]: fetched or proven for *this*
+//!   repository, not merely stored for another one or for a registry route). Otherwise it is
+//!   fetched from the URL the index lists (absolute, or relative to the repository URL;
+//!   redirects followed without credentials), written under the sha256 the index lists, and
+//!   committed only if the bytes hash to it — then served; when the bytes are stored already,
+//!   the URL's answer is hashed instead (proof of possession) and nothing is written. A
+//!   mismatch answers 502 and stores nothing: a client never receives bad bytes as a success,
+//!   nor bytes its repository's upstream did not produce. Chart URLs must be on the index's
+//!   host or on one of the entry's `chart_hosts` ([`hosts`]); others are refused with 502
+//!   before any request. Concurrent misses share one upstream exchange ([`flight`]), which
+//!   runs on the deferred port, so it completes if the client leaves.
 //! - Unknown repository, or a path the index does not list: 404. Other methods: 405. Errors
 //!   are JSON, `{"error": "…"}` (these are not registry routes).
 //!
@@ -28,13 +34,17 @@
 //! Limits: no credentials for chart repositories; index formats other than Helm's block YAML
 //! (JSON, flow style, anchors on `urls`) are refused with 502; chart entries without a
 //! sha256 digest keep their upstream URLs (never proxied unverified); provenance files
-//! (`.prov`) are not served; concurrent misses of one index or chart are not coalesced
-//! (each fetches; the content-addressed writes make that safe, not cheap).
+//! (`.prov`) are not served; a chart stored for another repository costs one upstream
+//! transfer to prove before it is served for this one (a `HEAD` proves nothing when the same
+//! party writes the index and answers for its URLs).
 //!
 //! Spec sources: the Helm chart repository guide
 //! (<https://helm.sh/docs/topics/chart_repository/>: the index file, relative chart URLs)
 //! and Helm's `pkg/repo` index format as `helm repo index` writes it.
 
+pub(crate) mod flight;
+pub mod holdings;
+pub mod hosts;
 pub mod rewrite;
 pub mod store;
 #[cfg(test)]
@@ -44,11 +54,10 @@ use crate::core::app::Inner;
 use crate::core::body::{Body, CacheStatus};
 use crate::core::config::ConfigError;
 use crate::core::metrics::inc;
-use futures_util::FutureExt;
 use http::{header, Method, Request, Response, StatusCode};
 use serde::Deserialize;
 use std::rc::Rc;
-use store::{Fetch, IndexRecord, Refreshed};
+use store::{Fetch, IndexRecord};
 use url::Url;
 
 /// `[[helm]]`.
@@ -59,6 +68,10 @@ pub struct HelmConfig {
     pub name: String,
     /// The upstream chart repository (the directory holding `index.yaml`).
     pub url: String,
+    /// Hosts (`host` or `host:port`; no port means the scheme's default) besides the index's
+    /// own that its chart URLs may point at. Empty by default: only the index's host.
+    #[serde(default)]
+    pub chart_hosts: Vec<String>,
 }
 
 /// A resolved chart repository.
@@ -68,6 +81,8 @@ pub struct HelmRepo {
     pub name: String,
     /// Upstream base URL, ending in `/`.
     pub url: Url,
+    /// Hosts besides the index's own that chart URLs may point at.
+    pub chart_hosts: Vec<hosts::ChartHost>,
 }
 
 /// Resolves and checks the `[[helm]]` entries.
@@ -100,9 +115,16 @@ pub fn resolve(entries: &[HelmConfig]) -> Result<Vec<HelmRepo>, ConfigError> {
                 e.name
             )));
         }
+        let chart_hosts = e
+            .chart_hosts
+            .iter()
+            .map(|h| hosts::parse_chart_host(h))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|err| ConfigError(format!("helm repository {}: {err}", e.name)))?;
         out.push(HelmRepo {
             name: e.name.clone(),
             url,
+            chart_hosts,
         });
     }
     Ok(out)
@@ -270,20 +292,20 @@ async fn index(
             return Ok((serve_index(inner, rec, req, head)?, CacheStatus::Hit));
         }
     }
-    match (store::refresh(inner, repo, cached.as_ref()).await, cached) {
-        (Ok(Refreshed::New(rec)), _) => {
-            inc(&m.misses);
-            Ok((serve_index(inner, &rec, req, head)?, CacheStatus::Miss))
+    let (result, joined) = flight::revalidate(inner, repo, cached.clone()).await;
+    match (result, cached) {
+        (Ok(r), _) => {
+            let status = if joined {
+                CacheStatus::Coalesced
+            } else if r.changed {
+                inc(&m.misses);
+                CacheStatus::Miss
+            } else {
+                inc(&m.hits);
+                CacheStatus::Hit
+            };
+            Ok((serve_index(inner, &r.rec, req, head)?, status))
         }
-        (Ok(Refreshed::NotModified), Some(mut rec)) => {
-            rec.checked_ms = now;
-            store::save(inner, repo, &rec).await?;
-            inc(&m.hits);
-            Ok((serve_index(inner, &rec, req, head)?, CacheStatus::Hit))
-        }
-        (Ok(Refreshed::NotModified), None) => Err(HelmError::Internal(
-            "the upstream answered 304 to an unconditional request".into(),
-        )),
         (Err(Fetch::NotFound(msg)), _) => Err(HelmError::NotFound(msg)),
         (Err(Fetch::Failed(_)), Some(rec)) if is_servable_stale(inner, &rec, now) => {
             inc(&m.upstream_errors);
@@ -341,13 +363,8 @@ async fn find(
             Some(r) => r,
             None => {
                 refreshed = true;
-                match store::refresh(inner, repo, None).await {
-                    Ok(Refreshed::New(r)) => *r,
-                    Ok(Refreshed::NotModified) => {
-                        return Err(HelmError::Internal(
-                            "the upstream answered 304 to an unconditional request".into(),
-                        ))
-                    }
+                match flight::revalidate(inner, repo, None).await.0 {
+                    Ok(r) => r.rec,
                     Err(Fetch::NotFound(msg)) => return Err(HelmError::NotFound(msg)),
                     Err(Fetch::Failed(e)) => return Err(e),
                 }
@@ -359,18 +376,12 @@ async fn find(
                 return Ok(None)
             }
             // A stale index that does not list the path: the chart may be new upstream.
-            Ok(None) => match store::refresh(inner, repo, Some(&r)).await {
-                Ok(Refreshed::New(n)) => {
+            Ok(None) => match flight::revalidate(inner, repo, Some(r)).await.0 {
+                Ok(n) if n.changed => {
                     refreshed = true;
-                    rec = Some(*n);
+                    rec = Some(n.rec);
                 }
-                Ok(Refreshed::NotModified) => {
-                    let mut r = r;
-                    r.checked_ms = inner.ports.clock.now_ms();
-                    store::save(inner, repo, &r).await?;
-                    return Ok(None);
-                }
-                Err(_) => return Ok(None),
+                Ok(_) | Err(_) => return Ok(None),
             },
             Err(Some(e)) => return Err(e),
             // A map chunk is gone (evicted or purged): rebuild from the upstream.
@@ -380,7 +391,8 @@ async fn find(
     Ok(None)
 }
 
-/// `GET|HEAD /charts/<name>/<path>`.
+/// `GET|HEAD /charts/<name>/<path>`: served only when `repo` holds the chart (see
+/// [`holdings`]); otherwise obtained for `repo` first.
 async fn chart(
     inner: &Rc<Inner>,
     repo: &HelmRepo,
@@ -395,21 +407,30 @@ async fn chart(
         )));
     };
     let digest = c.digest_string();
-    if let Some(resp) = serve_chart(inner, &digest, head).await? {
-        inc(&m.hits);
-        return Ok((resp, CacheStatus::Hit));
+    if holdings::is_held(inner, repo, &digest).await? {
+        if let Some(resp) = serve_chart(inner, &digest, head).await? {
+            inc(&m.hits);
+            return Ok((resp, CacheStatus::Hit));
+        }
     }
-    inc(&m.misses);
-    let fill = store::fill_chart(inner.clone(), c).boxed_local().shared();
-    inner
-        .ports
-        .deferred
-        .spawn(fill.clone().map(|_| ()).boxed_local());
-    fill.await?;
-    let resp = serve_chart(inner, &digest, head)
-        .await?
-        .ok_or_else(|| HelmError::Internal(format!("chart {key} vanished after its fill")))?;
-    Ok((resp, CacheStatus::Miss))
+    // Twice at most: bytes proven present may be evicted before they are served, and the
+    // second obtain then fills them.
+    for _ in 0..2 {
+        let (result, joined) = flight::obtain(inner, repo, &c).await;
+        let status = if joined {
+            CacheStatus::Coalesced
+        } else {
+            inc(&m.misses);
+            CacheStatus::Miss
+        };
+        result?;
+        if let Some(resp) = serve_chart(inner, &digest, head).await? {
+            return Ok((resp, status));
+        }
+    }
+    Err(HelmError::Internal(format!(
+        "chart {key} vanished from storage after its fill"
+    )))
 }
 
 /// A stored chart; None when it is not stored.

@@ -12,9 +12,15 @@
 //!
 //! Chart files are stored in the blob store under the digest the index lists, through
 //! [`BlobStore::create`] with that digest, so a chart whose bytes differ is never committed.
-//! Upstream requests carry no credentials; redirects are followed here (the upstream port
-//! never follows them), at most [`MAX_REDIRECTS`] hops, to http(s) URLs only.
+//! Every chart URL is fetched through [`fetch_chart_url`], the one place that decides whether
+//! a URL an index chose may be fetched at all ([`super::hosts`]). Upstream requests carry no
+//! credentials; redirects are followed here (the upstream port never follows them), at most
+//! [`MAX_REDIRECTS`] hops, to http(s) URLs only.
+//!
+//! Error text never carries what a refused or mismatched answer contained: no digest of the
+//! bytes that came back, no upstream body text (it could be an internal service's answer).
 
+use super::hosts::{host_port, is_allowed_chart_url};
 use super::rewrite::{fnv1a, ChartRef, IndexError, Rewriter, Summary};
 use super::{HelmError, HelmRepo};
 use crate::core::app::Inner;
@@ -314,6 +320,7 @@ pub(crate) fn index_stream(blobs: Rc<dyn BlobStore>, parts: Vec<Part>) -> ByteSt
 }
 
 /// What a revalidation found.
+#[derive(Clone)]
 pub(crate) enum Refreshed {
     /// The upstream answered 304: the record holds.
     NotModified,
@@ -441,6 +448,42 @@ pub(crate) async fn refresh(
     Ok(Refreshed::New(Box::new(rec)))
 }
 
+/// A record the upstream just confirmed or replaced.
+#[derive(Debug, Clone)]
+pub(crate) struct Revalidated {
+    /// The current record (already saved).
+    pub rec: IndexRecord,
+    /// The upstream sent a new index (false: it answered 304 to `prev`).
+    pub changed: bool,
+}
+
+/// [`refresh`], with a 304 folded in: the previous record, confirmed now, saved.
+pub(crate) async fn revalidate(
+    inner: &Inner,
+    repo: &HelmRepo,
+    prev: Option<IndexRecord>,
+) -> Result<Revalidated, Fetch> {
+    match refresh(inner, repo, prev.as_ref()).await? {
+        Refreshed::New(rec) => Ok(Revalidated {
+            rec: *rec,
+            changed: true,
+        }),
+        Refreshed::NotModified => {
+            let Some(mut rec) = prev else {
+                return Err(Fetch::Failed(HelmError::Internal(
+                    "the upstream answered 304 to an unconditional request".into(),
+                )));
+            };
+            rec.checked_ms = inner.ports.clock.now_ms();
+            save(inner, repo, &rec).await.map_err(Fetch::Failed)?;
+            Ok(Revalidated {
+                rec,
+                changed: false,
+            })
+        }
+    }
+}
+
 /// Looks a chart path up in the record's map: Ok(None) when the index does not list it,
 /// Err(None) when a map chunk is gone (the record must be rebuilt).
 pub(crate) async fn lookup(
@@ -459,21 +502,81 @@ pub(crate) async fn lookup(
     Ok(find_in_chunk(&chunk, key))
 }
 
-/// Fetches a chart file from its upstream URL into the blob store under the digest the index
-/// lists; the store commits it only if the bytes hash to that digest.
-pub(crate) async fn fill_chart(inner: Rc<Inner>, chart: ChartRef) -> Result<(), HelmError> {
+/// GETs a chart URL the index of `repo` chose: the one function every chart fetch goes
+/// through. Refuses, before any request is made, a URL that is neither on the index's origin
+/// nor on a host the `[[helm]]` entry lists in `chart_hosts`.
+pub(crate) async fn fetch_chart_url(
+    inner: &Inner,
+    repo: &HelmRepo,
+    chart: &ChartRef,
+) -> Result<Response<ByteStream>, HelmError> {
     let what = format!("chart {}", chart.key);
-    let url = Url::parse(&chart.url).map_err(internal)?;
-    let resp = get(&inner, &url, &[])
+    let url = Url::parse(&chart.url)
+        .map_err(|_| HelmError::BadUpstream(format!("{what}: the index lists a malformed URL")))?;
+    if !is_allowed_chart_url(&repo.url, &repo.chart_hosts, &url) {
+        return Err(HelmError::BadUpstream(format!(
+            "{what}: the index of chart repository {} points at host {}, which is neither the \
+             index's own host nor listed in its chart_hosts; not fetched",
+            repo.name,
+            host_port(&url)
+        )));
+    }
+    get(inner, &url, &[])
         .await
-        .map_err(|e| HelmError::Unavailable(format!("{what}: {e}")))?;
+        .map_err(|e| HelmError::Unavailable(format!("{what}: {e}")))
+}
+
+/// A chart's upstream body, read within [`MAX_CHART_SIZE`] and checked against its declared
+/// length at the end.
+struct ChartBody<'a> {
+    inner: &'a Inner,
+    what: String,
+    body: ByteStream,
+    declared: Option<u64>,
+    received: u64,
+}
+
+impl ChartBody<'_> {
+    /// The next chunk; None at a complete end.
+    async fn next(&mut self) -> Result<Option<Bytes>, HelmError> {
+        let what = &self.what;
+        match self.body.next().await {
+            Some(c) => {
+                let c =
+                    c.map_err(|e| HelmError::Unavailable(format!("{what}: upstream body: {e}")))?;
+                self.received += c.len() as u64;
+                if self.received > MAX_CHART_SIZE {
+                    return Err(HelmError::BadUpstream(format!(
+                        "{what} is larger than {MAX_CHART_SIZE} bytes"
+                    )));
+                }
+                add(&self.inner.metrics.bytes_fetched, c.len() as u64);
+                Ok(Some(c))
+            }
+            None if self.declared.is_some_and(|n| n != self.received) => Err(
+                HelmError::Unavailable(format!("{what}: upstream body ended early")),
+            ),
+            None => Ok(None),
+        }
+    }
+}
+
+/// Opens a chart's upstream body: the response must be a 200 within [`MAX_CHART_SIZE`].
+async fn open_chart<'a>(
+    inner: &'a Inner,
+    repo: &HelmRepo,
+    chart: &ChartRef,
+) -> Result<ChartBody<'a>, HelmError> {
+    let what = format!("chart {}", chart.key);
+    let resp = fetch_chart_url(inner, repo, chart).await?;
     match resp.status() {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND | StatusCode::GONE => {
             return Err(HelmError::NotFound(format!(
-                "{what} is listed in the index but its upstream URL answered {}",
-                resp.status()
-            )))
+            "{what} is listed in the index of chart repository {} but its upstream URL answered {}",
+            repo.name,
+            resp.status()
+        )))
         }
         s => return Err(status_failure(s, &what)),
     }
@@ -483,21 +586,42 @@ pub(crate) async fn fill_chart(inner: Rc<Inner>, chart: ChartRef) -> Result<(), 
             "{what} is larger than {MAX_CHART_SIZE} bytes"
         )));
     }
-    let digest = chart.digest_string();
-    let mut writer = inner.ports.blobs.create(&digest).await.map_err(internal)?;
-    let mut body = resp.into_body();
-    let mut batch: Vec<Bytes> = Vec::new();
-    let (mut batched, mut received) = (0usize, 0u64);
+    Ok(ChartBody {
+        inner,
+        what,
+        body: resp.into_body(),
+        declared,
+        received: 0,
+    })
+}
+
+/// The answer to bytes that do not hash to the digest the index lists (no digests in it).
+fn mismatch(inner: &Inner, chart: &ChartRef) -> HelmError {
+    inc(&inner.metrics.digest_mismatches);
+    HelmError::BadUpstream(format!(
+        "chart {}: chart bytes did not match the digest its index lists; not served",
+        chart.key
+    ))
+}
+
+/// Fetches a chart file from `repo`'s chart URL into the blob store under the digest the
+/// index lists; the store commits it only if the bytes hash to that digest.
+pub(crate) async fn fill_chart(
+    inner: &Inner,
+    repo: &HelmRepo,
+    chart: &ChartRef,
+) -> Result<(), HelmError> {
+    let mut body = open_chart(inner, repo, chart).await?;
+    let mut writer = inner
+        .ports
+        .blobs
+        .create(&chart.digest_string())
+        .await
+        .map_err(internal)?;
     let result: Result<(), HelmError> = async {
-        while let Some(c) = body.next().await {
-            let c = c.map_err(|e| HelmError::Unavailable(format!("{what}: upstream body: {e}")))?;
-            received += c.len() as u64;
-            if received > MAX_CHART_SIZE {
-                return Err(HelmError::BadUpstream(format!(
-                    "{what} is larger than {MAX_CHART_SIZE} bytes"
-                )));
-            }
-            add(&inner.metrics.bytes_fetched, c.len() as u64);
+        let mut batch: Vec<Bytes> = Vec::new();
+        let mut batched = 0usize;
+        while let Some(c) = body.next().await? {
             batched += c.len();
             batch.push(c);
             if batched >= WRITE_BATCH {
@@ -507,11 +631,6 @@ pub(crate) async fn fill_chart(inner: Rc<Inner>, chart: ChartRef) -> Result<(), 
                     .await
                     .map_err(internal)?;
             }
-        }
-        if declared.is_some_and(|n| n != received) {
-            return Err(HelmError::Unavailable(format!(
-                "{what}: upstream body ended early"
-            )));
         }
         if !batch.is_empty() {
             writer.write(batch).await.map_err(internal)?;
@@ -525,13 +644,27 @@ pub(crate) async fn fill_chart(inner: Rc<Inner>, chart: ChartRef) -> Result<(), 
     }
     match writer.commit().await {
         Ok(()) => Ok(()),
-        Err(CommitError::DigestMismatch { actual }) => {
-            inc(&inner.metrics.digest_mismatches);
-            Err(HelmError::BadUpstream(format!(
-                "{what}: upstream bytes hash to {actual}, but the index lists {digest}; not cached"
-            )))
-        }
+        Err(CommitError::DigestMismatch { .. }) => Err(mismatch(inner, chart)),
         Err(CommitError::Store(e)) => Err(internal(e)),
+    }
+}
+
+/// Proves that `repo`'s chart URL serves the bytes of a chart already stored (for another
+/// repository or route): GETs it and hashes the answer, storing nothing.
+pub(crate) async fn confirm_chart(
+    inner: &Inner,
+    repo: &HelmRepo,
+    chart: &ChartRef,
+) -> Result<(), HelmError> {
+    let mut body = open_chart(inner, repo, chart).await?;
+    let mut h = Sha256::new();
+    while let Some(c) = body.next().await? {
+        h.update(&c);
+    }
+    if <[u8; 32]>::from(h.finalize()) == chart.digest {
+        Ok(())
+    } else {
+        Err(mismatch(inner, chart))
     }
 }
 

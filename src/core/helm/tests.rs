@@ -1,6 +1,8 @@
 //! The chart repository proxy through in-memory ports, a manual clock and a scripted upstream
 //! that counts every request: freshness and revalidation without sleeping, stale-if-error
-//! bounds, verification, and recovery from evicted chunks.
+//! bounds, verification, recovery from evicted chunks, per-repository authorization of cached
+//! charts, coalescing of concurrent misses (the upstream holds answers behind a gate the test
+//! opens), the chart host rule, and error text free of digests and upstream bodies.
 
 use crate::core::app::App;
 use crate::core::body::Body;
@@ -11,8 +13,8 @@ use crate::core::ports::{
 use crate::core::reference::Digest;
 use crate::testing::{ManualClock, MemBlobStore, MemKv};
 use bytes::Bytes;
-use futures_util::future::LocalBoxFuture;
-use futures_util::StreamExt;
+use futures_util::future::{join, join_all, LocalBoxFuture, Shared};
+use futures_util::{FutureExt, StreamExt};
 use http::{Request, Response};
 use sha2::Digest as _;
 use std::cell::{Cell, RefCell};
@@ -20,6 +22,8 @@ use std::collections::HashMap;
 use std::rc::Rc;
 
 const REPO: &str = "http://charts.test/stable/";
+/// A second `[[helm]]` entry, "other", whose index the tests write as an attacker would.
+const OTHER: &str = "http://other.test/charts/";
 const MIN: u64 = 60_000;
 
 #[derive(Default)]
@@ -29,17 +33,30 @@ struct FakeRepo {
     log: RefCell<Vec<(String, Option<String>)>>,
     down: Cell<bool>,
     status: Cell<Option<u16>>,
+    /// While set, every answer waits for it (after the request is logged).
+    gate: RefCell<Option<Shared<LocalBoxFuture<'static, ()>>>>,
 }
 
 impl FakeRepo {
     fn put(&self, path: &str, bytes: impl Into<Bytes>) {
+        self.put_url(&format!("{REPO}{path}"), bytes);
+    }
+    fn put_url(&self, url: &str, bytes: impl Into<Bytes>) {
         self.files
             .borrow_mut()
-            .insert(format!("{REPO}{path}"), bytes.into());
+            .insert(url.to_string(), bytes.into());
     }
     fn count(&self, path: &str) -> usize {
-        let url = format!("{REPO}{path}");
+        self.count_url(&format!("{REPO}{path}"))
+    }
+    fn count_url(&self, url: &str) -> usize {
         self.log.borrow().iter().filter(|(u, _)| *u == url).count()
+    }
+    /// Holds every answer until the returned sender is used (or dropped).
+    fn close_gate(&self) -> tokio::sync::oneshot::Sender<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        *self.gate.borrow_mut() = Some(rx.map(|_| ()).boxed_local().shared());
+        tx
     }
 }
 
@@ -56,6 +73,10 @@ impl Upstream for FakeUpstream {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         repo.log.borrow_mut().push((url.clone(), inm.clone()));
+        let gate = repo.gate.borrow().clone();
+        if let Some(gate) = gate {
+            gate.await;
+        }
         if repo.down.get() {
             return Err(UpstreamError::Connect("connection refused".into()));
         }
@@ -111,11 +132,16 @@ struct Harness {
 }
 
 fn harness() -> Harness {
+    harness_with("")
+}
+
+/// The harness with `stable` (carrying `stable_extra` lines) and `other` configured.
+fn harness_with(stable_extra: &str) -> Harness {
     let repo = Rc::new(FakeRepo::default());
     let clock = Rc::new(ManualClock::at(1_700_000_000_000));
     let blobs = Rc::new(MemBlobStore::default());
     let config = parse_config(&format!(
-        "builtin_upstreams = false\n[[upstream]]\nhost = \"up.test\"\nurl = \"http://up.test\"\ndefault = true\n[cache]\ntag_ttl = \"5m\"\nmax_stale = \"1h\"\n[[helm]]\nname = \"stable\"\nurl = \"{REPO}\"\n"
+        "builtin_upstreams = false\n[[upstream]]\nhost = \"up.test\"\nurl = \"http://up.test\"\ndefault = true\n[cache]\ntag_ttl = \"5m\"\nmax_stale = \"1h\"\n[[helm]]\nname = \"stable\"\nurl = \"{REPO}\"\n{stable_extra}\n[[helm]]\nname = \"other\"\nurl = \"{OTHER}\"\n"
     ))
     .expect("config");
     let ports = Ports {
@@ -138,15 +164,34 @@ fn chart(n: u8) -> Bytes {
 }
 
 fn index(charts: &[(&str, &Bytes)]) -> String {
+    let urls: Vec<(String, String)> = charts
+        .iter()
+        .map(|(file, bytes)| (format!("{REPO}{file}"), Digest::of(bytes).hex().to_string()))
+        .collect();
+    index_of(&urls)
+}
+
+/// An index listing (absolute URL, sha256 hex) pairs.
+fn index_of(charts: &[(String, String)]) -> String {
     let mut s = String::from("apiVersion: v1\nentries:\n  app:\n");
-    for (file, bytes) in charts {
+    for (url, hex) in charts {
         s.push_str(&format!(
-            "  - digest: {}\n    name: app\n    urls:\n    - {REPO}{file}\n",
-            Digest::of(bytes).hex()
+            "  - digest: {hex}\n    name: app\n    urls:\n    - {url}\n"
         ));
     }
     s.push_str("generated: \"2024-01-01T00:00:00Z\"\n");
     s
+}
+
+/// Polls (yielding to the other futures of the test) until `cond` holds; bounded.
+async fn until(what: &str, cond: impl Fn() -> bool) {
+    for _ in 0..10_000 {
+        if cond() {
+            return;
+        }
+        tokio::task::yield_now().await;
+    }
+    panic!("never happened: {what}");
 }
 
 impl Harness {
@@ -264,7 +309,11 @@ async fn chart_with_wrong_bytes_is_refused_and_nothing_is_stored() {
     let stored = h.blobs.count();
     let (status, body) = h.get("/charts/stable/app-1.tgz").await;
     assert_eq!(status, 502);
-    assert!(error_of(&body).contains(Digest::of(&a).as_str()));
+    let e = error_of(&body);
+    assert!(
+        e.contains("did not match the digest its index lists"),
+        "{e}"
+    );
     assert_eq!(h.blobs.count(), stored);
     h.repo.put("app-1.tgz", a.clone());
     assert_eq!(h.get("/charts/stable/app-1.tgz").await, (200, a.to_vec()));
@@ -324,12 +373,322 @@ async fn evicted_chunks_are_rebuilt_from_the_upstream() {
 #[tokio::test(flavor = "current_thread")]
 async fn unknown_names_and_methods_are_json_errors() {
     let h = harness();
-    let (status, body) = h.get("/charts/other/index.yaml").await;
+    let (status, body) = h.get("/charts/nope/index.yaml").await;
     assert_eq!(status, 404);
-    assert!(error_of(&body).contains("other"));
+    assert!(error_of(&body).contains("nope"));
     let req = Request::post("/charts/stable/index.yaml")
         .body(())
         .expect("request");
     assert_eq!(h.app.handle(&req).await.status().as_u16(), 405);
     assert!(h.repo.log.borrow().is_empty());
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    Digest::of(bytes).hex().to_string()
+}
+
+fn coalesced(h: &Harness) -> u64 {
+    h.app
+        .metrics()
+        .coalesced_waits
+        .load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// `stable` lists `a` as app-1.tgz and has pulled it.
+async fn cache_for_stable(h: &Harness, a: &Bytes) {
+    h.repo.put("index.yaml", index(&[("app-1.tgz", a)]));
+    h.repo.put("app-1.tgz", a.clone());
+    assert_eq!(h.get("/charts/stable/app-1.tgz").await, (200, a.to_vec()));
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_chart_cached_for_one_repository_is_not_served_through_another_index() {
+    let h = harness();
+    let private = chart(7);
+    cache_for_stable(&h, &private).await;
+    // An index the attacker writes lists the private digest under URLs of its own: one its
+    // upstream 404s, one that answers other bytes.
+    let (gone, wrong) = (format!("{OTHER}gone.tgz"), format!("{OTHER}wrong.tgz"));
+    let decoy = chart(8);
+    h.repo.put_url(&wrong, decoy.clone());
+    h.repo.put_url(
+        &format!("{OTHER}index.yaml"),
+        index_of(&[
+            (gone.clone(), hex_of(&private)),
+            (wrong.clone(), hex_of(&private)),
+        ]),
+    );
+    let (status, body) = h.get("/charts/other/gone.tgz").await;
+    assert_eq!(status, 404);
+    assert!(error_of(&body).contains("gone.tgz"));
+    assert_eq!(h.repo.count_url(&gone), 1, "other's own upstream was asked");
+    let (status, body) = h.get("/charts/other/wrong.tgz").await;
+    assert_eq!(status, 502);
+    let e = error_of(&body);
+    assert!(
+        e.contains("did not match the digest its index lists"),
+        "{e}"
+    );
+    for d in [hex_of(&private), hex_of(&decoy)] {
+        assert!(!e.contains(&d), "{e}");
+    }
+    // Refused again: nothing was recorded for `other`, so it asks again.
+    assert_eq!(h.get("/charts/other/gone.tgz").await.0, 404);
+    assert_eq!(h.repo.count_url(&gone), 2);
+    // HEAD is refused the same way.
+    let req = Request::head("/charts/other/gone.tgz")
+        .body(())
+        .expect("request");
+    assert_eq!(h.app.handle(&req).await.status().as_u16(), 404);
+    // `stable` still holds it: a hit, no upstream request.
+    let before = h.repo.log.borrow().len();
+    assert_eq!(
+        h.get("/charts/stable/app-1.tgz").await,
+        (200, private.to_vec())
+    );
+    assert_eq!(h.repo.log.borrow().len(), before);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_registry_blob_is_not_served_through_a_chart_index() {
+    let h = harness();
+    let layer = Bytes::from_static(b"the bytes of a private image layer");
+    h.blobs.insert(Digest::of(&layer).as_str(), layer.clone());
+    let url = format!("{OTHER}layer.tgz");
+    h.repo.put_url(
+        &format!("{OTHER}index.yaml"),
+        index_of(&[(url.clone(), hex_of(&layer))]),
+    );
+    let (status, body) = h.get("/charts/other/layer.tgz").await;
+    assert_eq!(status, 404);
+    assert!(!body.windows(layer.len()).any(|w| w == &layer[..]));
+    assert_eq!(h.repo.count_url(&url), 1);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_repository_whose_upstream_has_the_bytes_proves_it_once_then_hits() {
+    let h = harness();
+    let shared = chart(5);
+    cache_for_stable(&h, &shared).await;
+    let url = format!("{OTHER}app-1.tgz");
+    h.repo.put_url(&url, shared.clone());
+    h.repo.put_url(
+        &format!("{OTHER}index.yaml"),
+        index_of(&[(url.clone(), hex_of(&shared))]),
+    );
+    assert_eq!(
+        h.get("/charts/other/app-1.tgz").await,
+        (200, shared.to_vec())
+    );
+    assert_eq!(h.repo.count_url(&url), 1);
+    assert_eq!(
+        h.get("/charts/other/app-1.tgz").await,
+        (200, shared.to_vec())
+    );
+    assert_eq!(h.repo.count_url(&url), 1, "the proof was recorded");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_chart_misses_share_one_upstream_fetch() {
+    let h = harness();
+    let a = chart(1);
+    h.repo.put("index.yaml", index(&[("app-1.tgz", &a)]));
+    h.repo.put("app-1.tgz", a.clone());
+    assert_eq!(h.get("/charts/stable/index.yaml").await.0, 200);
+
+    // A failing fill is shared too, and not remembered.
+    h.repo.status.set(Some(503));
+    let gate = h.repo.close_gate();
+    let (results, ()) = join(
+        join_all((0..8).map(|_| h.get("/charts/stable/app-1.tgz"))),
+        async {
+            until("seven requests joined the first", || coalesced(&h) == 7).await;
+            let _ = gate.send(());
+        },
+    )
+    .await;
+    assert!(results.iter().all(|(s, _)| *s == 503), "{results:?}");
+    assert_eq!(h.repo.count("app-1.tgz"), 1);
+
+    h.repo.status.set(None);
+    let gate = h.repo.close_gate();
+    let (results, ()) = join(
+        join_all((0..8).map(|_| h.get("/charts/stable/app-1.tgz"))),
+        async {
+            until("seven more requests joined", || coalesced(&h) == 14).await;
+            let _ = gate.send(());
+        },
+    )
+    .await;
+    assert!(results.iter().all(|r| *r == (200, a.to_vec())));
+    assert_eq!(h.repo.count("app-1.tgz"), 2);
+    *h.repo.gate.borrow_mut() = None;
+    assert_eq!(h.get("/charts/stable/app-1.tgz").await, (200, a.to_vec()));
+    assert_eq!(h.repo.count("app-1.tgz"), 2);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_index_misses_share_one_upstream_fetch() {
+    let h = harness();
+    let a = chart(1);
+    h.repo.put("index.yaml", index(&[("app-1.tgz", &a)]));
+    h.repo.put("app-1.tgz", a.clone());
+    let gate = h.repo.close_gate();
+    // Cold: index requests and chart requests (which need the index first) all wait on one
+    // GET of the index.
+    let (results, ()) = join(
+        join_all((0..8).map(|i| {
+            h.get(if i % 2 == 0 {
+                "/charts/stable/index.yaml"
+            } else {
+                "/charts/stable/app-1.tgz"
+            })
+        })),
+        async {
+            until("seven requests joined the index fetch", || {
+                coalesced(&h) == 7
+            })
+            .await;
+            let _ = gate.send(());
+        },
+    )
+    .await;
+    assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
+    assert_eq!(h.repo.count("index.yaml"), 1);
+
+    // Stale: the revalidations are shared as well (one conditional GET).
+    h.clock.advance(6 * MIN);
+    let before = coalesced(&h);
+    let gate = h.repo.close_gate();
+    let (results, ()) = join(
+        join_all((0..8).map(|_| h.get("/charts/stable/index.yaml"))),
+        async {
+            until("seven revalidations joined", || coalesced(&h) == before + 7).await;
+            let _ = gate.send(());
+        },
+    )
+    .await;
+    assert!(results.iter().all(|(s, _)| *s == 200), "{results:?}");
+    assert_eq!(h.repo.count("index.yaml"), 2);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn concurrent_fills_of_one_digest_for_two_repositories_are_not_shared() {
+    let h = harness();
+    let a = chart(3);
+    let url = format!("{OTHER}app-1.tgz");
+    h.repo.put("index.yaml", index(&[("app-1.tgz", &a)]));
+    h.repo.put("app-1.tgz", a.clone());
+    h.repo.put_url(
+        &format!("{OTHER}index.yaml"),
+        index_of(&[(url.clone(), hex_of(&a))]),
+    );
+    assert_eq!(h.get("/charts/stable/index.yaml").await.0, 200);
+    assert_eq!(h.get("/charts/other/index.yaml").await.0, 200);
+    // `other`'s upstream does not have the chart: it must not ride on `stable`'s fill.
+    let gate = h.repo.close_gate();
+    let (results, ()) = join(
+        join_all([
+            h.get("/charts/stable/app-1.tgz"),
+            h.get("/charts/other/app-1.tgz"),
+        ]),
+        async {
+            until("both fills reached their upstreams", || {
+                h.repo.count("app-1.tgz") == 1 && h.repo.count_url(&url) == 1
+            })
+            .await;
+            let _ = gate.send(());
+        },
+    )
+    .await;
+    assert_eq!(results[0], (200, a.to_vec()));
+    assert_eq!(results[1].0, 404);
+    assert_eq!(coalesced(&h), 0);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn chart_urls_off_the_index_host_are_refused_and_not_fetched() {
+    let a = chart(1);
+    let elsewhere = "http://cdn.test/app-1.tgz";
+    let off_port = "http://charts.test:8080/app-2.tgz";
+    let b = chart(2);
+    let setup = |h: &Harness| {
+        h.repo.put(
+            "index.yaml",
+            index_of(&[
+                (elsewhere.to_string(), hex_of(&a)),
+                (off_port.to_string(), hex_of(&b)),
+            ]),
+        );
+        h.repo.put_url(elsewhere, a.clone());
+        h.repo.put_url(off_port, b.clone());
+    };
+    let h = harness();
+    setup(&h);
+    for (path, url) in [("app-1.tgz", elsewhere), ("app-2.tgz", off_port)] {
+        let (status, body) = h.get(&format!("/charts/stable/{path}")).await;
+        assert_eq!(status, 502);
+        let e = error_of(&body);
+        assert!(
+            e.contains("chart_hosts") && e.contains("not fetched"),
+            "{e}"
+        );
+        assert_eq!(h.repo.count_url(url), 0, "{url} was fetched");
+    }
+    // Listed hosts (with the port where it is not the default) are fetched.
+    let h = harness_with("chart_hosts = [\"cdn.test\", \"charts.test:8080\"]");
+    setup(&h);
+    assert_eq!(h.get("/charts/stable/app-1.tgz").await, (200, a.to_vec()));
+    assert_eq!(h.get("/charts/stable/app-2.tgz").await, (200, b.to_vec()));
+    // A listed host without a port allows only the default one.
+    let h = harness_with("chart_hosts = [\"charts.test\"]");
+    setup(&h);
+    assert_eq!(h.get("/charts/stable/app-2.tgz").await.0, 502);
+    assert_eq!(h.repo.count_url(off_port), 0);
+}
+
+#[test]
+fn bad_chart_hosts_are_configuration_errors() {
+    for bad in ["https://cdn.test", "cdn.test/x", "cdn.test:http"] {
+        let config = parse_config(&format!(
+            "[[helm]]\nname = \"s\"\nurl = \"{REPO}\"\nchart_hosts = [\"{bad}\"]\n"
+        ))
+        .expect("parses");
+        let Err(e) = config.resolve(&NoSecrets) else {
+            panic!("{bad:?} was accepted");
+        };
+        assert!(e.0.contains("chart_hosts"), "{}", e.0);
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn errors_carry_no_digest_and_no_upstream_body_text() {
+    let h = harness();
+    let a = chart(1);
+    let served = chart(2);
+    h.repo.put("index.yaml", index(&[("app-1.tgz", &a)]));
+    h.repo.put("app-1.tgz", served.clone());
+    let (status, body) = h.get("/charts/stable/app-1.tgz").await;
+    assert_eq!(status, 502);
+    let e = error_of(&body);
+    assert!(
+        !e.contains(&hex_of(&served)) && !e.contains(&hex_of(&a)),
+        "{e}"
+    );
+    assert!(!e.contains("sha256"), "{e}");
+    // An upstream error page: the status, not the page.
+    h.repo.status.set(Some(500));
+    let (status, body) = h.get("/charts/other/index.yaml").await;
+    assert_eq!(status, 503);
+    assert!(!error_of(&body).contains("oops"));
+    // An answer that is not an index (say, an internal service's): the line, not its text.
+    h.repo.status.set(None);
+    h.repo.put_url(
+        &format!("{OTHER}index.yaml"),
+        "apiVersion: v1\nAccessKeyId=AKIASECRET\n",
+    );
+    let (status, body) = h.get("/charts/other/index.yaml").await;
+    assert_eq!(status, 502);
+    let e = error_of(&body);
+    assert!(e.contains("line 2") && !e.contains("AKIA"), "{e}");
 }
