@@ -329,7 +329,12 @@ fn chart_whose_bytes_do_not_match_its_digest_is_refused_and_not_stored() {
     assert_eq!(status, 502, "{}", text(&body));
     let e = error_of(&body);
     assert!(
-        e.contains(&bad_digest) && e.contains(&digests["app-1.0.0.tgz"]),
+        e.contains("did not match the digest its index lists"),
+        "{e}"
+    );
+    // No oracle: neither what came back nor what was expected.
+    assert!(
+        !e.contains(&bad_digest[7..]) && !e.contains(&digests["app-1.0.0.tgz"][7..]),
         "{e}"
     );
     assert_eq!(pg.metrics().total(DIGEST_MISMATCHES), 1.0);
@@ -366,6 +371,92 @@ fn chart_whose_bytes_do_not_match_its_digest_is_refused_and_not_stored() {
     let (status, body) = get(&chart_url);
     assert_eq!(status, 200);
     assert_eq!(sha256_digest(&body), digests["app-1.0.0.tgz"]);
+}
+
+/// Per-repository authorization and the chart host rule, with real helm: after a chart was
+/// pulled through `private`, an index served by another chart repository (`public`) that lists
+/// the same digest under its own URL gets a JSON 404 from pullgate (its own upstream was asked
+/// and has no such file), never the cached bytes, and helm's pull fails; a chart URL on a host
+/// `public` does not list in `chart_hosts` (another port of the same address) is refused and
+/// never fetched. Once `public`'s upstream really serves the bytes, the chart pulls, proven
+/// with one GET and served from the cache afterwards.
+#[test]
+fn a_chart_cached_for_one_repository_is_not_served_through_another() {
+    let private = ChartServer::start();
+    let digests = publish(&private, &[("secret", "1.0.0")]);
+    let secret = private.get("secret-1.0.0.tgz");
+    let public = ChartServer::start();
+    let elsewhere = ChartServer::start();
+    elsewhere.put("secret-1.0.0.tgz", &secret);
+    let hex = &digests["secret-1.0.0.tgz"][7..];
+    let entry = |name: &str, url: &str| {
+        format!(
+            "  {name}:\n  - apiVersion: v2\n    digest: {hex}\n    name: {name}\n    urls:\n    - {url}\n    version: 1.0.0\n"
+        )
+    };
+    public.put(
+        "index.yaml",
+        format!(
+            "apiVersion: v1\nentries:\n{}{}generated: \"2024-05-01T00:00:00Z\"\n",
+            entry("leak", &format!("{}/leak-1.0.0.tgz", public.url())),
+            entry("far", &format!("{}/secret-1.0.0.tgz", elsewhere.url())),
+        )
+        .as_bytes(),
+    );
+    let pg = Pullgate::builder()
+        .config(&format!(
+            "[[helm]]\nname = \"private\"\nurl = \"{}\"\n\n[[helm]]\nname = \"public\"\nurl = \"{}\"\n",
+            private.url(),
+            public.url()
+        ))
+        .start();
+    let (status, body) = get(&format!("{}/charts/private/secret-1.0.0.tgz", pg.url()));
+    assert_eq!(status, 200);
+    assert_eq!(body, secret);
+
+    let leak_url = format!("{}/charts/public/leak-1.0.0.tgz", pg.url());
+    let (status, body) = get(&leak_url);
+    assert_eq!(status, 404, "{}", text(&body));
+    assert!(error_of(&body).contains("leak-1.0.0.tgz"));
+    assert_eq!(
+        public.requests("leak-1.0.0.tgz"),
+        1,
+        "{}",
+        public.log_summary()
+    );
+    let (status, body) = get(&format!("{}/charts/public/secret-1.0.0.tgz", pg.url()));
+    assert_eq!(status, 502, "{}", text(&body));
+    assert!(error_of(&body).contains("chart_hosts"));
+    assert_eq!(elsewhere.requests("secret-1.0.0.tgz"), 0);
+
+    let helm = Helm::new(HELM_VERSIONS[1]);
+    helm.ok(&[
+        "repo",
+        "add",
+        "public",
+        &format!("{}/charts/public", pg.url()),
+    ]);
+    let out = helm.work_dir("out");
+    let pulled = helm.run(&["pull", "public/leak", "-d", out.to_str().unwrap()]);
+    assert!(!pulled.status.success(), "helm pulled the private chart");
+    assert!(!out.join("leak-1.0.0.tgz").exists());
+
+    public.put("leak-1.0.0.tgz", &secret);
+    helm.ok(&["pull", "public/leak", "-d", out.to_str().unwrap()]);
+    assert_eq!(
+        std::fs::read(out.join("leak-1.0.0.tgz")).expect("pulled"),
+        secret
+    );
+    let (status, body) = get(&leak_url);
+    assert_eq!((status, body), (200, secret));
+    // Two refusals asked it, one proof; the last request was served from the cache.
+    assert_eq!(
+        public.requests("leak-1.0.0.tgz"),
+        3,
+        "{}",
+        public.log_summary()
+    );
+    assert_eq!(private.requests("secret-1.0.0.tgz"), 1);
 }
 
 /// Chart URLs relative to the repository (in a subdirectory), on another path that
