@@ -169,6 +169,34 @@ fn fs_blob_store_keeps_unrelated_blobs_when_one_is_committed_twice() {
 }
 
 #[test]
+fn fs_blob_store_evicts_committed_blobs_to_make_room_for_staged_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let store = FsBlobStore::open(dir.path(), 3000).unwrap();
+        for i in 0..2u8 {
+            let data = vec![i; 1000];
+            let mut w = store.create(Digest::of(&data).as_str()).await.unwrap();
+            w.write(vec![Bytes::from(data)]).await.unwrap();
+            w.commit().await.unwrap();
+        }
+        // 2000 committed + 1500 staged > 3000: the oldest blob goes.
+        let big = vec![9u8; 1500];
+        let mut w = store.create(Digest::of(&big).as_str()).await.unwrap();
+        w.write(vec![Bytes::from(big)]).await.unwrap();
+        // Eviction runs on the blocking pool; give it a bounded chance to finish.
+        for _ in 0..200 {
+            if store.total_bytes() + store.staging_bytes() <= 3000 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!((store.total_bytes(), store.staging_bytes()), (1000, 1500));
+        w.commit().await.unwrap();
+        assert_eq!(store.total_bytes(), 2500);
+    });
+}
+
+#[test]
 fn fs_blob_store_counts_staged_bytes_until_commit_or_abandon() {
     let dir = tempfile::tempdir().unwrap();
     run(async {

@@ -156,13 +156,18 @@ impl Usage {
     /// cannot be evicted, so committed blobs make room for them.
     fn check_cap(self: &Arc<Self>) {
         let staging = self.staging.load(Ordering::Relaxed);
-        let used = self.total.load(Ordering::Relaxed) + staging;
-        if used <= self.max_size || self.evicting.swap(true, Ordering::AcqRel) {
+        let total = self.total.load(Ordering::Relaxed);
+        let target = (self.max_size / 100 * EVICT_TO_PERCENT).saturating_sub(staging);
+        // Nothing committed left to evict (a fill larger than the cap): no pass, which would
+        // only walk the directory again on every write.
+        if total + staging <= self.max_size || total <= target {
+            return;
+        }
+        if self.evicting.swap(true, Ordering::AcqRel) {
             return;
         }
         let usage = self.clone();
         tokio::task::spawn_blocking(move || {
-            let target = (usage.max_size / 100 * EVICT_TO_PERCENT).saturating_sub(staging);
             let (_, files) = evict(&usage.blobs, &usage.total, target);
             usage.count.fetch_sub(files, Ordering::Relaxed);
             usage.evicting.store(false, Ordering::Release);
