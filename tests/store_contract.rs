@@ -102,6 +102,155 @@ fn fs_blob_store_keeps_the_contract_and_survives_reopen() {
     assert!(!dir.path().join("tmp").join("leftover").exists());
 }
 
+/// The same digest committed twice (two fills racing, or a fill of a blob already stored)
+/// counts once: usage stays exact, and eviction does not chase phantom bytes.
+async fn commit_twice(store: &dyn BlobStore) {
+    let data = vec![7u8; 1000];
+    let d = Digest::of(&data);
+    let mut first = store.create(d.as_str()).await.unwrap();
+    let mut second = store.create(d.as_str()).await.unwrap();
+    first.write(vec![Bytes::from(data.clone())]).await.unwrap();
+    second.write(vec![Bytes::from(data.clone())]).await.unwrap();
+    first.commit().await.unwrap();
+    second.commit().await.unwrap();
+    // And once more after the fact.
+    let mut third = store.create(d.as_str()).await.unwrap();
+    third.write(vec![Bytes::from(data.clone())]).await.unwrap();
+    third.commit().await.unwrap();
+    assert_eq!(store.stat(d.as_str()).await.unwrap(), Some(1000));
+    assert_eq!(read_all(store, d.as_str(), 0, 1000).await, data);
+    assert_eq!(store.usage().await.unwrap(), Some((1, 1000)));
+    assert!(store.delete(d.as_str()).await.unwrap());
+    assert_eq!(store.usage().await.unwrap(), Some((0, 0)));
+}
+
+#[test]
+fn mem_blob_store_counts_a_blob_committed_twice_once() {
+    run(commit_twice(&MemBlobStore::default()));
+}
+
+#[test]
+fn fs_blob_store_counts_a_blob_committed_twice_once() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let store = FsBlobStore::open(dir.path(), 1 << 30).unwrap();
+        commit_twice(&store).await;
+        assert_eq!(store.staging_bytes(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    });
+}
+
+#[test]
+fn fs_blob_store_keeps_unrelated_blobs_when_one_is_committed_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let store = FsBlobStore::open(dir.path(), 2500).unwrap();
+        let a = vec![1u8; 1000];
+        let b = vec![2u8; 1000];
+        for data in [&a, &a, &b] {
+            let mut w = store.create(Digest::of(data).as_str()).await.unwrap();
+            w.write(vec![Bytes::from(data.clone())]).await.unwrap();
+            w.commit().await.unwrap();
+        }
+        // 2000 bytes under a 2500 cap: no eviction pass is started at all.
+        assert_eq!(store.total_bytes(), 2000);
+        assert_eq!(
+            store.stat(Digest::of(&a).as_str()).await.unwrap(),
+            Some(1000)
+        );
+        assert_eq!(
+            store.stat(Digest::of(&b).as_str()).await.unwrap(),
+            Some(1000)
+        );
+    });
+}
+
+#[test]
+fn fs_blob_store_evicts_committed_blobs_to_make_room_for_staged_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let store = FsBlobStore::open(dir.path(), 3000).unwrap();
+        for i in 0..2u8 {
+            let data = vec![i; 1000];
+            let mut w = store.create(Digest::of(&data).as_str()).await.unwrap();
+            w.write(vec![Bytes::from(data)]).await.unwrap();
+            w.commit().await.unwrap();
+        }
+        // 2000 committed + 1500 staged > 3000: the oldest blob goes.
+        let big = vec![9u8; 1500];
+        let mut w = store.create(Digest::of(&big).as_str()).await.unwrap();
+        w.write(vec![Bytes::from(big)]).await.unwrap();
+        // Eviction runs on the blocking pool; give it a bounded chance to finish.
+        for _ in 0..200 {
+            if store.total_bytes() + store.staging_bytes() <= 3000 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        assert_eq!((store.total_bytes(), store.staging_bytes()), (1000, 1500));
+        w.commit().await.unwrap();
+        assert_eq!(store.total_bytes(), 2500);
+    });
+}
+
+#[test]
+fn fs_blob_store_counts_staged_bytes_until_commit_or_abandon() {
+    let dir = tempfile::tempdir().unwrap();
+    run(async {
+        let store = FsBlobStore::open(dir.path(), 1 << 30).unwrap();
+        let data = vec![1u8; 500];
+        let d = Digest::of(&data);
+        let mut w = store.create(d.as_str()).await.unwrap();
+        w.write(vec![Bytes::from(data.clone())]).await.unwrap();
+        assert_eq!(store.staging_bytes(), 500);
+        assert_eq!(store.total_bytes(), 0);
+        w.commit().await.unwrap();
+        assert_eq!((store.staging_bytes(), store.total_bytes()), (0, 500));
+        // A writer dropped without commit or abort (its fill was cancelled) leaves nothing.
+        let other = vec![2u8; 300];
+        let mut w = store.create(Digest::of(&other).as_str()).await.unwrap();
+        w.write(vec![Bytes::from(other)]).await.unwrap();
+        assert_eq!(store.staging_bytes(), 300);
+        drop(w);
+        assert_eq!(store.staging_bytes(), 0);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+    });
+}
+
+#[test]
+fn fs_blob_store_rescans_usage_and_clears_staging_at_startup() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = vec![3u8; 2000];
+    let d = Digest::of(&data);
+    run(async {
+        let store = FsBlobStore::open(dir.path(), 1 << 30).unwrap();
+        let mut w = store.create(d.as_str()).await.unwrap();
+        w.write(vec![Bytes::from(data.clone())]).await.unwrap();
+        w.commit().await.unwrap();
+        // A fill in progress when the process is killed: its staging file stays behind.
+        let mut w = store.create(Digest::of(b"partial").as_str()).await.unwrap();
+        w.write(vec![Bytes::from_static(b"part")]).await.unwrap();
+        std::mem::forget(w);
+    });
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        1
+    );
+    let store = FsBlobStore::open(dir.path(), 1 << 30).unwrap();
+    assert_eq!((store.blob_count(), store.total_bytes()), (1, 2000));
+    assert_eq!(store.staging_bytes(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+}
+
 #[test]
 fn fs_blob_store_evicts_over_its_cap() {
     let dir = tempfile::tempdir().unwrap();

@@ -64,6 +64,24 @@ pub struct Config {
     /// Rate limits.
     #[serde(default)]
     pub rate_limit: crate::core::access::RateLimitConfig,
+    /// Native only: the listener's timeouts and connection cap.
+    #[serde(default)]
+    pub server: ServerConfig,
+}
+
+/// `[server]`: native only (the edge platforms run their own listeners).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// A request's line and headers must arrive within this long of the connection opening
+    /// or of its first byte (default `10s`).
+    pub header_timeout: Option<String>,
+    /// A keep-alive connection with no request in flight is closed after this long
+    /// (default `60s`).
+    pub idle_timeout: Option<String>,
+    /// Connections served at once; at the cap, accepting pauses until one closes
+    /// (default `1024`).
+    pub max_connections: Option<usize>,
 }
 
 /// `[cache]`.

@@ -5,12 +5,16 @@
 //! This module is the only place that names tokio, hyper, reqwest and redb. It builds the
 //! ports, calls [`App::handle`], writes one log line per request, and shuts down gracefully on
 //! SIGTERM/SIGINT (stop accepting, let in-flight requests and fills finish, up to 30 s).
+//! [`listener`] bounds the connections themselves: header and idle timeouts, a connection
+//! cap, back-off on failed `accept`s, and a lingering read after an answer that left the
+//! request body unread.
 
 // The native host is where time comes from: it may read the system clocks (the core may not).
 #![allow(clippy::disallowed_methods)]
 
 pub mod audit;
 pub mod client;
+pub mod listener;
 pub mod store;
 
 use crate::core::app::App;
@@ -23,6 +27,7 @@ use futures_util::future::LocalBoxFuture;
 use futures_util::{Stream, StreamExt};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
+use listener::{AcceptBackoff, ConnState, InFlight, ServerLimits, SharedBody, Tracked};
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -126,6 +131,8 @@ pub struct Prepared {
     pub settings: Settings,
     /// Audit log destination.
     pub audit_log: PathBuf,
+    /// `[server]`: listener timeouts and connection cap.
+    pub limits: ServerLimits,
 }
 
 /// Reads the config file and flags into settings.
@@ -142,6 +149,7 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
         config.apply_upstream_flag(u).map_err(|e| e.to_string())?;
     }
     let settings = config.resolve(&EnvSecrets).map_err(|e| e.to_string())?;
+    let limits = ServerLimits::parse(&config.server)?;
     let listen = opts
         .listen
         .clone()
@@ -162,6 +170,7 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
         data_dir,
         settings,
         audit_log,
+        limits,
     })
 }
 
@@ -322,31 +331,28 @@ fn to_hyper(resp: ::http::Response<Body>, mut log: LogLine) -> ::http::Response<
     ::http::Response::from_parts(parts, body)
 }
 
-/// The request body as a core stream (read only by routes that take a body).
-fn incoming_stream(body: Incoming) -> crate::core::ports::ByteStream {
-    use hyper::body::Body as _;
-    futures_util::stream::unfold(body, |mut body| async move {
-        loop {
-            match std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-                None => return None,
-                Some(Err(e)) => return Some((Err(BodyError(e.to_string())), body)),
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        return Some((Ok(data), body));
-                    }
-                }
-            }
-        }
-    })
-    .boxed_local()
+/// What every request on one connection shares.
+#[derive(Clone)]
+struct ConnContext {
+    app: App,
+    peer: std::net::IpAddr,
+    audit: Rc<audit::AuditSink>,
+    state: Rc<ConnState>,
+    storage: Rc<store::StorageReport>,
 }
 
 async fn handle(
-    app: App,
+    cx: ConnContext,
     req: ::http::Request<Incoming>,
-    peer: std::net::IpAddr,
-    audit: Rc<audit::AuditSink>,
-) -> Result<::http::Response<HyperBody>, Infallible> {
+) -> Result<::http::Response<Tracked<HyperBody>>, Infallible> {
+    let ConnContext {
+        app,
+        peer,
+        audit,
+        state,
+        storage,
+    } = cx;
+    let in_flight = InFlight::start(&state);
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     let mut req = ::http::Request::from_parts(parts, ());
@@ -366,8 +372,25 @@ async fn handle(
         metrics: app.metrics(),
         failed: false,
     };
-    let resp = app.handle_with_body(&req, incoming_stream(body)).await;
-    Ok(to_hyper(resp, log))
+    let body = SharedBody::new(body);
+    let mut resp = app.handle_with_body(&req, body.stream()).await;
+    if body.is_unread() {
+        // Answered without reading the whole body (413, 401…): say the connection closes,
+        // and keep reading what the sender is still writing, so it gets to read this answer.
+        resp.headers_mut().insert(
+            ::http::header::CONNECTION,
+            ::http::HeaderValue::from_static("close"),
+        );
+        tokio::task::spawn_local(body.linger(InFlight::start(&state)));
+    }
+    if req.uri().path() == "/metrics" && resp.status() == ::http::StatusCode::OK {
+        storage.append_metrics(&mut resp);
+    }
+    let (parts, body) = to_hyper(resp, log).into_parts();
+    Ok(::http::Response::from_parts(
+        parts,
+        Tracked::new(body, in_flight),
+    ))
 }
 
 async fn shutdown_signal() {
@@ -399,16 +422,19 @@ pub fn serve(opts: ServeOptions) -> Result<(), String> {
 async fn run(p: Prepared) -> Result<(), String> {
     std::fs::create_dir_all(&p.data_dir)
         .map_err(|e| format!("creating {}: {e}", p.data_dir.display()))?;
-    let kv = store::RedbKv::open(&p.data_dir.join("meta.redb")).map_err(|e| e.to_string())?;
-    let blobs =
-        store::FsBlobStore::open(&p.data_dir, p.settings.max_size).map_err(|e| e.to_string())?;
+    let kv =
+        Rc::new(store::RedbKv::open(&p.data_dir.join("meta.redb")).map_err(|e| e.to_string())?);
+    let blobs = Rc::new(
+        store::FsBlobStore::open(&p.data_dir, p.settings.max_size).map_err(|e| e.to_string())?,
+    );
+    let storage = Rc::new(store::StorageReport::new(blobs.clone(), kv.clone()));
     let upstream =
         client::ReqwestUpstream::new(Duration::from_millis(p.settings.upstream_timeout_ms))?;
     let fills = Rc::new(Cell::new(0usize));
     let ports = Ports {
         upstream: Rc::new(upstream),
-        kv: Rc::new(kv),
-        blobs: Rc::new(blobs),
+        kv,
+        blobs,
         clock: Rc::new(SystemClock),
         deferred: Rc::new(LocalDeferred {
             active: fills.clone(),
@@ -429,6 +455,7 @@ async fn run(p: Prepared) -> Result<(), String> {
         p.data_dir.display(),
         upstream_names.join(",")
     );
+    eprintln!("{}", storage.summary());
     let audit = Rc::new(audit::AuditSink::open(&p.audit_log)?);
     let app = App::new(p.settings, ports);
     // The gateway's outbox: deliveries persisted before a restart go out now, retries when due.
@@ -441,36 +468,69 @@ async fn run(p: Prepared) -> Result<(), String> {
     });
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = Rc::new(Cell::new(0usize));
+    let limits = p.limits;
+    // At the cap, the loop waits for a permit instead of accepting: new connections queue in
+    // the kernel's backlog until one closes.
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut backoff = AcceptBackoff::default();
     let stop = shutdown_signal();
     tokio::pin!(stop);
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(s) => s,
-                    Err(e) => {
-                        eprintln!("accept failed: {e}");
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let app = app.clone();
-                let audit = audit.clone();
-                let service = hyper::service::service_fn(move |req| {
-                    handle(app.clone(), req, peer.ip(), audit.clone())
-                });
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service);
-                let conn = graceful.watch(conn);
-                let connections = connections.clone();
-                connections.set(connections.get() + 1);
-                tokio::task::spawn_local(async move {
-                    let _ = conn.await;
-                    connections.set(connections.get() - 1);
-                });
-            }
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
             _ = &mut stop => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut stop => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // Typically fd exhaustion (EMFILE/ENFILE): every retry fails until a descriptor
+                // is freed, so pause (doubling up to 1 s) and log at most once per interval.
+                let (pause, line) = backoff.failed(Instant::now(), &e.to_string());
+                if let Some(line) = line {
+                    eprintln!("{line}");
+                }
+                drop(permit);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = &mut stop => break,
+                }
+            }
+        };
+        if let Some(line) = backoff.succeeded(Instant::now()) {
+            eprintln!("{line}");
         }
+        let _ = stream.set_nodelay(true);
+        let state = ConnState::new(tokio::time::Instant::now());
+        let cx = ConnContext {
+            app: app.clone(),
+            peer: peer.ip(),
+            audit: audit.clone(),
+            state: state.clone(),
+            storage: storage.clone(),
+        };
+        let service = hyper::service::service_fn(move |req| handle(cx.clone(), req));
+        let io = listener::WatchedIo::new(stream, state.clone());
+        let conn =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+        let conn = graceful.watch(conn);
+        let connections = connections.clone();
+        connections.set(connections.get() + 1);
+        tokio::task::spawn_local(async move {
+            // Dropping the connection closes it: when it has overstayed a timeout.
+            tokio::select! {
+                _ = conn => {}
+                _ = listener::watchdog(state, limits) => {}
+            }
+            connections.set(connections.get() - 1);
+            drop(permit);
+        });
     }
     eprintln!(
         "pullgate shutting down: {} connections, {} fills in flight",

@@ -3,6 +3,16 @@
 //! (`meta.redb`). Blob eviction keeps the blob directory under `max_size` by *global* last
 //! access: a hit stamps the file's mtime (at most once a minute), and eviction removes the
 //! least recently stamped files first, whatever repository or upstream they came from.
+//!
+//! Usage accounting (issue #9, item 8): a blob's bytes are counted when its file is first
+//! linked into place, never when a commit finds the file already there (two fills of the same
+//! digest, or a fill racing a reopen). Staged bytes count towards the cap while they are
+//! written, so the disk holds at most `max_size` plus what is being written. At startup the
+//! blob directory is re-scanned and staging leftovers (a kill -9 mid-fill) are removed.
+//!
+//! Metadata (redb) is not evicted here: which records may be dropped is the core's policy.
+//! Its file size is reported ([`StorageReport`]: `/metrics` and the startup log line) so its
+//! growth can be watched and alerted on.
 
 use crate::core::ports::{
     BlobStore, BlobWriter, BodyError, ByteStream, CommitError, KvStore, StoreError, TailReader,
@@ -44,6 +54,7 @@ async fn blocking<T: Send + 'static>(
 /// Metadata in redb.
 pub struct RedbKv {
     db: Arc<Database>,
+    path: PathBuf,
 }
 
 impl RedbKv {
@@ -56,7 +67,15 @@ impl RedbKv {
         let tx = db.begin_write().map_err(store_err)?;
         tx.open_table(KV).map_err(store_err)?;
         tx.commit().map_err(store_err)?;
-        Ok(RedbKv { db: Arc::new(db) })
+        Ok(RedbKv {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Size of the database file (live records, free pages and redb's own overhead).
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
     }
 }
 
@@ -116,22 +135,39 @@ impl KvStore for RedbKv {
 struct Usage {
     blobs: PathBuf,
     max_size: u64,
+    /// Bytes of committed blobs.
     total: AtomicU64,
+    /// Committed blobs.
     count: AtomicU64,
+    /// Bytes written to staging files not yet committed or removed.
+    staging: AtomicU64,
     evicting: AtomicBool,
 }
 
 impl Usage {
-    /// Counts a committed blob and starts an eviction pass if the cap is exceeded.
+    /// Counts a newly committed blob and checks the cap.
     fn add(self: &Arc<Self>, bytes: u64) {
         self.count.fetch_add(1, Ordering::Relaxed);
-        let total = self.total.fetch_add(bytes, Ordering::Relaxed) + bytes;
-        if total <= self.max_size || self.evicting.swap(true, Ordering::AcqRel) {
+        self.total.fetch_add(bytes, Ordering::Relaxed);
+        self.check_cap();
+    }
+
+    /// Starts an eviction pass if committed plus staged bytes exceed the cap. Staged bytes
+    /// cannot be evicted, so committed blobs make room for them.
+    fn check_cap(self: &Arc<Self>) {
+        let staging = self.staging.load(Ordering::Relaxed);
+        let total = self.total.load(Ordering::Relaxed);
+        let target = (self.max_size / 100 * EVICT_TO_PERCENT).saturating_sub(staging);
+        // Nothing committed left to evict (a fill larger than the cap): no pass, which would
+        // only walk the directory again on every write.
+        if total + staging <= self.max_size || total <= target {
+            return;
+        }
+        if self.evicting.swap(true, Ordering::AcqRel) {
             return;
         }
         let usage = self.clone();
         tokio::task::spawn_blocking(move || {
-            let target = usage.max_size / 100 * EVICT_TO_PERCENT;
             let (_, files) = evict(&usage.blobs, &usage.total, target);
             usage.count.fetch_sub(files, Ordering::Relaxed);
             usage.evicting.store(false, Ordering::Release);
@@ -215,6 +251,7 @@ impl FsBlobStore {
                 max_size,
                 total: AtomicU64::new(total),
                 count: AtomicU64::new(count),
+                staging: AtomicU64::new(0),
                 evicting: AtomicBool::new(false),
             }),
             seq: AtomicU64::new(0),
@@ -224,6 +261,16 @@ impl FsBlobStore {
     /// Bytes of blobs stored.
     pub fn total_bytes(&self) -> u64 {
         self.usage.total.load(Ordering::Relaxed)
+    }
+
+    /// Blobs stored.
+    pub fn blob_count(&self) -> u64 {
+        self.usage.count.load(Ordering::Relaxed)
+    }
+
+    /// Bytes in staging files (fills in progress).
+    pub fn staging_bytes(&self) -> u64 {
+        self.usage.staging.load(Ordering::Relaxed)
     }
 
     fn path(&self, digest: &str) -> Result<PathBuf, StoreError> {
@@ -337,6 +384,7 @@ impl BlobStore for FsBlobStore {
             tmp,
             dest,
             written: 0,
+            committed: false,
             usage: self.usage.clone(),
         }))
     }
@@ -350,7 +398,22 @@ struct FsWriter {
     tmp: PathBuf,
     dest: PathBuf,
     written: u64,
+    /// The staging file became the blob (or the blob was already there and it was removed).
+    committed: bool,
     usage: Arc<Usage>,
+}
+
+impl Drop for FsWriter {
+    /// Committed, aborted or abandoned (the fill's task was dropped): the staged bytes stop
+    /// counting, and an uncommitted staging file is removed.
+    fn drop(&mut self) {
+        self.usage
+            .staging
+            .fetch_sub(self.written, Ordering::Relaxed);
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
 }
 
 struct FsTail(Arc<File>);
@@ -396,6 +459,8 @@ impl BlobWriter for FsWriter {
         written?;
         self.hasher = Some(hashed.map_err(store_err)?);
         self.written += len;
+        self.usage.staging.fetch_add(len, Ordering::Relaxed);
+        self.usage.check_cap();
         Ok(())
     }
 
@@ -406,27 +471,90 @@ impl BlobWriter for FsWriter {
             .ok_or_else(|| StoreError("a previous write failed".into()))?;
         let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
         if actual != self.digest {
-            let _ = std::fs::remove_file(&self.tmp);
+            // Dropping the writer removes the staging file.
             return Err(CommitError::DigestMismatch { actual });
         }
         let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
-        blocking(move || {
+        // A hard link either creates the blob or finds it already there, atomically; a rename
+        // would silently replace an existing blob, and its bytes would be counted again.
+        let created = blocking(move || {
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent).map_err(store_err)?;
             }
-            std::fs::rename(&tmp, &dest).map_err(store_err)
+            let created = match std::fs::hard_link(&tmp, &dest) {
+                Ok(()) => true,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => false,
+                Err(e) => return Err(store_err(e)),
+            };
+            std::fs::remove_file(&tmp).map_err(store_err)?;
+            Ok(created)
         })
         .await?;
-        self.usage.add(self.written);
+        self.committed = true;
+        if created {
+            self.usage.add(self.written);
+        }
         Ok(())
     }
 
     async fn abort(self: Box<Self>) {
-        let _ = std::fs::remove_file(&self.tmp);
+        // Dropping the writer removes the staging file.
     }
 
     fn tail(&self) -> Option<Rc<dyn TailReader>> {
         Some(Rc::new(FsTail(self.file.clone())))
+    }
+}
+
+/// What the native store holds on disk, for `/metrics` and the startup log.
+pub struct StorageReport {
+    blobs: Rc<FsBlobStore>,
+    kv: Rc<RedbKv>,
+}
+
+impl StorageReport {
+    /// Reports on `blobs` and `kv`.
+    pub fn new(blobs: Rc<FsBlobStore>, kv: Rc<RedbKv>) -> StorageReport {
+        StorageReport { blobs, kv }
+    }
+
+    /// Prometheus gauges, appended to the core's counters on `/metrics`.
+    pub fn render(&self) -> String {
+        format!(
+            "# HELP pullgate_store_bytes Bytes on disk by kind (native host).\n\
+             # TYPE pullgate_store_bytes gauge\n\
+             pullgate_store_bytes{{kind=\"blobs\"}} {}\n\
+             pullgate_store_bytes{{kind=\"staging\"}} {}\n\
+             pullgate_store_bytes{{kind=\"metadata\"}} {}\n\
+             # HELP pullgate_store_blobs Blobs stored (native host).\n\
+             # TYPE pullgate_store_blobs gauge\n\
+             pullgate_store_blobs {}\n",
+            self.blobs.total_bytes(),
+            self.blobs.staging_bytes(),
+            self.kv.file_bytes(),
+            self.blobs.blob_count(),
+        )
+    }
+
+    /// One line for the log.
+    pub fn summary(&self) -> String {
+        format!(
+            "storage blobs={} blob_bytes={} max_size={} metadata_bytes={}",
+            self.blobs.blob_count(),
+            self.blobs.total_bytes(),
+            self.blobs.usage.max_size,
+            self.kv.file_bytes()
+        )
+    }
+
+    /// Appends [`render`](Self::render) to a `/metrics` answer (a whole text body).
+    pub fn append_metrics(&self, resp: &mut http::Response<crate::core::body::Body>) {
+        if let crate::core::body::Body::Bytes(b) = resp.body() {
+            let mut text = b.to_vec();
+            text.extend_from_slice(self.render().as_bytes());
+            resp.headers_mut().remove(http::header::CONTENT_LENGTH);
+            *resp.body_mut() = crate::core::body::Body::Bytes(Bytes::from(text));
+        }
     }
 }
 

@@ -5,6 +5,7 @@
 //! process gracefully) and started again on the same port with the same cache. Readiness is
 //! `GET /healthz` answering 200; `/metrics` is read as Prometheus text and summed by name.
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus};
 use std::time::Duration;
@@ -36,9 +37,16 @@ pub struct PullgateBuilder {
     upstreams: Vec<(String, String)>,
     config: Option<String>,
     env: Vec<(String, String)>,
+    fd_limit: Option<u64>,
 }
 
 impl PullgateBuilder {
+    /// Runs the process with `RLIMIT_NOFILE` lowered to `limit` (fd exhaustion tests).
+    pub fn fd_limit(mut self, limit: u64) -> Self {
+        self.fd_limit = Some(limit);
+        self
+    }
+
     /// `--upstream HOST=URL` (`docker.io=…` replaces the Docker Hub default). Without one for
     /// `docker.io`, the harness points docker.io at a closed loopback port, so that no test
     /// can ever reach Docker Hub.
@@ -87,6 +95,7 @@ impl PullgateBuilder {
             upstreams,
             config_path,
             env: self.env,
+            fd_limit: self.fd_limit,
             process: None,
         };
         pullgate.start();
@@ -102,6 +111,7 @@ pub struct Pullgate {
     upstreams: Vec<(String, String)>,
     config_path: Option<PathBuf>,
     env: Vec<(String, String)>,
+    fd_limit: Option<u64>,
     process: Option<ChildProcess>,
 }
 
@@ -151,6 +161,22 @@ impl Pullgate {
         }
         for (name, value) in &self.env {
             command.env(name, value);
+        }
+        if let Some(limit) = self.fd_limit {
+            // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing.
+            unsafe {
+                command.pre_exec(move || {
+                    let rlimit = libc::rlimit {
+                        rlim_cur: limit as libc::rlim_t,
+                        rlim_max: limit as libc::rlim_t,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &rlimit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
         }
         let mut process = ChildProcess::spawn("pullgate", command, self.dir.path());
         let url = format!("{}/healthz", self.url());
@@ -223,6 +249,11 @@ impl Pullgate {
                 named || holds
             })
             .collect()
+    }
+
+    /// Everything the process wrote to stderr so far (its request and diagnostic log).
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pullgate.stderr.log")).unwrap_or_default()
     }
 
     /// The process's logs, for failure messages.
