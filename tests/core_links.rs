@@ -692,3 +692,33 @@ fn a_failed_tag_record_write_is_noted_and_never_a_500() {
         assert_eq!(g.status, StatusCode::OK);
     });
 }
+
+#[test]
+fn a_tag_record_from_before_links_links_its_manifest_and_layers_on_the_next_pull() {
+    local(async {
+        let h = harness("");
+        let (c, _) = h.up.blob(&["app"], data(100, 16));
+        let (layer, bytes) = h.up.blob(&["app"], data(80_000, 17));
+        let (d, _) =
+            h.up.manifest(&["app"], Some("v1"), image_manifest(&c, &[&layer], None));
+        get(&h, "/v2/app/manifests/v1", &[ACCEPT_OCI]).await;
+        get(&h, &format!("/v2/app/blobs/{layer}"), &[]).await;
+        // A cache written before links existed: drop every link record.
+        for k in h.kv.list("link/", 1000).await.unwrap() {
+            h.kv.delete(&k).await.unwrap();
+        }
+        h.up.down.set(true);
+        let g = get(&h, "/v2/app/manifests/v1", &[ACCEPT_OCI]).await;
+        assert_eq!(g.status, StatusCode::OK);
+        let before = h.up.calls.borrow().len();
+        let g = get(&h, &format!("/v2/app/manifests/{d}"), &[ACCEPT_OCI]).await;
+        assert_eq!(g.status, StatusCode::OK);
+        let g = get(&h, &format!("/v2/app/blobs/{layer}"), &[]).await;
+        assert_eq!(g.body.unwrap(), bytes);
+        assert_eq!(
+            h.up.calls.borrow().len(),
+            before,
+            "linked by the tag record"
+        );
+    });
+}

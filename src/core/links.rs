@@ -10,8 +10,11 @@
 //! repository only when it holds a link.
 //!
 //! A link is written when the upstream vouched for the repository:
-//! - a manifest fetched (by tag or by digest) and verified for R links its digest to R, and so
-//!   do the tag records pointing at it (revalidated or moved tags);
+//! - a manifest fetched (by tag or by digest) and verified for R links its digest to R;
+//! - a tag record of R, whenever it is used, makes sure the manifest it points at (and what
+//!   that references) is linked to R: the record exists because the upstream served or
+//!   confirmed the tag for R. This also links content cached before links existed, on its
+//!   first tag pull, even while the upstream is down;
 //! - the same fetch links what the manifest references — its config, its layers, and an
 //!   index's child manifests — because a registry refuses a manifest whose blobs and children
 //!   are not in the repository. A repository that shares layers with a cached one then costs

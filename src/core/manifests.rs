@@ -155,9 +155,28 @@ async fn save_record(ctx: &Ctx<'_>, key: &str, digest: &str, notes: &Notes) {
     }
 }
 
-/// Links `digest` to the request's repository (best-effort).
-async fn link(ctx: &Ctx<'_>, digests: &[&Digest], via: Via, notes: &Notes) {
-    if let Err(e) = links::record(ctx.inner, &ctx.up.host, ctx.name, digests, via).await {
+/// Makes sure the manifest a tag record of this repository points at is linked to it, with
+/// what it references: the record exists because the upstream served (or confirmed) the tag
+/// for this repository, which vouches for the manifest as a fetch does. Costs one read when
+/// the link is there (the usual case); writes only for records older than links, or after a
+/// failed write. Best-effort.
+async fn ensure_linked(ctx: &Ctx<'_>, digest: &str, stored: &StoredManifest, notes: &Notes) {
+    let Ok(digest) = parse_digest(digest) else {
+        return;
+    };
+    if links::is_linked(ctx, &digest).await {
+        return;
+    }
+    let referenced = serde_json::from_slice::<serde_json::Value>(&stored.bytes)
+        .map(|json| links::referenced_digests(&json))
+        .unwrap_or_default();
+    let refs: Vec<&Digest> = referenced.iter().collect();
+    let (own, refs) = futures_util::future::join(
+        links::record(ctx.inner, &ctx.up.host, ctx.name, &[&digest], Via::Tag),
+        links::record(ctx.inner, &ctx.up.host, ctx.name, &refs, Via::Referenced),
+    )
+    .await;
+    for e in [own.err(), refs.err()].into_iter().flatten() {
         notes.push(e);
     }
 }
@@ -340,6 +359,9 @@ async fn get_tag(
             }
         }
     }
+    if let Some((rec, stored)) = &cached {
+        ensure_linked(ctx, &rec.digest, stored, notes).await;
+    }
     let stale_or = |cached: Option<(TagRecord, StoredManifest)>, e: RegistryError| match cached {
         Some((rec, stored)) if is_servable_stale(&rec, now, settings.max_stale_ms) => {
             inc(&m.upstream_errors);
@@ -375,12 +397,8 @@ async fn get_tag(
                     .get(h::CONTENT_DIGEST)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_digest(v).ok());
-                if let Some(d) = upstream_digest
-                    .as_ref()
-                    .filter(|d| d.as_str() == rec.digest.as_str())
-                {
+                if upstream_digest.as_ref().map(Digest::as_str) == Some(rec.digest.as_str()) {
                     save_record(ctx, &key, &rec.digest, notes).await;
-                    link(ctx, &[d], Via::Tag, notes).await;
                     m.hit(&ctx.up.host);
                     return Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Hit));
                 }
@@ -389,7 +407,7 @@ async fn get_tag(
                     if let Some(s) = load(ctx, d.as_str()).await? {
                         if accept.accepts(&s.media_type) {
                             save_record(ctx, &key, d.as_str(), notes).await;
-                            link(ctx, &[&d], Via::Tag, notes).await;
+                            ensure_linked(ctx, d.as_str(), &s, notes).await;
                             m.hit(&ctx.up.host);
                             return Ok((serve(ctx, d.as_str(), s)?, CacheStatus::Hit));
                         }
