@@ -636,17 +636,14 @@ async fn get_noted(
         m.hit(&ctx.up.host);
         return Ok((resp, CacheStatus::Hit));
     }
-    let existing = ctx.inner.fills.borrow().get(digest.as_str()).cloned();
-    if existing.as_ref().is_some_and(|f| !f.is_for(ctx)) {
-        // A fill for another repository is joined only once this one is entitled.
-        links::entitle(ctx, digest, Kind::Blob, None, notes).await?;
-    }
+    let lookup = || ctx.inner.fills.borrow().get(digest.as_str()).cloned();
+    let mut existing = lookup();
     if ctx.head && existing.is_none() {
         // A HEAD carries no bytes, so the upstream's own HEAD answers it without starting a
         // transfer (on hosts whose deferred work is cut after the response, a fill started by
         // a HEAD would be wasted); its 200 also links the blob to this repository. Chained
         // caches may 404 a HEAD until someone GETs the blob: then, and on any other failure,
-        // fall through to a fill.
+        // fall through to a fill (or join one that started meanwhile).
         if let Some(resp) = head_upstream(ctx, digest).await {
             if let Err(e) =
                 links::record(ctx.inner, &ctx.up.host, ctx.name, &[digest], Via::Confirmed).await
@@ -656,6 +653,11 @@ async fn get_noted(
             m.miss(&ctx.up.host);
             return Ok((resp, CacheStatus::Miss));
         }
+        existing = lookup();
+    }
+    if existing.as_ref().is_some_and(|f| !f.is_for(ctx)) {
+        // A fill for another repository is joined only once this one is entitled.
+        links::entitle(ctx, digest, Kind::Blob, None, notes).await?;
     }
     let (fill, status) = match existing {
         Some(f) => {
