@@ -661,7 +661,7 @@ fn unconfigured_ns_is_refused_and_never_dialled() {
 }
 
 #[test]
-fn tags_list_is_cached_for_the_ttl_with_pagination_passed_through() {
+fn tags_list_caches_only_the_first_page_and_passes_pagination_through() {
     local(async {
         let h = harness("");
         let g = fetch(&h, "/v2/app/tags/list?n=2&last=a", &[]).await;
@@ -672,19 +672,24 @@ fn tags_list_is_cached_for_the_ttl_with_pagination_passed_through() {
             g.headers["link"],
             r#"</v2/app/tags/list?last=b&n=2>; rel="next""#
         );
+        // A page chosen by `n`/`last` is proxied, never stored.
         assert_eq!(
             fetch(&h, "/v2/app/tags/list?n=2&last=a", &[]).await.cache,
-            CacheStatus::Hit
+            CacheStatus::Miss
         );
-        assert_eq!(h.up.count("GET", "/tags/list"), 1);
-        // Another page is another entry.
-        fetch(&h, "/v2/app/tags/list", &[]).await;
         assert_eq!(h.up.count("GET", "/tags/list"), 2);
-        // After the TTL with the upstream down: stale.
+        // The canonical first page is cached.
+        fetch(&h, "/v2/app/tags/list", &[]).await;
+        let g = fetch(&h, "/v2/app/tags/list", &[]).await;
+        assert_eq!(g.cache, CacheStatus::Hit);
+        assert_eq!(h.up.count("GET", "/tags/list"), 3);
+        // After the TTL with the upstream down: stale for the first page, 503 for others.
         h.clock.advance(301_000);
         h.up.down.set(Some(502));
-        let g = fetch(&h, "/v2/app/tags/list?n=2&last=a", &[]).await;
+        let g = fetch(&h, "/v2/app/tags/list", &[]).await;
         assert_eq!((g.status, g.cache), (StatusCode::OK, CacheStatus::Stale));
+        let g = fetch(&h, "/v2/app/tags/list?n=2&last=a", &[]).await;
+        assert_eq!(g.status, StatusCode::SERVICE_UNAVAILABLE);
         // With ns, the Link keeps the client's ns.
         h.up.down.set(None);
         let g = fetch(&h, "/v2/app/tags/list?ns=up.test", &[]).await;

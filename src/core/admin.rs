@@ -176,6 +176,10 @@ async fn tags(inner: &Inner, req: &Request<()>) -> Response<Body> {
     )
 }
 
+/// Purges cached content. Link records (`link/…`, see `links`) are left in place: a dangling
+/// link only says the upstream once vouched that the repository holds the digest, and since
+/// content is addressed by digest, a later re-fill (made upstream under the name of whichever
+/// repository misses it) brings back the very bytes the link was written for.
 async fn purge(inner: &Inner, req: &Request<()>) -> Response<Body> {
     let kv = &inner.ports.kv;
     let mut removed = json!({ "tag_records": 0, "tag_lists": 0, "manifests": 0, "blobs": 0 });

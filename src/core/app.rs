@@ -44,6 +44,11 @@ pub(crate) struct Inner {
     pub run_lock: futures_util::lock::Mutex<()>,
 }
 
+/// A problem that did not change the answer (a best-effort write that failed), carried on a
+/// handler's response into the [`RequestInfo`] error field for the host's log line.
+#[derive(Debug, Clone)]
+pub(crate) struct ResponseNote(pub String);
+
 /// What a request handler works on.
 pub(crate) struct Ctx<'a> {
     pub inner: &'a Rc<Inner>,
@@ -266,7 +271,10 @@ impl App {
             Err(e) => Err(e),
         };
         let (mut resp, cache, error) = match result {
-            Ok((resp, cache)) => (resp, cache, None),
+            Ok((mut resp, cache)) => {
+                let note = resp.extensions_mut().remove::<ResponseNote>().map(|n| n.0);
+                (resp, cache, note)
+            }
             Err(e) => {
                 if matches!(
                     e,

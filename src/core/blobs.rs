@@ -13,12 +13,25 @@
 //!
 //! Readers never get the last [`HOLDBACK`] bytes before the digest is verified, so a client
 //! can never complete a transfer of bad bytes (Harbor withholds its tail for the same reason).
-//! The fill runs through the deferred-work port, so it finishes (and warms the cache) even if
-//! the client that started it leaves.
+//! That holds for a `Range` too: a partial response served from a fill in progress withholds
+//! the last [`HOLDBACK`] bytes *of the range* (all of a shorter range) until the fill is
+//! verified, even when the range lies wholly inside what was already received. Holding is
+//! chosen over proxying ranges uncached from the upstream because the fill is running anyway:
+//! the range costs no second transfer, and containerd's resumed ranges after a reset complete
+//! as soon as the one transfer is verified. The fill runs through the deferred-work port, so it
+//! finishes (and warms the cache) even if the client that started it leaves.
+//!
+//! Blobs are served per repository (see [`links`]): a stored blob, or a fill in progress
+//! started for another repository, is served for the request's repository only when that
+//! repository holds a link or the upstream confirms it under the repository's name. A fill
+//! that completes links the blob to the repository it was fetched for. At most
+//! `[cache] max_fills` fills run at once per instance; a further miss answers 503 UNAVAILABLE
+//! with `Retry-After` instead of opening another upstream transfer and staged write.
 
 use crate::core::app::{response, set_header, Ctx, Inner};
 use crate::core::body::{Body, CacheStatus};
 use crate::core::error::RegistryError;
+use crate::core::links::{self, Kind, Notes, Via};
 use crate::core::manifests::status_failure;
 use crate::core::media::header as h;
 use crate::core::metrics::{add, inc};
@@ -42,6 +55,8 @@ pub const CHUNK: usize = 512 * 1024;
 pub const WINDOW: u64 = 4 << 20;
 /// Most bytes received but not yet written before the receiver waits.
 pub const MAX_UNPERSISTED: u64 = 16 << 20;
+/// `Retry-After` (seconds) when the fill cap refuses a miss.
+pub const FILL_RETRY_AFTER_SECS: u64 = 5;
 
 #[derive(Debug, Clone)]
 enum Phase {
@@ -110,16 +125,21 @@ impl FillState {
     }
 }
 
-/// One upstream transfer of one digest, shared by every reader.
+/// One upstream transfer of one digest, shared by every reader entitled to it.
 pub(crate) struct Fill {
+    /// The upstream (index) and repository the transfer is made for.
+    up: usize,
+    name: Name,
     state: RefCell<FillState>,
     version: Cell<u64>,
     wakers: RefCell<Vec<Waker>>,
 }
 
 impl Fill {
-    fn new() -> Rc<Fill> {
+    fn new(up: usize, name: Name) -> Rc<Fill> {
         Rc::new(Fill {
+            up,
+            name,
             state: RefCell::new(FillState {
                 phase: Phase::Connecting,
                 size: None,
@@ -132,6 +152,12 @@ impl Fill {
             version: Cell::new(0),
             wakers: RefCell::new(Vec::new()),
         })
+    }
+
+    /// Was this fill started for the request's own repository? Then the upstream's answer to
+    /// the fill's GET is the entitlement.
+    fn is_for(&self, ctx: &Ctx<'_>) -> bool {
+        self.up == ctx.up_index && self.name == *ctx.name
     }
 
     fn update(&self, f: impl FnOnce(&mut FillState)) {
@@ -217,7 +243,12 @@ fn fill_stream(
                     let (limit, finished) = match &s.phase {
                         Phase::Failed(e) => (0, Err(e.to_string())),
                         Phase::Done => (s.received, Ok(true)),
-                        _ => (s.received.saturating_sub(HOLDBACK), Ok(false)),
+                        // Unverified: hold back the fill's newest bytes, and the last bytes
+                        // of this response, so it cannot complete before the digest checks.
+                        _ => {
+                            let own = end.map_or(u64::MAX, |e| e.saturating_sub(HOLDBACK));
+                            (s.received.saturating_sub(HOLDBACK).min(own), Ok(false))
+                        }
                     };
                     let limit = end.map_or(limit, |e| e.min(limit));
                     match finished {
@@ -281,9 +312,15 @@ fn fill_stream(
     .boxed_local()
 }
 
-/// Fetches the blob upstream into the store; the result is recorded in the fill.
+/// Fetches the blob upstream into the store; the result is recorded in the fill. A verified
+/// blob is linked to the repository it was fetched for before readers see the end (a failed
+/// link write only costs that repository one `HEAD` later, so it is not an error).
 async fn drive(inner: Rc<Inner>, fill: Rc<Fill>, up: usize, name: Name, digest: Digest) {
     let result = transfer(&inner, &fill, up, &name, &digest).await;
+    if result.is_ok() {
+        let host = &inner.settings.upstreams[up].host;
+        let _ = links::record(&inner, host, &name, &[&digest], Via::Fetched).await;
+    }
     fill.update(|s| {
         s.phase = match result {
             Ok(()) => Phase::Done,
@@ -505,17 +542,19 @@ fn finish(
     Ok(resp)
 }
 
-/// Serves a stored blob; None if it is not (or no longer) stored.
+/// Serves a stored blob to an entitled repository; None if it is not (or no longer) stored.
 async fn from_store(
     ctx: &Ctx<'_>,
     digest: &Digest,
     range: Option<ByteRange>,
+    notes: &Notes,
 ) -> Result<Option<Response<Body>>, RegistryError> {
     let blobs = &ctx.inner.ports.blobs;
     let internal = |e: crate::core::ports::StoreError| RegistryError::Internal(e.to_string());
     let Some(size) = blobs.stat(digest.as_str()).await.map_err(internal)? else {
         return Ok(None);
     };
+    links::entitle(ctx, digest, Kind::Blob, None, notes).await?;
     let Some((status, start, end)) = plan(range, Some(size)) else {
         return unsatisfiable(size).map(Some);
     };
@@ -564,27 +603,61 @@ async fn head_upstream(ctx: &Ctx<'_>, digest: &Digest) -> Option<Response<Body>>
     blob_response(StatusCode::OK, digest, Some(size), Body::Empty).ok()
 }
 
+/// The 503 a miss gets while `max_fills` fills run.
+fn fill_cap_reached(ctx: &Ctx<'_>) -> Response<Body> {
+    let e = RegistryError::Unavailable("too many blob transfers in flight; retry later".into());
+    let mut resp = crate::core::app::error_response(&e, ctx.head);
+    set_header(&mut resp, "retry-after", &FILL_RETRY_AFTER_SECS.to_string());
+    resp
+}
+
 /// `GET|HEAD /v2/<name>/blobs/<digest>`.
 pub(crate) async fn get(
     ctx: &Ctx<'_>,
     digest: &Digest,
     range: Option<ByteRange>,
 ) -> Result<(Response<Body>, CacheStatus), RegistryError> {
+    let notes = Notes::default();
+    let mut out = get_noted(ctx, digest, range, &notes).await;
+    if let Ok((resp, _)) = &mut out {
+        notes.attach(resp);
+    }
+    out
+}
+
+async fn get_noted(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    range: Option<ByteRange>,
+    notes: &Notes,
+) -> Result<(Response<Body>, CacheStatus), RegistryError> {
     let m = &ctx.inner.metrics;
-    if let Some(resp) = from_store(ctx, digest, range).await? {
+    if let Some(resp) = from_store(ctx, digest, range, notes).await? {
         m.hit(&ctx.up.host);
         return Ok((resp, CacheStatus::Hit));
     }
-    let existing = ctx.inner.fills.borrow().get(digest.as_str()).cloned();
+    let lookup = || ctx.inner.fills.borrow().get(digest.as_str()).cloned();
+    let mut existing = lookup();
     if ctx.head && existing.is_none() {
         // A HEAD carries no bytes, so the upstream's own HEAD answers it without starting a
         // transfer (on hosts whose deferred work is cut after the response, a fill started by
-        // a HEAD would be wasted). Chained caches may 404 a HEAD until someone GETs the blob:
-        // then, and on any other failure, fall through to a fill.
+        // a HEAD would be wasted); its 200 also links the blob to this repository. Chained
+        // caches may 404 a HEAD until someone GETs the blob: then, and on any other failure,
+        // fall through to a fill (or join one that started meanwhile).
         if let Some(resp) = head_upstream(ctx, digest).await {
+            if let Err(e) =
+                links::record(ctx.inner, &ctx.up.host, ctx.name, &[digest], Via::Confirmed).await
+            {
+                notes.push(e);
+            }
             m.miss(&ctx.up.host);
             return Ok((resp, CacheStatus::Miss));
         }
+        existing = lookup();
+    }
+    if existing.as_ref().is_some_and(|f| !f.is_for(ctx)) {
+        // A fill for another repository is joined only once this one is entitled.
+        links::entitle(ctx, digest, Kind::Blob, None, notes).await?;
     }
     let (fill, status) = match existing {
         Some(f) => {
@@ -592,8 +665,15 @@ pub(crate) async fn get(
             (f, CacheStatus::Coalesced)
         }
         None => {
+            if ctx.inner.fills.borrow().len() >= ctx.inner.settings.max_fills {
+                notes.push(format!(
+                    "fill cap of {} reached",
+                    ctx.inner.settings.max_fills
+                ));
+                return Ok((fill_cap_reached(ctx), CacheStatus::None));
+            }
             m.miss(&ctx.up.host);
-            let f = Fill::new();
+            let f = Fill::new(ctx.up_index, ctx.name.clone());
             ctx.inner
                 .fills
                 .borrow_mut()

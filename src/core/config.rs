@@ -100,6 +100,9 @@ pub struct CacheConfig {
     /// Upstream request timeout: connect and time to response headers, and longest silence
     /// while a body streams (default `30s`).
     pub upstream_timeout: Option<String>,
+    /// Most blob fills in flight per instance (default 64); a further miss answers 503
+    /// UNAVAILABLE with `Retry-After`.
+    pub max_fills: Option<usize>,
 }
 
 /// One `[[upstream]]`.
@@ -200,6 +203,8 @@ pub struct Settings {
     pub max_manifest_size: u64,
     /// Upstream timeout in ms.
     pub upstream_timeout_ms: u64,
+    /// Most blob fills in flight per instance.
+    pub max_fills: usize,
     /// Upstreams; exactly one is `default`.
     pub upstreams: Vec<UpstreamSpec>,
     /// The build-trigger gateway.
@@ -440,6 +445,10 @@ impl Config {
             max_size: size(&c.max_size, "50GiB")?,
             max_manifest_size: size(&c.max_manifest_size, "4MiB")?,
             upstream_timeout_ms: dur(&c.upstream_timeout, "30s")?,
+            max_fills: match c.max_fills {
+                Some(0) => return Err(ConfigError("[cache] max_fills must be at least 1".into())),
+                n => n.unwrap_or(64),
+            },
             upstreams,
             gateway: crate::core::gateway::config::resolve(
                 crate::core::gateway::config::GatewayInput {
@@ -563,5 +572,15 @@ mod tests {
         )
         .unwrap();
         assert!(twice.resolve(&MapSecrets).is_err());
+    }
+
+    #[test]
+    fn max_fills_defaults_to_64_and_refuses_zero() {
+        let s = Config::default().resolve(&MapSecrets).unwrap();
+        assert_eq!(s.max_fills, 64);
+        let c = parse_config("[cache]\nmax_fills = 2").unwrap();
+        assert_eq!(c.resolve(&MapSecrets).unwrap().max_fills, 2);
+        let zero = parse_config("[cache]\nmax_fills = 0").unwrap();
+        assert!(zero.resolve(&MapSecrets).is_err());
     }
 }

@@ -5,10 +5,18 @@
 //!
 //! Nothing is stored before its digest is computed over the exact bytes received; a manifest
 //! fetched by digest must hash to that digest.
+//!
+//! Manifests are served per repository (see [`links`]): a manifest fetched for R is linked to
+//! R together with what it references, a tag record written for R links the digest it points
+//! at, and a manifest found in the store by digest is served for R only with R's link or after
+//! the upstream confirms it with `HEAD /v2/<R>/manifests/<digest>`. Tag records and links are
+//! written best-effort: a failed write (Workers KV allows one write per second per key) is
+//! noted in the request log and never turns an answer into a 500.
 
 use crate::core::app::{response, set_header, Ctx};
 use crate::core::body::{Body, CacheStatus};
 use crate::core::error::RegistryError;
+use crate::core::links::{self, Kind, Notes, Via};
 use crate::core::media::{header as h, manifest_media_type, AcceptSet};
 use crate::core::metrics::inc;
 use crate::core::reference::{parse_digest, Digest, Reference, Tag};
@@ -124,27 +132,63 @@ async fn load_record(ctx: &Ctx<'_>, key: &str) -> Result<Option<TagRecord>, Regi
         .filter(|r| r.v == TAG_RECORD_VERSION))
 }
 
-async fn save_record(ctx: &Ctx<'_>, key: &str, digest: &str) -> Result<(), RegistryError> {
+/// Writes a tag record, best-effort: on failure the answer stands and the next request
+/// revalidates (or refetches) a little early.
+async fn save_record(ctx: &Ctx<'_>, key: &str, digest: &str, notes: &Notes) {
     let rec = TagRecord {
         v: TAG_RECORD_VERSION,
         digest: digest.to_string(),
         checked_ms: ctx.inner.ports.clock.now_ms(),
     };
-    let raw = serde_json::to_vec(&rec).map_err(|e| RegistryError::Internal(e.to_string()))?;
-    ctx.inner
-        .ports
-        .kv
-        .put(key, &raw)
-        .await
-        .map_err(|e| RegistryError::Internal(e.to_string()))
+    let written = match serde_json::to_vec(&rec) {
+        Ok(raw) => ctx
+            .inner
+            .ports
+            .kv
+            .put(key, &raw)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = written {
+        notes.push(format!("tag record not saved: {e}"));
+    }
 }
 
-/// GETs a manifest upstream, verifies it, and stores it by digest.
+/// Makes sure the manifest a tag record of this repository points at is linked to it, with
+/// what it references: the record exists because the upstream served (or confirmed) the tag
+/// for this repository, which vouches for the manifest as a fetch does. Costs one read when
+/// the link is there (the usual case); writes only for records older than links, or after a
+/// failed write. Best-effort.
+async fn ensure_linked(ctx: &Ctx<'_>, digest: &str, stored: &StoredManifest, notes: &Notes) {
+    let Ok(digest) = parse_digest(digest) else {
+        return;
+    };
+    if links::is_linked(ctx, &digest).await {
+        return;
+    }
+    let referenced = serde_json::from_slice::<serde_json::Value>(&stored.bytes)
+        .map(|json| links::referenced_digests(&json))
+        .unwrap_or_default();
+    let refs: Vec<&Digest> = referenced.iter().collect();
+    let (own, refs) = futures_util::future::join(
+        links::record(ctx.inner, &ctx.up.host, ctx.name, &[&digest], Via::Tag),
+        links::record(ctx.inner, &ctx.up.host, ctx.name, &refs, Via::Referenced),
+    )
+    .await;
+    for e in [own.err(), refs.err()].into_iter().flatten() {
+        notes.push(e);
+    }
+}
+
+/// GETs a manifest upstream, verifies it, stores it by digest, and links it and what it
+/// references to the request's repository.
 async fn fetch(
     ctx: &Ctx<'_>,
     reference: &str,
     expect: Option<&Digest>,
     accept: &AcceptSet,
+    notes: &Notes,
 ) -> Result<(Digest, StoredManifest), Fetch> {
     let what = format!("manifest {}:{reference}", ctx.name);
     let path = format!("/v2/{}/manifests/{reference}", ctx.name);
@@ -212,6 +256,18 @@ async fn fetch(
         .put(&store_keys::manifest(digest.as_str()), &m.encode())
         .await
         .map_err(|e| Fetch::Failed(RegistryError::Internal(e.to_string())))?;
+    // The upstream served this manifest for this repository, and a registry accepts a
+    // manifest only when the repository holds its config, layers and children.
+    let referenced = links::referenced_digests(&json);
+    let refs: Vec<&Digest> = referenced.iter().collect();
+    let (own, refs) = futures_util::future::join(
+        links::record(ctx.inner, &ctx.up.host, ctx.name, &[&digest], Via::Fetched),
+        links::record(ctx.inner, &ctx.up.host, ctx.name, &refs, Via::Referenced),
+    )
+    .await;
+    for e in [own.err(), refs.err()].into_iter().flatten() {
+        notes.push(e);
+    }
     Ok((digest, m))
 }
 
@@ -244,23 +300,36 @@ pub(crate) async fn get(
     reference: &Reference,
     accept: &AcceptSet,
 ) -> Result<(Response<Body>, CacheStatus), RegistryError> {
+    let notes = Notes::default();
+    let mut out = match reference {
+        Reference::Digest(d) => get_digest(ctx, d, accept, &notes).await,
+        Reference::Tag(tag) => get_tag(ctx, tag, accept, &notes).await,
+    };
+    if let Ok((resp, _)) = &mut out {
+        notes.attach(resp);
+    }
+    out
+}
+
+async fn get_digest(
+    ctx: &Ctx<'_>,
+    d: &Digest,
+    accept: &AcceptSet,
+    notes: &Notes,
+) -> Result<(Response<Body>, CacheStatus), RegistryError> {
     let m = &ctx.inner.metrics;
-    match reference {
-        Reference::Digest(d) => {
-            if let Some(stored) = load(ctx, d.as_str()).await? {
-                m.hit(&ctx.up.host);
-                return Ok((serve(ctx, d.as_str(), stored)?, CacheStatus::Hit));
-            }
-            m.miss(&ctx.up.host);
-            match fetch(ctx, d.as_str(), Some(d), accept).await {
-                Ok((digest, stored)) => {
-                    Ok((serve(ctx, digest.as_str(), stored)?, CacheStatus::Miss))
-                }
-                Err(Fetch::NotFound) => Err(unknown(ctx, d.as_str())),
-                Err(Fetch::Failed(e)) => Err(e),
-            }
-        }
-        Reference::Tag(tag) => get_tag(ctx, tag, accept).await,
+    if let Some(stored) = load(ctx, d.as_str()).await? {
+        // Stored for some repository; served for this one only if it holds it.
+        let head_accept = format!("{}, {}", stored.media_type, accept.upstream_value());
+        links::entitle(ctx, d, Kind::Manifest, Some(&head_accept), notes).await?;
+        m.hit(&ctx.up.host);
+        return Ok((serve(ctx, d.as_str(), stored)?, CacheStatus::Hit));
+    }
+    m.miss(&ctx.up.host);
+    match fetch(ctx, d.as_str(), Some(d), accept, notes).await {
+        Ok((digest, stored)) => Ok((serve(ctx, digest.as_str(), stored)?, CacheStatus::Miss)),
+        Err(Fetch::NotFound) => Err(unknown(ctx, d.as_str())),
+        Err(Fetch::Failed(e)) => Err(e),
     }
 }
 
@@ -268,6 +337,7 @@ async fn get_tag(
     ctx: &Ctx<'_>,
     tag: &Tag,
     accept: &AcceptSet,
+    notes: &Notes,
 ) -> Result<(Response<Body>, CacheStatus), RegistryError> {
     let inner = ctx.inner;
     let m = &inner.metrics;
@@ -288,6 +358,9 @@ async fn get_tag(
                 cached = Some((rec, stored));
             }
         }
+    }
+    if let Some((rec, stored)) = &cached {
+        ensure_linked(ctx, &rec.digest, stored, notes).await;
     }
     let stale_or = |cached: Option<(TagRecord, StoredManifest)>, e: RegistryError| match cached {
         Some((rec, stored)) if is_servable_stale(&rec, now, settings.max_stale_ms) => {
@@ -325,7 +398,7 @@ async fn get_tag(
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_digest(v).ok());
                 if upstream_digest.as_ref().map(Digest::as_str) == Some(rec.digest.as_str()) {
-                    save_record(ctx, &key, &rec.digest).await?;
+                    save_record(ctx, &key, &rec.digest, notes).await;
                     m.hit(&ctx.up.host);
                     return Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Hit));
                 }
@@ -333,15 +406,16 @@ async fn get_tag(
                 if let Some(d) = upstream_digest {
                     if let Some(s) = load(ctx, d.as_str()).await? {
                         if accept.accepts(&s.media_type) {
-                            save_record(ctx, &key, d.as_str()).await?;
+                            save_record(ctx, &key, d.as_str(), notes).await;
+                            ensure_linked(ctx, d.as_str(), &s, notes).await;
                             m.hit(&ctx.up.host);
                             return Ok((serve(ctx, d.as_str(), s)?, CacheStatus::Hit));
                         }
                     }
                     m.miss(&ctx.up.host);
-                    return match fetch(ctx, d.as_str(), Some(&d), accept).await {
+                    return match fetch(ctx, d.as_str(), Some(&d), accept, notes).await {
                         Ok((digest, s)) => {
-                            save_record(ctx, &key, digest.as_str()).await?;
+                            save_record(ctx, &key, digest.as_str(), notes).await;
                             Ok((serve(ctx, digest.as_str(), s)?, CacheStatus::Miss))
                         }
                         Err(Fetch::NotFound) => Err(unknown(ctx, tag.as_str())),
@@ -359,9 +433,9 @@ async fn get_tag(
     }
 
     m.miss(&ctx.up.host);
-    match fetch(ctx, tag.as_str(), None, accept).await {
+    match fetch(ctx, tag.as_str(), None, accept, notes).await {
         Ok((digest, stored)) => {
-            save_record(ctx, &key, digest.as_str()).await?;
+            save_record(ctx, &key, digest.as_str(), notes).await;
             Ok((serve(ctx, digest.as_str(), stored)?, CacheStatus::Miss))
         }
         Err(Fetch::NotFound) => Err(unknown(ctx, tag.as_str())),

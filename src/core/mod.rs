@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 pub mod gateway;
 pub mod helm;
+pub mod links;
 pub mod manifests;
 pub mod media;
 pub mod metrics;

@@ -25,16 +25,20 @@ pub fn tag(host: &str, name: &str, class: &str, tag: &str) -> String {
     bounded("tag/", format!("{host}/{name}/{class}/{tag}"))
 }
 
-/// A cached tag list page.
-pub fn tag_list(host: &str, name: &str, n: Option<u32>, last: Option<&str>) -> String {
-    bounded(
-        "tags/",
-        format!(
-            "{host}/{name}?n={}&last={}",
-            n.map(|n| n.to_string()).unwrap_or_default(),
-            last.unwrap_or("")
-        ),
-    )
+/// The cached tag list: only the canonical first page (no `n`, no `last`) is ever stored, so
+/// the key space per repository is one key however clients page. The `?n=&last=` suffix keeps
+/// the layout admin purge lists by (`tags/<host>/<name>?`).
+pub fn tag_list(host: &str, name: &str) -> String {
+    bounded("tags/", format!("{host}/{name}?n=&last="))
+}
+
+/// Prefix of every link record.
+pub const LINK_PREFIX: &str = "link/";
+
+/// A link: repository `name` on upstream `host` is known to hold `digest` (a blob or a
+/// manifest), so the cached bytes may be served for it.
+pub fn link(host: &str, name: &str, digest: &str) -> String {
+    bounded(LINK_PREFIX, format!("{host}/{name}/{digest}"))
 }
 
 #[cfg(test)]
@@ -48,6 +52,26 @@ mod tests {
         assert_eq!(
             tag("docker.io", "library/alpine", "i", "3"),
             "tag/docker.io/library/alpine/i/3"
+        );
+    }
+
+    #[test]
+    fn link_keys_are_per_repository_and_bounded() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        assert_eq!(
+            link("ghcr.io", "team/private", &d),
+            format!("link/ghcr.io/team/private/{d}")
+        );
+        assert_ne!(
+            link("ghcr.io", "team/private", &d),
+            link("ghcr.io", "team/public", &d)
+        );
+        assert_ne!(link("ghcr.io", "a", &d), link("docker.io", "a", &d));
+        let long = link("reg.test", &"a/".repeat(120), &d);
+        assert!(long.len() <= MAX_KEY && long.starts_with("link/#"));
+        assert_eq!(
+            tag_list("docker.io", "library/alpine"),
+            "tags/docker.io/library/alpine?n=&last="
         );
     }
 }

@@ -1,8 +1,12 @@
-//! `GET /v2/<name>/tags/list`: proxied, cached per page (`n`, `last`) for the tag TTL, served
-//! stale within `max_stale` when the upstream fails. A `Link` to the next page is rewritten to
+//! `GET /v2/<name>/tags/list`: proxied; the canonical first page (no `n`, no `last`) is cached
+//! for the tag TTL and served stale within `max_stale` when the upstream fails. Any other page
+//! is proxied uncached: `n` and `last` are chosen by the client, and caching each combination
+//! would let anyone grow the store without bound. A `Link` to the next page is rewritten to
 //! the client's own path (its host prefix and `ns`), keeping the upstream's `n` and `last`.
+//! Writing the cached page is best-effort: a failed write is noted in the request log, and the
+//! page is still served.
 
-use crate::core::app::{response, Ctx};
+use crate::core::app::{response, Ctx, ResponseNote};
 use crate::core::body::{Body, CacheStatus};
 use crate::core::error::RegistryError;
 use crate::core::manifests::status_failure;
@@ -80,16 +84,20 @@ pub(crate) async fn list(
 ) -> Result<(Response<Body>, CacheStatus), RegistryError> {
     let inner = ctx.inner;
     let m = &inner.metrics;
-    let key = store_keys::tag_list(&ctx.up.host, ctx.name.as_str(), n, last);
+    let key = (n.is_none() && last.is_none())
+        .then(|| store_keys::tag_list(&ctx.up.host, ctx.name.as_str()));
     let now = inner.ports.clock.now_ms();
-    let cached: Option<CachedPage> = inner
-        .ports
-        .kv
-        .get(&key)
-        .await
-        .map_err(|e| RegistryError::Internal(e.to_string()))?
-        .and_then(|raw| serde_json::from_slice::<CachedPage>(&raw).ok())
-        .filter(|p| p.v == PAGE_VERSION);
+    let cached: Option<CachedPage> = match &key {
+        Some(key) => inner
+            .ports
+            .kv
+            .get(key)
+            .await
+            .map_err(|e| RegistryError::Internal(e.to_string()))?
+            .and_then(|raw| serde_json::from_slice::<CachedPage>(&raw).ok())
+            .filter(|p| p.v == PAGE_VERSION),
+        None => None,
+    };
     if let Some(p) = &cached {
         if now < p.fetched_ms.saturating_add(inner.settings.tag_ttl_ms) {
             m.hit(&ctx.up.host);
@@ -166,15 +174,17 @@ pub(crate) async fn list(
         body,
         link,
     };
-    if let Ok(raw) = serde_json::to_vec(&page) {
-        inner
-            .ports
-            .kv
-            .put(&key, &raw)
-            .await
-            .map_err(|e| RegistryError::Internal(e.to_string()))?;
+    let mut note = None;
+    if let (Some(key), Ok(raw)) = (&key, serde_json::to_vec(&page)) {
+        if let Err(e) = inner.ports.kv.put(key, &raw).await {
+            note = Some(ResponseNote(format!("tag list not cached: {e}")));
+        }
     }
-    Ok((serve(&page, client_name, ns)?, CacheStatus::Miss))
+    let mut resp = serve(&page, client_name, ns)?;
+    if let Some(n) = note {
+        resp.extensions_mut().insert(n);
+    }
+    Ok((resp, CacheStatus::Miss))
 }
 
 #[cfg(test)]
