@@ -15,6 +15,7 @@ pub mod helm;
 pub mod manifests;
 pub mod media;
 pub mod metrics;
+pub mod outbound;
 pub mod ports;
 pub mod range;
 pub mod reference;

@@ -140,6 +140,7 @@ pub(crate) async fn get(
             .method(Method::GET)
             .uri(current.as_str())
             .header(header::USER_AGENT, USER_AGENT);
+        b = crate::core::outbound::guard_hop(&inner.settings.outbound, url, &current, b)?;
         for (name, value) in conditional {
             if let Ok(v) = HeaderValue::from_str(value) {
                 b = b.header(name, v);
