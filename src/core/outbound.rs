@@ -621,4 +621,65 @@ mod tests {
             .get::<ChosenByUpstream>()
             .is_none());
     }
+
+    #[test]
+    fn chart_fetches_word_the_first_hop_as_a_chart_url_and_later_ones_as_redirects() {
+        let p = Arc::new(policy(&[], &["charts.example"]));
+        let start = Url::parse("http://169.254.169.254/latest/x.tgz").unwrap();
+        let e = guard_hop(&p, &start, &start, http::Request::builder()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "chart index points at a refused address (cloud metadata); allow it with [outbound] allow"
+        );
+        let start = Url::parse("http://charts.example/x.tgz").unwrap();
+        assert!(guard_hop(&p, &start, &start, http::Request::builder()).is_ok());
+        let next = Url::parse("http://10.0.0.9/x.tgz").unwrap();
+        let e = guard_hop(&p, &start, &next, http::Request::builder()).unwrap_err();
+        assert!(e
+            .to_string()
+            .starts_with("upstream redirected to a refused address (private)"));
+    }
+
+    #[test]
+    fn every_configured_host_is_trusted_as_written() {
+        struct NoSecrets;
+        impl crate::core::config::SecretResolver for NoSecrets {
+            fn resolve(&self, r: &str) -> Result<crate::core::config::Secret, ConfigError> {
+                Err(ConfigError(format!("{r} unset")))
+            }
+        }
+        let c = crate::core::config::parse_config(
+            r#"
+            builtin_upstreams = false
+            [[upstream]]
+            host = "reg.test"
+            url = "http://10.0.0.5:5000"
+            default = true
+            auth_hosts = ["auth.internal:8443"]
+            [[helm]]
+            name = "stable"
+            url = "http://charts.internal/stable"
+            [outbound]
+            allow = ["192.168.0.0/16"]
+            "#,
+        )
+        .unwrap();
+        let s = c.resolve(&NoSecrets).unwrap();
+        let p = &s.outbound;
+        for host in ["10.0.0.5", "auth.internal", "charts.internal"] {
+            assert!(p.is_configured(host), "{host}");
+        }
+        assert!(!p.is_configured("10.0.0.6"));
+        assert_eq!(
+            check(p, "http://10.0.0.5:9999/x"),
+            Ok(Verdict::Configured),
+            "any port of a configured host"
+        );
+        assert_eq!(check(p, "http://192.168.1.1/x"), Ok(Verdict::Allowed));
+        assert_eq!(check(p, "http://10.0.0.6/x"), Err(AddressClass::Private));
+        let bad =
+            crate::core::config::parse_config("[outbound]\nallow = [\"10.0.0.0/40\"]").unwrap();
+        let e = bad.resolve(&NoSecrets).unwrap_err().to_string();
+        assert!(e.contains("[outbound] allow"), "{e}");
+    }
 }
