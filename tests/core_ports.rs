@@ -32,6 +32,10 @@ struct FakeRegistry {
     redirect_blobs: Cell<bool>,
     corrupt_blobs: Cell<bool>,
     realm: RefCell<String>,
+    /// When set, redirected blobs go to `{cdn}/{digest}` instead of `http://cdn.test/`.
+    cdn: RefCell<Option<String>>,
+    /// Blob GETs redirect to themselves, forever.
+    redirect_loop: Cell<bool>,
 }
 
 impl FakeRegistry {
@@ -76,7 +80,8 @@ impl FakeRegistry {
             None => {}
         }
         let path = req.uri().path().to_string();
-        if url.starts_with("http://cdn.test/") {
+        let cdn = self.cdn.borrow().clone();
+        if url.starts_with("http://cdn.test/") || cdn.as_ref().is_some_and(|c| url.starts_with(c)) {
             let d = path.trim_start_matches('/');
             let b = self.blobs.borrow().get(d).cloned();
             return Ok(match b {
@@ -145,10 +150,14 @@ impl FakeRegistry {
         }
         if let Some(i) = path.find("/blobs/") {
             let d = &path[i + "/blobs/".len()..];
+            if self.redirect_loop.get() {
+                return Ok(resp(307, &[("location", &url)], Bytes::new()));
+            }
             if self.redirect_blobs.get() {
+                let base = cdn.unwrap_or_else(|| "http://cdn.test".into());
                 return Ok(resp(
                     307,
-                    &[("location", &format!("http://cdn.test/{d}"))],
+                    &[("location", &format!("{base}/{d}"))],
                     Bytes::new(),
                 ));
             }
@@ -744,5 +753,92 @@ fn head_on_a_cold_blob_asks_the_upstream_head_and_transfers_nothing() {
             .body(())
             .unwrap();
         assert_eq!(h.app.handle(&req).await.status(), StatusCode::NOT_FOUND);
+    });
+}
+
+/// The OCI envelope's first message.
+fn envelope_message(g: &Got) -> String {
+    let body = g.body.as_ref().expect("error body");
+    let v: serde_json::Value = serde_json::from_slice(body).expect("OCI envelope");
+    v["errors"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn redirects_to_loopback_or_metadata_are_refused_with_502_and_never_dialled() {
+    local(async {
+        for (target, class) in [
+            ("http://127.0.0.2", "loopback"),
+            ("http://169.254.169.254", "cloud metadata"),
+            ("http://[::ffff:10.0.0.1]", "private"),
+        ] {
+            let h = harness("");
+            h.up.redirect_blobs.set(true);
+            *h.up.cdn.borrow_mut() = Some(target.into());
+            let (d, _) = h.up.put_blob(vec![7u8; 20_000]);
+            let g = fetch(&h, &format!("/v2/app/blobs/{d}"), &[]).await;
+            assert_eq!(g.status, StatusCode::BAD_GATEWAY, "{target}");
+            let msg = envelope_message(&g);
+            assert_eq!(
+                msg,
+                format!(
+                    "upstream redirected to a refused address ({class}); allow it with [outbound] allow"
+                )
+            );
+            assert_eq!(h.up.count("GET", target), 0, "{target} was dialled");
+            assert!(h.blobs.get(d.as_str()).is_none(), "nothing is cached");
+        }
+    });
+}
+
+#[test]
+fn redirect_to_an_allowed_internal_network_is_followed() {
+    local(async {
+        let h = harness("[outbound]\nallow = [\"127.0.0.0/8\"]");
+        h.up.redirect_blobs.set(true);
+        *h.up.cdn.borrow_mut() = Some("http://127.0.0.2".into());
+        let (d, bytes) = h.up.put_blob(vec![5u8; 20_000]);
+        let g = fetch(&h, &format!("/v2/app/blobs/{d}"), &[]).await;
+        assert_eq!(g.status, StatusCode::OK);
+        assert_eq!(g.body.unwrap(), bytes);
+        assert_eq!(h.up.count("GET", "http://127.0.0.2/"), 1);
+    });
+}
+
+#[test]
+fn token_realm_at_a_private_address_is_refused_and_credentials_never_leave() {
+    local(async {
+        let h = harness("username = \"env:U\"\npassword = \"env:P\"");
+        h.up.require_token.set(true);
+        *h.up.realm.borrow_mut() = "http://10.0.0.1/token".into();
+        h.up.put_manifest("v1", OCI_MANIFEST, MANIFEST);
+        let g = fetch(&h, "/v2/app/manifests/v1", &[ACCEPT_OCI]).await;
+        assert_eq!(g.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            envelope_message(&g),
+            "upstream's token realm is a refused address (private); allow it with [outbound] allow"
+        );
+        assert_eq!(h.up.count("GET", "10.0.0.1"), 0, "the realm was dialled");
+        assert_eq!(h.up.tokens_issued.get(), 0);
+    });
+}
+
+#[test]
+fn redirect_loops_end_after_a_bounded_number_of_hops() {
+    local(async {
+        let h = harness("");
+        h.up.redirect_loop.set(true);
+        let (d, _) = h.up.put_blob(vec![1u8; 1_000]);
+        let g = fetch(&h, &format!("/v2/app/blobs/{d}"), &[]).await;
+        assert_eq!(g.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(
+            envelope_message(&g).contains("redirected more than 5 times"),
+            "{}",
+            envelope_message(&g)
+        );
+        // The first request and five redirects; the sixth Location is not followed.
+        assert_eq!(h.up.count("GET", "/blobs/"), 6);
     });
 }

@@ -380,8 +380,9 @@ fn token_auth_upstream_pulls_with_configured_credentials_and_reuses_tokens() {
     let (requests_before, scopes_before) = (tokens.requests(), tokens.scopes_requested().len());
 
     let config = format!(
-        "[[upstream]]\nhost = \"private.test\"\nurl = \"{}\"\nusername = \"env:PULLGATE_E2E_USER\"\npassword = \"env:PULLGATE_E2E_PASSWORD\"\n",
-        secured.url()
+        "[[upstream]]\nhost = \"private.test\"\nurl = \"{}\"\nusername = \"env:PULLGATE_E2E_USER\"\npassword = \"env:PULLGATE_E2E_PASSWORD\"\nauth_hosts = [\"{}\"]\n",
+        secured.url(),
+        tokens.authority()
     );
     let pullgate = Pullgate::builder()
         .config(&config)

@@ -337,9 +337,11 @@ fn token_auth_upstream_pulls_with_credentials_from_spin_variables() {
     let before = tokens.requests();
     let config = format!(
         "{}[[upstream]]\nhost = \"private.test\"\nurl = \"{}\"\n\
-         username = \"variable:dockerhub_user\"\npassword = \"env:DOCKERHUB_TOKEN\"\n",
+         username = \"variable:dockerhub_user\"\npassword = \"env:DOCKERHUB_TOKEN\"\n\
+         auth_hosts = [\"{}\"]\n",
         upstream_config(&[], ""),
-        secured.url()
+        secured.url(),
+        tokens.authority()
     );
     let app = SpinApp::builder()
         .config(&config)

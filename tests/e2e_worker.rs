@@ -222,9 +222,10 @@ fn token_auth_upstream_pulls_with_credentials_from_worker_secrets() {
     let before = tokens.requests();
 
     let config = format!(
-        "{}[[upstream]]\nhost = \"private.test\"\nurl = \"{}\"\nusername = \"env:PULLGATE_E2E_USER\"\npassword = \"env:PULLGATE_E2E_PASSWORD\"\n",
+        "{}[[upstream]]\nhost = \"private.test\"\nurl = \"{}\"\nusername = \"env:PULLGATE_E2E_USER\"\npassword = \"env:PULLGATE_E2E_PASSWORD\"\nauth_hosts = [\"{}\"]\n",
         upstream_config(&[]),
-        secured.url()
+        secured.url(),
+        tokens.authority()
     );
     let worker = Worker::builder()
         .config(&config)

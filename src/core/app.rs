@@ -110,7 +110,8 @@ impl App {
     pub fn new(settings: Settings, ports: Ports) -> App {
         let metrics = Rc::new(Metrics::default());
         let client =
-            UpstreamClient::new(ports.upstream.clone(), ports.clock.clone(), metrics.clone());
+            UpstreamClient::new(ports.upstream.clone(), ports.clock.clone(), metrics.clone())
+                .with_outbound(settings.outbound.clone());
         App {
             inner: Rc::new(Inner {
                 settings,

@@ -5,7 +5,10 @@
 //! Docker Registry token authentication ("Token Authentication Specification"): a 401 carries
 //! `Bearer realm="…",service="…",scope="…"`; the client GETs `realm?service=…&scope=…` and
 //! retries with the token. Credentials are only sent to a realm inside the upstream's trust
-//! boundary (distribution binds realms to the upstream's domain for the same reason).
+//! boundary (distribution binds realms to the upstream's domain for the same reason): the
+//! same host or registrable domain (Public Suffix List, via the `psl` crate, plus the
+//! multi-tenant registry domains it lacks), on the same port, or a host listed in
+//! `auth_hosts`.
 
 use url::Url;
 
@@ -130,22 +133,50 @@ pub fn token_lifetime_ms(expires_in: u64) -> u64 {
     ms.saturating_sub((ms / 10).min(10_000))
 }
 
-/// The domain a host belongs to for trust: its last two labels (`registry-1.docker.io` →
-/// `docker.io`); an IP address or a single label is its own boundary.
-fn trust_domain(host: &str) -> &str {
-    if host.parse::<std::net::IpAddr>().is_ok() || host.starts_with('[') {
+/// Registry domains whose tenants are separate hosts under one name that the Public Suffix
+/// List does not list as a suffix (so `psl` would give every tenant the same registrable
+/// domain): Azure Container Registry (`<name>.azurecr.io`) and everything under
+/// `amazonaws.com` (ECR's `<account>.dkr.ecr.<region>.amazonaws.com`, S3 and API Gateway
+/// hosts, which the list covers only in part). A host under one of these is its own boundary.
+const MULTI_TENANT_DOMAINS: &[&str] = &["azurecr.io", "amazonaws.com"];
+
+/// The domain a host belongs to for trust: its registrable domain by the Public Suffix List
+/// (`registry-1.docker.io` → `docker.io`, `a.example.co.uk` → `example.co.uk`); an IP
+/// address, a single label, a bare public suffix, or a host under a
+/// [`MULTI_TENANT_DOMAINS`] entry is its own boundary.
+pub fn trust_domain(host: &str) -> String {
+    let host = host
+        .trim_end_matches('.')
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_ascii_lowercase();
+    if host.parse::<std::net::IpAddr>().is_ok() {
         return host;
     }
-    let mut dots = host.rmatch_indices('.');
-    match (dots.next(), dots.next()) {
-        (Some(_), Some((i, _))) => &host[i + 1..],
-        _ => host,
+    if MULTI_TENANT_DOMAINS
+        .iter()
+        .any(|d| host == *d || host.ends_with(&format!(".{d}")))
+    {
+        return host;
+    }
+    match psl::domain_str(&host) {
+        Some(d) => d.to_string(),
+        None => host,
     }
 }
 
+/// The port to compare: None for the default port of the URL's scheme (so `https://h` and
+/// `https://h:443` agree, and an `http` upstream's realm may move to `https` on its default
+/// port), else the explicit port.
+fn port_key(u: &Url) -> Option<u16> {
+    u.port()
+}
+
 /// True when configured credentials may be sent to `realm` for an upstream at `upstream_url`:
-/// same host, same registrable domain, or listed in `auth_hosts`; and never downgraded to plain
-/// HTTP unless the upstream itself is plain HTTP.
+/// same host, or same registrable domain (Public Suffix List; see [`trust_domain`]), in both
+/// cases on the same port (default ports normalised per scheme); or the realm's host (with its
+/// port, when not the default) is listed in `auth_hosts`. Never downgraded to plain HTTP
+/// unless the upstream itself is plain HTTP.
 pub fn is_trusted_realm(upstream_url: &Url, realm: &Url, auth_hosts: &[String]) -> bool {
     let (Some(up), Some(rh)) = (upstream_url.host_str(), realm.host_str()) else {
         return false;
@@ -154,7 +185,18 @@ pub fn is_trusted_realm(upstream_url: &Url, realm: &Url, auth_hosts: &[String]) 
     if realm.scheme() != "https" && !(realm.scheme() == "http" && upstream_url.scheme() == "http") {
         return false;
     }
-    up == rh || trust_domain(&up) == trust_domain(&rh) || auth_hosts.contains(&rh)
+    let same_port = port_key(upstream_url) == port_key(realm);
+    if same_port && (up == rh || trust_domain(&up) == trust_domain(&rh)) {
+        return true;
+    }
+    // `auth_hosts` entries are `host` or `host:port`, read with the realm's scheme so that a
+    // default port written out matches a realm without one.
+    auth_hosts.iter().any(|entry| {
+        Url::parse(&format!("{}://{entry}", realm.scheme())).is_ok_and(|e| {
+            e.host_str().map(str::to_ascii_lowercase).as_deref() == Some(rh.as_str())
+                && port_key(&e) == port_key(realm)
+        })
+    })
 }
 
 /// The scope to request for pulling `name`.
@@ -213,6 +255,92 @@ mod tests {
     }
 
     #[test]
+    fn trust_domains_follow_the_public_suffix_list() {
+        let table: &[(&str, &str)] = &[
+            ("registry-1.docker.io", "docker.io"),
+            ("auth.docker.io", "docker.io"),
+            ("Auth.Docker.IO.", "docker.io"),
+            ("ghcr.io", "ghcr.io"),
+            ("registry.example.co.uk", "example.co.uk"),
+            ("auth.example.co.uk", "example.co.uk"),
+            ("evil.co.uk", "evil.co.uk"),
+            ("co.uk", "co.uk"),
+            ("foo.github.io", "foo.github.io"),
+            ("us-docker.pkg.dev", "pkg.dev"),
+            ("myreg.azurecr.io", "myreg.azurecr.io"),
+            ("evil.azurecr.io", "evil.azurecr.io"),
+            (
+                "123456789012.dkr.ecr.us-east-1.amazonaws.com",
+                "123456789012.dkr.ecr.us-east-1.amazonaws.com",
+            ),
+            ("evil.s3.amazonaws.com", "evil.s3.amazonaws.com"),
+            ("registry.internal", "registry.internal"),
+            ("localhost", "localhost"),
+            ("127.0.0.1", "127.0.0.1"),
+            ("[::1]", "::1"),
+        ];
+        for (host, want) in table {
+            assert_eq!(trust_domain(host), *want, "{host}");
+        }
+    }
+
+    #[test]
+    fn credentials_stay_inside_the_trust_boundary_on_multi_label_suffixes() {
+        let u = |s: &str| Url::parse(s).unwrap();
+        let uk = u("https://registry.example.co.uk");
+        assert!(is_trusted_realm(
+            &uk,
+            &u("https://auth.example.co.uk/t"),
+            &[]
+        ));
+        assert!(!is_trusted_realm(&uk, &u("https://evil.co.uk/t"), &[]));
+        let acr = u("https://myreg.azurecr.io");
+        assert!(is_trusted_realm(
+            &acr,
+            &u("https://myreg.azurecr.io/oauth2/token"),
+            &[]
+        ));
+        assert!(!is_trusted_realm(
+            &acr,
+            &u("https://evil.azurecr.io/oauth2/token"),
+            &[]
+        ));
+        let ecr = u("https://123456789012.dkr.ecr.us-east-1.amazonaws.com");
+        assert!(!is_trusted_realm(
+            &ecr,
+            &u("https://999999999999.dkr.ecr.us-east-1.amazonaws.com/t"),
+            &[]
+        ));
+        assert!(!is_trusted_realm(
+            &ecr,
+            &u("https://evil.s3.amazonaws.com/t"),
+            &[]
+        ));
+        // Ports: the default port written out is the default port; another port is not.
+        let hub = u("https://registry-1.docker.io");
+        assert!(is_trusted_realm(
+            &hub,
+            &u("https://auth.docker.io:443/token"),
+            &[]
+        ));
+        assert!(!is_trusted_realm(
+            &hub,
+            &u("https://auth.docker.io:8443/token"),
+            &[]
+        ));
+        assert!(is_trusted_realm(
+            &hub,
+            &u("https://login.example/t"),
+            &["login.example:443".into()]
+        ));
+        assert!(!is_trusted_realm(
+            &hub,
+            &u("https://login.example:8443/t"),
+            &["login.example".into()]
+        ));
+    }
+
+    #[test]
     fn credentials_stay_inside_the_trust_boundary() {
         let u = |s: &str| Url::parse(s).unwrap();
         let hub = u("https://registry-1.docker.io");
@@ -242,9 +370,25 @@ mod tests {
         let local = u("http://127.0.0.1:5000");
         assert!(is_trusted_realm(
             &local,
-            &u("http://127.0.0.1:5001/token"),
+            &u("http://127.0.0.1:5000/token"),
             &[]
         ));
         assert!(!is_trusted_realm(&local, &u("http://127.0.0.2/token"), &[]));
+        // Another port on the same host is another service: only when listed.
+        assert!(!is_trusted_realm(
+            &local,
+            &u("http://127.0.0.1:5001/token"),
+            &[]
+        ));
+        assert!(is_trusted_realm(
+            &local,
+            &u("http://127.0.0.1:5001/token"),
+            &["127.0.0.1:5001".into()]
+        ));
+        assert!(!is_trusted_realm(
+            &local,
+            &u("http://127.0.0.1:5002/token"),
+            &["127.0.0.1:5001".into()]
+        ));
     }
 }

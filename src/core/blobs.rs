@@ -344,7 +344,7 @@ async fn transfer(
         .client
         .request(spec, Method::GET, &path, None, name.as_str(), true)
         .await
-        .map_err(|e| RegistryError::Unavailable(e.to_string()))?;
+        .map_err(crate::core::upstream::registry_error)?;
     match resp.status() {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND => {

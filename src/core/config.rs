@@ -67,6 +67,10 @@ pub struct Config {
     /// Native only: the listener's timeouts and connection cap.
     #[serde(default)]
     pub server: ServerConfig,
+    /// Internal addresses that upstream-chosen URLs (redirects, token realms, chart URLs)
+    /// may reach.
+    #[serde(default)]
+    pub outbound: crate::core::outbound::OutboundConfig,
 }
 
 /// `[server]`: native only (the edge platforms run their own listeners).
@@ -213,6 +217,9 @@ pub struct Settings {
     pub helm: Vec<crate::core::helm::HelmRepo>,
     /// Access control, network rules and rate limits.
     pub access: crate::core::access::AccessSettings,
+    /// The outbound address policy for upstream-chosen URLs (shared with the requests that
+    /// carry it to the host, see `outbound::ChosenByUpstream`).
+    pub outbound: std::sync::Arc<crate::core::outbound::OutboundPolicy>,
 }
 
 /// Docker Hub's client-facing name.
@@ -439,7 +446,7 @@ impl Config {
                 "more than one upstream has default = true".into(),
             ));
         }
-        Ok(Settings {
+        let mut settings = Settings {
             tag_ttl_ms: dur(&c.tag_ttl, "5m")?,
             max_stale_ms: dur(&c.max_stale, "7d")?,
             max_size: size(&c.max_size, "50GiB")?,
@@ -472,7 +479,10 @@ impl Config {
                 },
                 secrets,
             )?,
-        })
+            outbound: Default::default(),
+        };
+        settings.outbound = crate::core::outbound::resolve(&self.outbound, &settings)?;
+        Ok(settings)
     }
 }
 

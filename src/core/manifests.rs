@@ -204,7 +204,7 @@ async fn fetch(
             false,
         )
         .await
-        .map_err(|e| Fetch::Failed(RegistryError::Unavailable(e.to_string())))?;
+        .map_err(|e| Fetch::Failed(crate::core::upstream::registry_error(e)))?;
     match resp.status() {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND => return Err(Fetch::NotFound),
@@ -428,7 +428,7 @@ async fn get_tag(
                 return Err(unknown(ctx, tag.as_str()));
             }
             Ok(resp) => return stale_or(cached, status_failure(resp.status(), &what)),
-            Err(e) => return stale_or(cached, RegistryError::Unavailable(e.to_string())),
+            Err(e) => return stale_or(cached, crate::core::upstream::registry_error(e)),
         }
     }
 

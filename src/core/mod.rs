@@ -16,6 +16,7 @@ pub mod links;
 pub mod manifests;
 pub mod media;
 pub mod metrics;
+pub mod outbound;
 pub mod ports;
 pub mod range;
 pub mod reference;

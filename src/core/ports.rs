@@ -30,6 +30,10 @@ pub enum UpstreamError {
     /// Anything else (malformed response, host capability missing).
     #[error("upstream request failed: {0}")]
     Other(String),
+    /// The outbound address policy refused a URL the upstream chose (a redirect, a token
+    /// realm, a chart URL) before anything was sent to it; see `core::outbound`.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// Outbound HTTP: registry requests (empty bodies) and the gateway's deliveries (small JSON or

@@ -139,7 +139,7 @@ pub(crate) async fn list(
         .await
     {
         Ok(r) => r,
-        Err(e) => return stale_or(RegistryError::Unavailable(e.to_string())),
+        Err(e) => return stale_or(crate::core::upstream::registry_error(e)),
     };
     match resp.status() {
         StatusCode::OK => {}

@@ -4,24 +4,35 @@
 //! It drives the [`Upstream`] port; the decisions (challenge parsing, trust boundary, token
 //! lifetime) are pure functions in `auth`. Redirects (307/302 to a CDN or bucket) are followed
 //! here, never by the port, so that `Authorization` is never sent to the redirect host and the
-//! redirect URL is never cached. Tokens are cached in memory per core instance.
+//! redirect URL is never cached. Tokens are cached in memory per core instance, at most
+//! [`MAX_TOKENS`] of them (expired ones are dropped first, then the least recently used).
+//!
+//! Every URL the upstream chose — each redirect `Location` and each Bearer `realm` — passes
+//! the outbound address policy (`core::outbound`) before anything is sent to it, and carries
+//! the policy to the host, which checks resolved addresses where it can. A refusal is
+//! [`UpstreamError::Refused`], which registry routes answer 502 ([`registry_error`]).
 
 use crate::core::auth::{
     is_trusted_realm, parse_challenge, parse_token_response, pull_scope, token_lifetime_ms,
     Challenge,
 };
 use crate::core::config::UpstreamSpec;
+use crate::core::error::RegistryError;
 use crate::core::metrics::{inc, Metrics};
+use crate::core::outbound::{guard, OutboundPolicy, Purpose};
 use crate::core::ports::{ByteStream, Clock, Upstream, UpstreamError};
 use futures_util::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::Arc;
 use url::Url;
 
 /// Most redirects followed for one request.
 const MAX_REDIRECTS: usize = 5;
+/// Most bearer tokens cached per core instance.
+pub const MAX_TOKENS: usize = 1024;
 /// Largest token-endpoint answer read.
 const MAX_TOKEN_BODY: usize = 64 * 1024;
 /// The `User-Agent` sent upstream.
@@ -34,13 +45,83 @@ struct CachedToken {
     valid_until_ms: u64,
 }
 
+/// Bearer tokens by (upstream, scope), bounded: when full, an insert first drops every
+/// expired token, then the least recently used one. Scopes come from client-chosen repository
+/// names, so without a bound the cache would grow with every name asked for.
+struct TokenCache {
+    capacity: usize,
+    /// Value → (token, last use tick).
+    entries: HashMap<(String, String), (CachedToken, u64)>,
+    tick: u64,
+}
+
+impl TokenCache {
+    fn new(capacity: usize) -> TokenCache {
+        TokenCache {
+            capacity: capacity.max(1),
+            entries: HashMap::new(),
+            tick: 0,
+        }
+    }
+
+    /// The token for `key` when it is still valid at `now`; an expired one is dropped.
+    fn get(&mut self, key: &(String, String), now: u64) -> Option<String> {
+        self.tick += 1;
+        let tick = self.tick;
+        match self.entries.get_mut(key) {
+            Some((t, used)) if t.valid_until_ms > now => {
+                *used = tick;
+                Some(t.token.clone())
+            }
+            Some(_) => {
+                self.entries.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+
+    fn insert(&mut self, key: (String, String), token: CachedToken, now: u64) {
+        self.tick += 1;
+        if !self.entries.contains_key(&key) && self.entries.len() >= self.capacity {
+            self.entries.retain(|_, (t, _)| t.valid_until_ms > now);
+            if self.entries.len() >= self.capacity {
+                let oldest = self
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, (_, used))| *used)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    self.entries.remove(&k);
+                }
+            }
+        }
+        self.entries.insert(key, (token, self.tick));
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
 /// Sends registry requests to upstreams, authenticating as needed.
 pub struct UpstreamClient {
     http: Rc<dyn Upstream>,
     clock: Rc<dyn Clock>,
     metrics: Rc<Metrics>,
-    tokens: RefCell<HashMap<(String, String), CachedToken>>,
+    tokens: RefCell<TokenCache>,
     basic_hosts: RefCell<Vec<String>>,
+    outbound: Arc<OutboundPolicy>,
+}
+
+/// The registry error for an upstream exchange that failed: a refused address is a bad
+/// upstream answer (502), anything else an unavailable upstream (503).
+pub(crate) fn registry_error(e: UpstreamError) -> RegistryError {
+    match e {
+        UpstreamError::Refused(msg) => RegistryError::BadUpstream(msg),
+        e => RegistryError::Unavailable(e.to_string()),
+    }
 }
 
 /// Where a redirect response points, resolved against the URL that answered it; None when
@@ -96,28 +177,42 @@ fn basic_value(spec: &UpstreamSpec) -> Option<String> {
 }
 
 impl UpstreamClient {
-    /// A client over the HTTP port.
+    /// A client over the HTTP port. Until [`UpstreamClient::with_outbound`], no host is
+    /// configured and every internal address an upstream chooses is refused.
     pub fn new(http: Rc<dyn Upstream>, clock: Rc<dyn Clock>, metrics: Rc<Metrics>) -> Self {
         UpstreamClient {
             http,
             clock,
             metrics,
-            tokens: RefCell::new(HashMap::new()),
+            tokens: RefCell::new(TokenCache::new(MAX_TOKENS)),
             basic_hosts: RefCell::new(Vec::new()),
+            outbound: Arc::new(OutboundPolicy::default()),
         }
     }
 
+    /// The outbound address policy applied to redirects and token realms.
+    pub fn with_outbound(mut self, policy: Arc<OutboundPolicy>) -> Self {
+        self.outbound = policy;
+        self
+    }
+
+    /// Sends one request; `chosen` says the upstream chose `url` (a redirect or a realm), so
+    /// the outbound policy applies to it.
     async fn send_raw(
         &self,
         method: &Method,
         url: &Url,
         accept: Option<&str>,
         authorization: Option<&str>,
+        chosen: Option<Purpose>,
     ) -> Result<Response<ByteStream>, UpstreamError> {
         let mut b = Request::builder()
             .method(method.clone())
             .uri(url.as_str())
             .header(header::USER_AGENT, USER_AGENT);
+        if let Some(purpose) = chosen {
+            b = guard(&self.outbound, purpose, url, b)?;
+        }
         if let Some(a) = accept {
             b = b.header(header::ACCEPT, a);
         }
@@ -137,15 +232,10 @@ impl UpstreamClient {
     fn cached_authorization(&self, spec: &UpstreamSpec, scope: &str) -> Option<String> {
         let key = (spec.host.clone(), scope.to_string());
         let now = self.clock.now_ms();
-        let mut tokens = self.tokens.borrow_mut();
-        match tokens.get(&key) {
-            Some(t) if t.valid_until_ms > now => return Some(format!("Bearer {}", t.token)),
-            Some(_) => {
-                tokens.remove(&key);
-            }
-            None => {}
+        let cached = self.tokens.borrow_mut().get(&key, now);
+        if let Some(t) = cached {
+            return Some(format!("Bearer {t}"));
         }
-        drop(tokens);
         if self.basic_hosts.borrow().contains(&spec.host) {
             return basic_value(spec);
         }
@@ -177,7 +267,13 @@ impl UpstreamClient {
             None
         };
         let resp = self
-            .send_raw(&Method::GET, &url, None, auth.as_deref())
+            .send_raw(
+                &Method::GET,
+                &url,
+                None,
+                auth.as_deref(),
+                Some(Purpose::TokenRealm),
+            )
             .await?;
         let status = resp.status();
         if !status.is_success() {
@@ -214,7 +310,7 @@ impl UpstreamClient {
         let scope = pull_scope(name);
         let auth = self.cached_authorization(spec, &scope);
         let mut resp = self
-            .send_raw(&method, &url, accept, auth.as_deref())
+            .send_raw(&method, &url, accept, auth.as_deref(), None)
             .await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             let challenge = resp
@@ -234,16 +330,19 @@ impl UpstreamClient {
                         .fetch_token(spec, &realm, service.as_deref(), &want)
                         .await?;
                     let value = format!("Bearer {}", token.token);
+                    let now = self.clock.now_ms();
                     self.tokens
                         .borrow_mut()
-                        .insert((spec.host.clone(), scope.clone()), token);
-                    resp = self.send_raw(&method, &url, accept, Some(&value)).await?;
+                        .insert((spec.host.clone(), scope.clone()), token, now);
+                    resp = self
+                        .send_raw(&method, &url, accept, Some(&value), None)
+                        .await?;
                 }
                 Some(Challenge::Basic) if spec.credentials.is_some() && auth.is_none() => {
                     self.basic_hosts.borrow_mut().push(spec.host.clone());
                     let value = basic_value(spec);
                     resp = self
-                        .send_raw(&method, &url, accept, value.as_deref())
+                        .send_raw(&method, &url, accept, value.as_deref(), None)
                         .await?;
                 }
                 _ => {}
@@ -255,13 +354,86 @@ impl UpstreamClient {
                 let Some(next) = redirect_target(&current, &resp)? else {
                     break;
                 };
-                resp = self.send_raw(&method, &next, None, None).await?;
+                resp = self
+                    .send_raw(&method, &next, None, None, Some(Purpose::Redirect))
+                    .await?;
                 current = next;
             }
             if redirect_target(&current, &resp)?.is_some() {
-                return Err(UpstreamError::Other("too many redirects".into()));
+                return Err(UpstreamError::Other(format!(
+                    "upstream redirected more than {MAX_REDIRECTS} times"
+                )));
             }
         }
         Ok(resp)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(i: usize) -> (String, String) {
+        ("up.test".into(), format!("repository:r{i}:pull"))
+    }
+
+    fn token(valid_until_ms: u64) -> CachedToken {
+        CachedToken {
+            token: format!("t{valid_until_ms}"),
+            valid_until_ms,
+        }
+    }
+
+    #[test]
+    fn token_cache_is_bounded_and_drops_expired_entries_first() {
+        let mut c = TokenCache::new(3);
+        c.insert(key(0), token(100), 0);
+        c.insert(key(1), token(1_000), 0);
+        c.insert(key(2), token(1_000), 0);
+        // Full at now=500: the expired key(0) goes, although key(1) is used less recently.
+        c.insert(key(3), token(1_000), 500);
+        assert_eq!(c.len(), 3);
+        assert!(c.get(&key(0), 500).is_none());
+        assert!(c.get(&key(1), 500).is_some());
+        assert!(c.get(&key(3), 500).is_some());
+    }
+
+    #[test]
+    fn token_cache_evicts_the_least_recently_used_valid_token() {
+        let mut c = TokenCache::new(2);
+        c.insert(key(0), token(1_000), 0);
+        c.insert(key(1), token(1_000), 0);
+        assert!(c.get(&key(0), 10).is_some()); // key(1) is now the least recently used
+        c.insert(key(2), token(1_000), 10);
+        assert_eq!(c.len(), 2);
+        assert!(c.get(&key(1), 10).is_none());
+        assert!(c.get(&key(0), 10).is_some());
+        assert!(c.get(&key(2), 10).is_some());
+        // Replacing a present key never evicts another.
+        c.insert(key(2), token(2_000), 10);
+        assert_eq!(c.len(), 2);
+        assert!(c.get(&key(0), 10).is_some());
+        // An expired token is not served, and is dropped when asked for.
+        assert!(c.get(&key(0), 1_000).is_none());
+        assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn token_cache_holds_at_most_max_tokens() {
+        let mut c = TokenCache::new(MAX_TOKENS);
+        for i in 0..(MAX_TOKENS * 3) {
+            c.insert(key(i), token(u64::MAX), 0);
+        }
+        assert_eq!(c.len(), MAX_TOKENS);
+        assert!(c.get(&key(MAX_TOKENS * 3 - 1), 0).is_some());
+        assert!(c.get(&key(0), 0).is_none());
+    }
+
+    #[test]
+    fn refused_addresses_are_bad_upstream_and_the_rest_unavailable() {
+        let e = registry_error(UpstreamError::Refused("refused".into()));
+        assert_eq!(e.status(), StatusCode::BAD_GATEWAY);
+        let e = registry_error(UpstreamError::Connect("down".into()));
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -2,33 +2,152 @@
 //! followed here (the core follows them without `Authorization`). A request times out if the
 //! connection or the response headers take longer than the configured upstream timeout, or if
 //! a body goes silent for that long.
+//!
+//! Requests whose URL the upstream chose (redirects, token realms, chart URLs — the core marks
+//! them with [`ChosenByUpstream`] after checking literal addresses and well-known names) go
+//! through a second client whose resolver ([`FilteringResolver`]) checks every address a name
+//! resolves to against the outbound policy and hands reqwest only the allowed ones. The check
+//! is on what is dialled, so a name pointing at an internal address, or re-pointed there
+//! between a check and the connection (DNS rebinding), is refused. Its connections are pooled
+//! apart from the operator-configured upstreams'.
+//!
+//! # Limitations
+//! - With `HTTP_PROXY`/`HTTPS_PROXY` set, the proxy resolves upstream-chosen names, not
+//!   pullgate: the filtering resolver then sees only the proxy's own name, which must itself
+//!   pass the policy (allow its network in `[outbound] allow` when it is internal).
 
+use crate::core::outbound::{ChosenByUpstream, OutboundPolicy, Refused};
 use crate::core::ports::{BodyError, ByteStream, Upstream, UpstreamError};
 use futures_util::{StreamExt, TryStreamExt};
 use http::{Request, Response};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 /// The upstream port over reqwest.
 pub struct ReqwestUpstream {
     client: reqwest::Client,
+    /// For requests marked [`ChosenByUpstream`]: resolves through [`FilteringResolver`].
+    chosen: reqwest::Client,
+    /// The policy the filtering resolver applies (the one the marked requests carry).
+    policy: Arc<RwLock<Arc<OutboundPolicy>>>,
     timeout: Duration,
+}
+
+/// A resolver that drops every resolved address the outbound policy refuses, and fails when
+/// none is left.
+pub struct FilteringResolver {
+    policy: Arc<RwLock<Arc<OutboundPolicy>>>,
+}
+
+/// A name resolved only to refused addresses.
+#[derive(Debug)]
+struct ResolveRefused(Refused);
+
+impl std::fmt::Display for ResolveRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl std::error::Error for ResolveRefused {}
+
+fn read_policy(slot: &RwLock<Arc<OutboundPolicy>>) -> Arc<OutboundPolicy> {
+    match slot.read() {
+        Ok(p) => p.clone(),
+        Err(poisoned) => poisoned.into_inner().clone(),
+    }
+}
+
+impl FilteringResolver {
+    /// Keeps the addresses of `addrs` that `policy` allows for `name`; the refusal of the last
+    /// refused address when none is left.
+    fn filter(
+        policy: &OutboundPolicy,
+        name: &str,
+        addrs: impl Iterator<Item = SocketAddr>,
+    ) -> Result<Vec<SocketAddr>, Refused> {
+        let mut allowed = Vec::new();
+        let mut refused = None;
+        for a in addrs {
+            match policy.check_resolved(name, a.ip()) {
+                Ok(()) => allowed.push(a),
+                Err(r) => refused = Some(r),
+            }
+        }
+        match (allowed.is_empty(), refused) {
+            (true, Some(r)) => Err(r),
+            _ => Ok(allowed),
+        }
+    }
+}
+
+impl reqwest::dns::Resolve for FilteringResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let policy = read_policy(&self.policy);
+        let host = name.as_str().to_string();
+        Box::pin(async move {
+            let addrs = tokio::net::lookup_host((host.as_str(), 0)).await?;
+            let allowed = FilteringResolver::filter(&policy, &host, addrs).map_err(
+                |r| -> Box<dyn std::error::Error + Send + Sync> { Box::new(ResolveRefused(r)) },
+            )?;
+            Ok(Box::new(allowed.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
 }
 
 impl ReqwestUpstream {
     /// A client with the given timeout.
     pub fn new(timeout: Duration) -> Result<ReqwestUpstream, String> {
-        let client = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(timeout)
-            .read_timeout(timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
+        let builder = || {
+            reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .connect_timeout(timeout)
+                .read_timeout(timeout)
+                .pool_idle_timeout(Duration::from_secs(60))
+        };
+        let client = builder()
             .build()
             .map_err(|e| format!("building the HTTP client: {e}"))?;
-        Ok(ReqwestUpstream { client, timeout })
+        let policy = Arc::new(RwLock::new(Arc::new(OutboundPolicy::default())));
+        let chosen = builder()
+            .dns_resolver(Arc::new(FilteringResolver {
+                policy: policy.clone(),
+            }))
+            .build()
+            .map_err(|e| format!("building the HTTP client: {e}"))?;
+        Ok(ReqwestUpstream {
+            client,
+            chosen,
+            policy,
+            timeout,
+        })
+    }
+
+    /// The client for a request: the filtering one, with the marker's policy in force, when
+    /// the upstream chose the URL.
+    fn client_for(&self, marker: Option<&ChosenByUpstream>) -> &reqwest::Client {
+        let Some(ChosenByUpstream(wanted)) = marker else {
+            return &self.client;
+        };
+        if !Arc::ptr_eq(&read_policy(&self.policy), wanted) {
+            match self.policy.write() {
+                Ok(mut p) => *p = wanted.clone(),
+                Err(poisoned) => *poisoned.into_inner() = wanted.clone(),
+            }
+        }
+        &self.chosen
     }
 }
 
 fn classify(e: reqwest::Error) -> UpstreamError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+    while let Some(s) = source {
+        if let Some(r) = s.downcast_ref::<ResolveRefused>() {
+            return UpstreamError::Refused(r.to_string());
+        }
+        source = s.source();
+    }
     // reqwest's messages carry the URL, which holds no secret (tokens travel in headers).
     let (timeout, connect) = (e.is_timeout(), e.is_connect());
     let msg = e.without_url().to_string();
@@ -49,10 +168,8 @@ impl Upstream for ReqwestUpstream {
     ) -> Result<Response<ByteStream>, UpstreamError> {
         let (parts, body) = request.into_parts();
         let url = parts.uri.to_string();
-        let mut req = self
-            .client
-            .request(parts.method, url)
-            .headers(parts.headers);
+        let client = self.client_for(parts.extensions.get::<ChosenByUpstream>());
+        let mut req = client.request(parts.method, url).headers(parts.headers);
         if !body.is_empty() {
             req = req.body(body);
         }
@@ -70,5 +187,102 @@ impl Upstream for ReqwestUpstream {
             .boxed_local();
         out.body(body)
             .map_err(|e| UpstreamError::Other(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+    use std::io::{Read, Write};
+
+    fn policy(allow: &[&str]) -> Arc<OutboundPolicy> {
+        let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
+        Arc::new(OutboundPolicy::new(&allow, []).unwrap())
+    }
+
+    #[test]
+    fn resolved_addresses_are_filtered_by_the_policy() {
+        let addr = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let p = policy(&[]);
+        let mixed = [addr("10.0.0.1:0"), addr("93.184.216.34:0")];
+        assert_eq!(
+            FilteringResolver::filter(&p, "cdn.example", mixed.into_iter()).unwrap(),
+            vec![addr("93.184.216.34:0")]
+        );
+        let internal = [addr("127.0.0.1:0"), addr("[::1]:0")];
+        let r = FilteringResolver::filter(&p, "rebind.example", internal.into_iter()).unwrap_err();
+        assert_eq!(r.class.to_string(), "loopback");
+        let p = policy(&["rebind.example"]);
+        assert_eq!(
+            FilteringResolver::filter(&p, "rebind.example", internal.into_iter())
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    /// A one-shot HTTP server on 127.0.0.1 answering 200 "ok"; how many requests it got.
+    fn serve_once() -> (u16, std::thread::JoinHandle<usize>) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let handle = std::thread::spawn(move || {
+            let Ok((mut s, _)) = listener.accept() else {
+                return 0;
+            };
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                return 0;
+            }
+            let _ =
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+            1
+        });
+        (port, handle)
+    }
+
+    async fn get(
+        up: &ReqwestUpstream,
+        url: &str,
+        marker: Option<Arc<OutboundPolicy>>,
+    ) -> Result<u16, UpstreamError> {
+        let mut b = Request::builder().uri(url);
+        if let Some(p) = marker {
+            b = b.extension(ChosenByUpstream(p));
+        }
+        let resp = up.send(b.body(Bytes::new()).unwrap()).await?;
+        Ok(resp.status().as_u16())
+    }
+
+    /// `localhost` resolves to loopback here: an upstream-chosen request to it is refused by
+    /// the resolver before any connection, while an unmarked (configured) one goes through,
+    /// and an allow entry lets the marked one through too.
+    #[test]
+    fn a_name_resolving_to_loopback_is_refused_only_when_the_upstream_chose_it() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let up = ReqwestUpstream::new(Duration::from_secs(20)).unwrap();
+            let (port, server) = serve_once();
+            let url = format!("http://localhost:{port}/x");
+            let e = get(&up, &url, Some(policy(&[]))).await.unwrap_err();
+            assert!(
+                matches!(&e, UpstreamError::Refused(m) if m.contains("loopback") && !m.contains("127.0.0.1")),
+                "{e:?}"
+            );
+            assert_eq!(get(&up, &url, None).await.unwrap(), 200);
+            assert_eq!(server.join().unwrap(), 1);
+
+            let (port, server) = serve_once();
+            let url = format!("http://localhost:{port}/x");
+            assert_eq!(
+                get(&up, &url, Some(policy(&["127.0.0.0/8", "::1"]))).await.unwrap(),
+                200
+            );
+            assert_eq!(server.join().unwrap(), 1);
+        });
     }
 }

@@ -491,8 +491,12 @@ impl BlobWriter for FsWriter {
         })
         .await?;
         self.committed = true;
+        // The staged bytes stop counting before the blob does, so they are never counted
+        // twice (which would start an eviction pass that removes unrelated blobs).
+        let n = std::mem::take(&mut self.written);
+        self.usage.staging.fetch_sub(n, Ordering::Relaxed);
         if created {
-            self.usage.add(self.written);
+            self.usage.add(n);
         }
         Ok(())
     }

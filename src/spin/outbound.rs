@@ -7,6 +7,16 @@
 //! upstreams, token realms, redirect CDNs and buckets, S3 endpoints, gateway targets — must be
 //! listed in `allowed_outbound_hosts` in `spin.toml`; Spin refuses the others
 //! (`HTTP-request-denied`), which the port reports as a connection error.
+//!
+//! # Limitations
+//! - The outbound address policy (`core::outbound`) is checked by the core on what it can
+//!   see: a URL the upstream chose (redirect, token realm, chart URL) whose host is a refused
+//!   literal address (loopback, link-local, private, unique-local, metadata, …) or an
+//!   internal-by-definition name (`localhost`, `metadata.google.internal`) is refused before
+//!   it is sent. Names are resolved by the Spin runtime, which this component cannot
+//!   observe, so the `ChosenByUpstream` marker on such requests is ignored here: a public
+//!   name that resolves to an internal address is not caught. `allowed_outbound_hosts` is
+//!   the backstop — list exact hosts there, not wildcards.
 
 use crate::core::ports::{BodyError, ByteStream, Upstream, UpstreamError};
 use crate::spin::reactor::ready;

@@ -3,6 +3,15 @@
 //! caches the redirect URL). Like the native client, a request times out when the response
 //! headers take longer than the upstream timeout, and a body fails when it goes silent for
 //! that long.
+//!
+//! # Limitations
+//! - The outbound address policy (`core::outbound`) is checked by the core on what it can
+//!   see: a URL the upstream chose (redirect, token realm, chart URL) whose host is a refused
+//!   literal address (loopback, link-local, private, unique-local, metadata, …) or an
+//!   internal-by-definition name (`localhost`, `metadata.google.internal`) is refused before
+//!   it is sent. Names are resolved by the Workers runtime, which a Worker cannot observe, so
+//!   the `ChosenByUpstream` marker on such requests is ignored here: a public name that
+//!   resolves to an internal address is not caught by pullgate.
 
 use crate::core::ports::{BodyError, ByteStream, Upstream, UpstreamError};
 use bytes::Bytes;

@@ -107,6 +107,13 @@ impl TokenServer {
         }
     }
 
+    /// `127.0.0.1:PORT`: the realm's host and port, as an upstream's `auth_hosts` lists it
+    /// (a realm on another port than its registry is outside the credential trust boundary
+    /// unless listed).
+    pub fn authority(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
     /// The realm URL to put in the registry's config.
     pub fn realm(&self) -> String {
         format!("http://127.0.0.1:{}/token", self.port)

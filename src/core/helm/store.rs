@@ -146,6 +146,7 @@ pub(crate) async fn get(
             .method(Method::GET)
             .uri(current.as_str())
             .header(header::USER_AGENT, USER_AGENT);
+        b = crate::core::outbound::guard_hop(&inner.settings.outbound, url, &current, b)?;
         for (name, value) in conditional {
             if let Ok(v) = HeaderValue::from_str(value) {
                 b = b.header(name, v);
@@ -358,7 +359,7 @@ pub(crate) async fn refresh(
     }
     let resp = get(inner, &url, &conditional)
         .await
-        .map_err(|e| failed(HelmError::Unavailable(format!("{what}: {e}"))))?;
+        .map_err(|e| failed(fetch_failure(&what, e)))?;
     match resp.status() {
         StatusCode::OK => {}
         StatusCode::NOT_MODIFIED if prev.is_some() => return Ok(Refreshed::NotModified),
@@ -523,7 +524,16 @@ pub(crate) async fn fetch_chart_url(
     }
     get(inner, &url, &[])
         .await
-        .map_err(|e| HelmError::Unavailable(format!("{what}: {e}")))
+        .map_err(|e| fetch_failure(&what, e))
+}
+
+/// A fetch that got no answer: a URL refused by the outbound address policy is the
+/// upstream's fault (502, as on the registry routes); anything else is unavailability (503).
+fn fetch_failure(what: &str, e: UpstreamError) -> HelmError {
+    match e {
+        UpstreamError::Refused(_) => HelmError::BadUpstream(format!("{what}: {e}")),
+        _ => HelmError::Unavailable(format!("{what}: {e}")),
+    }
 }
 
 /// A chart's upstream body, read within [`MAX_CHART_SIZE`] and checked against its declared
