@@ -83,6 +83,8 @@ struct Harness {
     targets: Rc<FakeTargets>,
     clock: Rc<ManualClock>,
     kv: Rc<MemKv>,
+    /// What a restarted instance would be built from.
+    rebuild: (crate::core::config::Settings, Ports),
 }
 
 fn harness(extra: &str) -> Harness {
@@ -167,10 +169,11 @@ fn harness(extra: &str) -> Harness {
         deferred: Rc::new(NoDeferred),
     };
     Harness {
-        app: App::new(settings, ports),
+        app: App::new(settings.clone(), ports.clone()),
         targets,
         clock,
         kv,
+        rebuild: (settings, ports),
     }
 }
 
@@ -265,14 +268,23 @@ impl Harness {
         v
     }
 
-    fn keys(&self, prefix: &str) -> usize {
+    fn list(&self, prefix: &str) -> Vec<String> {
         futures_util::FutureExt::now_or_never(crate::core::ports::KvStore::list(
             self.kv.as_ref(),
             prefix,
             usize::MAX,
         ))
         .and_then(Result::ok)
-        .map_or(0, |k| k.len())
+        .unwrap_or_default()
+    }
+
+    fn keys(&self, prefix: &str) -> usize {
+        self.list(prefix).len()
+    }
+
+    /// A new instance over the same stores (a restart).
+    fn restart(&mut self) {
+        self.app = App::new(self.rebuild.0.clone(), self.rebuild.1.clone());
     }
 }
 
@@ -554,5 +566,69 @@ fn webhook_bodies_in_memory_are_capped_with_503_and_retry_after() {
         let (status, _) = h.github("d-1", &body).await;
         assert_eq!(status, StatusCode::ACCEPTED);
         drop(two);
+    });
+}
+
+#[test]
+fn an_admin_replay_still_redelivers_for_a_commit_that_has_a_run() {
+    run(async {
+        let h = harness("");
+        h.targets.failing.borrow_mut().push("a.test");
+        let body = push_body("main", &commit(3), &commit(2));
+        h.github("d-1", &body).await;
+        h.pump().await;
+        h.clock.advance(HOUR);
+        h.pump().await;
+        assert_eq!(h.keys(DEAD), 1);
+        // The sender's own retry (or an attacker's replay) starts nothing.
+        let (status, v) = h.github("d-2", &body).await;
+        assert_eq!(
+            (status, v["status"].as_str()),
+            (StatusCode::OK, Some("duplicate"))
+        );
+        h.pump().await;
+        assert_eq!(h.targets.to("a.test").len(), 2);
+        // The admin's replay does.
+        h.targets.failing.borrow_mut().clear();
+        let (_, dead) = h.call("GET", "/chain/dead-letters", ADMIN, json!({})).await;
+        let dl = dead["dead_letters"][0]["id"].as_str().unwrap().to_string();
+        let path = format!("/chain/dead-letters/{dl}/replay");
+        assert_eq!(
+            h.call("POST", &path, ADMIN, json!({})).await.0,
+            StatusCode::ACCEPTED
+        );
+        let r = h.pump().await;
+        assert_eq!(r.delivered, 1, "{r:?}");
+        assert_eq!(h.targets.to("a.test").len(), 3);
+    });
+}
+
+#[test]
+fn records_from_before_the_indexes_are_indexed_once_and_then_delivered_and_swept() {
+    run(async {
+        let mut h = harness("");
+        let body = push_body("main", &commit(4), &commit(3));
+        h.github("d-1", &body).await;
+        // Make the store look like an older version's: no index entries, no marker, and a
+        // delivery-id dedup record written the old way.
+        for k in h.list(DUE).into_iter().chain(h.list(super::replay::SEEN)) {
+            crate::core::ports::KvStore::delete(h.kv.as_ref(), &k)
+                .await
+                .unwrap();
+        }
+        let kv: &dyn crate::core::ports::KvStore = h.kv.as_ref();
+        let old = h.clock.now_ms().to_string();
+        kv.put("dedup/app/0123", old.as_bytes()).await.unwrap();
+        assert_eq!(h.keys(DUE), 0);
+        h.restart();
+        let r = h.pump().await;
+        assert_eq!(r.delivered, 1, "the legacy pending record was found: {r:?}");
+        assert_eq!(h.targets.to("a.test").len(), 1);
+        assert_eq!(h.keys(PENDING), 0);
+        assert_eq!(h.keys(DUE), 0);
+        // The old dedup record leaves with its window.
+        h.clock.advance(73 * HOUR);
+        h.pump().await;
+        assert_eq!(h.keys("dedup/"), 0);
     });
 }
