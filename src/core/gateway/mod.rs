@@ -17,8 +17,10 @@ pub mod chain;
 pub mod config;
 pub mod event;
 pub mod outbox;
+mod prewarm;
 pub mod pump;
 pub mod replay;
+mod routes;
 pub mod rules;
 #[cfg(test)]
 mod scenarios;
@@ -32,17 +34,13 @@ use crate::core::body::Body;
 use crate::core::gateway::chain::{Action, Run};
 use crate::core::gateway::config::GatewaySettings;
 use crate::core::gateway::event::{delivery_id, parse_delivery, Parsed, SourceEvent};
-use crate::core::gateway::outbox::{
-    Delivery, DeliveryKind, StageCall, DEAD, DELIVERY_VERSION, PENDING,
-};
+use crate::core::gateway::outbox::{Delivery, DeliveryKind, StageCall, DELIVERY_VERSION, PENDING};
 use crate::core::gateway::verify::{tokens_match, verify_delivery};
-use crate::core::media::DEFAULT_ACCEPT;
 use crate::core::metrics::inc;
 use crate::core::ports::{ByteStream, StoreError};
-use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use std::rc::Rc;
 
@@ -259,7 +257,7 @@ pub(crate) async fn handle(
         path.strip_prefix("/chain/")
     };
     let rest = rest?;
-    Some(chain_route(inner, req, rest, body, caller).await)
+    Some(routes::chain_route(inner, req, rest, body, caller).await)
 }
 
 async fn hook(
@@ -531,130 +529,6 @@ fn refuse_non_admin(gw: &GatewaySettings, h: &HeaderMap) -> Option<Response<Body
     }
 }
 
-fn query_param(q: Option<&str>, key: &str) -> Option<String> {
-    url::form_urlencoded::parse(q?.as_bytes())
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.into_owned())
-}
-
-async fn chain_route(
-    inner: &Rc<Inner>,
-    req: &Request<()>,
-    rest: &str,
-    body: ByteStream,
-    caller: &crate::core::access::gate::Caller,
-) -> Response<Body> {
-    let gw = &inner.settings.gateway;
-    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
-    let m = req.method();
-    // Stage results authenticate with the run's own token; everything else is admin.
-    if let ([run_id, stage], true) = (parts.as_slice(), *m == Method::POST) {
-        if *run_id != "dead-letters" && *run_id != "outbox" {
-            return callback::stage_result(inner, run_id, stage, req.headers(), body, caller).await;
-        }
-    }
-    // Replays and pumps are the `trigger` action; reading runs is `admin`.
-    let action = if *m == Method::POST {
-        "trigger"
-    } else {
-        "admin"
-    };
-    if let Some(refusal) = refuse_non_admin(gw, req.headers()) {
-        if !crate::core::access::gate::may_administer(inner, caller, action) {
-            return refusal;
-        }
-    }
-    let kv = &inner.ports.kv;
-    match (m.clone(), parts.as_slice()) {
-        (Method::GET, []) => {
-            let Some(repo) = query_param(req.uri().query(), "repository") else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "list runs with ?repository=<url>[&commit=<sha>]",
-                );
-            };
-            let prefix = match query_param(req.uri().query(), "commit") {
-                Some(c) => commit_index(&repo, &c),
-                None => repository_prefix(&repo),
-            };
-            let keys = match kv.list(&prefix, 200).await {
-                Ok(k) => k,
-                Err(e) => return internal(e),
-            };
-            let mut runs = Vec::new();
-            for k in keys {
-                let id = k.rsplit('/').next().unwrap_or("");
-                if let Ok(Some(run)) = load_run(inner, id).await {
-                    runs.push(json!({ "id": run.id, "status": run.status, "stage": run.current_stage(), "image": run.image, "event": run.event, "created_ms": run.created_ms }));
-                }
-            }
-            json_response(StatusCode::OK, json!({ "runs": runs }))
-        }
-        (Method::GET, ["dead-letters"]) => match kv.list(DEAD, 500).await {
-            Ok(keys) => {
-                let mut out = Vec::new();
-                for k in keys {
-                    if let Ok(Some(d)) = load_delivery(inner, &k).await {
-                        out.push(d);
-                    }
-                }
-                json_response(StatusCode::OK, json!({ "dead_letters": out }))
-            }
-            Err(e) => internal(e),
-        },
-        (Method::POST, ["dead-letters", id, "replay"]) => replay_dead_letter(inner, id).await,
-        (Method::PUT, [id, "digest"]) => callback::set_digest(inner, id, body).await,
-        (Method::POST, ["outbox", "pump"]) => {
-            let report = App::from_inner(inner.clone()).pump_outbox().await;
-            json_response(
-                StatusCode::OK,
-                serde_json::to_value(report).unwrap_or(Value::Null),
-            )
-        }
-        (Method::GET, [id]) => match load_run(inner, id).await {
-            Ok(Some(run)) => json_response(
-                StatusCode::OK,
-                serde_json::to_value(&run).unwrap_or(Value::Null),
-            ),
-            Ok(None) => error(StatusCode::NOT_FOUND, format!("no run {id:?}")),
-            Err(e) => internal(e),
-        },
-        _ => error(StatusCode::NOT_FOUND, "no such chain route"),
-    }
-}
-
-async fn replay_dead_letter(inner: &Rc<Inner>, id: &str) -> Response<Body> {
-    let key = format!("{DEAD}{id}");
-    let mut d = match load_delivery(inner, &key).await {
-        Ok(Some(d)) => d,
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no dead letter {id:?}")),
-        Err(e) => return internal(e),
-    };
-    let now = inner.ports.clock.now_ms();
-    d.attempts = 0;
-    d.next_ms = now;
-    d.last_error = None;
-    let r = async {
-        pump::save_pending(inner, &d, None).await?;
-        inner.ports.kv.delete(&key).await?;
-        let _guard = inner.run_lock.lock().await;
-        if let (Some(stage), Some(mut run)) = (d.stage(), load_run(inner, &d.run).await?) {
-            run.reopen(stage, now);
-            save_run(inner, &run).await?;
-        }
-        Ok::<_, StoreError>(())
-    }
-    .await;
-    if let Err(e) = r {
-        return internal(e);
-    }
-    spawn_pump(inner);
-    json_response(
-        StatusCode::ACCEPTED,
-        json!({ "status": "replaying", "delivery": d.id }),
-    )
-}
-
 /// Sends one delivery; Ok(detail) when it was accepted.
 async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, String> {
     let gw = &inner.settings.gateway;
@@ -665,7 +539,7 @@ async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, S
                 .image
                 .as_deref()
                 .ok_or("the run has no image to pre-warm")?;
-            return prewarm(inner, image).await;
+            return prewarm::prewarm(inner, image).await;
         }
         DeliveryKind::Dispatch { stage, target } => {
             let t = gw
@@ -711,102 +585,6 @@ async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, S
     } else {
         Err(format!("target answered {status}"))
     }
-}
-
-async fn drain(app: &App, path: &str, accept: Option<&str>) -> Result<(u64, Bytes), String> {
-    let mut b = Request::builder().method(Method::GET).uri(path);
-    if let Some(a) = accept {
-        b = b.header(header::ACCEPT, a);
-    }
-    let mut req = b.body(()).map_err(|e| e.to_string())?;
-    req.extensions_mut()
-        .insert(crate::core::access::gate::InternalCall);
-    // Boxed: pre-warming goes back through App::handle, which can reach the pump again.
-    let resp = Box::pin(app.handle(&req)).await;
-    let status = resp.status();
-    if status != StatusCode::OK {
-        return Err(format!("GET {path}: {status}"));
-    }
-    match resp.into_body() {
-        Body::Bytes(b) => Ok((b.len() as u64, b)),
-        Body::Empty => Ok((0, Bytes::new())),
-        Body::Host(_) => Ok((0, Bytes::new())),
-        Body::Stream(mut s) => {
-            let mut n = 0u64;
-            while let Some(c) = s.next().await {
-                n += c.map_err(|e| format!("GET {path}: {e}"))?.len() as u64;
-            }
-            Ok((n, Bytes::new()))
-        }
-    }
-}
-
-/// Pulls `image` through the cache: the index, the configured platforms' manifests, their
-/// configs and layers; so the first regional pull is warm.
-async fn prewarm(inner: &Rc<Inner>, image: &str) -> Result<String, String> {
-    let app = App::from_inner(inner.clone());
-    let (name, reference) = match image.rsplit_once('@') {
-        Some((n, d)) => (n, d),
-        None => match image.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
-            Some((n, t)) => (n, t),
-            None => (image, "latest"),
-        },
-    };
-    let base = format!("/v2/{name}");
-    let (_, top) = drain(
-        &app,
-        &format!("{base}/manifests/{reference}"),
-        Some(DEFAULT_ACCEPT),
-    )
-    .await?;
-    let top: Value =
-        serde_json::from_slice(&top).map_err(|e| format!("manifest is not JSON: {e}"))?;
-    let platforms = &inner.settings.gateway.chain.platforms;
-    let mut manifests = Vec::new();
-    if let Some(children) = top.get("manifests").and_then(|m| m.as_array()) {
-        for c in children {
-            let plat = format!(
-                "{}/{}",
-                c.pointer("/platform/os")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or(""),
-                c.pointer("/platform/architecture")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("")
-            );
-            if !platforms.is_empty() && !platforms.contains(&plat) {
-                continue;
-            }
-            let d = c
-                .get("digest")
-                .and_then(|d| d.as_str())
-                .ok_or("index entry without a digest")?;
-            let (_, m) =
-                drain(&app, &format!("{base}/manifests/{d}"), Some(DEFAULT_ACCEPT)).await?;
-            manifests.push(serde_json::from_slice::<Value>(&m).map_err(|e| e.to_string())?);
-        }
-    } else {
-        manifests.push(top);
-    }
-    let (mut blobs, mut bytes) = (0u32, 0u64);
-    for m in &manifests {
-        let config = m.pointer("/config/digest").and_then(|d| d.as_str());
-        let layers = m
-            .get("layers")
-            .and_then(|l| l.as_array())
-            .into_iter()
-            .flatten()
-            .filter_map(|l| l.get("digest").and_then(|d| d.as_str()));
-        for d in config.into_iter().chain(layers) {
-            let (n, _) = drain(&app, &format!("{base}/blobs/{d}"), None).await?;
-            blobs += 1;
-            bytes += n;
-        }
-    }
-    Ok(format!(
-        "pre-warmed {} manifest(s) and {blobs} blob(s), {bytes} bytes",
-        manifests.len()
-    ))
 }
 
 #[cfg(test)]
