@@ -370,8 +370,14 @@ fn never_succeeding_receiver_ends_in_dead_letters_and_replay_delivers() {
         3,
         "max_attempts"
     );
-    let run = admin_get(&pg, &format!("/chain/{run_id}"));
-    assert_eq!(run["status"], "failed");
+    // The pass records the dead letter, then the run's failure: wait for both, bounded.
+    assert!(
+        poll_until(WAIT, || admin_get(&pg, &format!("/chain/{run_id}"))
+            ["status"]
+            == "failed"),
+        "{}",
+        admin_get(&pg, &format!("/chain/{run_id}"))
+    );
     let dead = admin_get(&pg, "/chain/dead-letters");
     let id = dead["dead_letters"][0]["id"].as_str().unwrap().to_string();
     assert!(dead["dead_letters"][0]["last_error"]
