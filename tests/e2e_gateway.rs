@@ -218,7 +218,8 @@ fn signed_github_push_dispatches_exactly_once() {
         .unwrap()
         .ends_with(&format!("/chain/{run_id}/build")));
 
-    // The build system posts its result back with the run's token; a wrong token is refused.
+    // The build system posts its result back with its stage's token; a wrong token is refused,
+    // and so is the build token for another stage.
     let post = |token: &str, stage: &str, status: &str| {
         loopback_client()
             .post(format!("{}/chain/{run_id}/{stage}", pg.url()))
@@ -231,8 +232,8 @@ fn signed_github_push_dispatches_exactly_once() {
     assert_eq!(post("wrong", "build", "succeeded").status().as_u16(), 401);
     assert_eq!(
         post(&token, "deploy", "succeeded").status().as_u16(),
-        409,
-        "not the running stage"
+        401,
+        "the build token is not deploy's"
     );
     assert_eq!(post(&token, "build", "succeeded").status().as_u16(), 200);
     let run = admin_get(&pg, &format!("/chain/{run_id}"));
@@ -246,7 +247,13 @@ fn signed_github_push_dispatches_exactly_once() {
     let d = &receiver.requests_to("/signed")[0];
     assert_eq!(d.header("x-pullgate-signature"), sign(&d.body));
     assert_eq!(d.json()["payload"]["stage"], "deploy");
-    assert_eq!(post(&token, "deploy", "succeeded").status().as_u16(), 200);
+    let deploy_token = d.json()["payload"]["token"].as_str().unwrap().to_string();
+    assert_ne!(deploy_token, token);
+    assert_eq!(post(&token, "deploy", "succeeded").status().as_u16(), 401);
+    assert_eq!(
+        post(&deploy_token, "deploy", "succeeded").status().as_u16(),
+        200
+    );
     let run = admin_get(&pg, &format!("/chain/{run_id}"));
     assert_eq!(run["status"], "succeeded");
     // Runs are listed by repository and commit.
@@ -264,6 +271,33 @@ fn signed_github_push_dispatches_exactly_once() {
         !log.contains(GH_TOKEN) && !log.contains(SECRET) && !log.contains(ADMIN),
         "{log}"
     );
+}
+
+#[test]
+fn replayed_signed_push_with_a_new_delivery_id_reaches_no_receiver() {
+    let receiver = Receiver::start();
+    let pg = start(&receiver, "[chain]\nstages = [\"build\"]\n");
+    let body = push_body("main", "6666666666666666666666666666666666666666");
+    let sig = sign(&body);
+    let r = github(&pg, "push", "d-original", &body, Some(&sig));
+    assert_eq!(json_of(r)["status"], "accepted");
+    assert!(poll_until(WAIT, || !receiver
+        .requests_to("/repos/acme/app/dispatches")
+        .is_empty()));
+    // An attacker who captured the delivery replays it: the signature still matches (it
+    // covers the body only), the delivery id is new.
+    for n in 0..3 {
+        let r = github(&pg, "push", &format!("d-replay-{n}"), &body, Some(&sig));
+        assert_eq!(r.status().as_u16(), 200, "duplicates answer 2xx");
+        assert_eq!(json_of(r)["status"], "duplicate");
+    }
+    pump(&pg);
+    assert_eq!(
+        receiver.requests_to("/repos/acme/app/dispatches").len(),
+        1,
+        "the receiver got nothing new"
+    );
+    assert_eq!(receiver.requests().len(), 1);
 }
 
 #[test]
@@ -305,6 +339,15 @@ fn failing_receiver_gets_the_event_on_the_third_attempt() {
         got.windows(2).all(|w| w[0].body == w[1].body),
         "the same delivery each time"
     );
+    // The receiver answered the third attempt before the pass that sent it recorded it (and
+    // a pump request returns at once while a pass runs): wait for the record, bounded.
+    assert!(
+        poll_until(WAIT, || admin_get(&pg, &format!("/chain/{run_id}"))
+            ["stages"][0]["attempts"]
+            == 3),
+        "{}",
+        admin_get(&pg, &format!("/chain/{run_id}"))
+    );
     pump(&pg);
     assert_eq!(
         receiver.requests_to("/repos/acme/app/dispatches").len(),
@@ -336,8 +379,14 @@ fn never_succeeding_receiver_ends_in_dead_letters_and_replay_delivers() {
         3,
         "max_attempts"
     );
-    let run = admin_get(&pg, &format!("/chain/{run_id}"));
-    assert_eq!(run["status"], "failed");
+    // The pass records the dead letter, then the run's failure: wait for both, bounded.
+    assert!(
+        poll_until(WAIT, || admin_get(&pg, &format!("/chain/{run_id}"))
+            ["status"]
+            == "failed"),
+        "{}",
+        admin_get(&pg, &format!("/chain/{run_id}"))
+    );
     let dead = admin_get(&pg, "/chain/dead-letters");
     let id = dead["dead_letters"][0]["id"].as_str().unwrap().to_string();
     assert!(dead["dead_letters"][0]["last_error"]

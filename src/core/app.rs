@@ -42,6 +42,8 @@ pub(crate) struct Inner {
     /// Held across every read-modify-write of a gateway run record, so a stage result posted
     /// while the pump records a delivery attempt is never overwritten by a stale copy.
     pub run_lock: futures_util::lock::Mutex<()>,
+    /// The gateway's in-memory state (webhook bodies held, index checks).
+    pub gateway: crate::core::gateway::state::GatewayState,
 }
 
 /// A problem that did not change the answer (a best-effort write that failed), carried on a
@@ -124,6 +126,7 @@ impl App {
                 last_pump_ms: Cell::new(0),
                 limiter: RefCell::new(Default::default()),
                 run_lock: futures_util::lock::Mutex::new(()),
+                gateway: Default::default(),
             }),
         }
     }

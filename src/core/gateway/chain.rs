@@ -45,6 +45,11 @@ pub struct StageState {
     pub status: StageStatus,
     /// Delivery attempts made for it.
     pub attempts: u32,
+    /// Which execution of the stage this is: 1 when first dispatched, one more each time an
+    /// admin replays it. Its callback token is bound to this number (not to delivery retries,
+    /// which carry the same token).
+    #[serde(default)]
+    pub attempt: u32,
     /// When it started (ms).
     pub started_ms: Option<u64>,
     /// When it finished (ms).
@@ -159,7 +164,8 @@ pub mod cdevents {
 }
 
 impl Run {
-    fn note(&mut self, now: u64, stage: Option<&str>, message: impl Into<String>) {
+    /// Adds a timeline entry.
+    pub(crate) fn note(&mut self, now: u64, stage: Option<&str>, message: impl Into<String>) {
         self.updated_ms = now;
         self.timeline.push(Entry {
             at_ms: now,
@@ -186,6 +192,7 @@ impl Run {
             match st.target.clone() {
                 Some(target) => {
                     st.status = StageStatus::Running;
+                    st.attempt += 1;
                     self.note(now, Some(&name), format!("dispatching to target {target}"));
                     let event_type = if name == "build" {
                         cdevents::BUILD_QUEUED
@@ -204,6 +211,7 @@ impl Run {
                 }
                 None if name == DISTRIBUTE => {
                     st.status = StageStatus::Running;
+                    st.attempt += 1;
                     self.note(now, Some(&name), "pre-warming the edge cache");
                     actions.push(Action::Prewarm { stage: name });
                     return actions;
@@ -297,12 +305,39 @@ impl Run {
         if let Some(i) = self.stages.iter().position(|s| s.name == stage) {
             if self.stages[i].status == StageStatus::Failed {
                 self.stages[i].status = StageStatus::Running;
+                self.stages[i].attempt += 1;
                 self.stages[i].finished_ms = None;
                 self.current = Some(i);
                 self.status = RunStatus::Running;
                 self.note(now, Some(stage), "replayed from the dead-letter list");
             }
         }
+    }
+
+    /// The current execution number of `stage` (0 when it never ran).
+    pub fn stage_attempt(&self, stage: &str) -> Option<u32> {
+        self.stages
+            .iter()
+            .find(|s| s.name == stage)
+            .map(|s| s.attempt)
+    }
+
+    /// Whether a result posted for `stage` may set the run's digest to `digest`. The digest
+    /// is the `build` stage's output: its result (or the registry's notification) sets it, and
+    /// once `build` has finished no later stage can change it (only an admin can). A run
+    /// whose `build` never ran (no such stage, or skipped) takes the first digest reported.
+    pub fn may_set_digest(&self, stage: &str, digest: &str) -> bool {
+        if self.digest.as_deref() == Some(digest) || stage == "build" {
+            return true;
+        }
+        let build_ran = self.stages.iter().any(|s| {
+            s.name == "build"
+                && matches!(
+                    s.status,
+                    StageStatus::Running | StageStatus::Succeeded | StageStatus::Failed
+                )
+        });
+        !build_ran && self.digest.is_none()
     }
 
     /// Counts a delivery attempt for a stage.
@@ -359,6 +394,7 @@ pub fn new_run(
                 StageStatus::Pending
             },
             attempts: 0,
+            attempt: 0,
             started_ms: None,
             finished_ms: None,
             detail: None,
@@ -509,10 +545,57 @@ mod tests {
             .unwrap();
         assert_eq!(run.status, RunStatus::Failed);
         assert_eq!(run.current, None);
+        assert_eq!(run.stage_attempt("scan"), Some(1));
         run.reopen("scan", 6);
         assert_eq!(
             (run.status, run.current_stage()),
             (RunStatus::Running, Some("scan"))
         );
+        assert_eq!(
+            run.stage_attempt("scan"),
+            Some(2),
+            "a replay is a new attempt"
+        );
+        assert_eq!(run.stage_attempt("deploy"), Some(0), "never ran");
+    }
+
+    #[test]
+    fn the_digest_is_fixed_once_build_has_finished() {
+        let g = gw(
+            &["build", "scan", "sign"],
+            &[("scan", "trivy"), ("sign", "cosign")],
+        );
+        let (mut run, _) = new_run(
+            "r".into(),
+            "app",
+            &ev(),
+            &rule(Some("build"), Some("ci")),
+            None,
+            &g,
+            0,
+        );
+        assert!(run.may_set_digest("build", "sha256:aa"));
+        run.digest = Some("sha256:aa".into());
+        run.complete("build", true, None, 1).unwrap();
+        assert!(!run.may_set_digest("scan", "sha256:bb"));
+        assert!(
+            run.may_set_digest("scan", "sha256:aa"),
+            "repeating it is fine"
+        );
+        run.complete("scan", true, None, 2).unwrap();
+        assert!(!run.may_set_digest("sign", "sha256:bb"));
+        // A run that starts after build takes the first digest reported, then keeps it.
+        let (mut late, _) = new_run(
+            "r2".into(),
+            "app",
+            &ev(),
+            &rule(Some("scan"), None),
+            None,
+            &g,
+            0,
+        );
+        assert!(late.may_set_digest("scan", "sha256:cc"));
+        late.digest = Some("sha256:cc".into());
+        assert!(!late.may_set_digest("sign", "sha256:dd"));
     }
 }

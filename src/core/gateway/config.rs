@@ -101,8 +101,18 @@ pub struct GatewayConfig {
     pub run_secret: Option<String>,
     /// Largest webhook body read (default `25MiB`).
     pub max_body: Option<String>,
-    /// How long a delivery id is remembered for dedup (default `72h`).
+    /// How long a delivery id is remembered for dedup (default `72h`). Applies to senders
+    /// that sign a timestamp (GitLab's `webhook-signature`); kept at least twice
+    /// `timestamp_tolerance`, so a record never expires while its delivery is still accepted.
     pub dedup_window: Option<String>,
+    /// How long the sha256 of a delivery's body is remembered, for senders that sign no
+    /// timestamp (GitHub, Gitea, Forgejo, Bitbucket, generic-hmac, GitLab's plain token,
+    /// registry notifications): a captured delivery replayed with a fresh delivery id inside
+    /// this window is a duplicate (default `30d`; never shorter than `dedup_window`).
+    pub replay_window: Option<String>,
+    /// Webhook bodies held in memory at once per instance; a delivery beyond it is answered
+    /// 503 with `Retry-After` before its body is read (default 8).
+    pub max_inflight_bodies: Option<u32>,
     /// Accepted clock skew for signed timestamps (GitLab `webhook-timestamp`; default `5m`).
     pub timestamp_tolerance: Option<String>,
     /// Delivery attempts before the dead-letter record (default 8).
@@ -200,8 +210,12 @@ pub struct GatewaySettings {
     pub run_secret: Option<Secret>,
     /// Body cap.
     pub max_body: u64,
-    /// Dedup window, ms.
+    /// Dedup window for delivery ids, ms.
     pub dedup_window_ms: u64,
+    /// Dedup window for body hashes (senders without a signed timestamp), ms.
+    pub replay_window_ms: u64,
+    /// Webhook bodies in memory at once.
+    pub max_inflight_bodies: u32,
     /// Timestamp tolerance, ms.
     pub timestamp_tolerance_ms: u64,
     /// Attempts before dead-lettering.
@@ -428,6 +442,7 @@ pub fn resolve(
         return Err(ConfigError("[gateway] needs run_secret or admin_token when rules are configured (it keys the per-run callback tokens)".into()));
     }
     let dur = |v: &Option<String>, d: &str| parse_duration_ms(v.as_deref().unwrap_or(d));
+    let dedup_window_ms = dur(&g.dedup_window, "72h")?;
     Ok(GatewaySettings {
         webhooks,
         targets,
@@ -437,7 +452,9 @@ pub fn resolve(
         admin_token,
         run_secret,
         max_body: parse_size(g.max_body.as_deref().unwrap_or("25MiB"))?,
-        dedup_window_ms: dur(&g.dedup_window, "72h")?,
+        dedup_window_ms,
+        replay_window_ms: dur(&g.replay_window, "30d")?.max(dedup_window_ms),
+        max_inflight_bodies: g.max_inflight_bodies.unwrap_or(8).max(1),
         timestamp_tolerance_ms: dur(&g.timestamp_tolerance, "5m")?,
         max_attempts: g.max_attempts.unwrap_or(8).max(1),
         retry_base_ms: dur(&g.retry_base, "2s")?,

@@ -1,45 +1,48 @@
 //! The build-trigger gateway: verified webhooks in (`POST /hooks/<name>`), chain runs and
 //! outbound deliveries out, and the `/chain/…` routes to observe and steer them.
 //!
-//! Order of work for a delivery: cap the body (413, read no further) → verify the signature
-//! over the raw bytes (401) → dedup on (webhook, delivery id, sha256 of the body) → parse (400)
-//! → match rules → persist runs and their first deliveries → answer 202 → dispatch after the
-//! response through the deferred-work port. Deliveries are at-least-once: persisted before
-//! they are sent, retried with backoff, dead-lettered after the configured attempts, and
-//! replayable. Every decision lives in the pure submodules; this module does the I/O.
+//! Order of work for a delivery: a slot among `max_inflight_bodies` (503 + `Retry-After`,
+//! nothing read) → cap the body (413, read no further) → verify the signature over the raw
+//! bytes (401) → dedup ([`replay`]: the body's sha256, or the delivery id and body for senders
+//! that sign a timestamp) → parse (400) → match rules, unless the (repository, commit) already
+//! started runs → persist runs and their first deliveries → answer 202 → dispatch after the
+//! response through the deferred-work port. Duplicates and ignored events answer 2xx (GitLab
+//! disables hooks that keep getting 4xx). Deliveries are at-least-once: persisted before they
+//! are sent, retried with backoff, dead-lettered after the configured attempts, and
+//! replayable ([`pump`]). Stage results come back through [`callback`]. Every decision lives
+//! in the pure submodules; this module does the I/O.
 
+pub mod callback;
 pub mod chain;
 pub mod config;
 pub mod event;
 pub mod outbox;
+mod prewarm;
+pub mod pump;
+pub mod replay;
+mod routes;
 pub mod rules;
+#[cfg(test)]
+mod scenarios;
+pub(crate) mod state;
 pub mod verify;
+
+pub(crate) use pump::{next_due, pump};
 
 use crate::core::app::{json_error as error, json_response, App, Inner};
 use crate::core::body::Body;
-use crate::core::gateway::chain::{Action, ChainError, Run};
+use crate::core::gateway::chain::{Action, Run};
 use crate::core::gateway::config::GatewaySettings;
 use crate::core::gateway::event::{delivery_id, parse_delivery, Parsed, SourceEvent};
-use crate::core::gateway::outbox::{
-    Delivery, DeliveryKind, StageCall, DEAD, DELIVERY_VERSION, PENDING,
-};
-use crate::core::gateway::verify::{derive_token, tokens_match, verify_delivery};
-use crate::core::media::DEFAULT_ACCEPT;
+use crate::core::gateway::outbox::{Delivery, DeliveryKind, StageCall, DELIVERY_VERSION, PENDING};
+use crate::core::gateway::verify::{tokens_match, verify_delivery};
 use crate::core::metrics::inc;
 use crate::core::ports::{ByteStream, StoreError};
-use bytes::Bytes;
 use futures_util::{FutureExt, StreamExt};
 use http::{header, HeaderMap, Method, Request, Response, StatusCode};
-use serde_json::{json, Value};
+use serde_json::json;
 use sha2::{Digest as _, Sha256};
 use std::rc::Rc;
-
-/// Largest stage-result body read.
-const MAX_RESULT_BODY: u64 = 64 * 1024;
-/// Deliveries handled per pump pass.
-const PUMP_BATCH: usize = 100;
-/// Dedup records examined for expiry per pump pass.
-const DEDUP_SWEEP: usize = 500;
 
 /// What one pump pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq, serde::Serialize)]
@@ -58,7 +61,8 @@ fn internal(e: StoreError) -> Response<Body> {
     error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())
 }
 
-fn hash_hex(parts: &[&[u8]]) -> String {
+/// sha256 over `parts`, each followed by a NUL, in hex.
+pub(crate) fn hash_hex(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
     for p in parts {
         h.update(p);
@@ -197,7 +201,7 @@ async fn enqueue(inner: &Inner, run: &Run, actions: Vec<Action>) -> Result<(), S
             created_ms: now,
             last_error: None,
         };
-        save_delivery(inner, PENDING, &d).await?;
+        pump::save_pending(inner, &d, None).await?;
     }
     Ok(())
 }
@@ -253,7 +257,7 @@ pub(crate) async fn handle(
         path.strip_prefix("/chain/")
     };
     let rest = rest?;
-    Some(chain_route(inner, req, rest, body, caller).await)
+    Some(routes::chain_route(inner, req, rest, body, caller).await)
 }
 
 async fn hook(
@@ -275,6 +279,16 @@ async fn hook(
             format!("body larger than {} bytes", gw.max_body),
         );
     }
+    // Held until the answer is built: the body stays in memory that long.
+    let Some(_permit) = inner.gateway.try_body(gw.max_inflight_bodies) else {
+        let mut resp = error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many webhook deliveries in progress; retry shortly",
+        );
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, http::HeaderValue::from_static("1"));
+        return resp;
+    };
     let body = match read_capped(body, gw.max_body).await {
         Ok(b) => b,
         Err(ReadError::TooLarge) => {
@@ -301,24 +315,15 @@ async fn hook(
     }
     let delivery = delivery_id(wh.provider, headers).unwrap_or_default();
     let body_hash = hash_hex(&[&body]);
-    let dedup_key = format!(
-        "dedup/{name}/{}",
-        hash_hex(&[delivery.as_bytes(), body_hash.as_bytes()])
-    );
-    match inner.ports.kv.get(&dedup_key).await {
-        Ok(Some(raw)) => {
-            let seen: u64 = std::str::from_utf8(&raw)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            if now.saturating_sub(seen) < gw.dedup_window_ms {
-                return json_response(
-                    StatusCode::OK,
-                    json!({ "status": "duplicate", "reason": "this delivery was already received" }),
-                );
-            }
+    let record = replay::record_for(name, wh.provider, headers, &body_hash);
+    match replay::is_duplicate(inner, &record, now).await {
+        Ok(true) => {
+            return json_response(
+                StatusCode::OK,
+                json!({ "status": "duplicate", "reason": "this delivery was already received" }),
+            )
         }
-        Ok(None) => {}
+        Ok(false) => {}
         Err(e) => return internal(e),
     }
     let parsed = match parse_delivery(wh.provider, headers, &body) {
@@ -327,52 +332,93 @@ async fn hook(
     };
     let mut started = Vec::new();
     let mut advanced = Vec::new();
-    let reply = match parsed {
-        Parsed::Ignored(reason) => json!({ "status": "ignored", "reason": reason }),
+    let mut existing = Vec::new();
+    let (status, reply) = match parsed {
+        Parsed::Ignored(reason) => (
+            StatusCode::ACCEPTED,
+            json!({ "status": "ignored", "reason": reason }),
+        ),
         Parsed::Events(events) => {
             for ev in &events {
                 let r = match ev {
                     SourceEvent::Artifact { .. } => artifact_published(inner, ev)
                         .await
                         .map(|ids| advanced.extend(ids)),
-                    _ => start_runs(inner, name, &delivery, &body_hash, ev)
-                        .await
-                        .map(|ids| started.extend(ids)),
+                    _ => match start_runs(inner, name, &delivery, &body_hash, ev).await {
+                        Ok(Started::New(ids)) => {
+                            started.extend(ids);
+                            Ok(())
+                        }
+                        Ok(Started::Existing(ids)) => {
+                            existing.extend(ids);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    },
                 };
                 if let Err(e) = r {
                     return internal(e);
                 }
             }
-            if started.is_empty() && advanced.is_empty() {
-                json!({ "status": "ignored", "reason": "no rule matched" })
+            if !started.is_empty() || !advanced.is_empty() {
+                (
+                    StatusCode::ACCEPTED,
+                    json!({ "status": "accepted", "runs": started, "advanced": advanced }),
+                )
+            } else if !existing.is_empty() {
+                (
+                    StatusCode::OK,
+                    json!({ "status": "duplicate", "reason": "this commit already started runs; an admin can replay them", "runs": existing }),
+                )
             } else {
-                json!({ "status": "accepted", "runs": started, "advanced": advanced })
+                (
+                    StatusCode::ACCEPTED,
+                    json!({ "status": "ignored", "reason": "no rule matched" }),
+                )
             }
         }
     };
-    if let Err(e) = inner
-        .ports
-        .kv
-        .put(&dedup_key, now.to_string().as_bytes())
-        .await
-    {
+    if let Err(e) = replay::remember(inner, &record, now).await {
         return internal(e);
     }
     if !started.is_empty() || !advanced.is_empty() {
         spawn_pump(inner);
     }
-    json_response(StatusCode::ACCEPTED, reply)
+    json_response(status, reply)
 }
 
+/// What a source event did.
+enum Started {
+    /// Runs it started.
+    New(Vec<String>),
+    /// Runs the same (webhook, repository, commit) had started before: nothing new.
+    Existing(Vec<String>),
+}
+
+/// Starts a run per matching rule, once per source: a (webhook, repository, commit) that
+/// already started runs starts none, whatever the delivery id or the dedup windows say.
 async fn start_runs(
     inner: &Rc<Inner>,
     webhook: &str,
     delivery: &str,
     body_hash: &str,
     ev: &SourceEvent,
-) -> Result<Vec<String>, StoreError> {
+) -> Result<Started, StoreError> {
     let gw: &GatewaySettings = &inner.settings.gateway;
     let now = inner.ports.clock.now_ms();
+    let guard = replay::source_key(webhook, ev);
+    // One at a time, so two concurrent copies of a delivery cannot both pass the guard.
+    let _lock = inner.run_lock.lock().await;
+    if let Some(g) = &guard {
+        if let Some(raw) = inner.ports.kv.get(g).await? {
+            let ids = String::from_utf8_lossy(&raw)
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            return Ok(Started::Existing(ids));
+        }
+    }
     let mut ids = Vec::new();
     for (i, rule) in gw.rules.iter().enumerate() {
         if !rules::rule_matches(rule, webhook, ev) {
@@ -385,7 +431,6 @@ async fn start_runs(
             i.to_string().as_bytes(),
         ])[..24]
             .to_string();
-        let _guard = inner.run_lock.lock().await;
         if load_run(inner, &id).await?.is_some() {
             continue; // the same delivery again: the run exists already
         }
@@ -415,7 +460,10 @@ async fn start_runs(
         enqueue(inner, &run, actions).await?;
         ids.push(id);
     }
-    Ok(ids)
+    if let (Some(g), false) = (&guard, ids.is_empty()) {
+        inner.ports.kv.put(g, ids.join(",").as_bytes()).await?;
+    }
+    Ok(Started::New(ids))
 }
 
 /// A pushed image finishes the `build` stage of every running run that builds it.
@@ -481,203 +529,6 @@ fn refuse_non_admin(gw: &GatewaySettings, h: &HeaderMap) -> Option<Response<Body
     }
 }
 
-fn query_param(q: Option<&str>, key: &str) -> Option<String> {
-    url::form_urlencoded::parse(q?.as_bytes())
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.into_owned())
-}
-
-async fn chain_route(
-    inner: &Rc<Inner>,
-    req: &Request<()>,
-    rest: &str,
-    body: ByteStream,
-    caller: &crate::core::access::gate::Caller,
-) -> Response<Body> {
-    let gw = &inner.settings.gateway;
-    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
-    let m = req.method();
-    // Stage results authenticate with the run's own token; everything else is admin.
-    if let ([run_id, stage], true) = (parts.as_slice(), *m == Method::POST) {
-        if *run_id != "dead-letters" && *run_id != "outbox" {
-            return stage_result(inner, run_id, stage, req.headers(), body).await;
-        }
-    }
-    // Replays and pumps are the `trigger` action; reading runs is `admin`.
-    let action = if *m == Method::POST {
-        "trigger"
-    } else {
-        "admin"
-    };
-    if let Some(refusal) = refuse_non_admin(gw, req.headers()) {
-        if !crate::core::access::gate::may_administer(inner, caller, action) {
-            return refusal;
-        }
-    }
-    let kv = &inner.ports.kv;
-    match (m.clone(), parts.as_slice()) {
-        (Method::GET, []) => {
-            let Some(repo) = query_param(req.uri().query(), "repository") else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "list runs with ?repository=<url>[&commit=<sha>]",
-                );
-            };
-            let prefix = match query_param(req.uri().query(), "commit") {
-                Some(c) => commit_index(&repo, &c),
-                None => repository_prefix(&repo),
-            };
-            let keys = match kv.list(&prefix, 200).await {
-                Ok(k) => k,
-                Err(e) => return internal(e),
-            };
-            let mut runs = Vec::new();
-            for k in keys {
-                let id = k.rsplit('/').next().unwrap_or("");
-                if let Ok(Some(run)) = load_run(inner, id).await {
-                    runs.push(json!({ "id": run.id, "status": run.status, "stage": run.current_stage(), "image": run.image, "event": run.event, "created_ms": run.created_ms }));
-                }
-            }
-            json_response(StatusCode::OK, json!({ "runs": runs }))
-        }
-        (Method::GET, ["dead-letters"]) => match kv.list(DEAD, 500).await {
-            Ok(keys) => {
-                let mut out = Vec::new();
-                for k in keys {
-                    if let Ok(Some(d)) = load_delivery(inner, &k).await {
-                        out.push(d);
-                    }
-                }
-                json_response(StatusCode::OK, json!({ "dead_letters": out }))
-            }
-            Err(e) => internal(e),
-        },
-        (Method::POST, ["dead-letters", id, "replay"]) => replay(inner, id).await,
-        (Method::POST, ["outbox", "pump"]) => {
-            let report = App::from_inner(inner.clone()).pump_outbox().await;
-            json_response(
-                StatusCode::OK,
-                serde_json::to_value(report).unwrap_or(Value::Null),
-            )
-        }
-        (Method::GET, [id]) => match load_run(inner, id).await {
-            Ok(Some(run)) => json_response(
-                StatusCode::OK,
-                serde_json::to_value(&run).unwrap_or(Value::Null),
-            ),
-            Ok(None) => error(StatusCode::NOT_FOUND, format!("no run {id:?}")),
-            Err(e) => internal(e),
-        },
-        _ => error(StatusCode::NOT_FOUND, "no such chain route"),
-    }
-}
-
-async fn replay(inner: &Rc<Inner>, id: &str) -> Response<Body> {
-    let key = format!("{DEAD}{id}");
-    let mut d = match load_delivery(inner, &key).await {
-        Ok(Some(d)) => d,
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no dead letter {id:?}")),
-        Err(e) => return internal(e),
-    };
-    let now = inner.ports.clock.now_ms();
-    d.attempts = 0;
-    d.next_ms = now;
-    d.last_error = None;
-    let r = async {
-        save_delivery(inner, PENDING, &d).await?;
-        inner.ports.kv.delete(&key).await?;
-        let _guard = inner.run_lock.lock().await;
-        if let (Some(stage), Some(mut run)) = (d.stage(), load_run(inner, &d.run).await?) {
-            run.reopen(stage, now);
-            save_run(inner, &run).await?;
-        }
-        Ok::<_, StoreError>(())
-    }
-    .await;
-    if let Err(e) = r {
-        return internal(e);
-    }
-    spawn_pump(inner);
-    json_response(
-        StatusCode::ACCEPTED,
-        json!({ "status": "replaying", "delivery": d.id }),
-    )
-}
-
-async fn stage_result(
-    inner: &Rc<Inner>,
-    run_id: &str,
-    stage: &str,
-    headers: &HeaderMap,
-    body: ByteStream,
-) -> Response<Body> {
-    let gw = &inner.settings.gateway;
-    let Some(key) = &gw.run_secret else {
-        return error(
-            StatusCode::FORBIDDEN,
-            "stage results are disabled: set [gateway] run_secret or admin_token",
-        );
-    };
-    let expected = derive_token(key.expose().as_bytes(), run_id);
-    if !bearer(headers).is_some_and(|t| tokens_match(t, &expected)) {
-        return error(StatusCode::UNAUTHORIZED, "the run's token is required");
-    }
-    let body = match read_capped(body, MAX_RESULT_BODY).await {
-        Ok(b) => b,
-        Err(ReadError::TooLarge) => {
-            return error(StatusCode::PAYLOAD_TOO_LARGE, "result body too large")
-        }
-        Err(ReadError::Broken(e)) => return error(StatusCode::BAD_REQUEST, e),
-    };
-    let v: Value = match serde_json::from_slice(&body) {
-        Ok(v) => v,
-        Err(e) => return error(StatusCode::BAD_REQUEST, format!("result must be JSON: {e}")),
-    };
-    let success = match v.get("status").and_then(|s| s.as_str()) {
-        Some("succeeded") | Some("success") => true,
-        Some("failed") | Some("failure") => false,
-        _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "result needs \"status\": \"succeeded\" or \"failed\"",
-            )
-        }
-    };
-    let detail = v
-        .get("detail")
-        .and_then(|d| d.as_str())
-        .map(|d| d.chars().take(500).collect());
-    let _guard = inner.run_lock.lock().await;
-    let mut run = match load_run(inner, run_id).await {
-        Ok(Some(r)) => r,
-        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no run {run_id:?}")),
-        Err(e) => return internal(e),
-    };
-    if let Some(d) = v.get("digest").and_then(|d| d.as_str()) {
-        run.digest = Some(d.to_string());
-    }
-    let now = inner.ports.clock.now_ms();
-    let actions = match run.complete(stage, success, detail, now) {
-        Ok(a) => a,
-        Err(e @ ChainError::NotRunning(_)) | Err(e @ ChainError::Finished) => {
-            return error(StatusCode::CONFLICT, e.to_string())
-        }
-    };
-    if let Err(e) = async {
-        save_run(inner, &run).await?;
-        enqueue(inner, &run, actions).await
-    }
-    .await
-    {
-        return internal(e);
-    }
-    spawn_pump(inner);
-    json_response(
-        StatusCode::OK,
-        serde_json::to_value(&run).unwrap_or(Value::Null),
-    )
-}
-
 /// Sends one delivery; Ok(detail) when it was accepted.
 async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, String> {
     let gw = &inner.settings.gateway;
@@ -688,18 +539,13 @@ async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, S
                 .image
                 .as_deref()
                 .ok_or("the run has no image to pre-warm")?;
-            return prewarm(inner, image).await;
+            return prewarm::prewarm(inner, image).await;
         }
         DeliveryKind::Dispatch { stage, target } => {
             let t = gw
                 .target(target)
                 .ok_or_else(|| format!("target {target:?} is no longer configured"))?;
-            let key = gw
-                .run_secret
-                .as_ref()
-                .map(|s| s.expose().as_bytes().to_vec())
-                .unwrap_or_default();
-            let token = derive_token(&key, &run.id);
+            let token = callback::token_for(inner, run, stage).unwrap_or_default();
             let call = StageCall {
                 run,
                 stage,
@@ -739,230 +585,6 @@ async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, S
     } else {
         Err(format!("target answered {status}"))
     }
-}
-
-async fn drain(app: &App, path: &str, accept: Option<&str>) -> Result<(u64, Bytes), String> {
-    let mut b = Request::builder().method(Method::GET).uri(path);
-    if let Some(a) = accept {
-        b = b.header(header::ACCEPT, a);
-    }
-    let mut req = b.body(()).map_err(|e| e.to_string())?;
-    req.extensions_mut()
-        .insert(crate::core::access::gate::InternalCall);
-    // Boxed: pre-warming goes back through App::handle, which can reach the pump again.
-    let resp = Box::pin(app.handle(&req)).await;
-    let status = resp.status();
-    if status != StatusCode::OK {
-        return Err(format!("GET {path}: {status}"));
-    }
-    match resp.into_body() {
-        Body::Bytes(b) => Ok((b.len() as u64, b)),
-        Body::Empty => Ok((0, Bytes::new())),
-        Body::Host(_) => Ok((0, Bytes::new())),
-        Body::Stream(mut s) => {
-            let mut n = 0u64;
-            while let Some(c) = s.next().await {
-                n += c.map_err(|e| format!("GET {path}: {e}"))?.len() as u64;
-            }
-            Ok((n, Bytes::new()))
-        }
-    }
-}
-
-/// Pulls `image` through the cache: the index, the configured platforms' manifests, their
-/// configs and layers; so the first regional pull is warm.
-async fn prewarm(inner: &Rc<Inner>, image: &str) -> Result<String, String> {
-    let app = App::from_inner(inner.clone());
-    let (name, reference) = match image.rsplit_once('@') {
-        Some((n, d)) => (n, d),
-        None => match image.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
-            Some((n, t)) => (n, t),
-            None => (image, "latest"),
-        },
-    };
-    let base = format!("/v2/{name}");
-    let (_, top) = drain(
-        &app,
-        &format!("{base}/manifests/{reference}"),
-        Some(DEFAULT_ACCEPT),
-    )
-    .await?;
-    let top: Value =
-        serde_json::from_slice(&top).map_err(|e| format!("manifest is not JSON: {e}"))?;
-    let platforms = &inner.settings.gateway.chain.platforms;
-    let mut manifests = Vec::new();
-    if let Some(children) = top.get("manifests").and_then(|m| m.as_array()) {
-        for c in children {
-            let plat = format!(
-                "{}/{}",
-                c.pointer("/platform/os")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or(""),
-                c.pointer("/platform/architecture")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("")
-            );
-            if !platforms.is_empty() && !platforms.contains(&plat) {
-                continue;
-            }
-            let d = c
-                .get("digest")
-                .and_then(|d| d.as_str())
-                .ok_or("index entry without a digest")?;
-            let (_, m) =
-                drain(&app, &format!("{base}/manifests/{d}"), Some(DEFAULT_ACCEPT)).await?;
-            manifests.push(serde_json::from_slice::<Value>(&m).map_err(|e| e.to_string())?);
-        }
-    } else {
-        manifests.push(top);
-    }
-    let (mut blobs, mut bytes) = (0u32, 0u64);
-    for m in &manifests {
-        let config = m.pointer("/config/digest").and_then(|d| d.as_str());
-        let layers = m
-            .get("layers")
-            .and_then(|l| l.as_array())
-            .into_iter()
-            .flatten()
-            .filter_map(|l| l.get("digest").and_then(|d| d.as_str()));
-        for d in config.into_iter().chain(layers) {
-            let (n, _) = drain(&app, &format!("{base}/blobs/{d}"), None).await?;
-            blobs += 1;
-            bytes += n;
-        }
-    }
-    Ok(format!(
-        "pre-warmed {} manifest(s) and {blobs} blob(s), {bytes} bytes",
-        manifests.len()
-    ))
-}
-
-/// Runs due deliveries once; see [`App::pump_outbox`].
-pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
-    let mut report = PumpReport::default();
-    if inner.pumping.replace(true) {
-        return report;
-    }
-    let gw = &inner.settings.gateway;
-    let keys = inner
-        .ports
-        .kv
-        .list(PENDING, PUMP_BATCH)
-        .await
-        .unwrap_or_default();
-    for key in keys {
-        let now = inner.ports.clock.now_ms();
-        let Ok(Some(mut d)) = load_delivery(inner, &key).await else {
-            continue;
-        };
-        if d.next_ms > now {
-            continue;
-        }
-        let Ok(Some(run)) = load_run(inner, &d.run).await else {
-            let _ = inner.ports.kv.delete(&key).await;
-            continue;
-        };
-        report.attempted += 1;
-        let result = execute(inner, &d, &run).await;
-        let now = inner.ports.clock.now_ms();
-        // Reload under the run lock: a result may have been posted while the request was in
-        // flight, and must not be overwritten by this pass's stale copy.
-        let _guard = inner.run_lock.lock().await;
-        let mut run = match load_run(inner, &d.run).await {
-            Ok(Some(r)) => r,
-            _ => run,
-        };
-        let stage = d.stage().map(str::to_string);
-        let mut actions = Vec::new();
-        match result {
-            Ok(detail) => {
-                report.delivered += 1;
-                let _ = inner.ports.kv.delete(&key).await;
-                match (&d.kind, stage.as_deref()) {
-                    (DeliveryKind::Prewarm { .. }, Some(s)) => {
-                        actions = run.complete(s, true, Some(detail), now).unwrap_or_default();
-                    }
-                    (DeliveryKind::Dispatch { .. }, Some(s)) => run.attempted(s, true, None, now),
-                    _ => {}
-                }
-            }
-            Err(e) => {
-                inc(&inner.metrics.upstream_errors);
-                d.attempts += 1;
-                d.last_error = Some(e.clone());
-                let is_stage_work = !matches!(d.kind, DeliveryKind::Event { .. });
-                if let (true, Some(s)) = (is_stage_work, stage.as_deref()) {
-                    run.attempted(s, false, Some(&e), now);
-                }
-                if d.attempts >= gw.max_attempts {
-                    report.dead += 1;
-                    let _ = save_delivery(inner, DEAD, &d).await;
-                    let _ = inner.ports.kv.delete(&key).await;
-                    if let (true, Some(s)) = (is_stage_work, stage.as_deref()) {
-                        actions = run
-                            .complete(
-                                s,
-                                false,
-                                Some(format!(
-                                    "delivery dead-lettered after {} attempts: {e}",
-                                    d.attempts
-                                )),
-                                now,
-                            )
-                            .unwrap_or_default();
-                    }
-                } else {
-                    report.retrying += 1;
-                    d.next_ms = now
-                        + outbox::retry_delay_ms(
-                            d.attempts,
-                            gw.retry_base_ms,
-                            gw.retry_max_ms,
-                            &d.id,
-                        );
-                    let _ = save_delivery(inner, PENDING, &d).await;
-                }
-            }
-        }
-        let _ = save_run(inner, &run).await;
-        let _ = enqueue(inner, &run, actions).await;
-    }
-    sweep_dedup(inner).await;
-    inner.pumping.set(false);
-    report
-}
-
-async fn sweep_dedup(inner: &Inner) {
-    let now = inner.ports.clock.now_ms();
-    let window = inner.settings.gateway.dedup_window_ms;
-    for key in inner
-        .ports
-        .kv
-        .list("dedup/", DEDUP_SWEEP)
-        .await
-        .unwrap_or_default()
-    {
-        if let Ok(Some(raw)) = inner.ports.kv.get(&key).await {
-            let seen: u64 = std::str::from_utf8(&raw)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .unwrap_or(0);
-            if now.saturating_sub(seen) >= window {
-                let _ = inner.ports.kv.delete(&key).await;
-            }
-        }
-    }
-}
-
-/// The earliest `next_ms` among pending deliveries (hosts with timers sleep until then).
-pub(crate) async fn next_due(inner: &Inner) -> Option<u64> {
-    let mut next = None;
-    for key in inner.ports.kv.list(PENDING, PUMP_BATCH).await.ok()? {
-        if let Ok(Some(d)) = load_delivery(inner, &key).await {
-            next = Some(next.map_or(d.next_ms, |n: u64| n.min(d.next_ms)));
-        }
-    }
-    next
 }
 
 #[cfg(test)]

@@ -142,7 +142,7 @@ pub fn verify_delivery(
             verify_hex_hmac(key, body, v, None, "x-gitea-signature")
         }
         Provider::GitLab => {
-            if headers.contains_key("webhook-signature") {
+            if signs_timestamp(provider, headers) {
                 verify_standard_webhook(secret, headers, body, now_ms, tolerance_ms)
             } else {
                 let token = header(headers, "x-gitlab-token")?;
@@ -185,12 +185,28 @@ pub fn sign_hex(secret: &[u8], body: &[u8]) -> String {
     hex::encode(hmac_sha256(secret, &[body]))
 }
 
-/// A keyed, unguessable token derived from `key` and `input` (per-run callback tokens).
-pub fn derive_token(key: &[u8], input: &str) -> String {
+/// The callback token for one execution of one stage of one run: keyed by the gateway's
+/// `run_secret`, so it cannot be guessed, and bound to all three, so a build job's token
+/// cannot post another stage's result, or a result for an earlier or later attempt.
+pub fn stage_token(key: &[u8], run: &str, stage: &str, attempt: u32) -> String {
     hex::encode(hmac_sha256(
         key,
-        &[b"pullgate-run-token\0", input.as_bytes()],
+        &[
+            b"pullgate-stage-token\0",
+            run.as_bytes(),
+            b"\0",
+            stage.as_bytes(),
+            b"\0",
+            attempt.to_string().as_bytes(),
+        ],
     ))
+}
+
+/// True when `provider` signs a timestamp on this delivery (GitLab's Standard Webhooks form):
+/// its replay window is the timestamp tolerance. Every other sender can be replayed for as
+/// long as its secret is valid, so dedup falls back to the body's hash.
+pub fn signs_timestamp(provider: Provider, headers: &HeaderMap) -> bool {
+    provider == Provider::GitLab && headers.contains_key("webhook-signature")
 }
 
 /// Constant-time comparison of two tokens.
@@ -368,11 +384,18 @@ mod tests {
     }
 
     #[test]
-    fn run_tokens_are_keyed() {
-        let a = derive_token(b"k1", "run-1");
+    fn stage_tokens_are_keyed_and_bound_to_run_stage_and_attempt() {
+        let a = stage_token(b"k1", "run-1", "build", 1);
         assert_eq!(a.len(), 64);
-        assert_ne!(a, derive_token(b"k2", "run-1"));
-        assert_ne!(a, derive_token(b"k1", "run-2"));
-        assert!(tokens_match(&a, &derive_token(b"k1", "run-1")));
+        assert_ne!(a, stage_token(b"k2", "run-1", "build", 1));
+        assert_ne!(a, stage_token(b"k1", "run-2", "build", 1));
+        assert_ne!(a, stage_token(b"k1", "run-1", "scan", 1));
+        assert_ne!(a, stage_token(b"k1", "run-1", "build", 2));
+        // The separators keep the parts apart: ("run-1", "build1") is another input.
+        assert_ne!(
+            stage_token(b"k1", "run-1", "build1", 1),
+            stage_token(b"k1", "run-1", "build", 11)
+        );
+        assert!(tokens_match(&a, &stage_token(b"k1", "run-1", "build", 1)));
     }
 }

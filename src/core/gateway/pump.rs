@@ -1,0 +1,238 @@
+//! The outbox pump: which pending deliveries run in a pass, and the due-time index that makes
+//! that choice fair.
+//!
+//! Every pending record (`outbox/pending/<id>`) has an index entry
+//! `outbox/due/<next_ms, 16 digits>/<id>`; key order is due order, so a pass lists the index
+//! from its start and stops at the first entry not yet due. Backed-off deliveries sort after
+//! everything due before them, so no number of them can hide a due delivery (the old pump
+//! looked at the first 100 pending records by id only). Work per pass is bounded
+//! ([`PUMP_BATCH`] attempts, [`PER_TARGET`] per target, [`SCAN`] index entries read).
+//!
+//! Invariant, kept by writing the index entry before the record and deleting the old entry
+//! after it: a pending record always has an entry for its `next_ms`. Entries whose record is
+//! gone or has moved on are dropped when a pass meets them. Records written before the index
+//! existed are indexed once per instance (a marker key remembers it was done).
+
+use crate::core::app::Inner;
+use crate::core::gateway::outbox::{self, Delivery, DeliveryKind, DEAD, PENDING};
+use crate::core::gateway::{
+    enqueue, execute, load_delivery, load_run, replay, save_delivery, save_run, PumpReport,
+};
+use crate::core::metrics::inc;
+use crate::core::ports::StoreError;
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Key prefix of the due-time index.
+pub const DUE: &str = "outbox/due/";
+/// Deliveries attempted per pass at most.
+pub const PUMP_BATCH: usize = 100;
+/// Deliveries to one target attempted per pass at most: a target with a long queue cannot
+/// take a whole pass from the others.
+pub const PER_TARGET: usize = 25;
+/// Index entries read per pass at most.
+pub const SCAN: usize = 4 * PUMP_BATCH;
+/// Marker: legacy records were indexed.
+const INDEXED_MARKER: &str = "gateway/indexed/v1";
+/// Most legacy records indexed (a one-time pass over an older store).
+const LEGACY_LIMIT: usize = 100_000;
+
+/// The index entry of a delivery due at `next_ms`.
+pub fn due_key(next_ms: u64, id: &str) -> String {
+    format!("{DUE}{next_ms:016}/{id}")
+}
+
+/// (due ms, delivery id) of an index entry.
+pub fn parse_due_key(key: &str) -> Option<(u64, &str)> {
+    let (ms, id) = key.strip_prefix(DUE)?.split_once('/')?;
+    if ms.len() != 16 || id.is_empty() {
+        return None;
+    }
+    Some((ms.parse().ok()?, id))
+}
+
+/// Persists a pending delivery and its index entry; `previous` is the `next_ms` it was
+/// indexed under before, whose entry is removed once the new one and the record are stored.
+pub(crate) async fn save_pending(
+    inner: &Inner,
+    d: &Delivery,
+    previous: Option<u64>,
+) -> Result<(), StoreError> {
+    inner.ports.kv.put(&due_key(d.next_ms, &d.id), b"").await?;
+    save_delivery(inner, PENDING, d).await?;
+    if let Some(p) = previous.filter(|&p| p != d.next_ms) {
+        inner.ports.kv.delete(&due_key(p, &d.id)).await?;
+    }
+    Ok(())
+}
+
+/// Removes a pending delivery and its index entry.
+async fn remove_pending(inner: &Inner, d: &Delivery, indexed_at: u64) {
+    let _ = inner.ports.kv.delete(&format!("{PENDING}{}", d.id)).await;
+    let _ = inner.ports.kv.delete(&due_key(indexed_at, &d.id)).await;
+}
+
+/// What a delivery is fair-shared by.
+fn lane(d: &Delivery) -> &str {
+    match &d.kind {
+        DeliveryKind::Dispatch { target, .. } | DeliveryKind::Event { target, .. } => target,
+        DeliveryKind::Prewarm { .. } => "",
+    }
+}
+
+/// Indexes records written before the due index (and the dedup index) existed; once per
+/// instance, and once per store thanks to the marker.
+async fn index_legacy(inner: &Inner) -> Result<(), StoreError> {
+    if inner.gateway.indexed.get() {
+        return Ok(());
+    }
+    let kv = &inner.ports.kv;
+    if kv.get(INDEXED_MARKER).await?.is_none() {
+        for key in kv.list(PENDING, LEGACY_LIMIT).await? {
+            if let Some(d) = load_delivery(inner, &key).await? {
+                kv.put(&due_key(d.next_ms, &d.id), b"").await?;
+            }
+        }
+        replay::index_legacy(inner, LEGACY_LIMIT).await?;
+        kv.put(INDEXED_MARKER, b"1").await?;
+    }
+    inner.gateway.indexed.set(true);
+    Ok(())
+}
+
+/// Runs due deliveries once; see [`crate::core::app::App::pump_outbox`].
+pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
+    let mut report = PumpReport::default();
+    if inner.pumping.replace(true) {
+        return report;
+    }
+    let _ = index_legacy(inner).await;
+    let gw = &inner.settings.gateway;
+    let keys = inner.ports.kv.list(DUE, SCAN).await.unwrap_or_default();
+    let mut per_lane: HashMap<String, usize> = HashMap::new();
+    for key in keys {
+        if report.attempted as usize >= PUMP_BATCH {
+            break;
+        }
+        let Some((due, id)) = parse_due_key(&key) else {
+            let _ = inner.ports.kv.delete(&key).await;
+            continue;
+        };
+        if due > inner.ports.clock.now_ms() {
+            break; // key order is due order: nothing after this is due either
+        }
+        let pending_key = format!("{PENDING}{id}");
+        let mut d = match load_delivery(inner, &pending_key).await {
+            Ok(Some(d)) if d.next_ms == due => d,
+            Ok(_) => {
+                // Delivered, dead-lettered or rescheduled: this entry is stale.
+                let _ = inner.ports.kv.delete(&key).await;
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let taken = per_lane.entry(lane(&d).to_string()).or_insert(0);
+        if *taken >= PER_TARGET {
+            continue; // its turn comes next pass
+        }
+        *taken += 1;
+        let Ok(Some(run)) = load_run(inner, &d.run).await else {
+            remove_pending(inner, &d, due).await;
+            continue;
+        };
+        report.attempted += 1;
+        let result = execute(inner, &d, &run).await;
+        let now = inner.ports.clock.now_ms();
+        // Reload under the run lock: a result may have been posted while the request was in
+        // flight, and must not be overwritten by this pass's stale copy.
+        let _guard = inner.run_lock.lock().await;
+        let mut run = match load_run(inner, &d.run).await {
+            Ok(Some(r)) => r,
+            _ => run,
+        };
+        let stage = d.stage().map(str::to_string);
+        let mut actions = Vec::new();
+        match result {
+            Ok(detail) => {
+                report.delivered += 1;
+                remove_pending(inner, &d, due).await;
+                match (&d.kind, stage.as_deref()) {
+                    (DeliveryKind::Prewarm { .. }, Some(s)) => {
+                        actions = run.complete(s, true, Some(detail), now).unwrap_or_default();
+                    }
+                    (DeliveryKind::Dispatch { .. }, Some(s)) => run.attempted(s, true, None, now),
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                inc(&inner.metrics.upstream_errors);
+                d.attempts += 1;
+                d.last_error = Some(e.clone());
+                let is_stage_work = !matches!(d.kind, DeliveryKind::Event { .. });
+                if let (true, Some(s)) = (is_stage_work, stage.as_deref()) {
+                    run.attempted(s, false, Some(&e), now);
+                }
+                if d.attempts >= gw.max_attempts {
+                    report.dead += 1;
+                    let _ = save_delivery(inner, DEAD, &d).await;
+                    remove_pending(inner, &d, due).await;
+                    if let (true, Some(s)) = (is_stage_work, stage.as_deref()) {
+                        actions = run
+                            .complete(
+                                s,
+                                false,
+                                Some(format!(
+                                    "delivery dead-lettered after {} attempts: {e}",
+                                    d.attempts
+                                )),
+                                now,
+                            )
+                            .unwrap_or_default();
+                    }
+                } else {
+                    report.retrying += 1;
+                    d.next_ms = now
+                        + outbox::retry_delay_ms(
+                            d.attempts,
+                            gw.retry_base_ms,
+                            gw.retry_max_ms,
+                            &d.id,
+                        );
+                    let _ = save_pending(inner, &d, Some(due)).await;
+                }
+            }
+        }
+        let _ = save_run(inner, &run).await;
+        let _ = enqueue(inner, &run, actions).await;
+    }
+    replay::sweep(inner).await;
+    inner.pumping.set(false);
+    report
+}
+
+/// The earliest `next_ms` among pending deliveries (hosts with timers sleep until then). A
+/// stale index entry can make it early, never late.
+pub(crate) async fn next_due(inner: &Inner) -> Option<u64> {
+    let _ = index_legacy(inner).await;
+    let keys = inner.ports.kv.list(DUE, 1).await.ok()?;
+    keys.first()
+        .and_then(|k| parse_due_key(k))
+        .map(|(ms, _)| ms)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_keys_sort_in_due_order_and_parse_back() {
+        let a = due_key(999, "x");
+        let b = due_key(1_000, "a");
+        let c = due_key(1_700_000_000_000, "a");
+        assert!(a < b && b < c, "{a} {b} {c}");
+        assert_eq!(parse_due_key(&c), Some((1_700_000_000_000, "a")));
+        assert_eq!(parse_due_key("outbox/due/12/x"), None);
+        assert_eq!(parse_due_key("outbox/pending/x"), None);
+        assert_eq!(parse_due_key(&due_key(5, "")), None);
+    }
+}

@@ -1,0 +1,138 @@
+//! The `/chain…` routes: listing and reading runs, dead letters and their replay, an outbox
+//! pass on demand (admin), stage results and the digest override (see [`super::callback`]).
+
+use crate::core::app::{json_error as error, json_response, App, Inner};
+use crate::core::body::Body;
+use crate::core::gateway::outbox::DEAD;
+use crate::core::gateway::{
+    callback, commit_index, internal, load_delivery, load_run, pump, refuse_non_admin,
+    repository_prefix, save_run, spawn_pump,
+};
+use crate::core::ports::{ByteStream, StoreError};
+use http::{Method, Request, Response, StatusCode};
+use serde_json::{json, Value};
+use std::rc::Rc;
+
+fn query_param(q: Option<&str>, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(q?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+pub(super) async fn chain_route(
+    inner: &Rc<Inner>,
+    req: &Request<()>,
+    rest: &str,
+    body: ByteStream,
+    caller: &crate::core::access::gate::Caller,
+) -> Response<Body> {
+    let gw = &inner.settings.gateway;
+    let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
+    let m = req.method();
+    // Stage results authenticate with the run's own token; everything else is admin.
+    if let ([run_id, stage], true) = (parts.as_slice(), *m == Method::POST) {
+        if *run_id != "dead-letters" && *run_id != "outbox" {
+            return callback::stage_result(inner, run_id, stage, req.headers(), body, caller).await;
+        }
+    }
+    // Replays and pumps are the `trigger` action; reading runs is `admin`.
+    let action = if *m == Method::POST {
+        "trigger"
+    } else {
+        "admin"
+    };
+    if let Some(refusal) = refuse_non_admin(gw, req.headers()) {
+        if !crate::core::access::gate::may_administer(inner, caller, action) {
+            return refusal;
+        }
+    }
+    let kv = &inner.ports.kv;
+    match (m.clone(), parts.as_slice()) {
+        (Method::GET, []) => {
+            let Some(repo) = query_param(req.uri().query(), "repository") else {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "list runs with ?repository=<url>[&commit=<sha>]",
+                );
+            };
+            let prefix = match query_param(req.uri().query(), "commit") {
+                Some(c) => commit_index(&repo, &c),
+                None => repository_prefix(&repo),
+            };
+            let keys = match kv.list(&prefix, 200).await {
+                Ok(k) => k,
+                Err(e) => return internal(e),
+            };
+            let mut runs = Vec::new();
+            for k in keys {
+                let id = k.rsplit('/').next().unwrap_or("");
+                if let Ok(Some(run)) = load_run(inner, id).await {
+                    runs.push(json!({ "id": run.id, "status": run.status, "stage": run.current_stage(), "image": run.image, "event": run.event, "created_ms": run.created_ms }));
+                }
+            }
+            json_response(StatusCode::OK, json!({ "runs": runs }))
+        }
+        (Method::GET, ["dead-letters"]) => match kv.list(DEAD, 500).await {
+            Ok(keys) => {
+                let mut out = Vec::new();
+                for k in keys {
+                    if let Ok(Some(d)) = load_delivery(inner, &k).await {
+                        out.push(d);
+                    }
+                }
+                json_response(StatusCode::OK, json!({ "dead_letters": out }))
+            }
+            Err(e) => internal(e),
+        },
+        (Method::POST, ["dead-letters", id, "replay"]) => replay_dead_letter(inner, id).await,
+        (Method::PUT, [id, "digest"]) => callback::set_digest(inner, id, body).await,
+        (Method::POST, ["outbox", "pump"]) => {
+            let report = App::from_inner(inner.clone()).pump_outbox().await;
+            json_response(
+                StatusCode::OK,
+                serde_json::to_value(report).unwrap_or(Value::Null),
+            )
+        }
+        (Method::GET, [id]) => match load_run(inner, id).await {
+            Ok(Some(run)) => json_response(
+                StatusCode::OK,
+                serde_json::to_value(&run).unwrap_or(Value::Null),
+            ),
+            Ok(None) => error(StatusCode::NOT_FOUND, format!("no run {id:?}")),
+            Err(e) => internal(e),
+        },
+        _ => error(StatusCode::NOT_FOUND, "no such chain route"),
+    }
+}
+
+async fn replay_dead_letter(inner: &Rc<Inner>, id: &str) -> Response<Body> {
+    let key = format!("{DEAD}{id}");
+    let mut d = match load_delivery(inner, &key).await {
+        Ok(Some(d)) => d,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no dead letter {id:?}")),
+        Err(e) => return internal(e),
+    };
+    let now = inner.ports.clock.now_ms();
+    d.attempts = 0;
+    d.next_ms = now;
+    d.last_error = None;
+    let r = async {
+        pump::save_pending(inner, &d, None).await?;
+        inner.ports.kv.delete(&key).await?;
+        let _guard = inner.run_lock.lock().await;
+        if let (Some(stage), Some(mut run)) = (d.stage(), load_run(inner, &d.run).await?) {
+            run.reopen(stage, now);
+            save_run(inner, &run).await?;
+        }
+        Ok::<_, StoreError>(())
+    }
+    .await;
+    if let Err(e) = r {
+        return internal(e);
+    }
+    spawn_pump(inner);
+    json_response(
+        StatusCode::ACCEPTED,
+        json!({ "status": "replaying", "delivery": d.id }),
+    )
+}
