@@ -11,6 +11,7 @@
 
 pub mod audit;
 pub mod client;
+pub mod offload;
 pub mod store;
 
 use crate::core::app::App;
@@ -413,6 +414,7 @@ async fn run(p: Prepared) -> Result<(), String> {
         deferred: Rc::new(LocalDeferred {
             active: fills.clone(),
         }),
+        offload: Rc::new(offload::BlockingOffload::for_this_machine()),
     };
     let listener = tokio::net::TcpListener::bind(&p.listen)
         .await

@@ -124,6 +124,7 @@ fn harness() -> Harness {
         blobs: blobs.clone(),
         clock: clock.clone(),
         deferred: Rc::new(DropDeferred),
+        offload: Rc::new(crate::core::ports::InlineOffload),
     };
     Harness {
         app: App::new(config.resolve(&NoSecrets).expect("settings"), ports),
