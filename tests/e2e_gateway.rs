@@ -408,6 +408,7 @@ events = "events"
 [auth]
 enabled = true
 token_secret = "env:PG_HOOK_SECRET"
+public_url = "http://pullgate.test"
 
 [[identity]]
 name = "puller"

@@ -36,9 +36,17 @@ pub struct PullgateBuilder {
     upstreams: Vec<(String, String)>,
     config: Option<String>,
     env: Vec<(String, String)>,
+    port: Option<u16>,
 }
 
 impl PullgateBuilder {
+    /// Listen on this port (from [`free_port`]) instead of a fresh one: for a configuration
+    /// that must name pullgate's own URL (`[auth] public_url`).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
     /// `--upstream HOST=URL` (`docker.io=…` replaces the Docker Hub default). Without one for
     /// `docker.io`, the harness points docker.io at a closed loopback port, so that no test
     /// can ever reach Docker Hub.
@@ -83,7 +91,7 @@ impl PullgateBuilder {
         let mut pullgate = Pullgate {
             dir,
             data_dir,
-            port: free_port(),
+            port: self.port.unwrap_or_else(free_port),
             upstreams,
             config_path,
             env: self.env,
