@@ -26,6 +26,7 @@ use crate::core::error::RegistryError;
 use crate::core::gateway::outbox::rfc3339;
 use crate::core::metrics::inc;
 use crate::core::ports::{ByteStream, Offload};
+use crate::core::reference::Digest;
 use crate::core::route::resolve_upstream;
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
@@ -130,7 +131,9 @@ where
         keys.push(format!("ip:{ip}"));
     }
     if let Some(u) = user {
-        keys.push(format!("name:{u}"));
+        // Names are the client's to choose, of any length: key them by a fixed-size digest so
+        // the bounded table also stays bounded in bytes.
+        keys.push(format!("name:{}", Digest::of(u.as_bytes()).hex()));
     }
     let now = inner.ports.clock.now_ms();
     inner.limiter.borrow_mut().login_begin(&keys, policy, now)?;
