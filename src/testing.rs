@@ -3,10 +3,11 @@
 //! told. Not for production: nothing is bounded.
 
 use crate::core::ports::{
-    BlobStore, BlobWriter, ByteStream, Clock, CommitError, KvStore, StoreError, TailReader,
+    BlobStore, BlobWriter, ByteStream, Clock, CommitError, KvStore, Offload, StoreError, TailReader,
 };
 use crate::core::reference::Digest;
 use bytes::Bytes;
+use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -192,5 +193,27 @@ impl ManualClock {
 impl Clock for ManualClock {
     fn now_ms(&self) -> u64 {
         self.now.get()
+    }
+}
+
+/// An [`Offload`] that runs each job inline and counts them, so a test can assert how many
+/// password verifications a request cost (none, for a refused one).
+#[derive(Default)]
+pub struct FakeOffload {
+    jobs: Cell<usize>,
+}
+
+impl FakeOffload {
+    /// Jobs run so far.
+    pub fn jobs(&self) -> usize {
+        self.jobs.get()
+    }
+}
+
+impl Offload for FakeOffload {
+    fn run(&self, job: Box<dyn FnOnce() + Send>) -> LocalBoxFuture<'static, ()> {
+        self.jobs.set(self.jobs.get() + 1);
+        job();
+        Box::pin(std::future::ready(()))
     }
 }

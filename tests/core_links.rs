@@ -261,6 +261,7 @@ fn harness(cache: &str) -> Harness {
         blobs: Rc::new(MemBlobStore::default()),
         clock: clock.clone(),
         deferred: Rc::new(SpawnLocal),
+        offload: Rc::new(pullgate::core::ports::InlineOffload),
     };
     Harness {
         app: App::new(config.resolve(&NoSecrets).unwrap(), ports),

@@ -266,6 +266,7 @@ fn harness_with(extra: &str, blobs: MemBlobStore) -> Harness {
         blobs: blobs.clone(),
         clock: clock.clone(),
         deferred: Rc::new(SpawnLocal),
+        offload: Rc::new(pullgate::core::ports::InlineOffload),
     };
     Harness {
         app: App::new(settings, ports),

@@ -1,21 +1,25 @@
 //! End-to-end tests of access control on the mirror, through the native binary with real
 //! clients on loopback: anonymous and authenticated `skopeo` pulls against allow and deny
 //! rules, containerd with credentials, rate limits, a network allowlist that refuses before
-//! any upstream call, the audit log, and the admin API's purge.
+//! any upstream call, the audit log, the admin API's purge, and logins under attack: a burst of
+//! bad logins is throttled before any password check while `/healthz` keeps answering, and
+//! unknown names cost the same verification as known ones (medians printed, not asserted).
 
 // The harness is a host, not the core: it reads the real clock for its bounded waits.
 #![allow(clippy::disallowed_methods)]
 
 mod support;
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 use support::containerd::Containerd;
 use support::fixtures::Image;
 use support::http::loopback_client;
-use support::process::poll_until;
+use support::process::{free_port, poll_until};
 use support::pullgate::Pullgate;
 use support::registry::Registry;
 use support::skopeo::{skopeo_copy, skopeo_pull, Platforms};
@@ -51,13 +55,14 @@ fn hash(password: &str) -> String {
         .to_string()
 }
 
-fn config(extra: &str) -> String {
+fn config(port: u16, extra: &str) -> String {
     format!(
         r#"
 [auth]
 enabled = true
 token_secret = "env:PG_TOKEN_SECRET"
 token_ttl = "5m"
+public_url = "http://127.0.0.1:{port}"
 
 [[identity]]
 name = "alice"
@@ -90,8 +95,10 @@ actions = ["admin"]
 }
 
 fn start(registry: &Registry, extra: &str) -> Pullgate {
+    let port = free_port();
     Pullgate::builder()
-        .config(&config(extra))
+        .port(port)
+        .config(&config(port, extra))
         .upstream("reg.test", &registry.url())
         .env("PG_TOKEN_SECRET", TOKEN_SECRET)
         .env("PG_ROBOT_TOKEN", ROBOT_TOKEN)
@@ -141,8 +148,8 @@ fn skopeo_pulls_follow_the_allow_and_deny_rules() {
         .unwrap()
         .to_string();
     assert!(
-        challenge.starts_with("Bearer realm=\"http://") && challenge.contains("/token\""),
-        "{challenge}"
+        challenge.starts_with(&format!("Bearer realm=\"{}/token\"", pg.url())),
+        "the realm is public_url's: {challenge}"
     );
     let r = c
         .get(format!(
@@ -411,5 +418,156 @@ fn admin_purge_makes_the_next_pull_go_upstream() {
         poll_until(Duration::from_secs(10), || blob_gets() == b0 + 1),
         "{}",
         registry.access_log_summary()
+    );
+}
+
+const PASSWORD_CHECKS: &str = "pullgate_password_checks_total";
+const PRIVATE_MANIFEST: &str = "/v2/reg.test/team/private/manifests/v1";
+
+/// Sends `n` requests at once (threads released together), each with Basic `user:password`;
+/// returns their statuses. Meanwhile the calling thread asks `/healthz` until the burst is
+/// over (and at least once), asserting 200 each time; returns those latencies too.
+fn burst_with_healthz(
+    pg: &Pullgate,
+    n: usize,
+    user: &'static str,
+    password: &'static str,
+) -> (Vec<u16>, Vec<Duration>) {
+    let url = format!("{}{PRIVATE_MANIFEST}", pg.url());
+    let start = Arc::new(Barrier::new(n + 1));
+    let over = Arc::new(AtomicBool::new(false));
+    let senders: Vec<_> = (0..n)
+        .map(|_| {
+            let (url, start) = (url.clone(), start.clone());
+            std::thread::spawn(move || {
+                let c = loopback_client();
+                start.wait();
+                c.get(&url)
+                    .basic_auth(user, Some(password))
+                    .send()
+                    .expect("bad login answered")
+                    .status()
+                    .as_u16()
+            })
+        })
+        .collect();
+    let health = format!("{}/healthz", pg.url());
+    let c = loopback_client();
+    start.wait();
+    let watcher = {
+        let over = over.clone();
+        std::thread::spawn(move || {
+            let statuses: Vec<u16> = senders
+                .into_iter()
+                .map(|t| t.join().expect("sender"))
+                .collect();
+            over.store(true, Ordering::SeqCst);
+            statuses
+        })
+    };
+    let mut latencies = Vec::new();
+    // Bounded: a burst that never ends fails the test at the sender's own timeout.
+    while latencies.is_empty() || !over.load(Ordering::SeqCst) {
+        let t = Instant::now();
+        let r = c
+            .get(&health)
+            .send()
+            .expect("/healthz answers during the burst");
+        latencies.push(t.elapsed());
+        assert_eq!(r.status().as_u16(), 200);
+    }
+    (watcher.join().expect("watcher"), latencies)
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+#[test]
+fn twenty_concurrent_bad_logins_get_429_after_the_limit_and_healthz_keeps_answering() {
+    let (registry, _, _) = upstream();
+    let pg = start(&registry, "[rate_limit]\nper_ip = \"5/s\"\nburst = 5\n");
+    let (statuses, latencies) = burst_with_healthz(&pg, 20, "alice", "wrong");
+    let unauthorized = statuses.iter().filter(|&&s| s == 401).count();
+    let limited = statuses.iter().filter(|&&s| s == 429).count();
+    eprintln!(
+        "burst of 20 bad logins: {unauthorized}x 401, {limited}x 429; /healthz {} times, \
+         median {:?}, max {:?}",
+        latencies.len(),
+        median(latencies.clone()),
+        latencies.iter().max()
+    );
+    assert_eq!(unauthorized + limited, 20, "{statuses:?}");
+    assert!(limited >= 1, "20 at once against 5/s: {statuses:?}");
+    // A refused login costs no password check: each check is one 401.
+    assert_eq!(
+        pg.metrics().total(PASSWORD_CHECKS) as usize,
+        unauthorized,
+        "{statuses:?}"
+    );
+    // Retry-After on registry routes, in the OCI envelope (the bucket may have refilled since
+    // the burst; five failures lock the address at the latest).
+    let c = loopback_client();
+    let r = (0..20)
+        .map(|_| {
+            c.get(format!("{}{PRIVATE_MANIFEST}", pg.url()))
+                .basic_auth("alice", Some("wrong"))
+                .send()
+                .unwrap()
+        })
+        .find(|r| r.status().as_u16() == 429)
+        .expect("a 429 within 20 sequential bad logins");
+    assert!(r.headers().contains_key("retry-after"));
+    assert!(String::from_utf8_lossy(&r.bytes().unwrap()).contains("TOOMANYREQUESTS"));
+}
+
+#[test]
+fn unknown_names_cost_the_same_verification_as_known_ones() {
+    let (registry, _, _) = upstream();
+    // No lockouts, no limits: every login is checked, and timed.
+    let pg = start(&registry, "[rate_limit]\nlogin_failures = 0\n");
+    let c = loopback_client();
+    let url = format!("{}{PRIVATE_MANIFEST}", pg.url());
+    let time_login = |user: &str| {
+        let t = Instant::now();
+        let r = c.get(&url).basic_auth(user, Some("wrong")).send().unwrap();
+        let took = t.elapsed();
+        assert_eq!(r.status().as_u16(), 401, "{user}");
+        took
+    };
+    // Warm up the connection pool and the allocator.
+    time_login("alice");
+    time_login("nobody");
+    let (mut known, mut unknown, mut robot) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..15 {
+        known.push(time_login("alice"));
+        unknown.push(time_login("nobody"));
+        robot.push(time_login("robot"));
+    }
+    let (k, u, r) = (median(known), median(unknown), median(robot));
+    eprintln!(
+        "median bad-login time: known (argon2 identity) {k:?}, unknown name {u:?}, \
+         token-only identity {r:?}; unknown/known = {:.2}",
+        u.as_secs_f64() / k.as_secs_f64()
+    );
+    // The structural property (timing thresholds are not asserted): each login, whatever
+    // the name, ran exactly one password verification.
+    assert_eq!(pg.metrics().total(PASSWORD_CHECKS) as usize, 2 + 45);
+}
+
+#[test]
+fn healthz_answers_while_many_password_checks_run() {
+    let (registry, _, _) = upstream();
+    // No lockouts, no limits: all 40 logins reach argon2, on the bounded blocking pool.
+    let pg = start(&registry, "[rate_limit]\nlogin_failures = 0\n");
+    let (statuses, latencies) = burst_with_healthz(&pg, 40, "nobody", "wrong");
+    assert!(statuses.iter().all(|&s| s == 401), "{statuses:?}");
+    assert_eq!(pg.metrics().total(PASSWORD_CHECKS) as usize, 40);
+    eprintln!(
+        "40 concurrent password checks: /healthz answered {} times, median {:?}, max {:?}",
+        latencies.len(),
+        median(latencies.clone()),
+        latencies.iter().max()
     );
 }

@@ -446,6 +446,8 @@ fn registry_push_advances_build_prewarms_the_cache_and_publishes() {
     // start pullgate first with the upstream's port reserved.
     let reg_port = support::process::free_port();
     let reg_url = format!("http://127.0.0.1:{reg_port}");
+    // With authentication on, the token realm is public_url's: pullgate's own address.
+    let pg_port = support::process::free_port();
     let extra = format!(
         r#"
 [[webhook]]
@@ -466,6 +468,7 @@ events = "events"
 [auth]
 enabled = true
 token_secret = "env:PG_HOOK_SECRET"
+public_url = "http://127.0.0.1:{pg_port}"
 
 [[identity]]
 name = "puller"
@@ -482,6 +485,7 @@ actions = ["pull"]
         "image = \"reg.test/acme/app:{branch}-{short_sha}\"",
     );
     let pg = Pullgate::builder()
+        .port(pg_port)
         .config(&cfg)
         .upstream("reg.test", &reg_url)
         .env("PG_ADMIN", ADMIN)

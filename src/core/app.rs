@@ -176,7 +176,7 @@ impl App {
             error: None,
             identity,
         };
-        let caller = match gate::admit(&self.inner, req) {
+        let caller = match gate::admit(&self.inner, req).await {
             Ok(c) => c,
             Err(resp) => {
                 let mut resp = *resp;

@@ -30,6 +30,8 @@ pub struct Metrics {
     pub requests: AtomicU64,
     /// Requests refused by access control, network rules or rate limits.
     pub denied: AtomicU64,
+    /// Password verifications run (argon2): known and unknown names alike.
+    pub password_checks: AtomicU64,
     /// (hits, misses) by upstream host.
     pub by_upstream: Mutex<BTreeMap<String, [u64; 2]>>,
 }
@@ -155,6 +157,11 @@ impl Metrics {
                 v.load(Ordering::Relaxed)
             ));
         }
+        let name = "pullgate_password_checks_total";
+        out.push_str(&format!(
+            "# HELP {name} Password verifications run.\n# TYPE {name} counter\n{name} {}\n",
+            self.password_checks.load(Ordering::Relaxed)
+        ));
         out
     }
 }

@@ -148,6 +148,50 @@ pub trait Deferred {
     fn spawn(&self, work: LocalBoxFuture<'static, ()>);
 }
 
+/// CPU-heavy work kept off the request loop (password verification): natively a blocking
+/// thread behind a bound on concurrent jobs, so a burst of logins cannot stall other requests;
+/// inline where the host has no threads (Workers, Spin). The job is `Send` because it may run
+/// on another thread; its result travels back through [`offload`].
+pub trait Offload {
+    /// Runs `job` to completion; resolves when it has finished (or could not run: a job
+    /// that panicked or was refused simply leaves no result).
+    fn run(&self, job: Box<dyn FnOnce() + Send>) -> LocalBoxFuture<'static, ()>;
+}
+
+/// Runs the job in the calling task. For hosts without threads, and for tests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InlineOffload;
+
+impl Offload for InlineOffload {
+    fn run(&self, job: Box<dyn FnOnce() + Send>) -> LocalBoxFuture<'static, ()> {
+        job();
+        Box::pin(std::future::ready(()))
+    }
+}
+
+/// A job that produced no result (it panicked, or the host shut down).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("offloaded work did not finish")]
+pub struct OffloadError;
+
+/// Runs `f` through `o` and returns its result.
+pub async fn offload<T: Send + 'static>(
+    o: &dyn Offload,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, OffloadError> {
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let out = slot.clone();
+    o.run(Box::new(move || {
+        let v = f();
+        if let Ok(mut s) = out.lock() {
+            *s = Some(v);
+        }
+    }))
+    .await;
+    let v = slot.lock().ok().and_then(|mut s| s.take());
+    v.ok_or(OffloadError)
+}
+
 /// All the ports a core instance runs on.
 #[derive(Clone)]
 pub struct Ports {
@@ -161,4 +205,6 @@ pub struct Ports {
     pub clock: Rc<dyn Clock>,
     /// Deferred work.
     pub deferred: Rc<dyn Deferred>,
+    /// CPU-heavy work (password verification).
+    pub offload: Rc<dyn Offload>,
 }

@@ -15,6 +15,7 @@
 pub mod audit;
 pub mod client;
 pub mod listener;
+pub mod offload;
 pub mod store;
 
 use crate::core::app::App;
@@ -439,6 +440,7 @@ async fn run(p: Prepared) -> Result<(), String> {
         deferred: Rc::new(LocalDeferred {
             active: fills.clone(),
         }),
+        offload: Rc::new(offload::BlockingOffload::for_this_machine()),
     };
     let listener = tokio::net::TcpListener::bind(&p.listen)
         .await

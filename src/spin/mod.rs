@@ -27,8 +27,11 @@
 //! - Spin runs one request per component instance and drops the instance afterwards: the
 //!   core's in-memory state lives for one request. Concurrent misses for one blob are not
 //!   coalesced across requests (each fetches; the key-value store keeps one copy), the token
-//!   cache and rate-limit buckets start empty on every request, and `/metrics` shows only the
-//!   request that reads it.
+//!   cache, rate-limit buckets and login-failure counters start empty on every request (so
+//!   per-address limits and lockouts do not hold across requests), and `/metrics` shows only
+//!   the request that reads it.
+//! - Password verification (argon2) runs inline ([`InlineOffload`]): a component instance has
+//!   no threads, and it serves one request anyway.
 //! - No timers and no background tasks: deferred work finishes before the handler returns
 //!   (within Spin's request timeout, if one is set); gateway retries happen when a later
 //!   request finds the outbox idle (`pump_if_idle`) or on `POST /chain/outbox/pump` from a cron.
@@ -58,7 +61,7 @@ use crate::core::app::{error_response, App};
 use crate::core::body::{Body, RequestInfo};
 use crate::core::config::{parse_config, parse_size, Config, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
-use crate::core::ports::{BlobStore, ByteStream, Clock, Ports};
+use crate::core::ports::{BlobStore, ByteStream, Clock, InlineOffload, Ports};
 use futures_util::StreamExt;
 use spin_sdk::http::{IncomingRequest, ResponseOutparam};
 use spin_sdk::key_value::Store;
@@ -210,6 +213,7 @@ fn build_app() -> Result<(App, Option<Rc<KvBlobStore>>), String> {
         blobs,
         clock,
         deferred: Rc::new(SpinDeferred),
+        offload: Rc::new(InlineOffload),
     };
     Ok((App::new(settings, ports), kv_blobs))
 }

@@ -31,7 +31,11 @@
 //! - `max_size` is not enforced: size R2 with an object lifecycle rule. `listen` and `data_dir`
 //!   are ignored. Metrics are per isolate.
 //! - The client address the core sees (network allowlists, rate limits) is `CF-Connecting-IP`;
-//!   rate-limit counters are per isolate.
+//!   rate-limit counters and login-failure lockouts are per isolate, so they are approximate
+//!   (an attacker spread over isolates and locations gets more attempts).
+//! - Password verification (argon2) runs inline ([`InlineOffload`]): an isolate has no threads,
+//!   so a check holds the isolate's CPU for its duration and counts against the request's CPU
+//!   limit. Robots should use static tokens or pullgate's Bearer tokens on hot paths.
 
 pub mod fetch;
 pub mod gate;
@@ -48,7 +52,7 @@ use crate::core::app::{error_response, App};
 use crate::core::body::{Body, RequestInfo};
 use crate::core::config::{parse_config, Config, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
-use crate::core::ports::{BodyError, ByteStream, Clock, Deferred, Ports};
+use crate::core::ports::{BodyError, ByteStream, Clock, Deferred, InlineOffload, Ports};
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use std::cell::RefCell;
@@ -171,6 +175,7 @@ fn build_app(env: &Env) -> Result<App, String> {
         blobs: Rc::new(R2BlobStore::new(bucket)),
         clock: Rc::new(DateClock),
         deferred: Rc::new(WaitUntil),
+        offload: Rc::new(InlineOffload),
     };
     Ok(App::new(settings, ports))
 }

@@ -38,12 +38,20 @@ pub struct PullgateBuilder {
     config: Option<String>,
     env: Vec<(String, String)>,
     fd_limit: Option<u64>,
+    port: Option<u16>,
 }
 
 impl PullgateBuilder {
     /// Runs the process with `RLIMIT_NOFILE` lowered to `limit` (fd exhaustion tests).
     pub fn fd_limit(mut self, limit: u64) -> Self {
         self.fd_limit = Some(limit);
+        self
+    }
+
+    /// Listen on this port (from [`free_port`]) instead of a fresh one: for a configuration
+    /// that must name pullgate's own URL (`[auth] public_url`).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
         self
     }
 
@@ -91,7 +99,7 @@ impl PullgateBuilder {
         let mut pullgate = Pullgate {
             dir,
             data_dir,
-            port: free_port(),
+            port: self.port.unwrap_or_else(free_port),
             upstreams,
             config_path,
             env: self.env,

@@ -1,23 +1,39 @@
 //! Applying the access settings to a request: the network allowlist, authentication, rate
 //! limits, the `/token` endpoint, and the per-route authorization checks. Errors on registry
 //! routes use the OCI envelope (with a Bearer challenge on 401); other routes answer JSON.
+//!
+//! The order is the defence: network allowlist → per-address rate limit (every route but
+//! `/healthz` and `/metrics`) → login lockout → credentials → per-identity rate limit. A
+//! request refused by a limit or a lockout never reaches a password check, so a burst of bad
+//! logins costs no argon2. Password checks (Basic credentials on any route but `/hooks`, and
+//! `/token`) count per address and per user name (see [`limit`]), with authentication on.
+//! Bearer tokens do not: they are HMAC-signed or static secrets, cheap to check and not
+//! guessable, and counting them would let one client behind a shared address lock out every
+//! token holder there; the per-address rate limit bounds them. Lockouts answer 429 with
+//! `Retry-After`, like the rate limit.
+//!
+//! [`limit`]: crate::core::access::limit
 
-use crate::core::access::limit::Rate;
+use crate::core::access::limit::{Limiter, Rate};
 use crate::core::access::token::{self, Claims, Grant};
 use crate::core::access::{
-    authenticate, basic_credentials, check_password, is_allowed, is_network_allowed, route_family,
-    token_grants, ClientAddr, Principal, RouteFamily,
+    authenticate, basic_credentials, check_password, is_allowed, is_network_allowed, presented,
+    route_family, token_grants, AuthError, ClientAddr, Presented, Principal, RouteFamily,
 };
 use crate::core::app::{error_response, json_error, json_response, Inner};
 use crate::core::body::Body;
 use crate::core::error::RegistryError;
 use crate::core::gateway::outbox::rfc3339;
 use crate::core::metrics::inc;
-use crate::core::ports::ByteStream;
+use crate::core::ports::{ByteStream, Offload};
+use crate::core::reference::Digest;
 use crate::core::route::resolve_upstream;
+use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::json;
+use std::cell::RefCell;
+use std::future::Future;
 use std::net::IpAddr;
 
 /// Who is calling, after the gate.
@@ -44,19 +60,96 @@ fn refuse(fam: RouteFamily, status: StatusCode, e: RegistryError, head: bool) ->
     }
 }
 
-/// The realm clients fetch tokens from.
-fn realm(inner: &Inner, req: &Request<()>) -> String {
+/// The realm clients fetch tokens from: only from the configuration, never from the
+/// request's `Host` (which the client chooses). Challenges are sent only with authentication
+/// on, which requires `public_url`; without it the realm is the relative `/token`.
+fn realm(inner: &Inner) -> String {
     match &inner.settings.access.public_url {
         Some(u) => format!("{u}/token"),
-        None => {
-            let host = req
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("localhost");
-            format!("http://{host}/token")
+        None => "/token".into(),
+    }
+}
+
+/// A 429 with `Retry-After` (whole seconds, at least 1).
+/// The OCI envelope on registry routes (`fam`), JSON elsewhere.
+fn too_many(fam: RouteFamily, head: bool, wait_ms: u64, msg: &str) -> Box<Response<Body>> {
+    let mut resp = refuse(
+        fam,
+        StatusCode::TOO_MANY_REQUESTS,
+        RegistryError::TooManyRequests(msg.into()),
+        head,
+    );
+    let secs = wait_ms.div_ceil(1000).max(1);
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        resp.headers_mut().insert(header::RETRY_AFTER, v);
+    }
+    Box::new(resp)
+}
+
+/// The offload port, counting each password verification for `/metrics`.
+struct CountedOffload<'a>(&'a Inner);
+
+impl Offload for CountedOffload<'_> {
+    fn run(&self, job: Box<dyn FnOnce() + Send>) -> LocalBoxFuture<'static, ()> {
+        inc(&self.0.metrics.password_checks);
+        self.0.ports.offload.run(job)
+    }
+}
+
+/// Checks reserved on the limiter; released if the request goes away before the check ends.
+struct Attempt<'a> {
+    limiter: &'a RefCell<Limiter>,
+    keys: Vec<String>,
+    open: bool,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            if let Ok(mut l) = self.limiter.try_borrow_mut() {
+                l.login_cancel(&self.keys);
+            }
         }
     }
+}
+
+/// Runs a credential check under the login lockout for the client address and `user`:
+/// Err(ms to wait) without running `check` when either is locked out; otherwise the check's
+/// result, counted as a failure or a success.
+async fn checked_login<F>(
+    inner: &Inner,
+    ip: Option<IpAddr>,
+    user: Option<&str>,
+    check: F,
+) -> Result<Result<Principal, AuthError>, u64>
+where
+    F: Future<Output = Result<Principal, AuthError>>,
+{
+    let policy = inner.settings.access.login;
+    let mut keys = Vec::with_capacity(2);
+    if let Some(ip) = ip {
+        keys.push(format!("ip:{ip}"));
+    }
+    if let Some(u) = user {
+        // Names are the client's to choose, of any length: key them by a fixed-size digest so
+        // the bounded table also stays bounded in bytes.
+        keys.push(format!("name:{}", Digest::of(u.as_bytes()).hex()));
+    }
+    let now = inner.ports.clock.now_ms();
+    inner.limiter.borrow_mut().login_begin(&keys, policy, now)?;
+    let mut attempt = Attempt {
+        limiter: &inner.limiter,
+        keys,
+        open: true,
+    };
+    let result = check.await;
+    attempt.open = false;
+    let now = inner.ports.clock.now_ms();
+    inner
+        .limiter
+        .borrow_mut()
+        .login_end(&attempt.keys, result.is_ok(), policy, now);
+    Ok(result)
 }
 
 /// A 401 with a Bearer challenge (and a scope, when the request named a repository).
@@ -70,7 +163,7 @@ pub(crate) fn challenge(
     let mut resp = error_response(&RegistryError::Unauthorized(msg.to_string()), head);
     let mut v = format!(
         "Bearer realm=\"{}\",service=\"{}\"",
-        realm(inner, req),
+        realm(inner),
         inner.settings.access.service
     );
     if let Some(s) = scope {
@@ -86,8 +179,9 @@ fn burst(rate: Rate, configured: Option<u32>) -> u32 {
     configured.unwrap_or_else(|| ((u64::from(rate.n) * 1000 / rate.per_ms.max(1)) as u32).max(1))
 }
 
-/// Network allowlist, authentication and rate limits, before any routing. Err: the response.
-pub(crate) fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Box<Response<Body>>> {
+/// Network allowlist, rate limits, login lockout and authentication, before any routing.
+/// Err: the response.
+pub(crate) async fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Box<Response<Body>>> {
     let s = &inner.settings.access;
     if req.extensions().get::<InternalCall>().is_some() {
         return Ok(Caller {
@@ -113,7 +207,26 @@ pub(crate) fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Box<Resp
             head,
         )));
     }
+    // Probes and scrapes are cheap and need no credentials: they are limited by network rules
+    // only, so a client that exhausts its address's budget cannot make the mirror look down.
+    let limited = fam != RouteFamily::Metrics;
     let now = inner.ports.clock.now_ms();
+    if let (Some(rate), Some(addr), true) = (s.per_ip, ip, limited) {
+        let taken =
+            inner
+                .limiter
+                .borrow_mut()
+                .take(&format!("ip:{addr}"), rate, burst(rate, s.burst), now);
+        if let Err(wait_ms) = taken {
+            inc(&inner.metrics.denied);
+            return Err(too_many(
+                fam,
+                head,
+                wait_ms,
+                "rate limit exceeded; retry later",
+            ));
+        }
+    }
     // Webhooks authenticate by signature (Harbor's Authorization header is not ours), and
     // /token checks its own credentials. Elsewhere, credentials that are not an identity's may
     // still be a route's own (the gateway admin token, a run token): those routes decide. On
@@ -121,9 +234,28 @@ pub(crate) fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Box<Resp
     let principal = if fam == RouteFamily::Hooks || path == "/token" {
         Principal::anonymous()
     } else {
-        match authenticate(s, req.headers(), now) {
+        let ours = matches!(fam, RouteFamily::Registry | RouteFamily::Charts);
+        let counted = CountedOffload(inner);
+        let check = authenticate(s, &counted, req.headers(), now);
+        let result = if let (Presented::Basic(user), true) = (presented(req.headers()), s.enabled) {
+            match checked_login(inner, ip, user.as_deref(), check).await {
+                Ok(r) => r,
+                Err(wait_ms) => {
+                    inc(&inner.metrics.denied);
+                    return Err(too_many(
+                        fam,
+                        head,
+                        wait_ms,
+                        "too many failed logins; retry later",
+                    ));
+                }
+            }
+        } else {
+            check.await
+        };
+        match result {
             Ok(p) => p,
-            Err(e) if s.enabled && matches!(fam, RouteFamily::Registry | RouteFamily::Charts) => {
+            Err(e) if s.enabled && ours => {
                 inc(&inner.metrics.denied);
                 return Err(Box::new(if fam == RouteFamily::Registry {
                     challenge(inner, req, None, &e.to_string())
@@ -134,32 +266,22 @@ pub(crate) fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Box<Resp
             Err(_) => Principal::anonymous(),
         }
     };
-    let mut limiter = inner.limiter.borrow_mut();
-    let keys = [
-        (
-            s.per_identity.filter(|_| !principal.is_anonymous()),
-            format!("id:{}", principal.name),
-        ),
-        (
-            s.per_ip.filter(|_| ip.is_some()),
-            format!("ip:{}", ip.map(|i| i.to_string()).unwrap_or_default()),
-        ),
-    ];
-    for (rate, key) in keys {
-        let Some(rate) = rate else { continue };
-        if let Err(wait_ms) = limiter.take(&key, rate, burst(rate, s.burst), now) {
+    if let (Some(rate), false) = (s.per_identity, principal.is_anonymous()) {
+        let now = inner.ports.clock.now_ms();
+        let taken = inner.limiter.borrow_mut().take(
+            &format!("id:{}", principal.name),
+            rate,
+            burst(rate, s.burst),
+            now,
+        );
+        if let Err(wait_ms) = taken {
             inc(&inner.metrics.denied);
-            let mut resp = refuse(
+            return Err(too_many(
                 fam,
-                StatusCode::TOO_MANY_REQUESTS,
-                RegistryError::TooManyRequests("rate limit exceeded; retry later".into()),
                 head,
-            );
-            let secs = wait_ms.div_ceil(1000).max(1);
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                resp.headers_mut().insert(header::RETRY_AFTER, v);
-            }
-            return Err(Box::new(resp));
+                wait_ms,
+                "rate limit exceeded; retry later",
+            ));
         }
     }
     Ok(Caller {
@@ -256,7 +378,20 @@ pub(crate) async fn token_endpoint(
         .unwrap_or_default();
     let mut creds = match basic_credentials(req.headers()) {
         Some(Ok(c)) => Some(c),
-        Some(Err(_)) => return json_error(StatusCode::UNAUTHORIZED, "invalid credentials"),
+        Some(Err(_)) => {
+            // Malformed Basic costs nothing to refuse, but it still counts for the address.
+            let ip = req.extensions().get::<ClientAddr>().map(|c| c.0);
+            let bad = std::future::ready(Err(AuthError::Invalid));
+            return match checked_login(inner, ip, None, bad).await {
+                Err(wait_ms) => *too_many(
+                    RouteFamily::Admin,
+                    false,
+                    wait_ms,
+                    "too many failed logins; retry later",
+                ),
+                Ok(_) => json_error(StatusCode::UNAUTHORIZED, "invalid credentials"),
+            };
+        }
         None => None,
     };
     if req.method() == Method::POST {
@@ -298,13 +433,28 @@ pub(crate) async fn token_endpoint(
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST");
     }
     let principal = match creds {
-        Some((u, p)) => match check_password(s, &u, &p) {
-            Ok(p) => p,
-            Err(_) => {
-                inc(&inner.metrics.denied);
-                return json_error(StatusCode::UNAUTHORIZED, "invalid credentials");
+        Some((u, p)) => {
+            let ip = req.extensions().get::<ClientAddr>().map(|c| c.0);
+            let counted = CountedOffload(inner);
+            let check = check_password(s, &counted, &u, &p);
+            match checked_login(inner, ip, Some(&u), check).await {
+                Ok(Ok(p)) => p,
+                Ok(Err(_)) => {
+                    inc(&inner.metrics.denied);
+                    return json_error(StatusCode::UNAUTHORIZED, "invalid credentials");
+                }
+                Err(wait_ms) => {
+                    inc(&inner.metrics.denied);
+                    // /token answers JSON, as its other errors do.
+                    return *too_many(
+                        RouteFamily::Admin,
+                        false,
+                        wait_ms,
+                        "too many failed logins; retry later",
+                    );
+                }
             }
-        },
+        }
         None => Principal::anonymous(),
     };
     let mut access: Vec<Grant> = Vec::new();

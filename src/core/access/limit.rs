@@ -1,6 +1,14 @@
-//! Token-bucket rate limits per key (identity or client IP), decided from the clock port's
-//! time. Per core instance: on the edge hosts each isolate or instance counts on its own, so
-//! limits there are approximate (documented in the README).
+//! Token-bucket rate limits per key (identity or client IP), and failed-login lockouts per
+//! key (client IP, user name), decided from the clock port's time. Per core instance: on the
+//! edge hosts each isolate or instance counts on its own, so limits there are approximate
+//! (documented in the README and in each host's `# Limitations`).
+//!
+//! Lockouts: after [`LoginPolicy::failures`] failed logins for a key, the key is locked for
+//! [`LoginPolicy::lockout_ms`], doubled by each further failure up to
+//! [`LoginPolicy::max_lockout_ms`]; a success clears the key, and a key with no failure for
+//! `max_lockout_ms` after its last lockout ended is forgotten. Checks still in flight count
+//! against the budget, so a burst of concurrent logins cannot all be checked before the first
+//! failure is recorded: at most `failures` checks (one, once locked before) run per key.
 
 use std::collections::HashMap;
 
@@ -35,10 +43,65 @@ struct Bucket {
     at_ms: u64,
 }
 
-/// Buckets by key.
+/// When failed logins lock a key (an address, a user name) out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoginPolicy {
+    /// Failures (checks in flight included) before the first lockout; 0 turns lockouts off.
+    pub failures: u32,
+    /// The first lockout; each further failure doubles it.
+    pub lockout_ms: u64,
+    /// The longest lockout, and how long after a lockout a key's failures are remembered.
+    pub max_lockout_ms: u64,
+}
+
+impl Default for LoginPolicy {
+    fn default() -> Self {
+        LoginPolicy {
+            failures: 5,
+            lockout_ms: 1_000,
+            max_lockout_ms: 300_000,
+        }
+    }
+}
+
+impl LoginPolicy {
+    /// How long `count` failures lock a key (0 below the threshold).
+    pub fn lockout_for(&self, count: u32) -> u64 {
+        if self.failures == 0 || count < self.failures {
+            return 0;
+        }
+        let doublings = (count - self.failures).min(40);
+        self.lockout_ms
+            .saturating_mul(1u64 << doublings)
+            .min(self.max_lockout_ms)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Failures {
+    count: u32,
+    /// Checks begun and not yet ended.
+    pending: u32,
+    locked_until_ms: u64,
+    last_ms: u64,
+}
+
+impl Failures {
+    fn forgotten(&self, p: LoginPolicy, now_ms: u64) -> bool {
+        self.pending == 0
+            && now_ms
+                >= self
+                    .last_ms
+                    .max(self.locked_until_ms)
+                    .saturating_add(p.max_lockout_ms)
+    }
+}
+
+/// Buckets and login failures by key.
 #[derive(Debug, Default)]
 pub struct Limiter {
     buckets: HashMap<String, Bucket>,
+    failures: HashMap<String, Failures>,
 }
 
 impl Limiter {
@@ -72,6 +135,98 @@ impl Limiter {
     }
 }
 
+impl Limiter {
+    /// Before checking credentials for `keys`: Err(ms to wait) when any key is locked out, or
+    /// when the checks already in flight for it use up its budget; otherwise reserves one check
+    /// on every key, which [`Limiter::login_end`] or [`Limiter::login_cancel`] must release.
+    pub fn login_begin(&mut self, keys: &[String], p: LoginPolicy, now_ms: u64) -> Result<(), u64> {
+        if p.failures == 0 {
+            return Ok(());
+        }
+        let mut wait = 0u64;
+        for key in keys {
+            let Some(f) = self.failures.get(key).copied() else {
+                continue;
+            };
+            if f.forgotten(p, now_ms) {
+                self.failures.remove(key);
+                continue;
+            }
+            if f.locked_until_ms > now_ms {
+                wait = wait.max(f.locked_until_ms - now_ms);
+                continue;
+            }
+            // Below the threshold, the rest of the budget may run at once; a key that was
+            // locked before gets one check at a time.
+            let budget = p.failures.saturating_sub(f.count).max(1);
+            if f.pending >= budget {
+                wait = wait.max(p.lockout_ms.max(1));
+            }
+        }
+        if wait > 0 {
+            return Err(wait);
+        }
+        for key in keys {
+            self.make_room(key, p, now_ms);
+            let f = self.failures.entry(key.clone()).or_default();
+            f.pending += 1;
+        }
+        Ok(())
+    }
+
+    /// Ends the checks [`Limiter::login_begin`] reserved: a success clears the keys, a failure
+    /// counts against them (and may lock them out).
+    pub fn login_end(&mut self, keys: &[String], ok: bool, p: LoginPolicy, now_ms: u64) {
+        if p.failures == 0 {
+            return;
+        }
+        for key in keys {
+            if ok {
+                self.failures.remove(key);
+                continue;
+            }
+            let f = self.failures.entry(key.clone()).or_default();
+            f.pending = f.pending.saturating_sub(1);
+            f.count = f.count.saturating_add(1);
+            f.last_ms = now_ms;
+            let lock = p.lockout_for(f.count);
+            if lock > 0 {
+                f.locked_until_ms = now_ms.saturating_add(lock);
+            }
+        }
+    }
+
+    /// Releases reserved checks that never finished (the client went away mid-check).
+    pub fn login_cancel(&mut self, keys: &[String]) {
+        for key in keys {
+            if let Some(f) = self.failures.get_mut(key) {
+                f.pending = f.pending.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Keeps the failure table bounded: at the cap, drops the entry idle longest (never one
+    /// with a check in flight).
+    fn make_room(&mut self, key: &str, p: LoginPolicy, now_ms: u64) {
+        if self.failures.len() < MAX_KEYS || self.failures.contains_key(key) {
+            return;
+        }
+        self.failures.retain(|_, f| !f.forgotten(p, now_ms));
+        if self.failures.len() < MAX_KEYS {
+            return;
+        }
+        if let Some(stalest) = self
+            .failures
+            .iter()
+            .filter(|(_, f)| f.pending == 0)
+            .min_by_key(|(_, f)| f.last_ms.max(f.locked_until_ms))
+            .map(|(k, _)| k.clone())
+        {
+            self.failures.remove(&stalest);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +250,129 @@ mod tests {
             })
         );
         assert!(parse_rate("0/s").is_none() && parse_rate("5/d").is_none());
+    }
+
+    fn keys(k: &[&str]) -> Vec<String> {
+        k.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn fail(l: &mut Limiter, k: &[String], p: LoginPolicy, now: u64) {
+        l.login_begin(k, p, now).expect("not locked");
+        l.login_end(k, false, p, now);
+    }
+
+    #[test]
+    fn lockout_starts_after_the_free_failures_and_doubles_up_to_the_cap() {
+        let p = LoginPolicy {
+            failures: 3,
+            lockout_ms: 1_000,
+            max_lockout_ms: 5_000,
+        };
+        assert_eq!(
+            (0..8).map(|c| p.lockout_for(c)).collect::<Vec<_>>(),
+            vec![0, 0, 0, 1_000, 2_000, 4_000, 5_000, 5_000]
+        );
+        let mut l = Limiter::default();
+        let k = keys(&["ip:192.0.2.1", "name:alice"]);
+        for _ in 0..3 {
+            fail(&mut l, &k, p, 0);
+        }
+        assert_eq!(l.login_begin(&k, p, 0), Err(1_000), "locked after 3");
+        assert_eq!(l.login_begin(&k, p, 999), Err(1));
+        fail(&mut l, &k, p, 1_000);
+        assert_eq!(l.login_begin(&k, p, 1_000), Err(2_000), "doubled");
+        assert_eq!(
+            l.login_begin(&keys(&["name:alice"]), p, 2_000),
+            Err(1_000),
+            "the name alone is locked too"
+        );
+        assert!(
+            l.login_begin(&keys(&["ip:192.0.2.2", "name:bob"]), p, 2_000)
+                .is_ok(),
+            "other keys are free"
+        );
+        // A success clears the keys it was checked under.
+        l.login_begin(&k, p, 3_000).expect("lock over");
+        l.login_end(&k, true, p, 3_000);
+        for _ in 0..3 {
+            fail(&mut l, &k, p, 3_000);
+        }
+        assert_eq!(
+            l.login_begin(&k, p, 3_000),
+            Err(1_000),
+            "counting from zero"
+        );
+    }
+
+    #[test]
+    fn checks_in_flight_count_against_the_budget() {
+        let p = LoginPolicy {
+            failures: 2,
+            lockout_ms: 1_000,
+            max_lockout_ms: 4_000,
+        };
+        let mut l = Limiter::default();
+        let k = keys(&["ip:192.0.2.1"]);
+        assert!(l.login_begin(&k, p, 0).is_ok());
+        assert!(l.login_begin(&k, p, 0).is_ok());
+        assert_eq!(
+            l.login_begin(&k, p, 0),
+            Err(1_000),
+            "two in flight: no third"
+        );
+        l.login_cancel(&k);
+        assert!(
+            l.login_begin(&k, p, 0).is_ok(),
+            "a cancelled check frees its slot"
+        );
+        l.login_end(&k, false, p, 0);
+        l.login_end(&k, false, p, 0);
+        assert_eq!(l.login_begin(&k, p, 0), Err(1_000));
+        // After the lockout, one check at a time.
+        assert!(l.login_begin(&k, p, 1_000).is_ok());
+        assert_eq!(l.login_begin(&k, p, 1_000), Err(1_000));
+    }
+
+    #[test]
+    fn failures_are_forgotten_after_a_quiet_max_lockout() {
+        let p = LoginPolicy {
+            failures: 2,
+            lockout_ms: 1_000,
+            max_lockout_ms: 4_000,
+        };
+        let mut l = Limiter::default();
+        let k = keys(&["name:alice"]);
+        fail(&mut l, &k, p, 0);
+        fail(&mut l, &k, p, 0);
+        // Locked until 1_000; remembered until 5_000.
+        fail(&mut l, &k, p, 4_999);
+        assert_eq!(l.login_begin(&k, p, 4_999), Err(2_000), "still remembered");
+        let mut l = Limiter::default();
+        fail(&mut l, &k, p, 0);
+        fail(&mut l, &k, p, 0);
+        fail(&mut l, &k, p, 5_000);
+        assert!(
+            l.login_begin(&k, p, 5_000).is_ok(),
+            "forgotten: the third failure is the first again"
+        );
+    }
+
+    #[test]
+    fn lockouts_off_and_the_table_stays_bounded() {
+        let off = LoginPolicy {
+            failures: 0,
+            ..LoginPolicy::default()
+        };
+        let mut l = Limiter::default();
+        let k = keys(&["ip:192.0.2.1"]);
+        for _ in 0..100 {
+            fail(&mut l, &k, off, 0);
+        }
+        assert!(l.failures.is_empty());
+        let p = LoginPolicy::default();
+        for i in 0..(MAX_KEYS + 10) {
+            fail(&mut l, &keys(&[&format!("name:u{i}")]), p, i as u64);
+        }
+        assert!(l.failures.len() <= MAX_KEYS);
     }
 }

@@ -7,19 +7,28 @@
 //! The decisions are pure; the only inputs from the host are the request headers and the
 //! client address it puts in the request's extensions ([`ClientAddr`]), which each host fills
 //! only from what its platform guarantees (the socket natively).
+//!
+//! Logins: every password check runs exactly one argon2 verification, through the
+//! [`Offload`] port (off the event loop natively): against the identity's hash, or, for an
+//! unknown name or an identity with only a static token, against a dummy hash with the same
+//! parameters ([`AccessSettings::dummy_hash`]), so the answer time does not tell which names
+//! exist. The gate throttles before any check (see [`gate`] and [`limit`]).
 
 pub mod cidr;
 pub mod gate;
+#[cfg(test)]
+mod gate_tests;
 pub mod limit;
 pub mod token;
 
 use crate::core::config::{parse_duration_ms, ConfigError, Secret, SecretResolver};
 use crate::core::gateway::rules::glob_match;
-use argon2::password_hash::PasswordHash;
+use crate::core::ports::{offload, Offload};
+use argon2::password_hash::{Output, PasswordHash};
 use argon2::{Argon2, PasswordVerifier};
 use cidr::{parse_cidr, Cidr};
 use http::HeaderMap;
-use limit::{parse_rate, Rate};
+use limit::{parse_rate, LoginPolicy, Rate};
 use serde::Deserialize;
 use std::net::IpAddr;
 use subtle::ConstantTimeEq;
@@ -38,8 +47,8 @@ pub struct AuthConfig {
     pub token_secret: Option<String>,
     /// Token lifetime (default `5m`).
     pub token_ttl: Option<String>,
-    /// The URL clients reach pullgate at; the realm is `<public_url>/token` (default: from
-    /// the request's `Host`).
+    /// The URL clients reach pullgate at; the realm is `<public_url>/token`. Required when
+    /// `enabled` (a realm taken from the request's `Host` would be the client's to choose).
     pub public_url: Option<String>,
     /// The `service` in challenges (default `pullgate`).
     pub service: Option<String>,
@@ -96,6 +105,14 @@ pub struct RateLimitConfig {
     pub per_ip: Option<String>,
     /// Bucket size (default: one second's worth, at least 1).
     pub burst: Option<u32>,
+    /// Failed logins per client address and per user name before a lockout (default 5; 0
+    /// turns lockouts off). Only counted with `[auth] enabled = true`.
+    pub login_failures: Option<u32>,
+    /// The first lockout (default `1s`); each further failure doubles it.
+    pub lockout: Option<String>,
+    /// The longest lockout (default `5m`); failures are forgotten this long after the last
+    /// lockout ended.
+    pub max_lockout: Option<String>,
 }
 
 /// A resolved identity.
@@ -179,6 +196,54 @@ pub struct AccessSettings {
     pub per_ip: Option<Rate>,
     /// Bucket size.
     pub burst: Option<u32>,
+    /// Failed-login lockouts.
+    pub login: LoginPolicy,
+    /// The PHC string unknown names (and token-only identities) are verified against: the
+    /// first identity's hash with its output zeroed, so the check costs the same. None: the
+    /// default parameters ([`DEFAULT_DUMMY_HASH`]).
+    pub dummy_hash: Option<String>,
+}
+
+/// An argon2id PHC string with the `hash-password` parameters (m=19456 KiB, t=2, p=1) and an
+/// all-zero output no password produces: what a password check runs against when there is
+/// no identity hash to imitate.
+pub const DEFAULT_DUMMY_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHRzYWx0$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA";
+
+impl AccessSettings {
+    /// What password checks without an identity hash verify against.
+    pub fn dummy_hash(&self) -> &str {
+        self.dummy_hash.as_deref().unwrap_or(DEFAULT_DUMMY_HASH)
+    }
+}
+
+/// `phc` with its output replaced by zeros of the same length: verifying against it costs
+/// what verifying against `phc` costs, and no password matches.
+fn dummy_like(phc: &str) -> Option<String> {
+    let mut ph = PasswordHash::new(phc).ok()?;
+    let len = ph.hash?.len();
+    let zeros = vec![0u8; len];
+    ph.hash = Some(Output::new(&zeros).ok()?);
+    Some(ph.to_string())
+}
+
+/// Checks `[auth] public_url`: an absolute http(s) URL without query or fragment.
+fn parse_public_url(u: &str) -> Result<String, ConfigError> {
+    let bad = || {
+        ConfigError(format!(
+            "[auth] public_url {u:?} must be an absolute http(s) URL without query or fragment, \
+             such as \"https://pullgate.example\""
+        ))
+    };
+    let parsed = url::Url::parse(u).map_err(|_| bad())?;
+    if !matches!(parsed.scheme(), "http" | "https")
+        || parsed.host_str().is_none()
+        || parsed.query().is_some()
+        || parsed.fragment().is_some()
+    {
+        return Err(bad());
+    }
+    Ok(u.trim_end_matches('/').to_string())
 }
 
 /// The parts of the configuration the access layer reads.
@@ -227,6 +292,17 @@ pub fn resolve(i: AccessInput<'_>, r: &dyn SecretResolver) -> Result<AccessSetti
             "[auth] enabled = true needs token_secret".into(),
         ));
     }
+    let public_url = match &i.auth.public_url {
+        Some(u) => Some(parse_public_url(u)?),
+        None if enabled => {
+            return Err(ConfigError(
+                "[auth] enabled = true needs public_url: the URL clients reach pullgate at, \
+                 such as \"https://pullgate.example\" (the token realm is <public_url>/token)"
+                    .into(),
+            ))
+        }
+        None => None,
+    };
     let mut identities = Vec::new();
     for id in i.identities {
         if identities.iter().any(|x: &Identity| x.name == id.name)
@@ -317,15 +393,27 @@ pub fn resolve(i: AccessInput<'_>, r: &dyn SecretResolver) -> Result<AccessSetti
             })
             .transpose()
     };
+    let login = LoginPolicy {
+        failures: i
+            .rate_limit
+            .login_failures
+            .unwrap_or(LoginPolicy::default().failures),
+        lockout_ms: parse_duration_ms(i.rate_limit.lockout.as_deref().unwrap_or("1s"))?,
+        max_lockout_ms: parse_duration_ms(i.rate_limit.max_lockout.as_deref().unwrap_or("5m"))?,
+    };
+    if login.lockout_ms == 0 || login.max_lockout_ms < login.lockout_ms {
+        return Err(ConfigError(
+            "[rate_limit] lockout must be more than 0 and at most max_lockout".into(),
+        ));
+    }
+    let dummy_hash = identities
+        .iter()
+        .find_map(|id| id.password_hash.as_deref().and_then(dummy_like));
     Ok(AccessSettings {
         enabled,
         token_key,
         token_ttl_ms: parse_duration_ms(i.auth.token_ttl.as_deref().unwrap_or("5m"))?,
-        public_url: i
-            .auth
-            .public_url
-            .clone()
-            .map(|u| u.trim_end_matches('/').to_string()),
+        public_url,
         service: i.auth.service.clone().unwrap_or_else(|| "pullgate".into()),
         identities,
         rules,
@@ -333,6 +421,8 @@ pub fn resolve(i: AccessInput<'_>, r: &dyn SecretResolver) -> Result<AccessSetti
         per_identity: rate(&i.rate_limit.per_identity)?,
         per_ip: rate(&i.rate_limit.per_ip)?,
         burst: i.rate_limit.burst,
+        login,
+        dummy_hash,
     })
 }
 
@@ -374,41 +464,50 @@ pub enum AuthError {
 }
 
 fn identity_by_token<'a>(s: &'a AccessSettings, given: &str) -> Option<&'a Identity> {
-    s.identities.iter().find(|i| {
-        i.token.as_ref().is_some_and(|t| {
-            t.expose().len() == given.len()
-                && bool::from(t.expose().as_bytes().ct_eq(given.as_bytes()))
-        })
+    s.identities
+        .iter()
+        .find(|i| i.token.as_ref().is_some_and(|t| is_token(t, given)))
+}
+
+fn is_token(t: &Secret, given: &str) -> bool {
+    t.expose().len() == given.len() && bool::from(t.expose().as_bytes().ct_eq(given.as_bytes()))
+}
+
+fn verify_hash(phc: &str, password: &str) -> bool {
+    PasswordHash::new(phc).is_ok_and(|ph| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &ph)
+            .is_ok()
     })
 }
 
-/// Checks `user:password` against the identities (argon2 hashes or static tokens).
-pub fn check_password(
+/// Checks `user:password` against the identities (argon2 hashes or static tokens). Exactly
+/// one argon2 verification runs through `o` whatever the name: the identity's hash, or the
+/// dummy for unknown names and token-only identities. With no identities at all there is
+/// nothing to protect or enumerate, and nothing runs.
+pub async fn check_password(
     s: &AccessSettings,
+    o: &dyn Offload,
     user: &str,
     password: &str,
 ) -> Result<Principal, AuthError> {
-    let id = s
-        .identities
-        .iter()
-        .find(|i| i.name == user)
-        .ok_or(AuthError::Invalid)?;
-    let ok = match (&id.password_hash, &id.token) {
-        (Some(h), _)
-            if PasswordHash::new(h).is_ok_and(|ph| {
-                Argon2::default()
-                    .verify_password(password.as_bytes(), &ph)
-                    .is_ok()
-            }) =>
-        {
-            true
-        }
-        (_, Some(t)) => {
-            t.expose().len() == password.len()
-                && bool::from(t.expose().as_bytes().ct_eq(password.as_bytes()))
-        }
-        _ => false,
+    if s.identities.is_empty() {
+        return Err(AuthError::Invalid);
+    }
+    let id = s.identities.iter().find(|i| i.name == user);
+    let own_hash = id.and_then(|i| i.password_hash.clone());
+    let phc = own_hash
+        .clone()
+        .unwrap_or_else(|| s.dummy_hash().to_string());
+    let given = password.to_string();
+    let hash_ok = offload(o, move || verify_hash(&phc, &given))
+        .await
+        .unwrap_or(false);
+    let Some(id) = id else {
+        return Err(AuthError::Invalid);
     };
+    let ok =
+        (own_hash.is_some() && hash_ok) || id.token.as_ref().is_some_and(|t| is_token(t, password));
     if ok {
         Ok(Principal {
             name: id.name.clone(),
@@ -417,6 +516,33 @@ pub fn check_password(
         })
     } else {
         Err(AuthError::Invalid)
+    }
+}
+
+/// The credentials a request presents, before any check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presented {
+    /// No `Authorization`.
+    Nothing,
+    /// Basic, with the user name when it decodes.
+    Basic(Option<String>),
+    /// A Bearer token.
+    Bearer,
+    /// Anything else.
+    Other,
+}
+
+/// What `Authorization` holds, without checking it.
+pub fn presented(h: &HeaderMap) -> Presented {
+    let Some(v) = h.get(http::header::AUTHORIZATION) else {
+        return Presented::Nothing;
+    };
+    match v.to_str() {
+        Ok(t) if t.starts_with("Bearer ") => Presented::Bearer,
+        Ok(t) if t.starts_with("Basic ") || t.starts_with("basic ") => {
+            Presented::Basic(basic_credentials(h).and_then(|r| r.ok()).map(|(u, _)| u))
+        }
+        _ => Presented::Other,
     }
 }
 
@@ -440,8 +566,10 @@ pub fn basic_credentials(h: &HeaderMap) -> Option<Result<(String, String), AuthE
 }
 
 /// Who sent this request: anonymous without `Authorization`; an error for bad credentials.
-pub fn authenticate(
+/// Basic passwords are checked with [`check_password`] (argon2 through `o`).
+pub async fn authenticate(
     s: &AccessSettings,
+    o: &dyn Offload,
     h: &HeaderMap,
     now_ms: u64,
 ) -> Result<Principal, AuthError> {
@@ -475,7 +603,7 @@ pub fn authenticate(
             .ok_or(AuthError::Invalid);
     }
     match basic_credentials(h) {
-        Some(Ok((u, p))) => check_password(s, &u, &p),
+        Some(Ok((u, p))) => check_password(s, o, &u, &p).await,
         Some(Err(e)) => Err(e),
         None => Err(AuthError::Scheme),
     }
@@ -538,6 +666,16 @@ pub fn is_network_allowed(s: &AccessSettings, fam: RouteFamily, addr: Option<IpA
 mod tests {
     use super::*;
     use crate::core::config::Secret;
+    use crate::core::ports::InlineOffload;
+    use crate::testing::FakeOffload;
+    use futures_util::FutureExt as _;
+
+    /// Runs [`authenticate`] with inline offload: it completes without a runtime.
+    fn auth(s: &AccessSettings, h: &HeaderMap, now: u64) -> Result<Principal, AuthError> {
+        authenticate(s, &InlineOffload, h, now)
+            .now_or_never()
+            .expect("inline offload completes at once")
+    }
 
     // argon2id of "correct horse" with the salt "saltsaltsalt" (argon2-cffi, the reference
     // implementation's Python binding), m=19456 KiB, t=2, p=1.
@@ -601,32 +739,25 @@ mod tests {
     fn authentication_table() {
         let s = settings();
         assert_eq!(
-            authenticate(&s, &HeaderMap::new(), 0).unwrap(),
+            auth(&s, &HeaderMap::new(), 0).unwrap(),
             Principal::anonymous()
         );
         assert_eq!(
-            authenticate(&s, &basic("alice", "correct horse"), 0)
-                .unwrap()
-                .name,
+            auth(&s, &basic("alice", "correct horse"), 0).unwrap().name,
             "alice"
         );
         assert_eq!(
-            authenticate(&s, &basic("alice", "wrong"), 0),
+            auth(&s, &basic("alice", "wrong"), 0),
             Err(AuthError::Invalid)
         );
+        assert_eq!(auth(&s, &basic("bob", "x"), 0), Err(AuthError::Invalid));
         assert_eq!(
-            authenticate(&s, &basic("bob", "x"), 0),
-            Err(AuthError::Invalid)
-        );
-        assert_eq!(
-            authenticate(&s, &basic("robot", "robot-token"), 0)
-                .unwrap()
-                .name,
+            auth(&s, &basic("robot", "robot-token"), 0).unwrap().name,
             "robot"
         );
         let mut h = HeaderMap::new();
         h.insert("authorization", "Bearer robot-token".parse().unwrap());
-        assert_eq!(authenticate(&s, &h, 0).unwrap().name, "robot");
+        assert_eq!(auth(&s, &h, 0).unwrap().name, "robot");
         let t = token::sign(
             b"k",
             &token::Claims {
@@ -636,13 +767,106 @@ mod tests {
             },
         );
         h.insert("authorization", format!("Bearer {t}").parse().unwrap());
-        assert_eq!(
-            authenticate(&s, &h, 5).unwrap().groups,
-            vec!["devs".to_string()]
-        );
-        assert_eq!(authenticate(&s, &h, 10), Err(AuthError::Invalid), "expired");
+        assert_eq!(auth(&s, &h, 5).unwrap().groups, vec!["devs".to_string()]);
+        assert_eq!(auth(&s, &h, 10), Err(AuthError::Invalid), "expired");
         h.insert("authorization", "Negotiate x".parse().unwrap());
-        assert_eq!(authenticate(&s, &h, 0), Err(AuthError::Scheme));
+        assert_eq!(auth(&s, &h, 0), Err(AuthError::Scheme));
+    }
+
+    #[test]
+    fn every_password_check_runs_one_verification_known_or_not() {
+        let mut s = settings();
+        s.dummy_hash = dummy_like(HASH);
+        let o = FakeOffload::default();
+        let check = |u: &str, p: &str| check_password(&s, &o, u, p).now_or_never().expect("inline");
+        assert!(check("alice", "correct horse").is_ok());
+        assert_eq!(o.jobs(), 1);
+        assert_eq!(check("alice", "wrong"), Err(AuthError::Invalid));
+        assert_eq!(o.jobs(), 2);
+        assert_eq!(check("nobody", "correct horse"), Err(AuthError::Invalid));
+        assert_eq!(o.jobs(), 3, "an unknown name costs a verification too");
+        assert_eq!(
+            check("robot", "robot-token").map(|p| p.name),
+            Ok("robot".into())
+        );
+        assert_eq!(check("robot", "nope"), Err(AuthError::Invalid));
+        assert_eq!(o.jobs(), 5, "and so does a token-only identity");
+        let none = AccessSettings::default();
+        assert_eq!(
+            check_password(&none, &o, "alice", "x").now_or_never(),
+            Some(Err(AuthError::Invalid))
+        );
+        assert_eq!(o.jobs(), 5, "no identities: nothing to verify");
+    }
+
+    #[test]
+    fn the_dummy_hash_has_the_identity_parameters_and_matches_nothing() {
+        let d = dummy_like(HASH).unwrap();
+        let (ph, dh) = (
+            PasswordHash::new(HASH).unwrap(),
+            PasswordHash::new(&d).unwrap(),
+        );
+        assert_eq!(ph.algorithm, dh.algorithm);
+        assert_eq!(ph.params, dh.params);
+        assert_eq!(ph.salt, dh.salt);
+        assert_eq!(ph.hash.unwrap().len(), dh.hash.unwrap().len());
+        assert!(!verify_hash(&d, "correct horse"));
+        let def = PasswordHash::new(DEFAULT_DUMMY_HASH).unwrap();
+        assert_eq!(
+            def.params, ph.params,
+            "the default dummy has hash-password's parameters"
+        );
+        assert_eq!(def.hash.unwrap().len(), 32);
+    }
+
+    fn resolved(auth: &str) -> Result<AccessSettings, ConfigError> {
+        struct K;
+        impl SecretResolver for K {
+            fn resolve(&self, _: &str) -> Result<Secret, ConfigError> {
+                Ok(Secret::new("k".into()))
+            }
+        }
+        let auth: AuthConfig = toml::from_str(auth).unwrap();
+        let identities = [IdentityConfig {
+            name: "alice".into(),
+            password_hash: Some(HASH.into()),
+            token: None,
+            groups: vec![],
+        }];
+        resolve(
+            AccessInput {
+                auth: &auth,
+                identities: &identities,
+                rules: &[],
+                networks: &[],
+                rate_limit: &RateLimitConfig::default(),
+            },
+            &K,
+        )
+    }
+
+    #[test]
+    fn auth_needs_a_configured_public_url_for_the_realm() {
+        let e = resolved("enabled = true\ntoken_secret = \"env:K\"").unwrap_err();
+        assert!(e.0.contains("public_url"), "{e}");
+        let s = resolved(
+            "enabled = true\ntoken_secret = \"env:K\"\npublic_url = \"https://pg.example/\"",
+        )
+        .unwrap();
+        assert_eq!(s.public_url.as_deref(), Some("https://pg.example"));
+        assert_eq!(s.login, LoginPolicy::default());
+        assert_eq!(s.dummy_hash.as_deref(), dummy_like(HASH).as_deref());
+        for bad in ["pg.example", "ftp://pg.example", "https://pg.example/?x=1"] {
+            let e = resolved(&format!(
+                "enabled = true\ntoken_secret = \"env:K\"\npublic_url = \"{bad}\""
+            ))
+            .unwrap_err();
+            assert!(e.0.contains("public_url"), "{bad}: {e}");
+        }
+        assert!(
+            resolved("").unwrap().public_url.is_none(),
+            "off: not needed"
+        );
     }
 
     #[test]

@@ -167,6 +167,7 @@ fn harness(extra: &str) -> Harness {
         blobs: Rc::new(MemBlobStore::default()),
         clock: clock.clone(),
         deferred: Rc::new(NoDeferred),
+        offload: Rc::new(crate::core::ports::InlineOffload),
     };
     Harness {
         app: App::new(settings.clone(), ports.clone()),

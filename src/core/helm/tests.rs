@@ -150,6 +150,7 @@ fn harness_with(stable_extra: &str) -> Harness {
         blobs: blobs.clone(),
         clock: clock.clone(),
         deferred: Rc::new(DropDeferred),
+        offload: Rc::new(crate::core::ports::InlineOffload),
     };
     Harness {
         app: App::new(config.resolve(&NoSecrets).expect("settings"), ports),
