@@ -16,7 +16,8 @@
 #
 # Environment: FUZZ_TARGET_DIR (default $CARGO_TARGET_DIR/fuzz, else fuzz/target),
 # FUZZ_SANITIZER (default none: the fuzzed code is safe Rust, and without ASan it runs several
-# times faster; use `address` for unsafe code), FUZZ_MAX_CORPUS (default 300).
+# times faster; use `address` for unsafe code), FUZZ_MAX_CORPUS (default 300), FUZZ_PARALLEL
+# (targets fuzzed at the same time, default 1; each is still one libFuzzer job).
 # Exit status: 0 when no target crashed, 1 otherwise, 2 when the tools are missing.
 set -euo pipefail
 
@@ -26,6 +27,7 @@ SECS=${1:-300}
 shift || true
 SANITIZER=${FUZZ_SANITIZER:-none}
 MAX_CORPUS=${FUZZ_MAX_CORPUS:-300}
+PARALLEL=${FUZZ_PARALLEL:-1}
 if [ -n "${FUZZ_TARGET_DIR:-}" ]; then
     TARGET_DIR=$FUZZ_TARGET_DIR
 elif [ -n "${CARGO_TARGET_DIR:-}" ]; then
@@ -80,13 +82,13 @@ commit=$(git -C "$ROOT" rev-parse --short HEAD)
 git -C "$ROOT" diff --quiet HEAD -- src fuzz/fuzz_targets fuzz/Cargo.toml ||
     commit="$commit (plus uncommitted changes)"
 
-mkdir -p "$FUZZ/work"
-ROWS=()
-CRASHED=0
-for t in "${TARGETS[@]}"; do
+# Fuzzes and minimises one target; leaves its report row in work/<t>.row and, when it
+# crashed, work/<t>.crashed.
+fuzz_one() {
+    local t=$1 work log len rc crashes execs rate rss cmin_rc files
     work=$FUZZ/work/$t
     log=$FUZZ/work/$t.log
-    rm -rf "$work" "$FUZZ/artifacts/$t"
+    rm -rf "$work" "$FUZZ/artifacts/$t" "$FUZZ/work/$t.crashed"
     mkdir -p "$work" "$FUZZ/artifacts/$t" "$FUZZ/corpus/$t"
     for set in seeds corpus regressions; do
         if [ -d "$FUZZ/$set/$t" ]; then
@@ -106,9 +108,8 @@ for t in "${TARGETS[@]}"; do
     if [ "$rc" -ne 0 ] && [ "$crashes" -eq 0 ]; then
         echo "fuzz.sh: $t exited with $rc and left no artifact; see $log" >&2
         crashes="? (exit $rc)"
-        CRASHED=1
     fi
-    [ "$crashes" != 0 ] && CRASHED=1
+    if [ "$crashes" != 0 ]; then touch "$FUZZ/work/$t.crashed"; fi
     execs=$(stat_of "$log" number_of_executed_units)
     rate=$(stat_of "$log" average_exec_per_sec)
     rss=$(stat_of "$log" peak_rss_mb)
@@ -135,8 +136,24 @@ for t in "${TARGETS[@]}"; do
             cut -d' ' -f2- | xargs -r cp -t "$FUZZ/corpus/$t"
     fi
     files=$(find "$FUZZ/corpus/$t" -type f | wc -l)
-    ROWS+=("| \`$t\` | $SECS | ${execs:-?} | ${rate:-?} | $files | ${rss:-?} | $crashes |")
+    echo "| \`$t\` | $SECS | ${execs:-?} | ${rate:-?} | $files | ${rss:-?} | $crashes |" \
+        >"$FUZZ/work/$t.row"
     echo "== $t: ${execs:-?} executions, ${rate:-?}/s, corpus $files, crashes $crashes"
+}
+
+mkdir -p "$FUZZ/work"
+for t in "${TARGETS[@]}"; do
+    fuzz_one "$t" &
+    while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do
+        wait -n || true
+    done
+done
+wait
+ROWS=()
+CRASHED=0
+for t in "${TARGETS[@]}"; do
+    ROWS+=("$(cat "$FUZZ/work/$t.row" 2>/dev/null || echo "| \`$t\` | $SECS | ? | ? | ? | ? | did not finish |")")
+    if [ -e "$FUZZ/work/$t.crashed" ] || [ ! -e "$FUZZ/work/$t.row" ]; then CRASHED=1; fi
 done
 
 {
@@ -149,7 +166,8 @@ done
     echo "- commit: $commit"
     echo "- toolchain: $(rustc +nightly --version), $(cargo +nightly fuzz --version)"
     echo "- build: release with debug assertions and overflow checks, sanitizer \`$SANITIZER\`;"
-    echo "  one libFuzzer job per target, \`-max_total_time=$SECS\`, \`-timeout=10\`"
+    echo "  one libFuzzer job per target ($PARALLEL target(s) at a time), \`-max_total_time=$SECS\`,"
+    echo "  \`-timeout=10\`"
     echo "- machine: $(nproc) cores shared with other work (load average $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "  at the end), so the rates are lower bounds"
     echo
