@@ -17,7 +17,9 @@
 # Environment: FUZZ_TARGET_DIR (default $CARGO_TARGET_DIR/fuzz, else fuzz/target),
 # FUZZ_SANITIZER (default none: the fuzzed code is safe Rust, and without ASan it runs several
 # times faster; use `address` for unsafe code), FUZZ_MAX_CORPUS (default 300), FUZZ_PARALLEL
-# (targets fuzzed at the same time, default 1; each is still one libFuzzer job).
+# (targets fuzzed at the same time, default 1; each is still one libFuzzer job),
+# FUZZ_REPORT_ONLY=1 (no build, no run: rewrite the report from fuzz/work/ of the last run;
+# pass the same seconds).
 # Exit status: 0 when no target crashed, 1 otherwise, 2 when the tools are missing.
 set -euo pipefail
 
@@ -76,20 +78,21 @@ stat_of() { # stat_of <log> <name>: a libFuzzer -print_final_stats value
     sed -n "s/^stat::$2:[[:space:]]*//p" "$1" | tail -n 1
 }
 
-echo "== building ${#TARGETS[@]} targets"
-cargo +nightly fuzz build "${BUILD[@]}"
+if [ -z "${FUZZ_REPORT_ONLY:-}" ]; then
+    echo "== building ${#TARGETS[@]} targets"
+    cargo +nightly fuzz build "${BUILD[@]}"
+fi
 commit=$(git -C "$ROOT" rev-parse --short HEAD)
 git -C "$ROOT" diff --quiet HEAD -- src fuzz/fuzz_targets fuzz/Cargo.toml ||
     commit="$commit (plus uncommitted changes)"
 
-# Fuzzes and minimises one target; leaves its report row in work/<t>.row and, when it
-# crashed, work/<t>.crashed.
+# Fuzzes one target, then minimises what it found into fuzz/corpus/<t>.
 fuzz_one() {
-    local t=$1 work log len rc crashes execs rate rss cmin_rc files
+    local t=$1 work log len
     work=$FUZZ/work/$t
     log=$FUZZ/work/$t.log
-    rm -rf "$work" "$FUZZ/artifacts/$t" "$FUZZ/work/$t.crashed"
-    mkdir -p "$work" "$FUZZ/artifacts/$t" "$FUZZ/corpus/$t"
+    rm -rf "$work" "$work.min" "$FUZZ/artifacts/$t"
+    mkdir -p "$work" "$work.min" "$FUZZ/artifacts/$t" "$FUZZ/corpus/$t"
     for set in seeds corpus regressions; do
         if [ -d "$FUZZ/$set/$t" ]; then
             find "$FUZZ/$set/$t" -maxdepth 1 -type f -exec cp -n -t "$work" {} +
@@ -97,63 +100,61 @@ fuzz_one() {
     done
     len=$(max_len "$t")
     echo "== $t: ${SECS}s from $(find "$work" -type f | wc -l) inputs (log: $log)"
-    set +e
     "$BIN_DIR/$t" -artifact_prefix="$FUZZ/artifacts/$t/" \
         -max_total_time="$SECS" -max_len="$len" -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1 -close_fd_mask=1 "$work" >"$log" 2>&1
-    rc=$?
-    set -e
-    crashes=$(find "$FUZZ/artifacts/$t" -type f \( -name 'crash-*' -o -name 'oom-*' \
-        -o -name 'timeout-*' -o -name 'leak-*' \) | wc -l)
-    if [ "$rc" -ne 0 ] && [ "$crashes" -eq 0 ]; then
-        echo "fuzz.sh: $t exited with $rc and left no artifact; see $log" >&2
-        crashes="? (exit $rc)"
+        -print_final_stats=1 -close_fd_mask=1 "$work" >"$log" 2>&1 ||
+        echo "fuzz.sh: $t stopped early; see $log and fuzz/artifacts/$t" >&2
+
+    echo "== $t: minimising the corpus"
+    if ! "$BIN_DIR/$t" -merge=1 -max_len="$len" -timeout=10 -rss_limit_mb=2048 \
+        -close_fd_mask=1 "$work.min" "$work" >"$log.cmin" 2>&1; then
+        echo "fuzz.sh: minimising $t failed, corpus left as it was; see $log.cmin" >&2
+        return 0
     fi
-    if [ "$crashes" != 0 ]; then touch "$FUZZ/work/$t.crashed"; fi
+    # libFuzzer names corpus files by the SHA-1 of their content: drop the seeds.
+    if [ -d "$FUZZ/seeds/$t" ]; then
+        for f in "$FUZZ/seeds/$t"/*; do
+            rm -f "$work.min/$(sha1sum "$f" | cut -d' ' -f1)"
+        done
+    fi
+    find "$FUZZ/corpus/$t" -maxdepth 1 -type f -delete
+    find "$work.min" -maxdepth 1 -type f -printf '%s %p\n' | sort -n >"$work.sizes"
+    head -n "$MAX_CORPUS" "$work.sizes" | cut -d' ' -f2- | xargs -r cp -t "$FUZZ/corpus/$t"
+}
+
+# One report row from the last run's log, artifacts and corpus; `crashed` when the run found
+# a crash or did not end normally.
+row_of() {
+    local t=$1 log crashes execs rate rss files
+    log=$FUZZ/work/$t.log
+    crashes=$(find "$FUZZ/artifacts/$t" -type f \( -name 'crash-*' -o -name 'oom-*' \
+        -o -name 'timeout-*' -o -name 'leak-*' \) 2>/dev/null | wc -l)
+    if [ "$crashes" -eq 0 ] && ! grep -q '^Done [0-9]* runs' "$log" 2>/dev/null; then
+        crashes="? (no clean end: see the log)"
+    fi
     execs=$(stat_of "$log" number_of_executed_units)
     rate=$(stat_of "$log" average_exec_per_sec)
     rss=$(stat_of "$log" peak_rss_mb)
-
-    echo "== $t: minimising the corpus"
-    rm -rf "$work.min"
-    mkdir -p "$work.min"
-    set +e
-    "$BIN_DIR/$t" -merge=1 -max_len="$len" -timeout=10 -rss_limit_mb=2048 \
-        -close_fd_mask=1 "$work.min" "$work" >"$log.cmin" 2>&1
-    cmin_rc=$?
-    set -e
-    if [ "$cmin_rc" -ne 0 ]; then
-        echo "fuzz.sh: minimising $t failed ($cmin_rc), corpus left as it was; see $log.cmin" >&2
-    else
-        # libFuzzer names corpus files by the SHA-1 of their content: drop the seeds.
-        if [ -d "$FUZZ/seeds/$t" ]; then
-            for f in "$FUZZ/seeds/$t"/*; do
-                rm -f "$work.min/$(sha1sum "$f" | cut -d' ' -f1)"
-            done
-        fi
-        find "$FUZZ/corpus/$t" -maxdepth 1 -type f -delete
-        find "$work.min" -maxdepth 1 -type f -printf '%s %p\n' | sort -n | head -n "$MAX_CORPUS" |
-            cut -d' ' -f2- | xargs -r cp -t "$FUZZ/corpus/$t"
-    fi
-    files=$(find "$FUZZ/corpus/$t" -type f | wc -l)
-    echo "| \`$t\` | $SECS | ${execs:-?} | ${rate:-?} | $files | ${rss:-?} | $crashes |" \
-        >"$FUZZ/work/$t.row"
-    echo "== $t: ${execs:-?} executions, ${rate:-?}/s, corpus $files, crashes $crashes"
+    files=$(find "$FUZZ/corpus/$t" -type f 2>/dev/null | wc -l)
+    echo "| \`$t\` | $SECS | ${execs:-?} | ${rate:-?} | $files | ${rss:-?} | $crashes |"
 }
 
-mkdir -p "$FUZZ/work"
-for t in "${TARGETS[@]}"; do
-    fuzz_one "$t" &
-    while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do
-        wait -n || true
+if [ -z "${FUZZ_REPORT_ONLY:-}" ]; then
+    mkdir -p "$FUZZ/work"
+    for t in "${TARGETS[@]}"; do
+        fuzz_one "$t" &
+        while [ "$(jobs -rp | wc -l)" -ge "$PARALLEL" ]; do
+            wait -n || true
+        done
     done
-done
-wait
+    wait
+fi
 ROWS=()
 CRASHED=0
 for t in "${TARGETS[@]}"; do
-    ROWS+=("$(cat "$FUZZ/work/$t.row" 2>/dev/null || echo "| \`$t\` | $SECS | ? | ? | ? | ? | did not finish |")")
-    if [ -e "$FUZZ/work/$t.crashed" ] || [ ! -e "$FUZZ/work/$t.row" ]; then CRASHED=1; fi
+    row=$(row_of "$t")
+    ROWS+=("$row")
+    case "$row" in *"| 0 |") ;; *) CRASHED=1 ;; esac
 done
 
 {
