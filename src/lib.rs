@@ -8,6 +8,9 @@
 pub mod core;
 pub mod testing;
 
+#[doc(hidden)]
+pub mod fuzzing;
+
 #[cfg(feature = "native")]
 pub mod native;
 

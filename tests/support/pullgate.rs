@@ -205,6 +205,13 @@ impl Pullgate {
         }
     }
 
+    /// Kills the process with SIGKILL (no graceful shutdown: a crash or power loss), keeping
+    /// the data dir and port for [`Pullgate::start`].
+    pub fn kill(&mut self) {
+        let mut process = self.process.take().expect("pullgate is not running");
+        process.kill();
+    }
+
     /// Stops gracefully (asserting a successful exit) and starts again with the same data.
     pub fn restart(&mut self) {
         let status = self.stop();
