@@ -412,7 +412,6 @@ fn redirect_loop_is_bounded_and_answers_a_clear_error() {
 }
 
 #[test]
-#[ignore = "needs the outbound address policy"]
 fn redirect_to_loopback_is_refused_and_nothing_of_it_reaches_the_client() {
     // Something internal on another loopback address, holding bytes the client must not get.
     let internal = FaultyUpstream::start_on("127.0.0.2");
