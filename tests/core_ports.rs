@@ -827,6 +827,37 @@ fn token_realm_at_a_private_address_is_refused_and_credentials_never_leave() {
 }
 
 #[test]
+fn another_upstreams_internal_host_is_no_exemption_for_redirects_or_realms() {
+    local(async {
+        // A second upstream lives on an internal address. Being configured for itself does
+        // not let the first upstream send pullgate there.
+        let second = "[[upstream]]\nhost = \"intern.test\"\nurl = \"http://10.0.0.7\"";
+        let h = harness(second);
+        h.up.redirect_blobs.set(true);
+        *h.up.cdn.borrow_mut() = Some("http://10.0.0.7".into());
+        let (d, _) = h.up.put_blob(vec![3u8; 20_000]);
+        let g = fetch(&h, &format!("/v2/app/blobs/{d}"), &[]).await;
+        assert_eq!(g.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            h.up.count("GET", "10.0.0.7"),
+            0,
+            "the other upstream's host was dialled"
+        );
+
+        let h = harness(&format!(
+            "username = \"env:U\"\npassword = \"env:P\"\n{second}"
+        ));
+        h.up.require_token.set(true);
+        *h.up.realm.borrow_mut() = "http://10.0.0.7/token".into();
+        h.up.put_manifest("v1", OCI_MANIFEST, MANIFEST);
+        let g = fetch(&h, "/v2/app/manifests/v1", &[ACCEPT_OCI]).await;
+        assert_eq!(g.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(h.up.count("GET", "10.0.0.7"), 0, "the realm was dialled");
+        assert_eq!(h.up.tokens_issued.get(), 0);
+    });
+}
+
+#[test]
 fn redirect_loops_end_after_a_bounded_number_of_hops() {
     local(async {
         let h = harness("");

@@ -155,12 +155,15 @@ fn hash(password: &str) -> String {
 }
 
 fn start(upstream_url: &str) -> Pullgate {
+    // The realm clients follow is <public_url>/token: pullgate's own address.
+    let port = support::process::free_port();
     let config = format!(
         r#"
 [auth]
 enabled = true
 token_secret = "env:PG_TOKEN_SECRET"
 token_ttl = "5m"
+public_url = "http://127.0.0.1:{port}"
 
 [[identity]]
 name = "alice"
@@ -180,6 +183,7 @@ actions = ["pull"]
         hash = hash(PASSWORD)
     );
     Pullgate::builder()
+        .port(port)
         .config(&config)
         .upstream("reg.test", upstream_url)
         .env("PG_TOKEN_SECRET", TOKEN_SECRET)

@@ -189,12 +189,20 @@ pub fn is_trusted_realm(upstream_url: &Url, realm: &Url, auth_hosts: &[String]) 
     if same_port && (up == rh || trust_domain(&up) == trust_domain(&rh)) {
         return true;
     }
-    // `auth_hosts` entries are `host` or `host:port`, read with the realm's scheme so that a
-    // default port written out matches a realm without one.
+    is_auth_host(realm, auth_hosts)
+}
+
+/// Is `url` on one of an upstream's `auth_hosts`? Entries are `host` or `host:port`, read with
+/// the URL's scheme so that a default port written out matches a URL without one, and a bare
+/// host means the scheme's default port.
+pub fn is_auth_host(url: &Url, auth_hosts: &[String]) -> bool {
+    let Some(host) = url.host_str().map(str::to_ascii_lowercase) else {
+        return false;
+    };
     auth_hosts.iter().any(|entry| {
-        Url::parse(&format!("{}://{entry}", realm.scheme())).is_ok_and(|e| {
-            e.host_str().map(str::to_ascii_lowercase).as_deref() == Some(rh.as_str())
-                && port_key(&e) == port_key(realm)
+        Url::parse(&format!("{}://{entry}", url.scheme())).is_ok_and(|e| {
+            e.host_str().map(str::to_ascii_lowercase).as_deref() == Some(host.as_str())
+                && port_key(&e) == port_key(url)
         })
     })
 }

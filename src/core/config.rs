@@ -481,7 +481,7 @@ impl Config {
             )?,
             outbound: Default::default(),
         };
-        settings.outbound = crate::core::outbound::resolve(&self.outbound, &settings)?;
+        settings.outbound = crate::core::outbound::resolve(&self.outbound)?;
         Ok(settings)
     }
 }

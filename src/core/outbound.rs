@@ -5,11 +5,14 @@
 //! `upstream` (redirects and realms) and `helm::store::get` (chart URLs and their redirects).
 //!
 //! The rule:
-//! - A request to a host the operator configured (an upstream `url`, an `auth_hosts` entry,
-//!   a gateway `[[target]]` URL, a `[[helm]]` index URL) is trusted as written and not
-//!   checked. Hosts are compared without their port: configuring `http://127.0.0.1:5000`
-//!   trusts `127.0.0.1`, whatever the port.
-//! - Any other host is refused when it is a literal address in a refused class (loopback,
+//! - A URL on an origin the operator configured *for the request at hand* is trusted as
+//!   written and not checked: the upstream's own origin (scheme-normalised host and port) for
+//!   its redirects, that or one of its `auth_hosts` for its token realm, and a Helm entry's
+//!   index origin or `chart_hosts` for its charts. The caller decides (`trusted` in
+//!   [`guard`]); the whole configuration is never one trusted set, because then any upstream
+//!   could send pullgate to a gateway target, another upstream, or another port of its own
+//!   host.
+//! - Any other URL is refused when it is a literal address in a refused class (loopback,
 //!   link-local, private, carrier-grade NAT, unique-local, unspecified, multicast, broadcast,
 //!   a cloud metadata endpoint — also in IPv4-mapped, IPv4-compatible, NAT64 and 6to4 IPv6
 //!   forms) or a name that is one by definition (`localhost`, `*.localhost`,
@@ -138,14 +141,15 @@ pub enum Verdict {
 #[derive(Debug, Clone)]
 pub struct ChosenByUpstream(pub Arc<OutboundPolicy>);
 
-/// The resolved `[outbound]` policy plus the hosts the operator configured.
+/// The resolved `[outbound]` policy. Which configured origins a request trusts is decided
+/// per request by its caller (the upstream it belongs to, a Helm entry's index and
+/// `chart_hosts`), never from the whole configuration: a host configured for one purpose (a
+/// gateway target, another upstream) is not a place every upstream may send pullgate.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OutboundPolicy {
     allow_nets: Vec<Cidr>,
     /// Lowercase names without a trailing dot; `*.x` is kept as `.x` (a suffix).
     allow_names: Vec<String>,
-    /// Lowercase hosts without port (IPv6 without brackets).
-    configured: Vec<String>,
 }
 
 /// Lowercases a host and drops a trailing dot and IPv6 brackets.
@@ -158,11 +162,8 @@ fn norm(host: &str) -> String {
 }
 
 impl OutboundPolicy {
-    /// Builds the policy from `[outbound] allow` and the configured URLs' hosts.
-    pub fn new<'a>(
-        allow: &[String],
-        configured: impl IntoIterator<Item = &'a str>,
-    ) -> Result<OutboundPolicy, ConfigError> {
+    /// Builds the policy from `[outbound] allow`.
+    pub fn new(allow: &[String]) -> Result<OutboundPolicy, ConfigError> {
         let mut p = OutboundPolicy::default();
         for entry in allow {
             let e = entry.trim();
@@ -186,18 +187,7 @@ impl OutboundPolicy {
                 )));
             }
         }
-        for h in configured {
-            let h = norm(h);
-            if !h.is_empty() && !p.configured.contains(&h) {
-                p.configured.push(h);
-            }
-        }
         Ok(p)
-    }
-
-    /// Is `host` (no port) one the operator configured?
-    pub fn is_configured(&self, host: &str) -> bool {
-        self.configured.contains(&norm(host))
     }
 
     fn allows_ip(&self, ip: IpAddr) -> bool {
@@ -221,9 +211,6 @@ impl OutboundPolicy {
         match url.host() {
             None => Err(refused(AddressClass::Unspecified)),
             Some(Host::Domain(d)) => {
-                if self.is_configured(d) {
-                    return Ok(Verdict::Configured);
-                }
                 if self.allows_name(d) {
                     return Ok(Verdict::Allowed);
                 }
@@ -232,15 +219,12 @@ impl OutboundPolicy {
                     None => Ok(Verdict::CheckResolved),
                 }
             }
-            Some(Host::Ipv4(v4)) => self.check_ip(purpose, &v4.to_string(), IpAddr::V4(v4)),
-            Some(Host::Ipv6(v6)) => self.check_ip(purpose, &v6.to_string(), IpAddr::V6(v6)),
+            Some(Host::Ipv4(v4)) => self.check_ip(purpose, IpAddr::V4(v4)),
+            Some(Host::Ipv6(v6)) => self.check_ip(purpose, IpAddr::V6(v6)),
         }
     }
 
-    fn check_ip(&self, purpose: Purpose, host: &str, ip: IpAddr) -> Result<Verdict, Refused> {
-        if self.is_configured(host) {
-            return Ok(Verdict::Configured);
-        }
+    fn check_ip(&self, purpose: Purpose, ip: IpAddr) -> Result<Verdict, Refused> {
         if self.allows_ip(ip) {
             return Ok(Verdict::Allowed);
         }
@@ -267,34 +251,20 @@ impl OutboundPolicy {
     }
 }
 
-/// Resolves `[outbound]` against the rest of the settings: every host the operator configured
-/// (upstream URLs, `auth_hosts`, gateway targets, Helm index URLs) is trusted as written.
-pub fn resolve(
-    cfg: &OutboundConfig,
-    settings: &crate::core::config::Settings,
-) -> Result<Arc<OutboundPolicy>, ConfigError> {
-    // `auth_hosts` entries are `host` or `host:port`.
-    let auth_hosts: Vec<String> = settings
-        .upstreams
-        .iter()
-        .flat_map(|u| u.auth_hosts.iter())
-        .filter_map(|h| Url::parse(&format!("http://{h}")).ok())
-        .filter_map(|u| u.host_str().map(str::to_string))
-        .collect();
-    let configured = settings
-        .upstreams
-        .iter()
-        .filter_map(|u| u.url.host_str())
-        .chain(auth_hosts.iter().map(String::as_str))
-        .chain(
-            settings
-                .gateway
-                .targets
-                .iter()
-                .filter_map(|t| t.url.host_str()),
-        )
-        .chain(settings.helm.iter().filter_map(|r| r.url.host_str()));
-    Ok(Arc::new(OutboundPolicy::new(&cfg.allow, configured)?))
+/// Resolves `[outbound]`.
+pub fn resolve(cfg: &OutboundConfig) -> Result<Arc<OutboundPolicy>, ConfigError> {
+    Ok(Arc::new(OutboundPolicy::new(&cfg.allow)?))
+}
+
+/// Are `a` and `b` on the same origin as far as dialling goes: the same host (case and a
+/// trailing dot aside) and the same port, default ports normalised per scheme?
+pub fn same_origin(a: &Url, b: &Url) -> bool {
+    match (a.host_str(), b.host_str()) {
+        (Some(x), Some(y)) => {
+            norm(x) == norm(y) && a.port_or_known_default() == b.port_or_known_default()
+        }
+        _ => false,
+    }
 }
 
 /// The refused class of a name that is internal by definition, if any.
@@ -388,15 +358,21 @@ pub fn classify_ip(ip: IpAddr) -> Option<AddressClass> {
     }
 }
 
-/// Checks `url` (chosen by the upstream for `purpose`) and, unless the operator configured
-/// its host, marks the request with [`ChosenByUpstream`]. The one call the request builders
+/// Checks `url` (chosen by the upstream for `purpose`) and marks the request with
+/// [`ChosenByUpstream`], unless `trusted`: the caller found `url` on an origin the operator
+/// configured for this very request (its upstream's own origin, one of its `auth_hosts` for a
+/// realm, a Helm entry's index origin or `chart_hosts`). The one call the request builders
 /// that follow upstream-chosen URLs make.
 pub fn guard(
     policy: &Arc<OutboundPolicy>,
     purpose: Purpose,
     url: &Url,
+    trusted: bool,
     builder: http::request::Builder,
 ) -> Result<http::request::Builder, UpstreamError> {
+    if trusted {
+        return Ok(builder);
+    }
     match policy.check(purpose, url)? {
         Verdict::Configured => Ok(builder),
         Verdict::Allowed | Verdict::CheckResolved => {
@@ -411,6 +387,7 @@ pub fn guard_hop(
     policy: &Arc<OutboundPolicy>,
     start: &Url,
     current: &Url,
+    trusted: bool,
     builder: http::request::Builder,
 ) -> Result<http::request::Builder, UpstreamError> {
     let purpose = if current == start {
@@ -418,16 +395,16 @@ pub fn guard_hop(
     } else {
         Purpose::Redirect
     };
-    guard(policy, purpose, current, builder)
+    guard(policy, purpose, current, trusted, builder)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn policy(allow: &[&str], configured: &[&str]) -> OutboundPolicy {
+    fn policy(allow: &[&str]) -> OutboundPolicy {
         let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
-        OutboundPolicy::new(&allow, configured.iter().copied()).unwrap()
+        OutboundPolicy::new(&allow).unwrap()
     }
 
     fn check(p: &OutboundPolicy, url: &str) -> Result<Verdict, AddressClass> {
@@ -501,15 +478,14 @@ mod tests {
 
     #[test]
     fn urls_chosen_by_the_upstream_table() {
-        let p = policy(&[], &["registry.example", "127.0.0.1", "[::1]"]);
+        let p = policy(&[]);
         use AddressClass::*;
         use Verdict::*;
         let table: &[(&str, Result<Verdict, AddressClass>)] = &[
             ("https://cdn.example/x", Ok(CheckResolved)),
-            ("https://registry.example:8443/x", Ok(Configured)),
-            ("https://REGISTRY.example./x", Ok(Configured)),
-            ("http://127.0.0.1:9999/x", Ok(Configured)),
-            ("http://[::1]:9/x", Ok(Configured)),
+            ("https://registry.example:8443/x", Ok(CheckResolved)),
+            ("http://127.0.0.1:9999/x", Err(Loopback)),
+            ("http://[::1]:9/x", Err(Loopback)),
             ("http://127.0.0.2/x", Err(Loopback)),
             ("http://localhost:5000/x", Err(Loopback)),
             ("http://x.localhost/", Err(Loopback)),
@@ -532,16 +508,13 @@ mod tests {
 
     #[test]
     fn allow_lists_networks_and_names() {
-        let p = policy(
-            &[
-                "127.0.0.0/8",
-                "10.1.0.0/16",
-                "fd00::/8",
-                "registry.internal",
-                "*.corp.internal",
-            ],
-            &[],
-        );
+        let p = policy(&[
+            "127.0.0.0/8",
+            "10.1.0.0/16",
+            "fd00::/8",
+            "registry.internal",
+            "*.corp.internal",
+        ]);
         assert_eq!(check(&p, "http://127.0.0.2/x"), Ok(Verdict::Allowed));
         assert_eq!(check(&p, "http://10.1.2.3/x"), Ok(Verdict::Allowed));
         assert_eq!(check(&p, "http://10.2.0.1/x"), Err(AddressClass::Private));
@@ -577,18 +550,15 @@ mod tests {
     #[test]
     fn bad_allow_entries_are_config_errors() {
         for bad in ["10.0.0.0/33", "not a host", "http://x", ""] {
-            assert!(
-                OutboundPolicy::new(&[bad.to_string()], []).is_err(),
-                "{bad:?}"
-            );
+            assert!(OutboundPolicy::new(&[bad.to_string()]).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn refusals_name_the_class_and_the_way_out_and_nothing_else() {
-        let p = Arc::new(policy(&[], &[]));
+        let p = Arc::new(policy(&[]));
         let url = Url::parse("http://127.0.0.2:8080/v2/secret").unwrap();
-        let e = guard(&p, Purpose::Redirect, &url, http::Request::builder()).unwrap_err();
+        let e = guard(&p, Purpose::Redirect, &url, false, http::Request::builder()).unwrap_err();
         assert_eq!(
             e,
             UpstreamError::Refused(
@@ -596,12 +566,13 @@ mod tests {
                     .into()
             )
         );
-        // A name passes with the marker; a configured host passes without it.
-        let p = Arc::new(policy(&[], &["up.example"]));
+        // A name passes with the marker; a trusted (configured) origin passes without it.
+        let p = Arc::new(policy(&[]));
         let b = guard(
             &p,
             Purpose::TokenRealm,
             &Url::parse("https://auth.example/t").unwrap(),
+            false,
             http::Request::builder(),
         )
         .unwrap();
@@ -611,6 +582,7 @@ mod tests {
             &p,
             Purpose::TokenRealm,
             &Url::parse("https://up.example/t").unwrap(),
+            true,
             http::Request::builder(),
         )
         .unwrap();
@@ -624,24 +596,44 @@ mod tests {
 
     #[test]
     fn chart_fetches_word_the_first_hop_as_a_chart_url_and_later_ones_as_redirects() {
-        let p = Arc::new(policy(&[], &["charts.example"]));
+        let p = Arc::new(policy(&[]));
         let start = Url::parse("http://169.254.169.254/latest/x.tgz").unwrap();
-        let e = guard_hop(&p, &start, &start, http::Request::builder()).unwrap_err();
+        let e = guard_hop(&p, &start, &start, false, http::Request::builder()).unwrap_err();
         assert_eq!(
             e.to_string(),
             "chart index points at a refused address (cloud metadata); allow it with [outbound] allow"
         );
         let start = Url::parse("http://charts.example/x.tgz").unwrap();
-        assert!(guard_hop(&p, &start, &start, http::Request::builder()).is_ok());
+        assert!(guard_hop(&p, &start, &start, true, http::Request::builder()).is_ok());
         let next = Url::parse("http://10.0.0.9/x.tgz").unwrap();
-        let e = guard_hop(&p, &start, &next, http::Request::builder()).unwrap_err();
+        let e = guard_hop(&p, &start, &next, false, http::Request::builder()).unwrap_err();
         assert!(e
             .to_string()
             .starts_with("upstream redirected to a refused address (private)"));
     }
 
     #[test]
-    fn every_configured_host_is_trusted_as_written() {
+    fn only_the_requests_own_origin_is_trusted() {
+        let up = Url::parse("http://localhost:17000/v2/").unwrap();
+        let same = |u: &str| same_origin(&up, &Url::parse(u).unwrap());
+        assert!(same("http://localhost:17000/v2/x/blobs/y"));
+        assert!(same("http://LOCALHOST.:17000/elsewhere"));
+        // Another port of the same host, or another host, is not the same origin.
+        assert!(!same("http://localhost:18084/a"));
+        assert!(!same("http://127.0.0.1:17000/a"));
+        let tls = Url::parse("https://registry.example/v2/").unwrap();
+        assert!(same_origin(
+            &tls,
+            &Url::parse("https://registry.example:443/x").unwrap()
+        ));
+        assert!(!same_origin(
+            &tls,
+            &Url::parse("http://registry.example/x").unwrap()
+        ));
+    }
+
+    #[test]
+    fn outbound_allow_is_resolved_from_the_configuration() {
         struct NoSecrets;
         impl crate::core::config::SecretResolver for NoSecrets {
             fn resolve(&self, r: &str) -> Result<crate::core::config::Secret, ConfigError> {
@@ -655,10 +647,6 @@ mod tests {
             host = "reg.test"
             url = "http://10.0.0.5:5000"
             default = true
-            auth_hosts = ["auth.internal:8443"]
-            [[helm]]
-            name = "stable"
-            url = "http://charts.internal/stable"
             [outbound]
             allow = ["192.168.0.0/16"]
             "#,
@@ -666,17 +654,12 @@ mod tests {
         .unwrap();
         let s = c.resolve(&NoSecrets).unwrap();
         let p = &s.outbound;
-        for host in ["10.0.0.5", "auth.internal", "charts.internal"] {
-            assert!(p.is_configured(host), "{host}");
-        }
-        assert!(!p.is_configured("10.0.0.6"));
-        assert_eq!(
-            check(p, "http://10.0.0.5:9999/x"),
-            Ok(Verdict::Configured),
-            "any port of a configured host"
-        );
         assert_eq!(check(p, "http://192.168.1.1/x"), Ok(Verdict::Allowed));
-        assert_eq!(check(p, "http://10.0.0.6/x"), Err(AddressClass::Private));
+        // A configured upstream's host is no exemption for URLs other requests were sent to.
+        assert_eq!(
+            check(p, "http://10.0.0.5:5000/x"),
+            Err(AddressClass::Private)
+        );
         let bad =
             crate::core::config::parse_config("[outbound]\nallow = [\"10.0.0.0/40\"]").unwrap();
         let e = bad.resolve(&NoSecrets).unwrap_err().to_string();

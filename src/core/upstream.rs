@@ -13,13 +13,13 @@
 //! [`UpstreamError::Refused`], which registry routes answer 502 ([`registry_error`]).
 
 use crate::core::auth::{
-    is_trusted_realm, parse_challenge, parse_token_response, pull_scope, token_lifetime_ms,
-    Challenge,
+    is_auth_host, is_trusted_realm, parse_challenge, parse_token_response, pull_scope,
+    token_lifetime_ms, Challenge,
 };
 use crate::core::config::UpstreamSpec;
 use crate::core::error::RegistryError;
 use crate::core::metrics::{inc, Metrics};
-use crate::core::outbound::{guard, OutboundPolicy, Purpose};
+use crate::core::outbound::{guard, same_origin, OutboundPolicy, Purpose};
 use crate::core::ports::{ByteStream, Clock, Upstream, UpstreamError};
 use futures_util::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -196,7 +196,8 @@ impl UpstreamClient {
         self
     }
 
-    /// Sends one request; `chosen` says the upstream chose `url` (a redirect or a realm), so
+    /// Sends one request; `chosen` says the upstream chose `url` (a redirect or a realm), and
+    /// whether it is on an origin configured for this upstream (trusted as written); otherwise
     /// the outbound policy applies to it.
     async fn send_raw(
         &self,
@@ -204,14 +205,14 @@ impl UpstreamClient {
         url: &Url,
         accept: Option<&str>,
         authorization: Option<&str>,
-        chosen: Option<Purpose>,
+        chosen: Option<(Purpose, bool)>,
     ) -> Result<Response<ByteStream>, UpstreamError> {
         let mut b = Request::builder()
             .method(method.clone())
             .uri(url.as_str())
             .header(header::USER_AGENT, USER_AGENT);
-        if let Some(purpose) = chosen {
-            b = guard(&self.outbound, purpose, url, b)?;
+        if let Some((purpose, trusted)) = chosen {
+            b = guard(&self.outbound, purpose, url, trusted, b)?;
         }
         if let Some(a) = accept {
             b = b.header(header::ACCEPT, a);
@@ -272,7 +273,10 @@ impl UpstreamClient {
                 &url,
                 None,
                 auth.as_deref(),
-                Some(Purpose::TokenRealm),
+                Some((
+                    Purpose::TokenRealm,
+                    same_origin(&spec.url, &url) || is_auth_host(&url, &spec.auth_hosts),
+                )),
             )
             .await?;
         let status = resp.status();
@@ -355,7 +359,13 @@ impl UpstreamClient {
                     break;
                 };
                 resp = self
-                    .send_raw(&method, &next, None, None, Some(Purpose::Redirect))
+                    .send_raw(
+                        &method,
+                        &next,
+                        None,
+                        None,
+                        Some((Purpose::Redirect, same_origin(&spec.url, &next))),
+                    )
                     .await?;
                 current = next;
             }

@@ -198,7 +198,7 @@ mod tests {
 
     fn policy(allow: &[&str]) -> Arc<OutboundPolicy> {
         let allow: Vec<String> = allow.iter().map(|s| s.to_string()).collect();
-        Arc::new(OutboundPolicy::new(&allow, []).unwrap())
+        Arc::new(OutboundPolicy::new(&allow).unwrap())
     }
 
     #[test]

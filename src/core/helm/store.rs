@@ -137,6 +137,7 @@ fn internal(e: impl std::fmt::Display) -> HelmError {
 /// conditional headers rewritten, never to a non-HTTP URL).
 pub(crate) async fn get(
     inner: &Inner,
+    repo: &HelmRepo,
     url: &Url,
     conditional: &[(header::HeaderName, String)],
 ) -> Result<Response<ByteStream>, UpstreamError> {
@@ -146,7 +147,10 @@ pub(crate) async fn get(
             .method(Method::GET)
             .uri(current.as_str())
             .header(header::USER_AGENT, USER_AGENT);
-        b = crate::core::outbound::guard_hop(&inner.settings.outbound, url, &current, b)?;
+        // The entry's index origin and `chart_hosts` are configured for this repository and
+        // trusted as written; anything else (a redirect elsewhere) meets the address policy.
+        let trusted = is_allowed_chart_url(&repo.url, &repo.chart_hosts, &current);
+        b = crate::core::outbound::guard_hop(&inner.settings.outbound, url, &current, trusted, b)?;
         for (name, value) in conditional {
             if let Ok(v) = HeaderValue::from_str(value) {
                 b = b.header(name, v);
@@ -357,7 +361,7 @@ pub(crate) async fn refresh(
             conditional.push((header::IF_MODIFIED_SINCE, m.clone()));
         }
     }
-    let resp = get(inner, &url, &conditional)
+    let resp = get(inner, repo, &url, &conditional)
         .await
         .map_err(|e| failed(fetch_failure(&what, e)))?;
     match resp.status() {
@@ -522,7 +526,7 @@ pub(crate) async fn fetch_chart_url(
             host_port(&url)
         )));
     }
-    get(inner, &url, &[])
+    get(inner, repo, &url, &[])
         .await
         .map_err(|e| fetch_failure(&what, e))
 }
