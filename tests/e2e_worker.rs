@@ -427,3 +427,127 @@ fn worker_bundle_stays_within_one_mib_gzipped() {
         "the worker bundle is {gzipped} bytes gzipped ({raw} raw), over the 1 MiB budget"
     );
 }
+
+/// The signing key of the worker's own tokens (a Worker secret).
+const TOKEN_SECRET: &str = "worker-token-signing-key-for-link-tests";
+/// The robot identity's static token (a Worker secret), its password at `/token`.
+const ROBOT_TOKEN: &str = "robot-static-token-for-link-tests";
+
+/// Issue 9, item 1, on the Workers host: a caller may pull repository B only (an anonymous
+/// rule limited to `reg.test/team/b`); a robot that may pull everything pulls A through the
+/// worker, so A's blobs sit in R2 and its manifest in the cache. Asking for A's layers, config
+/// and manifest under B's name then answers 404 BLOB_UNKNOWN / MANIFEST_UNKNOWN with none of
+/// the bytes — the worker asked the upstream under B's name (`HEAD`) and transferred nothing.
+/// A layer B really holds upstream (uploaded there too) is served to the anonymous caller
+/// from R2 after one confirming `HEAD`, without a second transfer; B's own image pulls.
+#[test]
+fn content_cached_for_one_repository_is_refused_under_another_unless_it_holds_it_upstream() {
+    let upstream = Registry::start_plain();
+    let a = Image::oci(160, SMALL_LAYER_SIZES);
+    let b = Image::oci(161, SMALL_LAYER_SIZES);
+    upstream.push_image("team/a", "1", &a);
+    upstream.push_image("team/b", "1", &b);
+    let shared = a.layers[0].clone();
+    upstream.client().push_blob("team/b", &shared);
+
+    let config = format!(
+        "[auth]\nenabled = true\ntoken_secret = \"env:PULLGATE_E2E_TOKEN_SECRET\"\n\n\
+         [[identity]]\nname = \"robot\"\ntoken = \"env:PULLGATE_E2E_ROBOT_TOKEN\"\n\n\
+         [[access]]\nwho = [\"anonymous\"]\nupstreams = [\"reg.test\"]\n\
+         repositories = [\"team/b\"]\nactions = [\"pull\"]\n\n\
+         [[access]]\nwho = [\"robot\"]\nactions = [\"pull\"]\n\n{}",
+        upstream_config(&[("reg.test", &upstream)])
+    );
+    let worker = Worker::builder()
+        .config(&config)
+        .secret("PULLGATE_E2E_TOKEN_SECRET", TOKEN_SECRET)
+        .secret("PULLGATE_E2E_ROBOT_TOKEN", ROBOT_TOKEN)
+        .start();
+    let host = worker.host();
+    let anonymous = worker.client();
+
+    // The rules themselves: anonymous may not pull A.
+    let direct = anonymous.get_manifest("reg.test/team/a", "1");
+    assert!(
+        matches!(direct.status.as_u16(), 401 | 403),
+        "anonymous read A's manifest: {}\n{}",
+        direct.status,
+        worker.log()
+    );
+
+    skopeo_copy(
+        &format!("{host}/reg.test/team/a:1"),
+        Platforms::Host,
+        Some(("robot", ROBOT_TOKEN)),
+    )
+    .unwrap_or_else(|e| panic!("robot pull of A: {e}\n{}", worker.log()))
+    .verify_image(&a);
+    let blob_gets = upstream.count_requests("GET", "/blobs/sha256:");
+    let manifest_gets = upstream.count_requests("GET", "/manifests/");
+
+    for blob in [&a.config, &a.layers[1]] {
+        let got = anonymous.get_blob("reg.test/team/b", &blob.digest);
+        assert_eq!(
+            (got.status.as_u16(), got.error_code().as_deref()),
+            (404, Some("BLOB_UNKNOWN")),
+            "A's blob {} under B: {}\n{}",
+            blob.digest,
+            String::from_utf8_lossy(&got.body),
+            worker.log()
+        );
+        assert!(
+            got.body.len() < 1024 && sha256_digest(&got.body) != blob.digest,
+            "A's blob bytes reached B's caller"
+        );
+    }
+    let got = anonymous.get_manifest("reg.test/team/b", &a.manifest.digest);
+    assert_eq!(
+        (got.status.as_u16(), got.error_code().as_deref()),
+        (404, Some("MANIFEST_UNKNOWN")),
+        "A's manifest under B: {}",
+        String::from_utf8_lossy(&got.body)
+    );
+    assert!(
+        !String::from_utf8_lossy(&got.body).contains("schemaVersion"),
+        "A's manifest bytes reached B's caller"
+    );
+    let log = upstream.access_log_summary();
+    assert_eq!(
+        upstream.count_requests("GET", "/blobs/sha256:"),
+        blob_gets,
+        "the refusals transferred blobs:\n{log}"
+    );
+    assert_eq!(
+        upstream.count_requests("GET", "/manifests/"),
+        manifest_gets,
+        "the refusal fetched a manifest:\n{log}"
+    );
+    assert!(
+        upstream.count_requests("HEAD", &format!("/v2/team/b/blobs/{}", a.layers[1].digest)) >= 1,
+        "the worker refused without asking the upstream under B's name:\n{log}"
+    );
+
+    // B really holds the shared layer: served from R2 after a confirming HEAD, no second GET.
+    let got = anonymous.get_blob("reg.test/team/b", &shared.digest);
+    assert!(
+        got.is_complete_success(),
+        "the shared layer under B: {:?}\n{}",
+        got.status,
+        worker.log()
+    );
+    assert_eq!(sha256_digest(&got.body), shared.digest);
+    let log = upstream.access_log_summary();
+    assert_eq!(
+        upstream.count_requests("GET", &format!("/blobs/{}", shared.digest)),
+        1,
+        "the shared layer was transferred twice:\n{log}"
+    );
+    assert_eq!(
+        upstream.count_requests("HEAD", &format!("/v2/team/b/blobs/{}", shared.digest)),
+        1,
+        "{log}"
+    );
+    skopeo_copy(&format!("{host}/reg.test/team/b:1"), Platforms::Host, None)
+        .unwrap_or_else(|e| panic!("anonymous pull of B: {e}\n{}", worker.log()))
+        .verify_image(&b);
+}

@@ -251,7 +251,9 @@ fn to_http(req: IncomingRequest) -> Result<(::http::Request<()>, ByteStream), St
         .method(method(&req.method()))
         .uri(path);
     let mut client = None;
+    let mut has_host = false;
     for (name, value) in req.headers().entries() {
+        has_host |= name.eq_ignore_ascii_case("host");
         if name.eq_ignore_ascii_case(CLIENT_ADDR_HEADER) {
             client = std::str::from_utf8(&value)
                 .ok()
@@ -259,6 +261,13 @@ fn to_http(req: IncomingRequest) -> Result<(::http::Request<()>, ByteStream), St
                 .map(|a| a.ip());
         }
         builder = builder.header(name, value);
+    }
+    // wasi:http hands the `Host` header over as the request's authority (wasmtime treats
+    // `host` as a forbidden header), and the core derives the token realm from `Host`.
+    if !has_host {
+        if let Some(authority) = req.authority() {
+            builder = builder.header(::http::header::HOST, authority);
+        }
     }
     let mut request = builder.body(()).map_err(|e| e.to_string())?;
     if let Some(ip) = client {

@@ -233,7 +233,7 @@ impl SpinAppBuilder {
     }
 
     /// Builds and composes the component if needed, starts `wasmtime serve`, waits for
-    /// `GET /v2/`.
+    /// `GET /healthz` (which answers with authentication on, unlike `/v2/`).
     pub fn start(self) -> SpinApp {
         let declared = component_section()
             .get("variables")
@@ -309,7 +309,7 @@ impl SpinApp {
         self.dir.path().join("kv")
     }
 
-    /// Starts `wasmtime serve` (again) on the same port and stores, waiting for `GET /v2/`.
+    /// Starts `wasmtime serve` (again) on the same port and stores, waiting for `GET /healthz`.
     pub fn start(&mut self) {
         assert!(self.process.is_none(), "app already running");
         let mut command = Command::new(&tools().wasmtime);
@@ -332,7 +332,7 @@ impl SpinApp {
         }
         command.arg(&self.component);
         let mut process = ChildProcess::spawn("wasmtime-serve", command, self.dir.path());
-        let url = format!("{}/v2/", self.url());
+        let url = format!("{}/healthz", self.url());
         wait_until_serving("the Spin component", &mut process, &url, READY_TIMEOUT);
         self.process = Some(process);
     }

@@ -187,7 +187,8 @@ impl WorkerBuilder {
         self
     }
 
-    /// Builds the bundle if needed, starts `wrangler dev` and waits for `GET /v2/`.
+    /// Builds the bundle if needed, starts `wrangler dev` and waits for `GET /healthz`
+    /// (which answers with authentication on, unlike `/v2/`).
     pub fn start(self) -> Worker {
         let bundle = built_bundle();
         let dir = tempfile::Builder::new()
@@ -248,7 +249,7 @@ impl Worker {
         self.dir.path().join("state")
     }
 
-    /// Starts `wrangler dev` (again) on the same port and state, waiting for `GET /v2/`.
+    /// Starts `wrangler dev` (again) on the same port and state, waiting for `GET /healthz`.
     pub fn start(&mut self) {
         assert!(self.process.is_none(), "worker already running");
         let home = self.dir.path().join("home");
@@ -273,7 +274,7 @@ impl Worker {
             .arg("--persist-to")
             .arg(self.state_dir());
         let mut process = ChildProcess::spawn("wrangler", command, self.dir.path());
-        let url = format!("{}/v2/", self.url());
+        let url = format!("{}/healthz", self.url());
         wait_until_serving("the worker", &mut process, &url, READY_TIMEOUT);
         self.process = Some(process);
     }
