@@ -643,8 +643,7 @@ const ROBOT_TOKEN: &str = "robot-static-token-for-link-tests";
 /// anonymous caller from the store after one confirming `HEAD`, without a second transfer; B's
 /// own image pulls.
 ///
-/// The two secrets ride on variables `spin.toml` already declares as secret (`dockerhub_*`,
-/// its example credentials), since the harness only passes declared variables.
+/// The two secrets are the secret variables `spin.toml` declares for `[auth]`.
 #[test]
 fn content_cached_for_one_repository_is_refused_under_another_unless_it_holds_it_upstream() {
     let upstream = Registry::start_plain();
@@ -655,15 +654,20 @@ fn content_cached_for_one_repository_is_refused_under_another_unless_it_holds_it
     let shared = a.layers[0].clone();
     upstream.client().push_blob("team/b", &shared);
 
-    let access = "[auth]\nenabled = true\ntoken_secret = \"variable:dockerhub_token\"\n\n\
-                  [[identity]]\nname = \"robot\"\ntoken = \"variable:dockerhub_user\"\n\n\
+    let port = support::process::free_port();
+    let access = format!(
+        "[auth]\nenabled = true\ntoken_secret = \"variable:pullgate_token_secret\"\n\
+                  public_url = \"http://127.0.0.1:{port}\"\n\n\
+                  [[identity]]\nname = \"robot\"\ntoken = \"variable:pullgate_robot_token\"\n\n\
                   [[access]]\nwho = [\"anonymous\"]\nupstreams = [\"reg.test\"]\n\
                   repositories = [\"team/b\"]\nactions = [\"pull\"]\n\n\
-                  [[access]]\nwho = [\"robot\"]\nactions = [\"pull\"]\n";
+                  [[access]]\nwho = [\"robot\"]\nactions = [\"pull\"]\n"
+    );
     let app = SpinApp::builder()
-        .config(&upstream_config(&[("reg.test", &upstream)], access))
-        .variable("dockerhub_token", TOKEN_SECRET)
-        .variable("dockerhub_user", ROBOT_TOKEN)
+        .port(port)
+        .config(&upstream_config(&[("reg.test", &upstream)], &access))
+        .variable("pullgate_token_secret", TOKEN_SECRET)
+        .variable("pullgate_robot_token", ROBOT_TOKEN)
         .start();
     let host = app.host();
     let anonymous = app.client();

@@ -450,8 +450,10 @@ fn content_cached_for_one_repository_is_refused_under_another_unless_it_holds_it
     let shared = a.layers[0].clone();
     upstream.client().push_blob("team/b", &shared);
 
+    let port = support::process::free_port();
     let config = format!(
-        "[auth]\nenabled = true\ntoken_secret = \"env:PULLGATE_E2E_TOKEN_SECRET\"\n\n\
+        "[auth]\nenabled = true\ntoken_secret = \"env:PULLGATE_E2E_TOKEN_SECRET\"\n\
+         public_url = \"http://127.0.0.1:{port}\"\n\n\
          [[identity]]\nname = \"robot\"\ntoken = \"env:PULLGATE_E2E_ROBOT_TOKEN\"\n\n\
          [[access]]\nwho = [\"anonymous\"]\nupstreams = [\"reg.test\"]\n\
          repositories = [\"team/b\"]\nactions = [\"pull\"]\n\n\
@@ -459,6 +461,7 @@ fn content_cached_for_one_repository_is_refused_under_another_unless_it_holds_it
         upstream_config(&[("reg.test", &upstream)])
     );
     let worker = Worker::builder()
+        .port(port)
         .config(&config)
         .secret("PULLGATE_E2E_TOKEN_SECRET", TOKEN_SECRET)
         .secret("PULLGATE_E2E_ROBOT_TOKEN", ROBOT_TOKEN)

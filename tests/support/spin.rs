@@ -208,9 +208,17 @@ pub fn component_wit(path: &Path) -> String {
 #[derive(Default)]
 pub struct SpinAppBuilder {
     variables: Vec<(String, String)>,
+    port: Option<u16>,
 }
 
 impl SpinAppBuilder {
+    /// Listen on this port (from `free_port`) instead of a fresh one: for a configuration
+    /// that must name the component's own URL (`[auth] public_url`).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
     /// The `pullgate_config` variable (the native host's configuration schema).
     pub fn config(self, toml: &str) -> Self {
         self.variable("pullgate_config", toml)
@@ -263,7 +271,7 @@ impl SpinAppBuilder {
         std::fs::create_dir_all(dir.path().join("kv")).expect("create kv dir");
         let mut app = SpinApp {
             dir,
-            port: free_port(),
+            port: self.port.unwrap_or_else(free_port),
             component,
             variables: self.variables,
             stores: stores.join(","),

@@ -172,9 +172,17 @@ fn dev_config(bundle: &Path, pullgate_config: &str) -> String {
 pub struct WorkerBuilder {
     config: String,
     secrets: Vec<(String, String)>,
+    port: Option<u16>,
 }
 
 impl WorkerBuilder {
+    /// Listen on this port (from `free_port`) instead of a fresh one: for a configuration
+    /// that must name the worker's own URL (`[auth] public_url`).
+    pub fn port(mut self, port: u16) -> Self {
+        self.port = Some(port);
+        self
+    }
+
     /// The `PULLGATE_CONFIG` TOML (the native host's configuration schema).
     pub fn config(mut self, toml: &str) -> Self {
         self.config = toml.to_string();
@@ -208,7 +216,7 @@ impl WorkerBuilder {
         std::fs::write(dir.path().join(".dev.vars"), dev_vars).expect("write .dev.vars");
         let mut worker = Worker {
             dir,
-            port: free_port(),
+            port: self.port.unwrap_or_else(free_port),
             process: None,
         };
         worker.start();
