@@ -109,6 +109,33 @@ fn half_sent_request_is_closed_within_the_header_timeout() {
 }
 
 #[test]
+fn trickled_request_body_is_given_up_after_the_body_timeout() {
+    let pg = Pullgate::builder()
+        .config(
+            "[server]\nbody_timeout = \"1s\"\nidle_timeout = \"1h\"\n\n\
+             [[webhook]]\nname = \"app\"\nprovider = \"github\"\nsecret = \"env:PG_HOOK_SECRET\"\n",
+        )
+        .env("PG_HOOK_SECRET", "s3cret")
+        .start();
+    // A webhook announcing 100 kB and sending a few bytes, then nothing (a slow-body attack
+    // sends a byte every few seconds; nothing is the limit of that).
+    let mut slow = connect(&pg);
+    slow.write_all(
+        b"POST /hooks/app HTTP/1.1\r\nHost: pullgate\r\nContent-Type: application/json\r\n\
+          X-GitHub-Event: push\r\nX-GitHub-Delivery: 1\r\nContent-Length: 100000\r\n\r\n{\"ref\"",
+    )
+    .expect("send a slow request");
+    let (status, _) = read_response(&mut slow);
+    assert!(
+        (400..500).contains(&status),
+        "a stalled body gets a client error, not {status}"
+    );
+    read_until_closed(&mut slow);
+    // Others are served meanwhile and after.
+    assert_eq!(get_healthz(&mut connect(&pg)), 200);
+}
+
+#[test]
 fn idle_keep_alive_connection_is_closed_after_the_idle_timeout() {
     let pg = Pullgate::builder()
         .config("[server]\nidle_timeout = \"1s\"\n")

@@ -86,6 +86,10 @@ pub struct ServerConfig {
     /// Connections served at once; at the cap, accepting pauses until one closes
     /// (default `1024`).
     pub max_connections: Option<usize>,
+    /// A request body pullgate reads (webhooks, stage results, token forms) must arrive
+    /// within this long (default `60s`), so a body trickled a byte at a time cannot hold a
+    /// connection.
+    pub body_timeout: Option<String>,
 }
 
 /// `[cache]`.

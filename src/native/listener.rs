@@ -32,6 +32,8 @@ use tokio::time::Instant;
 
 /// Default `[server] header_timeout`.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `[server] body_timeout`.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `[server] idle_timeout`.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default `[server] max_connections`.
@@ -58,6 +60,8 @@ pub struct ServerLimits {
     pub header_timeout: Duration,
     /// Time a connection may sit between requests.
     pub idle_timeout: Duration,
+    /// Time allowed for reading a whole request body.
+    pub body_timeout: Duration,
     /// Connections served at once.
     pub max_connections: usize,
 }
@@ -67,6 +71,7 @@ impl Default for ServerLimits {
         ServerLimits {
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
@@ -98,6 +103,7 @@ impl ServerLimits {
                 DEFAULT_HEADER_TIMEOUT,
             )?,
             idle_timeout: duration("idle_timeout", &config.idle_timeout, DEFAULT_IDLE_TIMEOUT)?,
+            body_timeout: duration("body_timeout", &config.body_timeout, DEFAULT_BODY_TIMEOUT)?,
             max_connections,
         })
     }
@@ -373,11 +379,22 @@ impl SharedBody {
         frame
     }
 
-    /// The body as a core stream.
-    pub fn stream(&self) -> ByteStream {
-        futures_util::stream::unfold(self.clone(), |body| async move {
+    /// The body as a core stream, which must end within `timeout` of its creation: a body
+    /// trickled slower fails (and is given up, so the connection closes after the answer).
+    pub fn stream(&self, timeout: Duration) -> ByteStream {
+        let deadline = Instant::now() + timeout;
+        futures_util::stream::unfold(self.clone(), move |body| async move {
             loop {
-                match body.next_frame().await {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let Ok(frame) = tokio::time::timeout(left, body.next_frame()).await else {
+                    body.0.borrow_mut().take();
+                    let msg = format!(
+                        "the request body did not arrive within {} s",
+                        timeout.as_secs()
+                    );
+                    return Some((Err(BodyError(msg)), body));
+                };
+                match frame {
                     None => return None,
                     Some(Err(e)) => return Some((Err(BodyError(e.to_string())), body)),
                     Some(Ok(frame)) => {
@@ -433,6 +450,7 @@ mod tests {
             header_timeout: header.map(str::to_string),
             idle_timeout: idle.map(str::to_string),
             max_connections: max,
+            body_timeout: None,
         }
     }
 
@@ -502,6 +520,7 @@ mod tests {
         let limits = ServerLimits {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
             max_connections: 1,
         };
         let t0 = Instant::now();

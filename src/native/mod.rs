@@ -340,6 +340,7 @@ struct ConnContext {
     audit: Rc<audit::AuditSink>,
     state: Rc<ConnState>,
     storage: Rc<store::StorageReport>,
+    body_timeout: std::time::Duration,
 }
 
 async fn handle(
@@ -352,6 +353,7 @@ async fn handle(
         audit,
         state,
         storage,
+        body_timeout,
     } = cx;
     let in_flight = InFlight::start(&state);
     let started = Instant::now();
@@ -374,7 +376,7 @@ async fn handle(
         failed: false,
     };
     let body = SharedBody::new(body);
-    let mut resp = app.handle_with_body(&req, body.stream()).await;
+    let mut resp = app.handle_with_body(&req, body.stream(body_timeout)).await;
     if body.is_unread() {
         // Answered without reading the whole body (413, 401…): say the connection closes,
         // and keep reading what the sender is still writing, so it gets to read this answer.
@@ -516,6 +518,7 @@ async fn run(p: Prepared) -> Result<(), String> {
             audit: audit.clone(),
             state: state.clone(),
             storage: storage.clone(),
+            body_timeout: limits.body_timeout,
         };
         let service = hyper::service::service_fn(move |req| handle(cx.clone(), req));
         let io = listener::WatchedIo::new(stream, state.clone());
