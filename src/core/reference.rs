@@ -36,9 +36,10 @@ impl Name {
         &self.0
     }
 
-    /// The name with `prefix/` put in front (Docker Hub's `library/` normalisation).
-    pub fn with_prefix(&self, prefix: &str) -> Name {
-        Name(format!("{prefix}/{}", self.0))
+    /// The name with `prefix/` put in front (Docker Hub's `library/` normalisation), checked
+    /// again: a name near [`MAX_NAME_LEN`] can outgrow it.
+    pub fn with_prefix(&self, prefix: &str) -> Result<Name, ReferenceError> {
+        parse_name(&format!("{prefix}/{}", self.0))
     }
 
     /// True when the name has exactly one path component.

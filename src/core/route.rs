@@ -153,7 +153,7 @@ pub fn resolve_upstream(
     let name = parse_name(repo)?;
     let up: &UpstreamSpec = &settings.upstreams[index];
     let name = if up.library_prefix && name.is_single_component() {
-        name.with_prefix("library")
+        name.with_prefix("library")?
     } else {
         name
     };
@@ -353,6 +353,19 @@ mod tests {
             route(Method::GET, "/metrics").unwrap().endpoint,
             Endpoint::Metrics
         );
+    }
+
+    #[test]
+    fn a_name_that_outgrows_the_length_limit_with_library_is_invalid() {
+        // Found by fuzzing: 250 characters are a valid name, but not once Docker Hub's
+        // `library/` is put in front.
+        let long = "a".repeat(250);
+        let e = route(Method::GET, &format!("/v2/{long}/manifests/latest")).unwrap_err();
+        assert_eq!(e.code(), "NAME_INVALID");
+        assert_eq!(e.status().as_u16(), 400);
+        let fits = "a".repeat(255 - "library/".len());
+        let r = route(Method::GET, &format!("/v2/{fits}/manifests/latest")).unwrap();
+        assert_eq!(r.name.unwrap().as_str().len(), 255);
     }
 
     #[test]
