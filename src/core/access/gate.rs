@@ -179,6 +179,23 @@ fn burst(rate: Rate, configured: Option<u32>) -> u32 {
     configured.unwrap_or_else(|| ((u64::from(rate.n) * 1000 / rate.per_ms.max(1)) as u32).max(1))
 }
 
+/// Takes one token from the `key` bucket at `rate`; a 429 (counted as a refusal) when it is
+/// empty. The per-address and per-identity limits both go through here.
+fn take_rate(
+    inner: &Inner,
+    key: &str,
+    rate: Rate,
+    (fam, head): (RouteFamily, bool),
+    now: u64,
+) -> Result<(), Box<Response<Body>>> {
+    let burst = burst(rate, inner.settings.access.burst);
+    let taken = inner.limiter.borrow_mut().take(key, rate, burst, now);
+    taken.map_err(|wait_ms| {
+        inc(&inner.metrics.denied);
+        too_many(fam, head, wait_ms, "rate limit exceeded; retry later")
+    })
+}
+
 /// Network allowlist, rate limits, login lockout and authentication, before any routing.
 /// Err: the response.
 pub(crate) async fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Box<Response<Body>>> {
@@ -212,20 +229,7 @@ pub(crate) async fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Bo
     let limited = fam != RouteFamily::Metrics;
     let now = inner.ports.clock.now_ms();
     if let (Some(rate), Some(addr), true) = (s.per_ip, ip, limited) {
-        let taken =
-            inner
-                .limiter
-                .borrow_mut()
-                .take(&format!("ip:{addr}"), rate, burst(rate, s.burst), now);
-        if let Err(wait_ms) = taken {
-            inc(&inner.metrics.denied);
-            return Err(too_many(
-                fam,
-                head,
-                wait_ms,
-                "rate limit exceeded; retry later",
-            ));
-        }
+        take_rate(inner, &format!("ip:{addr}"), rate, (fam, head), now)?;
     }
     // Webhooks authenticate by signature (Harbor's Authorization header is not ours), and
     // /token checks its own credentials. Elsewhere, credentials that are not an identity's may
@@ -268,21 +272,13 @@ pub(crate) async fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Bo
     };
     if let (Some(rate), false) = (s.per_identity, principal.is_anonymous()) {
         let now = inner.ports.clock.now_ms();
-        let taken = inner.limiter.borrow_mut().take(
+        take_rate(
+            inner,
             &format!("id:{}", principal.name),
             rate,
-            burst(rate, s.burst),
+            (fam, head),
             now,
-        );
-        if let Err(wait_ms) = taken {
-            inc(&inner.metrics.denied);
-            return Err(too_many(
-                fam,
-                head,
-                wait_ms,
-                "rate limit exceeded; retry later",
-            ));
-        }
+        )?;
     }
     Ok(Caller {
         principal,
