@@ -20,7 +20,6 @@
 //!
 //! Must not read the clock or do IO; builds wherever the core builds.
 
-use crate::core::auth::{is_trusted_realm, parse_challenge, parse_token_response, Challenge};
 use crate::core::config::{parse_config, ConfigError, Secret, SecretResolver, Settings};
 use crate::core::gateway::config::{Provider, RuleConfig};
 use crate::core::gateway::event::{delivery_id, parse_delivery, Parsed};
@@ -28,9 +27,14 @@ use crate::core::gateway::rules::{render_image, rule_matches};
 use crate::core::gateway::verify::verify_delivery;
 use crate::core::helm::rewrite::Rewriter;
 use crate::core::helm::store::{find_in_chunk, map_chunks};
-use crate::core::range::{parse_range, RangeOutcome};
-use crate::core::reference::{parse_digest, parse_name, parse_reference, parse_tag, Reference};
-use crate::core::route::{parse_route, Endpoint};
+use crate::core::registry::auth::{
+    is_trusted_realm, parse_challenge, parse_token_response, Challenge,
+};
+use crate::core::registry::range::{parse_range, RangeOutcome};
+use crate::core::registry::reference::{
+    parse_digest, parse_name, parse_reference, parse_tag, Reference,
+};
+use crate::core::registry::route::{parse_route, Endpoint};
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use url::Url;
 

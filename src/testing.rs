@@ -5,7 +5,7 @@
 use crate::core::ports::{
     BlobStore, BlobWriter, ByteStream, Clock, CommitError, KvStore, Offload, StoreError, TailReader,
 };
-use crate::core::reference::Digest;
+use crate::core::registry::reference::Digest;
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;

@@ -13,7 +13,7 @@ use pullgate::core::config::{parse_config, ConfigError, Secret, SecretResolver};
 use pullgate::core::ports::{
     BodyError, ByteStream, Deferred, KvStore, Ports, StoreError, Upstream, UpstreamError,
 };
-use pullgate::core::reference::Digest;
+use pullgate::core::registry::reference::Digest;
 use pullgate::testing::{ManualClock, MemBlobStore, MemKv};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};

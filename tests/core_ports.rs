@@ -9,7 +9,7 @@ use pullgate::core::app::App;
 use pullgate::core::body::{Body, CacheStatus, RequestInfo};
 use pullgate::core::config::{parse_config, ConfigError, Secret, SecretResolver};
 use pullgate::core::ports::{BodyError, ByteStream, Deferred, Ports, Upstream, UpstreamError};
-use pullgate::core::reference::Digest;
+use pullgate::core::registry::reference::Digest;
 use pullgate::testing::{ManualClock, MemBlobStore, MemKv};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

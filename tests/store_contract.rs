@@ -5,7 +5,7 @@
 use bytes::Bytes;
 use futures_util::StreamExt;
 use pullgate::core::ports::{BlobStore, CommitError};
-use pullgate::core::reference::Digest;
+use pullgate::core::registry::reference::Digest;
 use pullgate::native::store::FsBlobStore;
 use pullgate::testing::MemBlobStore;
 

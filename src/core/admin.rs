@@ -3,13 +3,14 @@
 //! token. Answers JSON.
 
 use crate::core::access::gate::{may_administer, Caller};
-use crate::core::app::{json_error as err, json_response as reply, Inner};
 use crate::core::body::Body;
+use crate::core::context::Inner;
 use crate::core::gateway::outbox::DEAD;
 use crate::core::gateway::verify::tokens_match;
-use crate::core::manifests::TagRecord;
-use crate::core::route::resolve_upstream;
-use crate::core::store_keys;
+use crate::core::http::{json_error as err, json_response as reply};
+use crate::core::registry::keys;
+use crate::core::registry::manifests::TagRecord;
+use crate::core::registry::route::resolve_upstream;
 use http::{header, Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
@@ -147,14 +148,14 @@ async fn tags(inner: &Inner, req: &Request<()>) -> Response<Body> {
         Err(r) => return *r,
     };
     let prefix = format!("tag/{host}/{name}/");
-    let keys = inner
+    let found = inner
         .ports
         .kv
         .list(&prefix, 10_000)
         .await
         .unwrap_or_default();
     let mut out = Vec::new();
-    for k in keys {
+    for k in found {
         let Some((class, tag)) = own_tag(&k[prefix.len()..]) else {
             continue;
         };
@@ -189,16 +190,11 @@ async fn purge(inner: &Inner, req: &Request<()>) -> Response<Body> {
         }
     };
     if let Some(d) = query(req, "digest") {
-        if crate::core::reference::parse_digest(&d).is_err() {
+        if crate::core::registry::reference::parse_digest(&d).is_err() {
             return err(StatusCode::BAD_REQUEST, "digest must be sha256:<64 hex>");
         }
-        if kv
-            .get(&store_keys::manifest(&d))
-            .await
-            .ok()
-            .flatten()
-            .is_some()
-            && kv.delete(&store_keys::manifest(&d)).await.is_ok()
+        if kv.get(&keys::manifest(&d)).await.ok().flatten().is_some()
+            && kv.delete(&keys::manifest(&d)).await.is_ok()
         {
             bump("manifests");
         }
@@ -232,7 +228,7 @@ async fn purge(inner: &Inner, req: &Request<()>) -> Response<Body> {
                     .flatten()
                     .and_then(|r| serde_json::from_slice::<TagRecord>(&r).ok())
                 {
-                    if kv.delete(&store_keys::manifest(&rec.digest)).await.is_ok() {
+                    if kv.delete(&keys::manifest(&rec.digest)).await.is_ok() {
                         bump("manifests");
                     }
                 }

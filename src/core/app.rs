@@ -1,64 +1,24 @@
 //! The one dispatch every host calls: [`App::handle`] turns a request into a response using
-//! the ports it was built with. It routes, validates, and hands each endpoint to its module
-//! (`manifests`, `blobs`, `tags`); it builds every error as the OCI envelope.
+//! the ports it was built with. It admits the caller (access), then hands the request to the
+//! feature that owns its route family: token, admin, gateway, charts, or the registry
+//! endpoints (manifests, blobs, tags). It is the only module that imports the features'
+//! handlers; nothing in the core imports it.
 
-use crate::core::access::gate;
-use crate::core::blobs::{self, Fill};
+use crate::core::access::gate::{self, Caller};
 use crate::core::body::{Body, CacheStatus, RequestInfo};
-use crate::core::config::{Settings, UpstreamSpec};
+use crate::core::config::Settings;
+use crate::core::context::{Ctx, Inner, ResponseNote};
 use crate::core::error::RegistryError;
-use crate::core::manifests;
-use crate::core::media::{header as h, parse_accept};
+use crate::core::http::{error_response, text};
 use crate::core::metrics::{inc, Metrics};
 use crate::core::ports::{ByteStream, Ports};
-use crate::core::range::parse_range;
-use crate::core::reference::Name;
-use crate::core::route::{parse_route, Endpoint, Route};
-use crate::core::tags;
-use crate::core::upstream::UpstreamClient;
+use crate::core::registry::media::parse_accept;
+use crate::core::registry::range::parse_range;
+use crate::core::registry::route::{parse_route, Endpoint, Route};
+use crate::core::registry::{blobs, manifests, tags};
 use futures_util::StreamExt;
-use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use http::{header, Method, Request, Response, StatusCode};
 use std::rc::Rc;
-
-/// Shared state of one core instance.
-pub(crate) struct Inner {
-    pub settings: Settings,
-    pub ports: Ports,
-    pub client: UpstreamClient,
-    pub metrics: Rc<Metrics>,
-    /// Blob fills in flight, by digest: concurrent misses join one upstream transfer.
-    pub fills: RefCell<HashMap<String, Rc<Fill>>>,
-    /// Chart repository work in flight (index revalidations, chart fills), shared by
-    /// concurrent identical misses.
-    pub helm: crate::core::helm::flight::InFlight,
-    /// A gateway outbox pass is running (one at a time per instance).
-    pub pumping: Cell<bool>,
-    /// When a request last started an outbox pass (ms).
-    pub last_pump_ms: Cell<u64>,
-    /// Rate-limit buckets.
-    pub limiter: RefCell<crate::core::access::limit::Limiter>,
-    /// Held across every read-modify-write of a gateway run record, so a stage result posted
-    /// while the pump records a delivery attempt is never overwritten by a stale copy.
-    pub run_lock: futures_util::lock::Mutex<()>,
-    /// The gateway's in-memory state (webhook bodies held, index checks).
-    pub gateway: crate::core::gateway::state::GatewayState,
-}
-
-/// A problem that did not change the answer (a best-effort write that failed), carried on a
-/// handler's response into the [`RequestInfo`] error field for the host's log line.
-#[derive(Debug, Clone)]
-pub(crate) struct ResponseNote(pub String);
-
-/// What a request handler works on.
-pub(crate) struct Ctx<'a> {
-    pub inner: &'a Rc<Inner>,
-    pub up: &'a UpstreamSpec,
-    pub up_index: usize,
-    pub name: &'a Name,
-    pub head: bool,
-}
 
 /// The core: one per host instance (per isolate, per process).
 #[derive(Clone)]
@@ -66,68 +26,11 @@ pub struct App {
     inner: Rc<Inner>,
 }
 
-/// Builds a response with the registry API version header.
-pub(crate) fn response(status: StatusCode) -> http::response::Builder {
-    Response::builder()
-        .status(status)
-        .header(h::API_VERSION, h::API_VERSION_VALUE)
-}
-
-/// The OCI error envelope for `e` (headers only for HEAD).
-pub(crate) fn error_response(e: &RegistryError, head: bool) -> Response<Body> {
-    let body = e.envelope();
-    let len = body.len();
-    response(e.status())
-        .header(header::CONTENT_TYPE, "application/json")
-        .header(header::CONTENT_LENGTH, len)
-        .body(if head {
-            Body::Empty
-        } else {
-            Body::Bytes(body.into())
-        })
-        .unwrap_or_else(|_| Response::new(Body::Empty))
-}
-
-/// A JSON response (the non-registry routes: gateway, admin, token, charts).
-pub(crate) fn json_response(status: StatusCode, v: serde_json::Value) -> Response<Body> {
-    text(status, "application/json", v.to_string())
-}
-
-/// `{"error": msg}` with `status`.
-pub(crate) fn json_error(status: StatusCode, msg: impl Into<String>) -> Response<Body> {
-    json_response(status, serde_json::json!({ "error": msg.into() }))
-}
-
-fn text(status: StatusCode, content_type: &str, text: String) -> Response<Body> {
-    let len = text.len();
-    response(status)
-        .header(header::CONTENT_TYPE, content_type)
-        .header(header::CONTENT_LENGTH, len)
-        .body(Body::Bytes(text.into()))
-        .unwrap_or_else(|_| Response::new(Body::Empty))
-}
-
 impl App {
     /// Builds the core over its settings and ports.
     pub fn new(settings: Settings, ports: Ports) -> App {
-        let metrics = Rc::new(Metrics::default());
-        let client =
-            UpstreamClient::new(ports.upstream.clone(), ports.clock.clone(), metrics.clone())
-                .with_outbound(settings.outbound.clone());
         App {
-            inner: Rc::new(Inner {
-                settings,
-                ports,
-                client,
-                metrics,
-                fills: RefCell::new(HashMap::new()),
-                helm: Default::default(),
-                pumping: Cell::new(false),
-                last_pump_ms: Cell::new(0),
-                limiter: RefCell::new(Default::default()),
-                run_lock: futures_util::lock::Mutex::new(()),
-                gateway: Default::default(),
-            }),
+            inner: Rc::new(Inner::new(settings, ports)),
         }
     }
 
@@ -169,115 +72,101 @@ impl App {
     pub async fn handle_with_body(&self, req: &Request<()>, body: ByteStream) -> Response<Body> {
         inc(&self.inner.metrics.requests);
         crate::core::gateway::pump_if_idle(&self.inner);
-        let info = |route: &'static str, identity: Option<String>| RequestInfo {
-            route,
-            upstream: None,
-            cache: CacheStatus::None,
-            error: None,
-            identity,
-        };
         let caller = match gate::admit(&self.inner, req).await {
             Ok(c) => c,
-            Err(resp) => {
-                let mut resp = *resp;
-                resp.extensions_mut().insert(info("denied", None));
-                return resp;
-            }
+            Err(resp) => return with_info(*resp, info("denied", None)),
         };
-        let who = Some(caller.principal.name.clone());
+        match self.feature_route(req, body, &caller).await {
+            Some(resp) => resp,
+            None => self.registry_route(req, &caller).await,
+        }
+    }
+
+    /// The routes outside the registry API: token, admin, gateway, charts (None when none of
+    /// them owns the path; only the token and gateway routes read a body).
+    async fn feature_route(
+        &self,
+        req: &Request<()>,
+        body: ByteStream,
+        caller: &Caller,
+    ) -> Option<Response<Body>> {
+        let who = || Some(caller.principal.name.clone());
         let path = req.uri().path();
         if path == "/token" {
-            let mut resp = gate::token_endpoint(&self.inner, req, body).await;
-            resp.extensions_mut().insert(info("token", who));
-            return resp;
+            let resp = gate::token_endpoint(&self.inner, req, body).await;
+            return Some(with_info(resp, info("token", who())));
         }
-        if let Some(mut resp) = crate::core::admin::handle(&self.inner, req, &caller).await {
-            resp.extensions_mut().insert(info("admin", who));
-            return resp;
+        if let Some(resp) = crate::core::admin::handle(&self.inner, req, caller).await {
+            return Some(with_info(resp, info("admin", who())));
         }
-        if let Some(mut resp) = crate::core::gateway::handle(&self.inner, req, body, &caller).await
-        {
+        if let Some(resp) = crate::core::gateway::handle(&self.inner, req, body, caller).await {
             let route = if path.starts_with("/hooks/") {
                 "hook"
             } else {
                 "chain"
             };
-            resp.extensions_mut().insert(info(route, who));
-            return resp;
+            return Some(with_info(resp, info(route, who())));
         }
         if let Some(repo) = path
             .strip_prefix("/charts/")
             .and_then(|r| r.split('/').next())
         {
-            if let Err(resp) = gate::authorize_pull(&self.inner, req, &caller, "charts", repo) {
-                let mut resp = *resp;
-                resp.extensions_mut().insert(info("helm", who));
-                return resp;
+            if let Err(resp) = gate::authorize_pull(&self.inner, req, caller, "charts", repo) {
+                return Some(with_info(*resp, info("helm", who())));
             }
         }
-        if let Some(mut resp) = crate::core::helm::handle(&self.inner, req).await {
-            let outcome = resp
-                .extensions()
-                .get::<crate::core::helm::HelmOutcome>()
-                .cloned();
-            let mut i = info("helm", who);
-            if let Some(o) = outcome {
-                i.cache = o.cache;
-                i.error = o.error;
-            }
-            resp.extensions_mut().insert(i);
-            return resp;
-        }
+        crate::core::helm::handle(&self.inner, req)
+            .await
+            .map(|resp| {
+                let outcome = resp
+                    .extensions()
+                    .get::<crate::core::helm::HelmOutcome>()
+                    .cloned();
+                let mut i = info("helm", who());
+                if let Some(o) = outcome {
+                    i.cache = o.cache;
+                    i.error = o.error;
+                }
+                with_info(resp, i)
+            })
+    }
+
+    /// The registry API: route, authorize the repository, serve.
+    async fn registry_route(&self, req: &Request<()>, caller: &Caller) -> Response<Body> {
         let head = req.method() == Method::HEAD;
-        let route = parse_route(
-            &self.inner.settings,
-            req.method(),
-            req.uri().path(),
-            req.uri().query(),
-        );
-        let (route_kind, upstream) = match &route {
-            Ok(r) => (
-                r.endpoint.kind(),
-                r.upstream
-                    .map(|i| self.inner.settings.upstreams[i].host.clone()),
-            ),
-            Err(_) => ("error", None),
-        };
-        let gate_result = match &route {
+        let settings = &self.inner.settings;
+        let route = parse_route(settings, req.method(), req.uri().path(), req.uri().query());
+        let mut i = info("error", Some(caller.principal.name.clone()));
+        if let Ok(r) = &route {
+            i.route = r.endpoint.kind();
+            i.upstream = r.upstream.map(|u| settings.upstreams[u].host.clone());
+        }
+        let allowed = match &route {
             Ok(r) => match (r.upstream, r.name.as_ref()) {
-                (Some(i), Some(name)) => gate::authorize_pull(
+                (Some(u), Some(name)) => gate::authorize_pull(
                     &self.inner,
                     req,
-                    &caller,
-                    &self.inner.settings.upstreams[i].host,
+                    caller,
+                    &settings.upstreams[u].host,
                     name.as_str(),
                 ),
-                _ if r.endpoint == Endpoint::Base => {
-                    gate::authorize_base(&self.inner, req, &caller)
-                }
+                _ if r.endpoint == Endpoint::Base => gate::authorize_base(&self.inner, req, caller),
                 _ => Ok(()),
             },
             Err(_) => Ok(()),
         };
-        if let Err(resp) = gate_result {
-            let mut resp = *resp;
-            resp.extensions_mut().insert(RequestInfo {
-                route: route_kind,
-                upstream,
-                cache: CacheStatus::None,
-                error: None,
-                identity: who,
-            });
-            return resp;
+        if let Err(resp) = allowed {
+            return with_info(*resp, i);
         }
         let result = match route {
             Ok(r) => self.dispatch(req, r, head).await,
             Err(e) => Err(e),
         };
-        let (mut resp, cache, error) = match result {
+        let resp = match result {
             Ok((mut resp, cache)) => {
-                let note = resp.extensions_mut().remove::<ResponseNote>().map(|n| n.0);
-                (resp, cache, note)
+                i.cache = cache;
+                i.error = resp.extensions_mut().remove::<ResponseNote>().map(|n| n.0);
+                resp
             }
             Err(e) => {
                 if matches!(
@@ -286,21 +175,11 @@ impl App {
                 ) {
                     inc(&self.inner.metrics.upstream_errors);
                 }
-                (
-                    error_response(&e, head),
-                    CacheStatus::None,
-                    Some(e.to_string()),
-                )
+                i.error = Some(e.to_string());
+                error_response(&e, head)
             }
         };
-        resp.extensions_mut().insert(RequestInfo {
-            route: route_kind,
-            upstream,
-            cache,
-            error,
-            identity: who,
-        });
-        resp
+        with_info(resp, i)
     }
 
     async fn dispatch(
@@ -361,9 +240,18 @@ impl App {
     }
 }
 
-/// Sets a header from a string, skipping values that are not valid header text.
-pub(crate) fn set_header(resp: &mut Response<Body>, name: &'static str, value: &str) {
-    if let Ok(v) = HeaderValue::from_str(value) {
-        resp.headers_mut().insert(name, v);
+/// The log-line facts of a request that carries no upstream or cache outcome (yet).
+fn info(route: &'static str, identity: Option<String>) -> RequestInfo {
+    RequestInfo {
+        route,
+        upstream: None,
+        cache: CacheStatus::None,
+        error: None,
+        identity,
     }
+}
+
+fn with_info(mut resp: Response<Body>, info: RequestInfo) -> Response<Body> {
+    resp.extensions_mut().insert(info);
+    resp
 }

@@ -126,9 +126,9 @@ impl RegistryError {
     }
 }
 
-impl From<crate::core::reference::ReferenceError> for RegistryError {
-    fn from(e: crate::core::reference::ReferenceError) -> Self {
-        use crate::core::reference::ReferenceError as R;
+impl From<crate::core::registry::reference::ReferenceError> for RegistryError {
+    fn from(e: crate::core::registry::reference::ReferenceError) -> Self {
+        use crate::core::registry::reference::ReferenceError as R;
         match e {
             R::Name(_) => RegistryError::NameInvalid(e.to_string()),
             R::Tag(_) => RegistryError::ManifestInvalid(e.to_string()),

@@ -27,7 +27,7 @@
 //! Refusal messages name the class, never the address a name resolved to (that would make
 //! pullgate a DNS oracle) and never anything of an answer.
 
-use crate::core::access::cidr::{parse_cidr, Cidr};
+use crate::core::cidr::{parse_cidr, Cidr};
 use crate::core::config::ConfigError;
 use crate::core::ports::UpstreamError;
 use serde::Deserialize;

@@ -57,10 +57,11 @@ pub use reactor::SpinDeferred;
 pub use s3::{S3BlobStore, S3Settings};
 
 use crate::core::access::ClientAddr;
-use crate::core::app::{error_response, App};
+use crate::core::app::App;
 use crate::core::body::{Body, RequestInfo};
 use crate::core::config::{parse_config, parse_size, Config, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
+use crate::core::http::error_response;
 use crate::core::ports::{BlobStore, ByteStream, Clock, InlineOffload, Ports};
 use futures_util::StreamExt;
 use spin_sdk::http::{IncomingRequest, ResponseOutparam};

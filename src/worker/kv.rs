@@ -10,7 +10,7 @@
 use crate::core::ports::{KvStore, StoreError};
 use worker::{Bucket, KvStore as KvNamespace};
 
-/// Key prefix of the records kept in R2 (see [`crate::core::store_keys::manifest`]).
+/// Key prefix of the records kept in R2 (see [`crate::core::registry::keys::manifest`]).
 const R2_PREFIX: &str = "manifest/";
 
 /// The key-value port over a KV namespace (and the R2 bucket for manifests).

@@ -48,10 +48,11 @@ pub use kv::WorkerKv;
 pub use r2::R2BlobStore;
 
 use crate::core::access::ClientAddr;
-use crate::core::app::{error_response, App};
+use crate::core::app::App;
 use crate::core::body::{Body, RequestInfo};
 use crate::core::config::{parse_config, Config, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
+use crate::core::http::error_response;
 use crate::core::ports::{BodyError, ByteStream, Clock, Deferred, InlineOffload, Ports};
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;

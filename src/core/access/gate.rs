@@ -20,14 +20,15 @@ use crate::core::access::{
     authenticate, basic_credentials, check_password, is_allowed, is_network_allowed, presented,
     route_family, token_grants, AuthError, ClientAddr, Presented, Principal, RouteFamily,
 };
-use crate::core::app::{error_response, json_error, json_response, Inner};
 use crate::core::body::Body;
+use crate::core::context::Inner;
 use crate::core::error::RegistryError;
 use crate::core::gateway::outbox::rfc3339;
+use crate::core::http::{error_response, json_error, json_response};
 use crate::core::metrics::inc;
 use crate::core::ports::{ByteStream, Offload};
-use crate::core::reference::Digest;
-use crate::core::route::resolve_upstream;
+use crate::core::registry::reference::Digest;
+use crate::core::registry::route::resolve_upstream;
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};

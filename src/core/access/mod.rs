@@ -14,19 +14,18 @@
 //! parameters ([`AccessSettings::dummy_hash`]), so the answer time does not tell which names
 //! exist. The gate throttles before any check (see [`gate`] and [`limit`]).
 
-pub mod cidr;
 pub mod gate;
 #[cfg(test)]
 mod gate_tests;
 pub mod limit;
 pub mod token;
 
+use crate::core::cidr::{parse_cidr, Cidr};
 use crate::core::config::{parse_duration_ms, ConfigError, Secret, SecretResolver};
 use crate::core::gateway::rules::glob_match;
 use crate::core::ports::{offload, Offload};
 use argon2::password_hash::{Output, PasswordHash};
 use argon2::{Argon2, PasswordVerifier};
-use cidr::{parse_cidr, Cidr};
 use http::HeaderMap;
 use limit::{parse_rate, LoginPolicy, Rate};
 use serde::Deserialize;

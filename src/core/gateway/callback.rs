@@ -10,16 +10,17 @@
 //! route changes it ([`Run::may_set_digest`]).
 
 use crate::core::access::gate::{may_administer, Caller};
-use crate::core::app::{json_error as error, json_response, Inner};
 use crate::core::body::Body;
+use crate::core::context::Inner;
 use crate::core::gateway::chain::{ChainError, Run};
 use crate::core::gateway::verify::{stage_token, tokens_match};
 use crate::core::gateway::{
     bearer, enqueue, internal, load_run, read_capped, refuse_non_admin, save_run, spawn_pump,
     ReadError,
 };
+use crate::core::http::{json_error as error, json_response};
 use crate::core::ports::ByteStream;
-use crate::core::reference::parse_digest;
+use crate::core::registry::reference::parse_digest;
 use http::{HeaderMap, Response, StatusCode};
 use serde_json::Value;
 use std::rc::Rc;

@@ -29,13 +29,15 @@ pub mod verify;
 
 pub(crate) use pump::{next_due, pump};
 
-use crate::core::app::{json_error as error, json_response, App, Inner};
+use crate::core::app::App;
 use crate::core::body::Body;
+use crate::core::context::Inner;
 use crate::core::gateway::chain::{Action, Run};
 use crate::core::gateway::config::GatewaySettings;
 use crate::core::gateway::event::{delivery_id, parse_delivery, Parsed, SourceEvent};
 use crate::core::gateway::outbox::{Delivery, DeliveryKind, StageCall, DELIVERY_VERSION, PENDING};
 use crate::core::gateway::verify::{tokens_match, verify_delivery};
+use crate::core::http::{json_error as error, json_response};
 use crate::core::metrics::inc;
 use crate::core::ports::{ByteStream, StoreError};
 use futures_util::{FutureExt, StreamExt};
@@ -579,7 +581,7 @@ async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, S
         .map_err(|e| e.to_string())?;
     let status = resp.status();
     // Drain a little of the answer so the connection can be reused; its content is not needed.
-    let _ = crate::core::upstream::read_body_limited(resp.into_body(), 64 * 1024).await;
+    let _ = crate::core::http::read_capped(resp.into_body(), 64 * 1024).await;
     if status.is_success() {
         Ok(format!("target answered {status}"))
     } else {

@@ -184,7 +184,7 @@ fn base(method: Method, t: &Target) -> http::request::Builder {
     Request::builder()
         .method(method)
         .uri(t.url.as_str())
-        .header(header::USER_AGENT, crate::core::upstream::USER_AGENT)
+        .header(header::USER_AGENT, crate::core::http::USER_AGENT)
 }
 
 fn bearer(b: http::request::Builder, t: &Target) -> http::request::Builder {

@@ -2,9 +2,10 @@
 //! configured platforms' manifests, configs and layers) by calling the core's own dispatch as
 //! an internal caller, so the first regional pull is warm. No upstream I/O of its own.
 
-use crate::core::app::{App, Inner};
+use crate::core::app::App;
 use crate::core::body::Body;
-use crate::core::media::DEFAULT_ACCEPT;
+use crate::core::context::Inner;
+use crate::core::registry::media::DEFAULT_ACCEPT;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{header, Method, Request, StatusCode};

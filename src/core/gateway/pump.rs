@@ -13,7 +13,7 @@
 //! gone or has moved on are dropped when a pass meets them. Records written before the index
 //! existed are indexed once per instance (a marker key remembers it was done).
 
-use crate::core::app::Inner;
+use crate::core::context::Inner;
 use crate::core::gateway::outbox::{self, Delivery, DeliveryKind, DEAD, PENDING};
 use crate::core::gateway::{
     enqueue, execute, load_delivery, load_run, replay, save_delivery, save_run, PumpReport,

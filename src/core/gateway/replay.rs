@@ -19,7 +19,7 @@
 //! (`dedup-seen/<class>/<seen ms, 16 digits>/<record key>`), bounded per pass, with the
 //! window in force at sweep time; a pass stops at the first record still inside its window.
 
-use crate::core::app::Inner;
+use crate::core::context::Inner;
 use crate::core::gateway::config::{GatewaySettings, Provider};
 use crate::core::gateway::event::{delivery_id, SourceEvent};
 use crate::core::gateway::hash_hex;

@@ -1,13 +1,15 @@
 //! The `/chain…` routes: listing and reading runs, dead letters and their replay, an outbox
 //! pass on demand (admin), stage results and the digest override (see [`super::callback`]).
 
-use crate::core::app::{json_error as error, json_response, App, Inner};
+use crate::core::app::App;
 use crate::core::body::Body;
+use crate::core::context::Inner;
 use crate::core::gateway::outbox::DEAD;
 use crate::core::gateway::{
     callback, commit_index, internal, load_delivery, load_run, pump, refuse_non_admin,
     repository_prefix, save_run, spawn_pump,
 };
+use crate::core::http::{json_error as error, json_response};
 use crate::core::ports::{ByteStream, StoreError};
 use http::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};

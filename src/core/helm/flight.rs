@@ -20,7 +20,7 @@
 use super::rewrite::ChartRef;
 use super::store::{self, Fetch, IndexRecord, Revalidated};
 use super::{holdings, HelmError, HelmRepo};
-use crate::core::app::Inner;
+use crate::core::context::Inner;
 use crate::core::metrics::inc;
 use futures_util::future::{LocalBoxFuture, Shared};
 use futures_util::FutureExt;

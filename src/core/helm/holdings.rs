@@ -22,7 +22,7 @@
 //! built from that repository's upstream alone.
 
 use super::{HelmError, HelmRepo};
-use crate::core::app::Inner;
+use crate::core::context::Inner;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 

@@ -50,9 +50,9 @@ pub mod store;
 #[cfg(test)]
 mod tests;
 
-use crate::core::app::Inner;
 use crate::core::body::{Body, CacheStatus};
 use crate::core::config::ConfigError;
+use crate::core::context::Inner;
 use crate::core::metrics::inc;
 use http::{header, Method, Request, Response, StatusCode};
 use serde::Deserialize;

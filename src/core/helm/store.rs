@@ -23,10 +23,10 @@
 use super::hosts::{host_port, is_allowed_chart_url};
 use super::rewrite::{fnv1a, ChartRef, IndexError, Rewriter, Summary};
 use super::{HelmError, HelmRepo};
-use crate::core::app::Inner;
+use crate::core::context::Inner;
+use crate::core::http::{redirect_target, USER_AGENT};
 use crate::core::metrics::{add, inc};
 use crate::core::ports::{BlobStore, ByteStream, CommitError, UpstreamError};
-use crate::core::upstream::{redirect_target, USER_AGENT};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};

@@ -10,7 +10,7 @@ use crate::core::config::{parse_config, ConfigError, Secret, SecretResolver};
 use crate::core::ports::{
     BlobStore, BodyError, ByteStream, Deferred, Ports, Upstream, UpstreamError,
 };
-use crate::core::reference::Digest;
+use crate::core::registry::reference::Digest;
 use crate::testing::{ManualClock, MemBlobStore, MemKv};
 use bytes::Bytes;
 use futures_util::future::{join, join_all, LocalBoxFuture, Shared};

@@ -10,7 +10,9 @@
 
 use crate::core::config::{normalize_host, Settings, UpstreamSpec};
 use crate::core::error::RegistryError;
-use crate::core::reference::{parse_digest, parse_name, parse_reference, Digest, Name, Reference};
+use crate::core::registry::reference::{
+    parse_digest, parse_name, parse_reference, Digest, Name, Reference,
+};
 use http::Method;
 
 /// What a request asks for.

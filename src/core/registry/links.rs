@@ -5,7 +5,7 @@
 //! them. Access rules are checked on the repository named in the path, so without links a
 //! caller allowed only `library/*` could read bytes cached for `team/private` by asking for
 //! `/v2/library/public/blobs/<private digest>`. A link record
-//! (`link/<upstream host>/<repository>/<digest>`, see [`store_keys::link`]) says the upstream
+//! (`link/<upstream host>/<repository>/<digest>`, see [`keys::link`]) says the upstream
 //! served or confirmed that digest *for that repository*; cached content is served for a
 //! repository only when it holds a link.
 //!
@@ -43,12 +43,12 @@
 //! Must not: serve anything itself, or trust a link for another upstream or repository (the
 //! key names both).
 
-use crate::core::app::{Ctx, Inner, ResponseNote};
 use crate::core::body::Body;
+use crate::core::context::{Ctx, Inner, ResponseNote};
 use crate::core::error::RegistryError;
-use crate::core::manifests::status_failure;
-use crate::core::reference::{parse_digest, Digest, Name};
-use crate::core::store_keys;
+use crate::core::http::status_failure;
+use crate::core::registry::keys;
+use crate::core::registry::reference::{parse_digest, Digest, Name};
 use futures_util::future::join_all;
 use http::{Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -206,7 +206,7 @@ impl Notes {
 /// Does (upstream, repository) hold a link to `digest`? A store error counts as no (the
 /// caller then asks the upstream, which is always safe).
 pub(crate) async fn is_linked(ctx: &Ctx<'_>, digest: &Digest) -> bool {
-    let key = store_keys::link(&ctx.up.host, ctx.name.as_str(), digest.as_str());
+    let key = keys::link(&ctx.up.host, ctx.name.as_str(), digest.as_str());
     matches!(
         ctx.inner.ports.kv.get(&key).await,
         Ok(Some(raw)) if LinkRecord::decode(&raw).is_some()
@@ -229,7 +229,7 @@ pub(crate) async fn record(
     }
     .encode();
     let writes = digests.iter().map(|d| {
-        let key = store_keys::link(host, name.as_str(), d.as_str());
+        let key = keys::link(host, name.as_str(), d.as_str());
         let raw = &raw;
         async move { inner.ports.kv.put(&key, raw).await }
     });

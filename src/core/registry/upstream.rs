@@ -12,16 +12,16 @@
 //! the policy to the host, which checks resolved addresses where it can. A refusal is
 //! [`UpstreamError::Refused`], which registry routes answer 502 ([`registry_error`]).
 
-use crate::core::auth::{
-    is_auth_host, is_trusted_realm, parse_challenge, parse_token_response, pull_scope,
-    token_lifetime_ms, Challenge,
-};
 use crate::core::config::UpstreamSpec;
 use crate::core::error::RegistryError;
+use crate::core::http::{read_capped, redirect_target, USER_AGENT};
 use crate::core::metrics::{inc, Metrics};
 use crate::core::outbound::{guard, same_origin, OutboundPolicy, Purpose};
 use crate::core::ports::{ByteStream, Clock, Upstream, UpstreamError};
-use futures_util::StreamExt;
+use crate::core::registry::auth::{
+    is_auth_host, is_trusted_realm, parse_challenge, parse_token_response, pull_scope,
+    token_lifetime_ms, Challenge,
+};
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -35,8 +35,6 @@ const MAX_REDIRECTS: usize = 5;
 pub const MAX_TOKENS: usize = 1024;
 /// Largest token-endpoint answer read.
 const MAX_TOKEN_BODY: usize = 64 * 1024;
-/// The `User-Agent` sent upstream.
-pub const USER_AGENT: &str = concat!("pullgate/", env!("CARGO_PKG_VERSION"));
 
 /// A cached bearer token.
 #[derive(Clone)]
@@ -122,44 +120,6 @@ pub(crate) fn registry_error(e: UpstreamError) -> RegistryError {
         UpstreamError::Refused(msg) => RegistryError::BadUpstream(msg),
         e => RegistryError::Unavailable(e.to_string()),
     }
-}
-
-/// Where a redirect response points, resolved against the URL that answered it; None when
-/// the response is not a redirect (301, 302, 303, 307, 308 — a 304 answers a conditional
-/// request and is final). A redirect without `Location`, to a malformed URL or to anything
-/// but http(s) is an error. Shared by every place that follows redirects itself.
-pub(crate) fn redirect_target(
-    current: &Url,
-    resp: &Response<ByteStream>,
-) -> Result<Option<Url>, UpstreamError> {
-    if !matches!(resp.status().as_u16(), 301 | 302 | 303 | 307 | 308) {
-        return Ok(None);
-    }
-    let location = resp
-        .headers()
-        .get(header::LOCATION)
-        .and_then(|l| l.to_str().ok())
-        .ok_or_else(|| UpstreamError::Other("redirect without Location".into()))?;
-    let next = current
-        .join(location)
-        .map_err(|_| UpstreamError::Other("redirect to a malformed URL".into()))?;
-    if !matches!(next.scheme(), "http" | "https") {
-        return Err(UpstreamError::Other("redirect to a non-HTTP URL".into()));
-    }
-    Ok(Some(next))
-}
-
-/// Reads a whole (small) body, refusing more than `limit` bytes.
-pub async fn read_body_limited(mut body: ByteStream, limit: usize) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(|e| e.to_string())?;
-        if out.len() + chunk.len() > limit {
-            return Err(format!("body larger than {limit} bytes"));
-        }
-        out.extend_from_slice(&chunk);
-    }
-    Ok(out)
 }
 
 fn basic_value(spec: &UpstreamSpec) -> Option<String> {
@@ -285,7 +245,7 @@ impl UpstreamClient {
                 "token endpoint answered {status}"
             )));
         }
-        let body = read_body_limited(resp.into_body(), MAX_TOKEN_BODY)
+        let body = read_capped(resp.into_body(), MAX_TOKEN_BODY)
             .await
             .map_err(|e| UpstreamError::Other(format!("token endpoint: {e}")))?;
         let grant = parse_token_response(&body)

@@ -13,15 +13,16 @@
 //! written best-effort: a failed write (Workers KV allows one write per second per key) is
 //! noted in the request log and never turns an answer into a 500.
 
-use crate::core::app::{response, set_header, Ctx};
 use crate::core::body::{Body, CacheStatus};
+use crate::core::context::Ctx;
 use crate::core::error::RegistryError;
-use crate::core::links::{self, Kind, Notes, Via};
-use crate::core::media::{header as h, manifest_media_type, AcceptSet};
+use crate::core::http::read_capped;
+use crate::core::http::{response, set_header, status_failure};
 use crate::core::metrics::inc;
-use crate::core::reference::{parse_digest, Digest, Reference, Tag};
-use crate::core::store_keys;
-use crate::core::upstream::read_body_limited;
+use crate::core::registry::keys;
+use crate::core::registry::links::{self, Kind, Notes, Via};
+use crate::core::registry::media::{header as h, manifest_media_type, AcceptSet};
+use crate::core::registry::reference::{parse_digest, Digest, Reference, Tag};
 use bytes::Bytes;
 use http::{header, Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
@@ -96,24 +97,12 @@ pub(crate) enum Fetch {
     Failed(RegistryError),
 }
 
-/// Maps an upstream status that is not success or 404.
-pub(crate) fn status_failure(status: StatusCode, what: &str) -> RegistryError {
-    match status.as_u16() {
-        429 => RegistryError::TooManyRequests(format!("upstream rate limit hit fetching {what}")),
-        401 | 403 => RegistryError::Denied(format!("upstream denied access to {what} ({status})")),
-        500..=599 => {
-            RegistryError::Unavailable(format!("upstream failed fetching {what} ({status})"))
-        }
-        _ => RegistryError::BadUpstream(format!("upstream answered {status} for {what}")),
-    }
-}
-
 async fn load(ctx: &Ctx<'_>, digest: &str) -> Result<Option<StoredManifest>, RegistryError> {
     let raw = ctx
         .inner
         .ports
         .kv
-        .get(&store_keys::manifest(digest))
+        .get(&keys::manifest(digest))
         .await
         .map_err(|e| RegistryError::Internal(e.to_string()))?;
     Ok(raw.as_deref().and_then(StoredManifest::decode))
@@ -204,7 +193,7 @@ async fn fetch(
             false,
         )
         .await
-        .map_err(|e| Fetch::Failed(crate::core::upstream::registry_error(e)))?;
+        .map_err(|e| Fetch::Failed(crate::core::registry::upstream::registry_error(e)))?;
     match resp.status() {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND => return Err(Fetch::NotFound),
@@ -221,7 +210,7 @@ async fn fetch(
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let limit = ctx.inner.settings.max_manifest_size as usize;
-    let bytes = read_body_limited(resp.into_body(), limit)
+    let bytes = read_capped(resp.into_body(), limit)
         .await
         .map_err(|e| Fetch::Failed(RegistryError::BadUpstream(format!("{what}: {e}"))))?;
     let json: serde_json::Value = serde_json::from_slice(&bytes).map_err(|_| {
@@ -253,7 +242,7 @@ async fn fetch(
     ctx.inner
         .ports
         .kv
-        .put(&store_keys::manifest(digest.as_str()), &m.encode())
+        .put(&keys::manifest(digest.as_str()), &m.encode())
         .await
         .map_err(|e| Fetch::Failed(RegistryError::Internal(e.to_string())))?;
     // The upstream served this manifest for this repository, and a registry accepts a
@@ -342,7 +331,7 @@ async fn get_tag(
     let inner = ctx.inner;
     let m = &inner.metrics;
     let settings = &inner.settings;
-    let key = store_keys::tag(
+    let key = keys::tag(
         &ctx.up.host,
         ctx.name.as_str(),
         accept.class().key(),
@@ -428,7 +417,7 @@ async fn get_tag(
                 return Err(unknown(ctx, tag.as_str()));
             }
             Ok(resp) => return stale_or(cached, status_failure(resp.status(), &what)),
-            Err(e) => return stale_or(cached, crate::core::upstream::registry_error(e)),
+            Err(e) => return stale_or(cached, crate::core::registry::upstream::registry_error(e)),
         }
     }
 

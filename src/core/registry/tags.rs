@@ -6,13 +6,14 @@
 //! Writing the cached page is best-effort: a failed write is noted in the request log, and the
 //! page is still served.
 
-use crate::core::app::{response, Ctx, ResponseNote};
 use crate::core::body::{Body, CacheStatus};
+use crate::core::context::{Ctx, ResponseNote};
 use crate::core::error::RegistryError;
-use crate::core::manifests::status_failure;
+use crate::core::http::read_capped;
+use crate::core::http::response;
+use crate::core::http::status_failure;
 use crate::core::metrics::inc;
-use crate::core::store_keys;
-use crate::core::upstream::read_body_limited;
+use crate::core::registry::keys;
 use http::{header, Method, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
@@ -84,8 +85,8 @@ pub(crate) async fn list(
 ) -> Result<(Response<Body>, CacheStatus), RegistryError> {
     let inner = ctx.inner;
     let m = &inner.metrics;
-    let key = (n.is_none() && last.is_none())
-        .then(|| store_keys::tag_list(&ctx.up.host, ctx.name.as_str()));
+    let key =
+        (n.is_none() && last.is_none()).then(|| keys::tag_list(&ctx.up.host, ctx.name.as_str()));
     let now = inner.ports.clock.now_ms();
     let cached: Option<CachedPage> = match &key {
         Some(key) => inner
@@ -139,7 +140,7 @@ pub(crate) async fn list(
         .await
     {
         Ok(r) => r,
-        Err(e) => return stale_or(crate::core::upstream::registry_error(e)),
+        Err(e) => return stale_or(crate::core::registry::upstream::registry_error(e)),
     };
     match resp.status() {
         StatusCode::OK => {}
@@ -156,7 +157,7 @@ pub(crate) async fn list(
         .get(header::LINK)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = match read_body_limited(resp.into_body(), MAX_TAG_LIST).await {
+    let body = match read_capped(resp.into_body(), MAX_TAG_LIST).await {
         Ok(b) => b,
         Err(e) => return stale_or(RegistryError::BadUpstream(format!("{what}: {e}"))),
     };

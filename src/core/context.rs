@@ -1,0 +1,77 @@
+//! The shared state of one core instance ([`Inner`]) and what a registry handler works on
+//! ([`Ctx`]). Every feature takes these; this file imports no handler, so features depend on
+//! it and never on `app`.
+
+use crate::core::access::limit::Limiter;
+use crate::core::config::{Settings, UpstreamSpec};
+use crate::core::gateway::state::GatewayState;
+use crate::core::helm::flight::InFlight;
+use crate::core::metrics::Metrics;
+use crate::core::ports::Ports;
+use crate::core::registry::fill::Fill;
+use crate::core::registry::reference::Name;
+use crate::core::registry::upstream::UpstreamClient;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+
+/// Shared state of one core instance.
+pub(crate) struct Inner {
+    pub settings: Settings,
+    pub ports: Ports,
+    pub client: UpstreamClient,
+    pub metrics: Rc<Metrics>,
+    /// Blob fills in flight, by digest: concurrent misses join one upstream transfer.
+    pub fills: RefCell<HashMap<String, Rc<Fill>>>,
+    /// Chart repository work in flight (index revalidations, chart fills), shared by
+    /// concurrent identical misses.
+    pub helm: InFlight,
+    /// A gateway outbox pass is running (one at a time per instance).
+    pub pumping: Cell<bool>,
+    /// When a request last started an outbox pass (ms).
+    pub last_pump_ms: Cell<u64>,
+    /// Rate-limit buckets.
+    pub limiter: RefCell<Limiter>,
+    /// Held across every read-modify-write of a gateway run record, so a stage result posted
+    /// while the pump records a delivery attempt is never overwritten by a stale copy.
+    pub run_lock: futures_util::lock::Mutex<()>,
+    /// The gateway's in-memory state (webhook bodies held, index checks).
+    pub gateway: GatewayState,
+}
+
+impl Inner {
+    /// A fresh instance over its settings and ports.
+    pub fn new(settings: Settings, ports: Ports) -> Inner {
+        let metrics = Rc::new(Metrics::default());
+        let client =
+            UpstreamClient::new(ports.upstream.clone(), ports.clock.clone(), metrics.clone())
+                .with_outbound(settings.outbound.clone());
+        Inner {
+            settings,
+            ports,
+            client,
+            metrics,
+            fills: RefCell::new(HashMap::new()),
+            helm: Default::default(),
+            pumping: Cell::new(false),
+            last_pump_ms: Cell::new(0),
+            limiter: RefCell::new(Default::default()),
+            run_lock: futures_util::lock::Mutex::new(()),
+            gateway: Default::default(),
+        }
+    }
+}
+
+/// A problem that did not change the answer (a best-effort write that failed), carried on a
+/// handler's response into the `RequestInfo` error field for the host's log line.
+#[derive(Debug, Clone)]
+pub(crate) struct ResponseNote(pub String);
+
+/// What a registry request handler works on.
+pub(crate) struct Ctx<'a> {
+    pub inner: &'a Rc<Inner>,
+    pub up: &'a UpstreamSpec,
+    pub up_index: usize,
+    pub name: &'a Name,
+    pub head: bool,
+}

@@ -1,0 +1,21 @@
+//! The registry pull protocol (the pull side of the OCI distribution spec): routes and names,
+//! the upstream client with its token dance, and the three endpoints (manifests, blobs, tag
+//! lists) with their cache records and per-repository links.
+//!
+//! Leaves other features may use: [`reference`], [`media`], [`range`], [`keys`], [`route`]
+//! (resolving an upstream), [`upstream`] (the client). The endpoint modules are reached only
+//! through `app`.
+
+pub mod auth;
+pub(crate) mod blobs;
+pub(crate) mod fill;
+pub mod keys;
+pub mod links;
+pub mod manifests;
+pub mod media;
+pub mod range;
+pub mod reference;
+pub mod route;
+pub(crate) mod tags;
+mod transfer;
+pub mod upstream;

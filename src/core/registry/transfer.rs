@@ -1,0 +1,219 @@
+//! The upstream transfer behind a blob fill: one GET, received and written to the store
+//! concurrently (the writer gets everything received since its last write in one call, so
+//! hashing and disk writes overlap with the network), with at most [`MAX_UNPERSISTED`] bytes
+//! received but not yet written. The store's writer commits only when the sha256 matches.
+
+use crate::core::context::Inner;
+use crate::core::error::RegistryError;
+use crate::core::http::status_failure;
+use crate::core::metrics::{add, inc};
+use crate::core::ports::{BlobWriter, ByteStream, CommitError, StoreError};
+use crate::core::registry::fill::{Fill, Phase, MAX_UNPERSISTED};
+use crate::core::registry::links::{self, Via};
+use crate::core::registry::reference::{Digest, Name};
+use futures_util::future::join;
+use futures_util::StreamExt;
+use http::{header, Method, StatusCode};
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+
+/// Fetches the blob upstream into the store; the result is recorded in the fill. A verified
+/// blob is linked to the repository it was fetched for before readers see the end (a failed
+/// link write only costs that repository one `HEAD` later, so it is not an error).
+pub(super) async fn drive(inner: Rc<Inner>, fill: Rc<Fill>, up: usize, name: Name, digest: Digest) {
+    let result = transfer(&inner, &fill, up, &name, &digest).await;
+    if result.is_ok() {
+        let host = &inner.settings.upstreams[up].host;
+        let _ = links::record(&inner, host, &name, &[&digest], Via::Fetched).await;
+    }
+    fill.update(|s| {
+        s.phase = match result {
+            Ok(()) => Phase::Done,
+            Err(e) => Phase::Failed(e),
+        }
+    });
+    inner.fills.borrow_mut().remove(digest.as_str());
+}
+
+async fn transfer(
+    inner: &Rc<Inner>,
+    fill: &Fill,
+    up: usize,
+    name: &Name,
+    digest: &Digest,
+) -> Result<(), RegistryError> {
+    let what = format!("blob {digest}");
+    let (body, size) = open_upstream(inner, up, name, digest, &what).await?;
+    let mut writer = inner
+        .ports
+        .blobs
+        .create(digest.as_str())
+        .await
+        .map_err(internal)?;
+    let tail = writer.tail();
+    fill.update(|s| {
+        s.phase = Phase::Streaming;
+        s.size = size;
+        s.tail = tail;
+    });
+    // The receiver and the writer run concurrently and meet in the fill's state.
+    let received_all: RefCell<Option<Result<(), RegistryError>>> = RefCell::new(None);
+    let write_failed: Cell<Option<RegistryError>> = Cell::new(None);
+    let receiver = async {
+        let result = receive(inner, fill, body, size, &write_failed, &what).await;
+        *received_all.borrow_mut() = Some(result);
+        fill.update(|_| {});
+    };
+    join(
+        receiver,
+        persist(fill, &mut *writer, &received_all, &write_failed),
+    )
+    .await;
+    let outcome = match (write_failed.take(), received_all.into_inner()) {
+        (Some(e), _) => Err(e),
+        (None, Some(r)) => r,
+        (None, None) => Err(RegistryError::Internal(format!(
+            "{what}: fill ended without a result"
+        ))),
+    };
+    if let Err(e) = outcome {
+        writer.abort().await;
+        return Err(e);
+    }
+    match writer.commit().await {
+        Ok(()) => Ok(()),
+        Err(CommitError::DigestMismatch { actual }) => {
+            inc(&inner.metrics.digest_mismatches);
+            Err(RegistryError::BadUpstream(format!(
+                "{what}: upstream bytes hash to {actual}; not cached"
+            )))
+        }
+        Err(CommitError::Store(e)) => Err(internal(e)),
+    }
+}
+
+fn internal(e: StoreError) -> RegistryError {
+    RegistryError::Internal(e.to_string())
+}
+
+/// The upstream's GET of the blob: its body and announced length, or the error a reader gets.
+async fn open_upstream(
+    inner: &Rc<Inner>,
+    up: usize,
+    name: &Name,
+    digest: &Digest,
+    what: &str,
+) -> Result<(ByteStream, Option<u64>), RegistryError> {
+    let spec = &inner.settings.upstreams[up];
+    let path = format!("/v2/{name}/blobs/{digest}");
+    let resp = inner
+        .client
+        .request(spec, Method::GET, &path, None, name.as_str(), true)
+        .await
+        .map_err(crate::core::registry::upstream::registry_error)?;
+    match resp.status() {
+        StatusCode::OK => {}
+        StatusCode::NOT_FOUND => {
+            return Err(RegistryError::BlobUnknown(format!(
+                "{what} is not known upstream"
+            )))
+        }
+        s => return Err(status_failure(s, what)),
+    }
+    let size = resp
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    Ok((resp.into_body(), size))
+}
+
+/// Takes the upstream body into the fill, waiting while more than [`MAX_UNPERSISTED`] bytes
+/// are not yet written; a body longer or shorter than its `Content-Length` is an error.
+async fn receive(
+    inner: &Rc<Inner>,
+    fill: &Fill,
+    mut body: ByteStream,
+    size: Option<u64>,
+    write_failed: &Cell<Option<RegistryError>>,
+    what: &str,
+) -> Result<(), RegistryError> {
+    loop {
+        loop {
+            let seen = fill.version.get();
+            let backlog = {
+                let s = fill.state.borrow();
+                s.received - s.persisted
+            };
+            if backlog <= MAX_UNPERSISTED {
+                break;
+            }
+            if let Some(e) = write_failed.take() {
+                return Err(e);
+            }
+            fill.changed(seen).await;
+        }
+        if let Some(e) = write_failed.take() {
+            return Err(e);
+        }
+        let chunk = match body.next().await {
+            None => break,
+            Some(c) => {
+                c.map_err(|e| RegistryError::Unavailable(format!("{what}: upstream body: {e}")))?
+            }
+        };
+        let len = chunk.len() as u64;
+        let total = fill.state.borrow().received + len;
+        if size.is_some_and(|s| total > s) {
+            return Err(RegistryError::BadUpstream(format!(
+                "{what}: longer than its Content-Length"
+            )));
+        }
+        add(&inner.metrics.bytes_fetched, len);
+        fill.update(|s| {
+            s.recent.push_back(chunk);
+            s.received = total;
+        });
+    }
+    let got = fill.state.borrow().received;
+    if size.is_some_and(|s| got != s) {
+        return Err(RegistryError::Unavailable(format!(
+            "{what}: upstream body ended early"
+        )));
+    }
+    Ok(())
+}
+
+/// Writes what the receiver took, everything since the last write in one call, until the
+/// receiver is done (or failed); a failed write is handed to the receiver through
+/// `write_failed`.
+async fn persist(
+    fill: &Fill,
+    writer: &mut dyn BlobWriter,
+    received_all: &RefCell<Option<Result<(), RegistryError>>>,
+    write_failed: &Cell<Option<RegistryError>>,
+) {
+    loop {
+        let seen = fill.version.get();
+        let (chunks, upto) = fill.state.borrow().unpersisted();
+        if chunks.is_empty() {
+            if received_all.borrow().is_some() {
+                return;
+            }
+            fill.changed(seen).await;
+            continue;
+        }
+        if let Err(e) = writer.write(chunks).await {
+            write_failed.set(Some(internal(e)));
+            fill.update(|_| {});
+            return;
+        }
+        fill.update(|s| {
+            s.persisted = upto;
+            s.trim();
+        });
+        if received_all.borrow().as_ref().is_some_and(|r| r.is_err()) {
+            return;
+        }
+    }
+}
