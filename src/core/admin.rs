@@ -2,30 +2,17 @@
 //! the `admin` action (an identity allowed it by an `[[access]]` rule) or the gateway's admin
 //! token. Answers JSON.
 
-use crate::core::access::gate::{may_administer, Caller};
+use crate::core::access::caller::{is_admin, Caller};
 use crate::core::body::Body;
 use crate::core::context::Inner;
 use crate::core::gateway::outbox::DEAD;
-use crate::core::gateway::verify::tokens_match;
-use crate::core::http::{json_error as err, json_response as reply};
+use crate::core::http::{json_error as err, json_response as reply, query_param};
 use crate::core::registry::keys;
 use crate::core::registry::manifests::TagRecord;
 use crate::core::registry::route::resolve_upstream;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
-
-/// True when the request carries the gateway admin token.
-pub(crate) fn has_admin_token(inner: &Inner, req: &Request<()>) -> bool {
-    let Some(token) = &inner.settings.gateway.admin_token else {
-        return false;
-    };
-    req.headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| tokens_match(given, token.expose()))
-}
 
 /// `<class>/<tag>` of a tag record key below a repository, or None for a nested repository's.
 fn own_tag(rest: &str) -> Option<(&str, &str)> {
@@ -34,9 +21,7 @@ fn own_tag(rest: &str) -> Option<(&str, &str)> {
 }
 
 fn query(req: &Request<()>, key: &str) -> Option<String> {
-    url::form_urlencoded::parse(req.uri().query()?.as_bytes())
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.into_owned())
+    query_param(req.uri().query(), key)
 }
 
 /// Routes `/admin/…`; None for other paths.
@@ -46,7 +31,7 @@ pub(crate) async fn handle(
     caller: &Caller,
 ) -> Option<Response<Body>> {
     let path = req.uri().path().strip_prefix("/admin/")?;
-    if !(has_admin_token(inner, req) || may_administer(inner, caller, "admin")) {
+    if !(is_admin(inner, req.headers(), caller)) {
         inc_denied(inner);
         return Some(err(
             StatusCode::UNAUTHORIZED,

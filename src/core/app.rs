@@ -4,7 +4,8 @@
 //! endpoints (manifests, blobs, tags). It is the only module that imports the features'
 //! handlers; nothing in the core imports it.
 
-use crate::core::access::gate::{self, Caller};
+use crate::core::access::caller::Caller;
+use crate::core::access::gate;
 use crate::core::body::{Body, CacheStatus, RequestInfo};
 use crate::core::config::Settings;
 use crate::core::context::{Ctx, Inner, ResponseNote};

@@ -7,7 +7,7 @@ use crate::core::error::RegistryError;
 use crate::core::ports::{ByteStream, UpstreamError};
 use crate::core::registry::media::header as h;
 use futures_util::StreamExt;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
 use url::Url;
 
 /// The `User-Agent` of every outbound request.
@@ -129,4 +129,98 @@ pub async fn read_capped(mut body: ByteStream, cap: usize) -> Result<Vec<u8>, Re
         out.extend_from_slice(&chunk);
     }
     Ok(out)
+}
+
+/// The token of an `Authorization: Bearer …` header.
+pub fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// The first value of `key` in a query string, form-decoded (`+` is a space, malformed
+/// escapes pass through): for the JSON routes.
+pub fn query_param(query: Option<&str>, key: &str) -> Option<String> {
+    url::form_urlencoded::parse(query?.as_bytes())
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
+}
+
+/// A query value that is not valid percent-encoded UTF-8.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedQuery;
+
+/// The first value of `key` in a query string, strictly decoded: a `%` not followed by two
+/// hex digits, or bytes that are not UTF-8, are an error rather than passed through (the
+/// registry routes answer those with an OCI error).
+pub fn strict_query_param(
+    query: Option<&str>,
+    key: &str,
+) -> Result<Option<String>, MalformedQuery> {
+    let Some(raw) = query.and_then(|q| {
+        q.split('&')
+            .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+    }) else {
+        return Ok(None);
+    };
+    let b = raw.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'%' => {
+                let hex = b.get(i + 1..i + 3).ok_or(MalformedQuery)?;
+                let hex = std::str::from_utf8(hex).map_err(|_| MalformedQuery)?;
+                out.push(u8::from_str_radix(hex, 16).map_err(|_| MalformedQuery)?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            c => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).map(Some).map_err(|_| MalformedQuery)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strict_query_values() {
+        let q = Some("n=10&last=a%2Fb&sp=a+b&bad=%zz&short=%4");
+        assert_eq!(strict_query_param(q, "n"), Ok(Some("10".into())));
+        assert_eq!(strict_query_param(q, "last"), Ok(Some("a/b".into())));
+        assert_eq!(strict_query_param(q, "sp"), Ok(Some("a b".into())));
+        assert_eq!(strict_query_param(q, "bad"), Err(MalformedQuery));
+        assert_eq!(strict_query_param(q, "short"), Err(MalformedQuery));
+        assert_eq!(strict_query_param(q, "none"), Ok(None));
+        assert_eq!(strict_query_param(Some("x=%ff"), "x"), Err(MalformedQuery));
+    }
+
+    #[test]
+    fn lenient_query_and_bearer() {
+        assert_eq!(
+            query_param(Some("a=1&b=x%2Fy"), "b").as_deref(),
+            Some("x/y")
+        );
+        assert_eq!(query_param(None, "b"), None);
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer tok"),
+        );
+        assert_eq!(bearer(&h), Some("tok"));
+        h.insert(header::AUTHORIZATION, HeaderValue::from_static("Basic x"));
+        assert_eq!(bearer(&h), None);
+    }
 }

@@ -3,7 +3,7 @@
 //! configured `audit_log`; `-` for stderr). Records carry identity, client address,
 //! repository, reference, digest, bytes and cache outcome; never a credential.
 
-use crate::core::gateway::outbox::rfc3339;
+use crate::core::time::rfc3339;
 use serde_json::{json, Value};
 use std::cell::RefCell;
 use std::io::Write;

@@ -14,6 +14,7 @@
 //!
 //! [`limit`]: crate::core::access::limit
 
+use crate::core::access::caller::{Caller, InternalCall};
 use crate::core::access::limit::{Limiter, Rate};
 use crate::core::access::token::{self, Claims, Grant};
 use crate::core::access::{
@@ -23,12 +24,12 @@ use crate::core::access::{
 use crate::core::body::Body;
 use crate::core::context::Inner;
 use crate::core::error::RegistryError;
-use crate::core::gateway::outbox::rfc3339;
 use crate::core::http::{error_response, json_error, json_response};
 use crate::core::metrics::inc;
 use crate::core::ports::{ByteStream, Offload};
 use crate::core::registry::reference::Digest;
 use crate::core::registry::route::resolve_upstream;
+use crate::core::time::rfc3339;
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -36,22 +37,6 @@ use serde_json::json;
 use std::cell::RefCell;
 use std::future::Future;
 use std::net::IpAddr;
-
-/// Who is calling, after the gate.
-#[derive(Debug, Clone)]
-pub struct Caller {
-    /// The principal.
-    pub principal: Principal,
-    /// The client address, when the host knows it.
-    pub ip: Option<IpAddr>,
-    /// pullgate itself (the gateway's pre-warm), not a client.
-    pub internal: bool,
-}
-
-/// Marks a request pullgate makes to itself (pre-warming through the cache). Only in-process
-/// code can put a Rust type in a request's extensions, so no client can claim it.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct InternalCall;
 
 fn refuse(fam: RouteFamily, status: StatusCode, e: RegistryError, head: bool) -> Response<Body> {
     if fam == RouteFamily::Registry {
@@ -342,13 +327,6 @@ pub(crate) fn authorize_base(
         )));
     }
     Ok(())
-}
-
-/// May the caller do `action` (`admin`, or `trigger`) on the admin routes?
-pub(crate) fn may_administer(inner: &Inner, caller: &Caller, action: &str) -> bool {
-    let s = &inner.settings.access;
-    let p = &caller.principal;
-    !p.is_anonymous() && (is_allowed(s, p, "admin", "*", "*") || is_allowed(s, p, action, "*", "*"))
 }
 
 /// `GET /token` (and the OAuth2 `POST /token` form containerd uses).

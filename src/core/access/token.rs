@@ -2,12 +2,12 @@
 //! `GET /token` after checking credentials, short-lived, carrying the granted scopes. Pure.
 //! Only pullgate reads them, so a compact HMAC format serves better than a JWT library.
 
+use crate::core::ct::bytes_match;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
 /// One granted scope: `repository:<name>:<actions>`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,7 +56,7 @@ pub fn verify(key: &[u8], token: &str, now_ms: u64) -> Option<Claims> {
     let (body, sig) = rest.split_once('.')?;
     let given = B64.decode(sig).ok()?;
     let want = mac(key, body.as_bytes());
-    if given.len() != want.len() || !bool::from(given.ct_eq(&want)) {
+    if !bytes_match(&given, &want) {
         return None;
     }
     let claims: Claims = serde_json::from_slice(&B64.decode(body).ok()?).ok()?;

@@ -9,7 +9,7 @@
 //! `build` has finished, a result carrying another digest is refused (409) and only the admin
 //! route changes it ([`Run::may_set_digest`]).
 
-use crate::core::access::gate::{may_administer, Caller};
+use crate::core::access::caller::{may_administer, Caller};
 use crate::core::body::Body;
 use crate::core::context::Inner;
 use crate::core::gateway::chain::{ChainError, Run};

@@ -240,7 +240,7 @@ pub(crate) async fn handle(
     inner: &Rc<Inner>,
     req: &Request<()>,
     body: ByteStream,
-    caller: &crate::core::access::gate::Caller,
+    caller: &crate::core::access::caller::Caller,
 ) -> Option<Response<Body>> {
     let path = req.uri().path();
     if let Some(name) = path.strip_prefix("/hooks/") {

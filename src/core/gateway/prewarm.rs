@@ -19,7 +19,7 @@ async fn drain(app: &App, path: &str, accept: Option<&str>) -> Result<(u64, Byte
     }
     let mut req = b.body(()).map_err(|e| e.to_string())?;
     req.extensions_mut()
-        .insert(crate::core::access::gate::InternalCall);
+        .insert(crate::core::access::caller::InternalCall);
     // Boxed: pre-warming goes back through App::handle, which can reach the pump again.
     let resp = Box::pin(app.handle(&req)).await;
     let status = resp.status();

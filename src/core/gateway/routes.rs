@@ -26,7 +26,7 @@ pub(super) async fn chain_route(
     req: &Request<()>,
     rest: &str,
     body: ByteStream,
-    caller: &crate::core::access::gate::Caller,
+    caller: &crate::core::access::caller::Caller,
 ) -> Response<Body> {
     let gw = &inner.settings.gateway;
     let parts: Vec<&str> = rest.split('/').filter(|p| !p.is_empty()).collect();
@@ -44,7 +44,7 @@ pub(super) async fn chain_route(
         "admin"
     };
     if let Some(refusal) = refuse_non_admin(gw, req.headers()) {
-        if !crate::core::access::gate::may_administer(inner, caller, action) {
+        if !crate::core::access::caller::may_administer(inner, caller, action) {
             return refusal;
         }
     }

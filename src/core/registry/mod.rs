@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub(crate) mod blobs;
+pub mod config;
 pub(crate) mod fill;
 pub mod keys;
 pub mod links;

@@ -10,6 +10,7 @@
 
 use crate::core::config::{normalize_host, Settings, UpstreamSpec};
 use crate::core::error::RegistryError;
+use crate::core::http::strict_query_param;
 use crate::core::registry::reference::{
     parse_digest, parse_name, parse_reference, Digest, Name, Reference,
 };
@@ -78,38 +79,10 @@ fn looks_like_host(component: &str) -> bool {
     component.contains('.') || component.contains(':') || component == "localhost"
 }
 
-fn query_param<'a>(query: Option<&'a str>, key: &str) -> Option<&'a str> {
-    query?
-        .split('&')
-        .filter_map(|kv| kv.split_once('=').or(Some((kv, ""))))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v)
-}
-
-fn percent_decode(s: &str) -> Result<String, RegistryError> {
-    let bad = || RegistryError::NameInvalid(format!("malformed query value {s:?}"));
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' if i + 2 < b.len() => {
-                let h = std::str::from_utf8(&b[i + 1..i + 3]).map_err(|_| bad())?;
-                out.push(u8::from_str_radix(h, 16).map_err(|_| bad())?);
-                i += 3;
-            }
-            b'%' => return Err(bad()),
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8(out).map_err(|_| bad())
+/// A query value, strictly percent-decoded; a malformed one is NAME_INVALID.
+fn query_value(query: Option<&str>, key: &str) -> Result<Option<String>, RegistryError> {
+    strict_query_param(query, key)
+        .map_err(|_| RegistryError::NameInvalid(format!("malformed query value for {key}")))
 }
 
 /// Resolves which upstream a repository path belongs to, and the name to ask it for.
@@ -215,13 +188,13 @@ pub fn parse_route(
         let digest = &rest[i + "/blobs/".len()..];
         (&rest[..i], Endpoint::Blob(parse_digest(digest)?))
     } else if let Some(name) = rest.strip_suffix("/tags/list") {
-        let n = match query_param(query, "n") {
+        let n = match query_value(query, "n")? {
             Some(v) => Some(v.parse::<u32>().map_err(|_| {
                 RegistryError::NameInvalid(format!("tags/list: n={v:?} is not a number"))
             })?),
             None => None,
         };
-        let last = query_param(query, "last").map(percent_decode).transpose()?;
+        let last = query_value(query, "last")?;
         (name, Endpoint::TagsList { n, last })
     } else {
         return Err(RegistryError::NotFound(format!("no such endpoint: {path}")));
@@ -229,7 +202,7 @@ pub fn parse_route(
     if !read || (matches!(endpoint, Endpoint::TagsList { .. }) && *method != Method::GET) {
         return Err(unsupported());
     }
-    let ns = query_param(query, "ns").map(percent_decode).transpose()?;
+    let ns = query_value(query, "ns")?;
     let (upstream, name) = resolve_upstream(settings, raw_name, ns.as_deref())?;
     Ok(Route {
         endpoint,

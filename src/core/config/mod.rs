@@ -5,9 +5,15 @@
 //! (`env:NAME` on the native host) that the host's [`SecretResolver`] turns into values; a
 //! resolved secret is a [`Secret`], whose `Debug` prints nothing of it.
 
+pub mod value;
+
+use crate::core::registry::config::{resolve_upstreams, upstream_flag};
+pub use crate::core::registry::config::{Credentials, UpstreamConfig, UpstreamSpec, DOCKER_HUB};
+pub use value::{
+    normalize_host, parse_duration_ms, parse_size, ConfigError, Secret, SecretResolver,
+};
+
 use serde::Deserialize;
-use std::fmt;
-use url::Url;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -113,91 +119,6 @@ pub struct CacheConfig {
     pub max_fills: Option<usize>,
 }
 
-/// One `[[upstream]]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct UpstreamConfig {
-    /// The name clients use: path prefix, `ns=`, default routing.
-    pub host: String,
-    /// Base URL (`https://…`, or `http://…` for a local registry).
-    pub url: String,
-    /// Other names for the same registry.
-    #[serde(default)]
-    pub aliases: Vec<String>,
-    /// Unprefixed names go here (exactly one upstream is the default).
-    #[serde(default)]
-    pub default: bool,
-    /// Reference to the username secret, e.g. `env:DOCKERHUB_USER`.
-    pub username: Option<String>,
-    /// Reference to the password/token secret, e.g. `env:DOCKERHUB_TOKEN`.
-    pub password: Option<String>,
-    /// Put `library/` before one-component names (default: true for `docker.io` only).
-    pub library_prefix: Option<bool>,
-    /// Extra token-realm hosts trusted with this upstream's credentials.
-    #[serde(default)]
-    pub auth_hosts: Vec<String>,
-}
-
-/// A configuration error, with the key at fault.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("configuration: {0}")]
-pub struct ConfigError(pub String);
-
-/// A secret value. `Debug` and `Display` never show it.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a resolved value.
-    pub fn new(value: String) -> Self {
-        Secret(value)
-    }
-    /// The value, for building an `Authorization` header and nothing else.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
-
-/// Turns a secret reference (`env:NAME`, a binding name, a variable) into its value.
-pub trait SecretResolver {
-    /// Resolves `reference`; the error names the reference, never a value.
-    fn resolve(&self, reference: &str) -> Result<Secret, ConfigError>;
-}
-
-/// Upstream credentials.
-#[derive(Debug, Clone)]
-pub struct Credentials {
-    /// Username.
-    pub username: Secret,
-    /// Password or token.
-    pub password: Secret,
-}
-
-/// A resolved upstream.
-#[derive(Debug, Clone)]
-pub struct UpstreamSpec {
-    /// Canonical client-facing host name (lowercase).
-    pub host: String,
-    /// Lowercase aliases.
-    pub aliases: Vec<String>,
-    /// Base URL, without trailing slash.
-    pub url: Url,
-    /// Is this the default upstream.
-    pub default: bool,
-    /// `library/` normalisation.
-    pub library_prefix: bool,
-    /// Credentials, if configured.
-    pub credentials: Option<Credentials>,
-    /// Extra trusted realm hosts.
-    pub auth_hosts: Vec<String>,
-}
-
 /// Resolved settings the core runs on.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -226,231 +147,24 @@ pub struct Settings {
     pub outbound: std::sync::Arc<crate::core::outbound::OutboundPolicy>,
 }
 
-/// Docker Hub's client-facing name.
-pub const DOCKER_HUB: &str = "docker.io";
-
-/// The upstreams known without configuration: (host, url, aliases).
-const BUILTIN: &[(&str, &str, &[&str])] = &[
-    (
-        DOCKER_HUB,
-        "https://registry-1.docker.io",
-        &["index.docker.io", "registry-1.docker.io"],
-    ),
-    ("ghcr.io", "https://ghcr.io", &[]),
-    ("quay.io", "https://quay.io", &[]),
-    ("registry.k8s.io", "https://registry.k8s.io", &[]),
-    ("gcr.io", "https://gcr.io", &[]),
-    ("mcr.microsoft.com", "https://mcr.microsoft.com", &[]),
-];
-
-/// Parses a duration such as `90s`, `5m`, `2h`, `7d`, `250ms` or `0s` into milliseconds.
-pub fn parse_duration_ms(s: &str) -> Result<u64, ConfigError> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit())
-        .ok_or_else(|| ConfigError(format!("duration {s:?} needs a unit (ms, s, m, h, d)")))?;
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| ConfigError(format!("duration {s:?} is not a number with a unit")))?;
-    let mult = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "d" => 86_400_000,
-        _ => {
-            return Err(ConfigError(format!(
-                "duration {s:?}: unknown unit {unit:?}"
-            )))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| ConfigError(format!("duration {s:?} is too large")))
-}
-
-/// Parses a size such as `50GiB`, `512MiB`, `10GB` or `1024` (bytes).
-pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| ConfigError(format!("size {s:?} is not a number with a unit")))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        "TiB" => 1 << 40,
-        "KB" | "kB" => 1_000,
-        "MB" => 1_000_000,
-        "GB" => 1_000_000_000,
-        "TB" => 1_000_000_000_000,
-        u => return Err(ConfigError(format!("size {s:?}: unknown unit {u:?}"))),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| ConfigError(format!("size {s:?} is too large")))
-}
-
 /// Parses the TOML configuration text.
 pub fn parse_config(text: &str) -> Result<Config, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError(e.to_string()))
 }
 
-/// Lowercases a registry host and drops a default port, so `Docker.IO:443` is `docker.io`.
-pub fn normalize_host(host: &str) -> String {
-    let h = host.trim().trim_end_matches('/').to_ascii_lowercase();
-    h.strip_suffix(":443").map(str::to_string).unwrap_or(h)
-}
-
-fn parse_upstream_url(host: &str, url: &str) -> Result<Url, ConfigError> {
-    let u = Url::parse(url.trim_end_matches('/'))
-        .map_err(|e| ConfigError(format!("upstream {host}: url {url:?}: {e}")))?;
-    if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
-        return Err(ConfigError(format!(
-            "upstream {host}: url {url:?} must be http:// or https:// with a host"
-        )));
-    }
-    if u.query().is_some() || u.fragment().is_some() {
-        return Err(ConfigError(format!(
-            "upstream {host}: url {url:?} must not carry a query or fragment"
-        )));
-    }
-    Ok(u)
-}
-
-fn resolve_secret(
-    resolver: &dyn SecretResolver,
-    host: &str,
-    key: &str,
-    reference: &str,
-) -> Result<Secret, ConfigError> {
-    if !reference.contains(':') {
-        return Err(ConfigError(format!(
-            "upstream {host}: {key} must be a secret reference such as \"env:NAME\", not a literal"
-        )));
-    }
-    resolver.resolve(reference)
-}
-
 impl Config {
     /// Adds or replaces an upstream URL from `--upstream HOST=URL`.
     pub fn apply_upstream_flag(&mut self, flag: &str) -> Result<(), ConfigError> {
-        let (host, url) = flag
-            .split_once('=')
-            .ok_or_else(|| ConfigError(format!("--upstream {flag:?} must be HOST=URL")))?;
-        let host = normalize_host(host);
-        if let Some(u) = self
-            .upstream
-            .iter_mut()
-            .find(|u| normalize_host(&u.host) == host)
-        {
-            u.url = url.to_string();
-        } else {
-            self.upstream.push(UpstreamConfig {
-                host,
-                url: url.to_string(),
-                aliases: vec![],
-                default: false,
-                username: None,
-                password: None,
-                library_prefix: None,
-                auth_hosts: vec![],
-            });
-        }
-        Ok(())
+        upstream_flag(&mut self.upstream, flag)
     }
 
-    /// Resolves durations, sizes, the upstream list and secrets into [`Settings`].
+    /// Resolves durations, sizes, the upstream list and secrets into [`Settings`]; each
+    /// feature resolves its own part.
     pub fn resolve(&self, secrets: &dyn SecretResolver) -> Result<Settings, ConfigError> {
         let c = &self.cache;
         let dur = |v: &Option<String>, d: &str| parse_duration_ms(v.as_deref().unwrap_or(d));
         let size = |v: &Option<String>, d: &str| parse_size(v.as_deref().unwrap_or(d));
-
-        let mut list: Vec<UpstreamConfig> = Vec::new();
-        if self.builtin_upstreams.unwrap_or(true) {
-            for (host, url, aliases) in BUILTIN {
-                list.push(UpstreamConfig {
-                    host: host.to_string(),
-                    url: url.to_string(),
-                    aliases: aliases.iter().map(|a| a.to_string()).collect(),
-                    default: *host == DOCKER_HUB,
-                    username: None,
-                    password: None,
-                    library_prefix: None,
-                    auth_hosts: vec![],
-                });
-            }
-        }
-        let any_default = self.upstream.iter().any(|u| u.default);
-        if any_default {
-            list.iter_mut().for_each(|u| u.default = false);
-        }
-        for u in &self.upstream {
-            let host = normalize_host(&u.host);
-            match list.iter_mut().find(|b| b.host == host) {
-                // A configured entry for a built-in host keeps the built-in aliases and
-                // default-ness unless it says otherwise.
-                Some(b) => {
-                    let mut merged = u.clone();
-                    merged.host = host;
-                    if merged.aliases.is_empty() {
-                        merged.aliases = b.aliases.clone();
-                    }
-                    merged.default = u.default || (!any_default && b.default);
-                    *b = merged;
-                }
-                None => {
-                    let mut n = u.clone();
-                    n.host = host;
-                    list.push(n);
-                }
-            }
-        }
-
-        let mut upstreams = Vec::new();
-        let mut seen: Vec<String> = Vec::new();
-        for u in list {
-            let url = parse_upstream_url(&u.host, &u.url)?;
-            let aliases: Vec<String> = u.aliases.iter().map(|a| normalize_host(a)).collect();
-            for n in std::iter::once(&u.host).chain(aliases.iter()) {
-                if seen.contains(n) {
-                    return Err(ConfigError(format!(
-                        "upstream name {n:?} is configured twice"
-                    )));
-                }
-                seen.push(n.clone());
-            }
-            let credentials = match (&u.username, &u.password) {
-                (Some(user), Some(pass)) => Some(Credentials {
-                    username: resolve_secret(secrets, &u.host, "username", user)?,
-                    password: resolve_secret(secrets, &u.host, "password", pass)?,
-                }),
-                (None, None) => None,
-                _ => {
-                    return Err(ConfigError(format!(
-                        "upstream {}: username and password go together",
-                        u.host
-                    )))
-                }
-            };
-            upstreams.push(UpstreamSpec {
-                library_prefix: u.library_prefix.unwrap_or(u.host == DOCKER_HUB),
-                host: u.host,
-                aliases,
-                url,
-                default: u.default,
-                credentials,
-                auth_hosts: u.auth_hosts.iter().map(|h| normalize_host(h)).collect(),
-            });
-        }
-        if upstreams.iter().filter(|u| u.default).count() > 1 {
-            return Err(ConfigError(
-                "more than one upstream has default = true".into(),
-            ));
-        }
-        let mut settings = Settings {
+        Ok(Settings {
             tag_ttl_ms: dur(&c.tag_ttl, "5m")?,
             max_stale_ms: dur(&c.max_stale, "7d")?,
             max_size: size(&c.max_size, "50GiB")?,
@@ -460,7 +174,11 @@ impl Config {
                 Some(0) => return Err(ConfigError("[cache] max_fills must be at least 1".into())),
                 n => n.unwrap_or(64),
             },
-            upstreams,
+            upstreams: resolve_upstreams(
+                self.builtin_upstreams.unwrap_or(true),
+                &self.upstream,
+                secrets,
+            )?,
             gateway: crate::core::gateway::config::resolve(
                 crate::core::gateway::config::GatewayInput {
                     webhooks: &self.webhook,
@@ -483,10 +201,8 @@ impl Config {
                 },
                 secrets,
             )?,
-            outbound: Default::default(),
-        };
-        settings.outbound = crate::core::outbound::resolve(&self.outbound)?;
-        Ok(settings)
+            outbound: crate::core::outbound::resolve(&self.outbound)?,
+        })
     }
 }
 
