@@ -16,6 +16,7 @@ pub mod config;
 pub(crate) mod context;
 pub mod ct;
 pub mod error;
+pub mod freshness;
 pub mod gateway;
 pub mod glob;
 pub mod helm;

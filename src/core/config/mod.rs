@@ -152,6 +152,16 @@ pub fn parse_config(text: &str) -> Result<Config, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError(e.to_string()))
 }
 
+impl Settings {
+    /// The freshness rule of tag records, tag lists and chart indexes.
+    pub fn freshness(&self) -> crate::core::freshness::Freshness {
+        crate::core::freshness::Freshness {
+            ttl_ms: self.tag_ttl_ms,
+            max_stale_ms: self.max_stale_ms,
+        }
+    }
+}
+
 impl Config {
     /// Adds or replaces an upstream URL from `--upstream HOST=URL`.
     pub fn apply_upstream_flag(&mut self, flag: &str) -> Result<(), ConfigError> {

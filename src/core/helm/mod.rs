@@ -266,11 +266,14 @@ async fn route(
 }
 
 fn is_fresh(inner: &Inner, rec: &IndexRecord, now: u64) -> bool {
-    now < rec.checked_ms.saturating_add(inner.settings.tag_ttl_ms)
+    inner.settings.freshness().is_fresh(rec.checked_ms, now)
 }
 
 fn is_servable_stale(inner: &Inner, rec: &IndexRecord, now: u64) -> bool {
-    now <= rec.checked_ms.saturating_add(inner.settings.max_stale_ms)
+    inner
+        .settings
+        .freshness()
+        .may_serve_stale(rec.checked_ms, now)
 }
 
 /// `GET|HEAD /charts/<name>/index.yaml`.

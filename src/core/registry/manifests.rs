@@ -78,16 +78,6 @@ pub struct TagRecord {
     pub checked_ms: u64,
 }
 
-/// Is a record still fresh at `now`?
-pub fn is_fresh(rec: &TagRecord, now_ms: u64, ttl_ms: u64) -> bool {
-    now_ms < rec.checked_ms.saturating_add(ttl_ms)
-}
-
-/// May a record be served stale at `now` while the upstream fails?
-pub fn is_servable_stale(rec: &TagRecord, now_ms: u64, max_stale_ms: u64) -> bool {
-    now_ms <= rec.checked_ms.saturating_add(max_stale_ms)
-}
-
 /// An upstream failure, classified for the stale-if-error decision.
 #[derive(Debug)]
 pub(crate) enum Fetch {
@@ -322,15 +312,14 @@ async fn get_digest(
     }
 }
 
-async fn get_tag(
-    ctx: &Ctx<'_>,
-    tag: &Tag,
-    accept: &AcceptSet,
-    notes: &Notes,
-) -> Result<(Response<Body>, CacheStatus), RegistryError> {
+type Served = Result<(Response<Body>, CacheStatus), RegistryError>;
+
+/// A tag's cached record and manifest, when both exist and this client can take the media
+/// type.
+type Cached = Option<(TagRecord, StoredManifest)>;
+
+async fn get_tag(ctx: &Ctx<'_>, tag: &Tag, accept: &AcceptSet, notes: &Notes) -> Served {
     let inner = ctx.inner;
-    let m = &inner.metrics;
-    let settings = &inner.settings;
     let key = keys::tag(
         &ctx.up.host,
         ctx.name.as_str(),
@@ -338,98 +327,141 @@ async fn get_tag(
         tag.as_str(),
     );
     let now = inner.ports.clock.now_ms();
-
-    // The cached answer, if there is one this client can take.
-    let mut cached = None;
-    if let Some(rec) = load_record(ctx, &key).await? {
-        if let Some(stored) = load(ctx, &rec.digest).await? {
-            if accept.accepts(&stored.media_type) {
-                cached = Some((rec, stored));
-            }
-        }
-    }
+    let cached = load_cached(ctx, &key, accept).await?;
     if let Some((rec, stored)) = &cached {
         ensure_linked(ctx, &rec.digest, stored, notes).await;
-    }
-    let stale_or = |cached: Option<(TagRecord, StoredManifest)>, e: RegistryError| match cached {
-        Some((rec, stored)) if is_servable_stale(&rec, now, settings.max_stale_ms) => {
-            inc(&m.upstream_errors);
-            inc(&m.stale_served);
-            Ok((serve(ctx, &rec.digest, stored)?, CacheStatus::Stale))
-        }
-        _ => Err(e),
-    };
-
-    if let Some((rec, stored)) = &cached {
-        if is_fresh(rec, now, settings.tag_ttl_ms) {
-            m.hit(&ctx.up.host);
+        if inner.settings.freshness().is_fresh(rec.checked_ms, now) {
+            inner.metrics.hit(&ctx.up.host);
             return Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Hit));
         }
-        // Revalidate with HEAD: free against Docker Hub's pull limit.
-        let path = format!("/v2/{}/manifests/{}", ctx.name, tag.as_str());
-        let what = format!("manifest {}:{}", ctx.name, tag.as_str());
-        let head = inner
-            .client
-            .request(
-                ctx.up,
-                Method::HEAD,
-                &path,
-                Some(&accept.upstream_value()),
-                ctx.name.as_str(),
-                false,
-            )
-            .await;
-        match head {
-            Ok(resp) if resp.status() == StatusCode::OK => {
-                let upstream_digest = resp
-                    .headers()
-                    .get(h::CONTENT_DIGEST)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| parse_digest(v).ok());
-                if upstream_digest.as_ref().map(Digest::as_str) == Some(rec.digest.as_str()) {
-                    save_record(ctx, &key, &rec.digest, notes).await;
-                    m.hit(&ctx.up.host);
-                    return Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Hit));
-                }
-                // Moved (or no digest header): fetch below.
-                if let Some(d) = upstream_digest {
-                    if let Some(s) = load(ctx, d.as_str()).await? {
-                        if accept.accepts(&s.media_type) {
-                            save_record(ctx, &key, d.as_str(), notes).await;
-                            ensure_linked(ctx, d.as_str(), &s, notes).await;
-                            m.hit(&ctx.up.host);
-                            return Ok((serve(ctx, d.as_str(), s)?, CacheStatus::Hit));
-                        }
-                    }
-                    m.miss(&ctx.up.host);
-                    return match fetch(ctx, d.as_str(), Some(&d), accept, notes).await {
-                        Ok((digest, s)) => {
-                            save_record(ctx, &key, digest.as_str(), notes).await;
-                            Ok((serve(ctx, digest.as_str(), s)?, CacheStatus::Miss))
-                        }
-                        Err(Fetch::NotFound) => Err(unknown(ctx, tag.as_str())),
-                        Err(Fetch::Failed(e)) => stale_or(cached, e),
-                    };
-                }
-            }
-            Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
-                let _ = inner.ports.kv.delete(&key).await;
-                return Err(unknown(ctx, tag.as_str()));
-            }
-            Ok(resp) => return stale_or(cached, status_failure(resp.status(), &what)),
-            Err(e) => return stale_or(cached, crate::core::registry::upstream::registry_error(e)),
+        if let Some(answer) = revalidate(ctx, tag, accept, notes, &key, &cached, now).await? {
+            return answer;
         }
     }
-
-    m.miss(&ctx.up.host);
+    inner.metrics.miss(&ctx.up.host);
     match fetch(ctx, tag.as_str(), None, accept, notes).await {
         Ok((digest, stored)) => {
             save_record(ctx, &key, digest.as_str(), notes).await;
             Ok((serve(ctx, digest.as_str(), stored)?, CacheStatus::Miss))
         }
         Err(Fetch::NotFound) => Err(unknown(ctx, tag.as_str())),
-        Err(Fetch::Failed(e)) => stale_or(cached, e),
+        Err(Fetch::Failed(e)) => stale_or(ctx, &cached, now, e),
     }
+}
+
+async fn load_cached(
+    ctx: &Ctx<'_>,
+    key: &str,
+    accept: &AcceptSet,
+) -> Result<Cached, RegistryError> {
+    let Some(rec) = load_record(ctx, key).await? else {
+        return Ok(None);
+    };
+    Ok(load(ctx, &rec.digest)
+        .await?
+        .filter(|stored| accept.accepts(&stored.media_type))
+        .map(|stored| (rec, stored)))
+}
+
+/// The cached answer while the upstream fails, if it is not too old; otherwise `e`.
+fn stale_or(ctx: &Ctx<'_>, cached: &Cached, now: u64, e: RegistryError) -> Served {
+    match cached {
+        Some((rec, stored))
+            if ctx
+                .inner
+                .settings
+                .freshness()
+                .may_serve_stale(rec.checked_ms, now) =>
+        {
+            inc(&ctx.inner.metrics.upstream_errors);
+            inc(&ctx.inner.metrics.stale_served);
+            Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Stale))
+        }
+        _ => Err(e),
+    }
+}
+
+/// Revalidates a cached tag with `HEAD` (free against Docker Hub's pull limit). The answer to
+/// send, or None when the tag must be fetched (it moved without saying where).
+async fn revalidate(
+    ctx: &Ctx<'_>,
+    tag: &Tag,
+    accept: &AcceptSet,
+    notes: &Notes,
+    key: &str,
+    cached: &Cached,
+    now: u64,
+) -> Result<Option<Served>, RegistryError> {
+    let Some((rec, stored)) = cached else {
+        return Ok(None);
+    };
+    let m = &ctx.inner.metrics;
+    let path = format!("/v2/{}/manifests/{}", ctx.name, tag.as_str());
+    let what = format!("manifest {}:{}", ctx.name, tag.as_str());
+    let head = ctx
+        .inner
+        .client
+        .request(
+            ctx.up,
+            Method::HEAD,
+            &path,
+            Some(&accept.upstream_value()),
+            ctx.name.as_str(),
+            false,
+        )
+        .await;
+    let resp = match head {
+        Ok(resp) if resp.status() == StatusCode::OK => resp,
+        Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
+            let _ = ctx.inner.ports.kv.delete(key).await;
+            return Ok(Some(Err(unknown(ctx, tag.as_str()))));
+        }
+        Ok(resp) => {
+            let e = status_failure(resp.status(), &what);
+            return Ok(Some(stale_or(ctx, cached, now, e)));
+        }
+        Err(e) => {
+            let e = crate::core::registry::upstream::registry_error(e);
+            return Ok(Some(stale_or(ctx, cached, now, e)));
+        }
+    };
+    let upstream_digest = resp
+        .headers()
+        .get(h::CONTENT_DIGEST)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_digest(v).ok());
+    if upstream_digest.as_ref().map(Digest::as_str) == Some(rec.digest.as_str()) {
+        save_record(ctx, key, &rec.digest, notes).await;
+        m.hit(&ctx.up.host);
+        return Ok(Some(Ok((
+            serve(ctx, &rec.digest, stored.clone())?,
+            CacheStatus::Hit,
+        ))));
+    }
+    // Moved: serve the new digest from the cache if it is there, else fetch it by digest.
+    // No digest header: fetch by tag (the caller does).
+    let Some(d) = upstream_digest else {
+        return Ok(None);
+    };
+    if let Some(s) = load(ctx, d.as_str()).await? {
+        if accept.accepts(&s.media_type) {
+            save_record(ctx, key, d.as_str(), notes).await;
+            ensure_linked(ctx, d.as_str(), &s, notes).await;
+            m.hit(&ctx.up.host);
+            return Ok(Some(Ok((serve(ctx, d.as_str(), s)?, CacheStatus::Hit))));
+        }
+    }
+    m.miss(&ctx.up.host);
+    Ok(Some(
+        match fetch(ctx, d.as_str(), Some(&d), accept, notes).await {
+            Ok((digest, s)) => {
+                save_record(ctx, key, digest.as_str(), notes).await;
+                Ok((serve(ctx, digest.as_str(), s)?, CacheStatus::Miss))
+            }
+            Err(Fetch::NotFound) => Err(unknown(ctx, tag.as_str())),
+            Err(Fetch::Failed(e)) => stale_or(ctx, cached, now, e),
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -445,29 +477,6 @@ mod tests {
         assert_eq!(StoredManifest::decode(&m.encode()), Some(m));
         assert_eq!(StoredManifest::decode(&[9, 0, 0]), None);
         assert_eq!(StoredManifest::decode(&[1, 0, 50, b'x']), None);
-    }
-
-    #[test]
-    fn freshness_with_a_manual_clock() {
-        let r = TagRecord {
-            v: 1,
-            digest: "d".into(),
-            checked_ms: 1_000,
-        };
-        assert!(is_fresh(&r, 1_000, 300_000));
-        assert!(is_fresh(&r, 300_999, 300_000));
-        assert!(!is_fresh(&r, 301_000, 300_000));
-        assert!(!is_fresh(&r, 1_000, 0));
-        assert!(is_servable_stale(
-            &r,
-            1_000 + 7 * 86_400_000,
-            7 * 86_400_000
-        ));
-        assert!(!is_servable_stale(
-            &r,
-            1_001 + 7 * 86_400_000,
-            7 * 86_400_000
-        ));
     }
 
     #[test]

@@ -100,14 +100,19 @@ pub(crate) async fn list(
         None => None,
     };
     if let Some(p) = &cached {
-        if now < p.fetched_ms.saturating_add(inner.settings.tag_ttl_ms) {
+        if inner.settings.freshness().is_fresh(p.fetched_ms, now) {
             m.hit(&ctx.up.host);
             return Ok((serve(p, client_name, ns)?, CacheStatus::Hit));
         }
     }
     m.miss(&ctx.up.host);
     let stale_or = |e: RegistryError| match &cached {
-        Some(p) if now <= p.fetched_ms.saturating_add(inner.settings.max_stale_ms) => {
+        Some(p)
+            if inner
+                .settings
+                .freshness()
+                .may_serve_stale(p.fetched_ms, now) =>
+        {
             inc(&m.upstream_errors);
             inc(&m.stale_served);
             Ok((serve(p, client_name, ns)?, CacheStatus::Stale))
