@@ -22,8 +22,6 @@ pub mod pump;
 pub mod replay;
 mod routes;
 pub mod rules;
-#[cfg(test)]
-mod scenarios;
 pub(crate) mod state;
 pub mod verify;
 
