@@ -22,12 +22,13 @@ pub mod pump;
 pub mod replay;
 mod routes;
 pub mod rules;
+pub mod settle;
 pub(crate) mod state;
 pub mod verify;
 
 pub(crate) use pump::{next_due, pump};
 
-use crate::core::app::{json_error as error, json_response, App, Inner};
+use crate::core::app::{json_error as error, json_response, Inner};
 use crate::core::body::Body;
 use crate::core::gateway::chain::{Action, Run};
 use crate::core::gateway::config::GatewaySettings;
@@ -204,11 +205,12 @@ async fn enqueue(inner: &Inner, run: &Run, actions: Vec<Action>) -> Result<(), S
     Ok(())
 }
 
+/// Starts an outbox pass after the response, through the deferred-work port.
 fn spawn_pump(inner: &Rc<Inner>) {
-    let app = App::from_inner(inner.clone());
+    let inner2 = inner.clone();
     inner.ports.deferred.spawn(
         async move {
-            app.pump_outbox().await;
+            pump(&inner2).await;
         }
         .boxed_local(),
     );

@@ -1,7 +1,7 @@
 //! The `/chain…` routes: listing and reading runs, dead letters and their replay, an outbox
 //! pass on demand (admin), stage results and the digest override (see [`super::callback`]).
 
-use crate::core::app::{json_error as error, json_response, App, Inner};
+use crate::core::app::{json_error as error, json_response, Inner};
 use crate::core::body::Body;
 use crate::core::gateway::outbox::DEAD;
 use crate::core::gateway::{
@@ -87,7 +87,7 @@ pub(super) async fn chain_route(
         (Method::POST, ["dead-letters", id, "replay"]) => replay_dead_letter(inner, id).await,
         (Method::PUT, [id, "digest"]) => callback::set_digest(inner, id, body).await,
         (Method::POST, ["outbox", "pump"]) => {
-            let report = App::from_inner(inner.clone()).pump_outbox().await;
+            let report = pump::pump(inner).await;
             json_response(
                 StatusCode::OK,
                 serde_json::to_value(report).unwrap_or(Value::Null),
