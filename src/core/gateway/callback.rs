@@ -13,11 +13,11 @@ use crate::core::access::gate::{may_administer, Caller};
 use crate::core::app::{json_error as error, json_response, Inner};
 use crate::core::body::Body;
 use crate::core::gateway::chain::{ChainError, Run};
+use crate::core::gateway::hook::{read_capped, ReadError};
+use crate::core::gateway::records::{enqueue, load_run, save_run};
+use crate::core::gateway::routes::{bearer, refuse_non_admin};
 use crate::core::gateway::verify::{stage_token, tokens_match};
-use crate::core::gateway::{
-    bearer, enqueue, internal, load_run, read_capped, refuse_non_admin, save_run, spawn_pump,
-    ReadError,
-};
+use crate::core::gateway::{internal, spawn_pump};
 use crate::core::ports::ByteStream;
 use crate::core::reference::parse_digest;
 use http::{HeaderMap, Response, StatusCode};

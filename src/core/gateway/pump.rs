@@ -15,11 +15,11 @@
 
 use crate::core::app::Inner;
 use crate::core::gateway::chain::Run;
+use crate::core::gateway::outbox::StageCall;
 use crate::core::gateway::outbox::{Delivery, DeliveryKind, DEAD, PENDING};
+use crate::core::gateway::records::{enqueue, load_delivery, load_run, save_delivery, save_run};
 use crate::core::gateway::settle::{settle, RetryPolicy, Settlement};
-use crate::core::gateway::{
-    enqueue, execute, load_delivery, load_run, replay, save_delivery, save_run, PumpReport,
-};
+use crate::core::gateway::{callback, outbox, prewarm, replay, PumpReport};
 use crate::core::metrics::inc;
 use crate::core::ports::StoreError;
 use std::collections::HashMap;
@@ -193,6 +193,64 @@ pub(crate) async fn next_due(inner: &Inner) -> Option<u64> {
     keys.first()
         .and_then(|k| parse_due_key(k))
         .map(|(ms, _)| ms)
+}
+
+/// Sends one delivery; Ok(detail) when it was accepted.
+async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, String> {
+    let gw = &inner.settings.gateway;
+    let now = inner.ports.clock.now_ms();
+    let request = match &d.kind {
+        DeliveryKind::Prewarm { .. } => {
+            let image = run
+                .image
+                .as_deref()
+                .ok_or("the run has no image to pre-warm")?;
+            return prewarm::prewarm(inner, image).await;
+        }
+        DeliveryKind::Dispatch { stage, target } => {
+            let t = gw
+                .target(target)
+                .ok_or_else(|| format!("target {target:?} is no longer configured"))?;
+            let token = callback::token_for(inner, run, stage).unwrap_or_default();
+            let call = StageCall {
+                run,
+                stage,
+                delivery: &d.id,
+                run_token: &token,
+                callback: format!(
+                    "{}/chain/{}/{stage}",
+                    gw.public_url.as_deref().unwrap_or(""),
+                    run.id
+                ),
+            };
+            outbox::dispatch_request(t, &call)?
+        }
+        DeliveryKind::Event {
+            target,
+            event_type,
+            stage,
+        } => {
+            let t = gw
+                .target(target)
+                .ok_or_else(|| format!("target {target:?} is no longer configured"))?;
+            outbox::event_request(t, run, &d.id, event_type, stage.as_deref(), None, now)?
+        }
+    };
+    inc(&inner.metrics.upstream_requests);
+    let resp = inner
+        .ports
+        .upstream
+        .send(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    // Drain a little of the answer so the connection can be reused; its content is not needed.
+    let _ = crate::core::upstream::read_body_limited(resp.into_body(), 64 * 1024).await;
+    if status.is_success() {
+        Ok(format!("target answered {status}"))
+    } else {
+        Err(format!("target answered {status}"))
+    }
 }
 
 #[cfg(test)]

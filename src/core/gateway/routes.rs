@@ -3,13 +3,14 @@
 
 use crate::core::app::{json_error as error, json_response, Inner};
 use crate::core::body::Body;
+use crate::core::gateway::config::GatewaySettings;
+use crate::core::gateway::keys::{commit_index, repository_prefix};
 use crate::core::gateway::outbox::DEAD;
-use crate::core::gateway::{
-    callback, commit_index, internal, load_delivery, load_run, pump, refuse_non_admin,
-    repository_prefix, save_run, spawn_pump,
-};
+use crate::core::gateway::records::{load_delivery, load_run, save_run};
+use crate::core::gateway::verify::tokens_match;
+use crate::core::gateway::{callback, internal, pump, spawn_pump};
 use crate::core::ports::{ByteStream, StoreError};
-use http::{Method, Request, Response, StatusCode};
+use http::{header, HeaderMap, Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use std::rc::Rc;
 
@@ -135,4 +136,26 @@ async fn replay_dead_letter(inner: &Rc<Inner>, id: &str) -> Response<Body> {
         StatusCode::ACCEPTED,
         json!({ "status": "replaying", "delivery": d.id }),
     )
+}
+
+/// The token of an `Authorization: Bearer` header.
+pub(super) fn bearer(h: &HeaderMap) -> Option<&str> {
+    h.get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?
+        .strip_prefix("Bearer ")
+}
+
+/// None when the request carries the admin token; otherwise the refusal to send.
+pub(super) fn refuse_non_admin(gw: &GatewaySettings, h: &HeaderMap) -> Option<Response<Body>> {
+    let Some(token) = &gw.admin_token else {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "admin routes are disabled: set [gateway] admin_token",
+        ));
+    };
+    match bearer(h) {
+        Some(given) if tokens_match(given, token.expose()) => None,
+        _ => Some(error(StatusCode::UNAUTHORIZED, "admin token required")),
+    }
 }
