@@ -21,6 +21,7 @@
 //! the glue they share.
 
 pub mod callback;
+pub mod cdevent;
 pub mod chain;
 pub mod config;
 pub mod event;

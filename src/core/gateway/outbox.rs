@@ -6,6 +6,7 @@
 //! Records hold no secrets: tokens and signatures are added when a request is built, from the
 //! configuration in force at that moment.
 
+use crate::core::gateway::cdevent::{self, event_fields};
 use crate::core::gateway::chain::Run;
 use crate::core::gateway::config::{Target, TargetKind};
 use crate::core::gateway::event::SourceEvent;
@@ -134,26 +135,6 @@ pub struct StageCall<'a> {
     pub run_token: &'a str,
     /// Where to post it.
     pub callback: String,
-}
-
-fn event_fields(e: &SourceEvent) -> (String, String, String) {
-    match e {
-        SourceEvent::Push {
-            repository,
-            git_ref,
-            commit,
-            ..
-        }
-        | SourceEvent::Tag {
-            repository,
-            git_ref,
-            commit,
-            ..
-        } => (repository.clone(), git_ref.clone(), commit.clone()),
-        SourceEvent::Artifact {
-            repository, digest, ..
-        } => (repository.clone(), String::new(), digest.clone()),
-    }
 }
 
 fn ref_name(e: &SourceEvent) -> String {
@@ -295,7 +276,8 @@ pub fn dispatch_request(t: &Target, c: &StageCall<'_>) -> Result<Request<Bytes>,
     b.body(Bytes::from(body)).map_err(|e| e.to_string())
 }
 
-/// Builds a CloudEvents 1.0 binary-mode request carrying a CDEvent about `run`.
+/// Builds a CloudEvents 1.0 binary-mode request carrying a CDEvent about `run` (its body:
+/// [`cdevent::body`]; `extra` is the stage payload when the event asks for a stage).
 pub fn event_request(
     t: &Target,
     run: &Run,
@@ -305,45 +287,9 @@ pub fn event_request(
     extra: Option<Value>,
     now_ms: u64,
 ) -> Result<Request<Bytes>, String> {
-    let (repository, git_ref, commit) = event_fields(&run.event);
     let source = format!("/pullgate/{}", run.webhook);
     let time = rfc3339(if now_ms == 0 { run.updated_ms } else { now_ms });
-    let subject_id = match stage {
-        Some(s) => format!("{}/{s}", run.id),
-        None => run.id.clone(),
-    };
-    let mut content = json!({
-        "run": run.id,
-        "stage": stage,
-        "repository": repository,
-        "ref": git_ref,
-        "commit": commit,
-        "image": run.image,
-        "status": run.status,
-    });
-    if let Some(d) = &run.digest {
-        // CDEvents artifact ids are purls.
-        let (repo_url, name) = match run
-            .image
-            .as_deref()
-            .and_then(|i| i.rsplit_once(':'))
-            .map(|(r, _)| r)
-        {
-            Some(r) => (r.to_string(), r.rsplit('/').next().unwrap_or(r).to_string()),
-            None => (String::new(), String::new()),
-        };
-        content["artifactId"] = Value::String(format!(
-            "pkg:oci/{name}@{}?repository_url={repo_url}",
-            d.replace(':', "%3A")
-        ));
-    }
-    if let Some(x) = extra {
-        content["stageCall"] = x;
-    }
-    let body = json!({
-        "context": { "version": "0.4.1", "id": delivery, "source": source, "type": event_type, "timestamp": time },
-        "subject": { "id": subject_id, "source": source, "content": content },
-    });
+    let body = cdevent::body(run, delivery, event_type, stage, extra, &time);
     bearer(base(Method::POST, t), t)
         .header("ce-specversion", "1.0")
         .header("ce-id", delivery)
@@ -514,11 +460,11 @@ mod request_tests {
         assert_eq!(h["ce-time"], "2026-11-22T00:00:00.000Z");
         let v: Value = serde_json::from_slice(req.body()).unwrap();
         assert_eq!(v["context"]["id"], "d9");
-        assert_eq!(v["subject"]["id"], "run1/distribute");
         assert_eq!(
-            v["subject"]["content"]["artifactId"],
+            v["subject"]["id"],
             "pkg:oci/app@sha256%3A00?repository_url=reg.example/acme/app"
         );
+        assert_eq!(v["subject"]["type"], "artifact");
     }
 
     #[test]
