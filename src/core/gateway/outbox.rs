@@ -175,6 +175,24 @@ fn bearer(b: http::request::Builder, t: &Target) -> http::request::Builder {
     }
 }
 
+/// A payload value as text (workflow inputs and pipeline variables are strings; null is
+/// empty).
+fn as_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// The headers GitHub's REST API asks for.
+fn github_api(t: &Target) -> http::request::Builder {
+    bearer(base(Method::POST, t), t)
+        .header(header::ACCEPT, "application/vnd.github+json")
+        .header("x-github-api-version", "2022-11-28")
+        .header(header::CONTENT_TYPE, "application/json")
+}
+
 /// Builds the request that asks `t` to run a stage.
 pub fn dispatch_request(t: &Target, c: &StageCall<'_>) -> Result<Request<Bytes>, String> {
     let payload = stage_payload(c);
@@ -182,62 +200,27 @@ pub fn dispatch_request(t: &Target, c: &StageCall<'_>) -> Result<Request<Bytes>,
         TargetKind::GitHubDispatch => {
             let event_type: String = format!("pullgate-{}", c.stage).chars().take(100).collect();
             let body = json!({ "event_type": event_type, "client_payload": payload });
-            let b = bearer(base(Method::POST, t), t)
-                .header(header::ACCEPT, "application/vnd.github+json")
-                .header("x-github-api-version", "2022-11-28")
-                .header(header::CONTENT_TYPE, "application/json");
-            (b, body.to_string().into_bytes())
+            (github_api(t), body.to_string().into_bytes())
         }
         TargetKind::GitHubWorkflow => {
             let git_ref = t.git_ref.clone().unwrap_or_else(|| ref_name(&c.run.event));
-            // workflow_dispatch inputs are strings.
             let inputs: serde_json::Map<String, Value> = payload
                 .as_object()
-                .map(|o| {
-                    o.iter()
-                        .map(|(k, v)| {
-                            (
-                                k.clone(),
-                                Value::String(v.as_str().map(str::to_string).unwrap_or_else(
-                                    || {
-                                        if v.is_null() {
-                                            String::new()
-                                        } else {
-                                            v.to_string()
-                                        }
-                                    },
-                                )),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), Value::String(as_text(v))))
+                .collect();
             let body = json!({ "ref": git_ref, "inputs": inputs });
-            let b = bearer(base(Method::POST, t), t)
-                .header(header::ACCEPT, "application/vnd.github+json")
-                .header("x-github-api-version", "2022-11-28")
-                .header(header::CONTENT_TYPE, "application/json");
-            (b, body.to_string().into_bytes())
+            (github_api(t), body.to_string().into_bytes())
         }
         TargetKind::GitLabPipeline => {
             let git_ref = t.git_ref.clone().unwrap_or_else(|| ref_name(&c.run.event));
             let mut form = url::form_urlencoded::Serializer::new(String::new());
             form.append_pair("token", t.token.as_ref().map(|s| s.expose()).unwrap_or(""));
             form.append_pair("ref", &git_ref);
-            if let Some(o) = payload.as_object() {
-                for (k, v) in o {
-                    let v = v.as_str().map(str::to_string).unwrap_or_else(|| {
-                        if v.is_null() {
-                            String::new()
-                        } else {
-                            v.to_string()
-                        }
-                    });
-                    form.append_pair(
-                        &format!("variables[PULLGATE_{}]", k.to_ascii_uppercase()),
-                        &v,
-                    );
-                }
+            for (k, v) in payload.as_object().into_iter().flatten() {
+                let key = format!("variables[PULLGATE_{}]", k.to_ascii_uppercase());
+                form.append_pair(&key, &as_text(v));
             }
             let b = base(Method::POST, t)
                 .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
@@ -259,13 +242,8 @@ pub fn dispatch_request(t: &Target, c: &StageCall<'_>) -> Result<Request<Bytes>,
                 json!({ "type": "pullgate.stage", "delivery": c.delivery, "payload": payload })
                     .to_string()
                     .into_bytes();
-            let sig = sign_hex(
-                t.secret
-                    .as_ref()
-                    .map(|s| s.expose().as_bytes())
-                    .unwrap_or(b""),
-                &body,
-            );
+            let key = t.secret.as_ref().map(|s| s.expose().as_bytes());
+            let sig = sign_hex(key.unwrap_or(b""), &body);
             let b = base(Method::POST, t)
                 .header(header::CONTENT_TYPE, "application/json")
                 .header("x-pullgate-delivery", c.delivery)

@@ -20,6 +20,7 @@ fn query_param(q: Option<&str>, key: &str) -> Option<String> {
         .map(|(_, v)| v.into_owned())
 }
 
+/// Routes `/chain/<rest>`: stage results with their run token, everything else as an admin.
 pub(super) async fn chain_route(
     inner: &Rc<Inner>,
     req: &Request<()>,
@@ -47,44 +48,9 @@ pub(super) async fn chain_route(
             return refusal;
         }
     }
-    let kv = &inner.ports.kv;
     match (m.clone(), parts.as_slice()) {
-        (Method::GET, []) => {
-            let Some(repo) = query_param(req.uri().query(), "repository") else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "list runs with ?repository=<url>[&commit=<sha>]",
-                );
-            };
-            let prefix = match query_param(req.uri().query(), "commit") {
-                Some(c) => commit_index(&repo, &c),
-                None => repository_prefix(&repo),
-            };
-            let keys = match kv.list(&prefix, 200).await {
-                Ok(k) => k,
-                Err(e) => return internal(e),
-            };
-            let mut runs = Vec::new();
-            for k in keys {
-                let id = k.rsplit('/').next().unwrap_or("");
-                if let Ok(Some(run)) = load_run(inner, id).await {
-                    runs.push(json!({ "id": run.id, "status": run.status, "stage": run.current_stage(), "image": run.image, "event": run.event, "created_ms": run.created_ms }));
-                }
-            }
-            json_response(StatusCode::OK, json!({ "runs": runs }))
-        }
-        (Method::GET, ["dead-letters"]) => match kv.list(DEAD, 500).await {
-            Ok(keys) => {
-                let mut out = Vec::new();
-                for k in keys {
-                    if let Ok(Some(d)) = load_delivery(inner, &k).await {
-                        out.push(d);
-                    }
-                }
-                json_response(StatusCode::OK, json!({ "dead_letters": out }))
-            }
-            Err(e) => internal(e),
-        },
+        (Method::GET, []) => list_runs(inner, req.uri().query()).await,
+        (Method::GET, ["dead-letters"]) => dead_letters(inner).await,
         (Method::POST, ["dead-letters", id, "replay"]) => replay_dead_letter(inner, id).await,
         (Method::PUT, [id, "digest"]) => callback::set_digest(inner, id, body).await,
         (Method::POST, ["outbox", "pump"]) => {
@@ -106,6 +72,50 @@ pub(super) async fn chain_route(
     }
 }
 
+/// `GET /chain?repository=<url>[&commit=<sha>]`: a repository's (or commit's) runs.
+async fn list_runs(inner: &Inner, query: Option<&str>) -> Response<Body> {
+    let Some(repo) = query_param(query, "repository") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "list runs with ?repository=<url>[&commit=<sha>]",
+        );
+    };
+    let prefix = match query_param(query, "commit") {
+        Some(c) => commit_index(&repo, &c),
+        None => repository_prefix(&repo),
+    };
+    let keys = match inner.ports.kv.list(&prefix, 200).await {
+        Ok(k) => k,
+        Err(e) => return internal(e),
+    };
+    let mut runs = Vec::new();
+    for k in keys {
+        let id = k.rsplit('/').next().unwrap_or("");
+        if let Ok(Some(run)) = load_run(inner, id).await {
+            runs.push(json!({ "id": run.id, "status": run.status, "stage": run.current_stage(), "image": run.image, "event": run.event, "created_ms": run.created_ms }));
+        }
+    }
+    json_response(StatusCode::OK, json!({ "runs": runs }))
+}
+
+/// `GET /chain/dead-letters`.
+async fn dead_letters(inner: &Inner) -> Response<Body> {
+    match inner.ports.kv.list(DEAD, 500).await {
+        Ok(keys) => {
+            let mut out = Vec::new();
+            for k in keys {
+                if let Ok(Some(d)) = load_delivery(inner, &k).await {
+                    out.push(d);
+                }
+            }
+            json_response(StatusCode::OK, json!({ "dead_letters": out }))
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// `POST /chain/dead-letters/<id>/replay`: the dead letter becomes pending again, its stage
+/// reopened.
 async fn replay_dead_letter(inner: &Rc<Inner>, id: &str) -> Response<Body> {
     let key = format!("{DEAD}{id}");
     let mut d = match load_delivery(inner, &key).await {
