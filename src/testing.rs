@@ -3,12 +3,14 @@
 //! told. Not for production: nothing is bounded.
 
 use crate::core::ports::{
-    BlobStore, BlobWriter, ByteStream, Clock, CommitError, KvStore, Offload, StoreError, TailReader,
+    BlobStore, BlobWriter, BodyError, ByteStream, Clock, CommitError, Deferred, KvStore, Offload,
+    StoreError, TailReader, Upstream, UpstreamError,
 };
 use crate::core::registry::reference::Digest;
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
+use http::{Request, Response};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -215,5 +217,103 @@ impl Offload for FakeOffload {
         self.jobs.set(self.jobs.get() + 1);
         job();
         Box::pin(std::future::ready(()))
+    }
+}
+
+/// A [`Deferred`] that drops its work: a test starts every background pass (the gateway's
+/// outbox pump) itself, so nothing happens behind its back.
+#[derive(Default)]
+pub struct DroppedDeferred;
+
+impl Deferred for DroppedDeferred {
+    fn spawn(&self, _work: LocalBoxFuture<'static, ()>) {}
+}
+
+/// One request a [`FakeTarget`] received.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// Host of the request URL.
+    pub host: String,
+    /// Method.
+    pub method: http::Method,
+    /// Path and query.
+    pub path: String,
+    /// Headers as sent.
+    pub headers: http::HeaderMap,
+    /// Body as sent.
+    pub body: Bytes,
+}
+
+impl Delivered {
+    /// The body as JSON (`Null` when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Outbound targets behind one [`Upstream`]: records every request it is sent and answers
+/// each host with a scripted status (200 unless [`FakeTarget::answer`] said otherwise), with
+/// a small JSON body.
+#[derive(Default)]
+pub struct FakeTarget {
+    delivered: RefCell<Vec<Delivered>>,
+    statuses: RefCell<HashMap<String, u16>>,
+}
+
+impl FakeTarget {
+    /// From now on, `host` answers `status`.
+    pub fn answer(&self, host: &str, status: u16) {
+        self.statuses.borrow_mut().insert(host.to_string(), status);
+    }
+    /// Every host answers 200 again.
+    pub fn heal(&self) {
+        self.statuses.borrow_mut().clear();
+    }
+    /// Every request received, in order.
+    pub fn delivered(&self) -> Vec<Delivered> {
+        self.delivered.borrow().clone()
+    }
+    /// The JSON bodies sent to `host`, in order.
+    pub fn to(&self, host: &str) -> Vec<serde_json::Value> {
+        self.delivered
+            .borrow()
+            .iter()
+            .filter(|d| d.host == host)
+            .map(Delivered::json)
+            .collect()
+    }
+    /// How many requests `host` received.
+    pub fn count(&self, host: &str) -> usize {
+        self.delivered
+            .borrow()
+            .iter()
+            .filter(|d| d.host == host)
+            .count()
+    }
+}
+
+#[async_trait::async_trait(?Send)]
+impl Upstream for FakeTarget {
+    async fn send(&self, req: Request<Bytes>) -> Result<Response<ByteStream>, UpstreamError> {
+        let host = req.uri().host().unwrap_or("").to_string();
+        let status = self.statuses.borrow().get(&host).copied().unwrap_or(200);
+        let path = req
+            .uri()
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default();
+        let (parts, body) = req.into_parts();
+        self.delivered.borrow_mut().push(Delivered {
+            host,
+            method: parts.method,
+            path,
+            headers: parts.headers,
+            body,
+        });
+        let stream = futures_util::stream::iter([Ok::<_, BodyError>(Bytes::from_static(b"{}"))]);
+        Response::builder()
+            .status(status)
+            .body(stream.boxed_local())
+            .map_err(|e| UpstreamError::Connect(e.to_string()))
     }
 }

@@ -567,11 +567,11 @@ actions = ["pull"]
     assert_eq!(e.header("ce-specversion"), "1.0");
     assert!(!e.header("ce-id").is_empty());
     let v = e.json();
-    assert_eq!(
-        v["subject"]["content"]["image"],
-        format!("reg.test/acme/app:{tag}")
-    );
-    assert!(v["subject"]["content"]["artifactId"]
+    // CDEvents v0.4 closes subject.content: pullgate's own fields are in customData, and an
+    // artifact's subject id is its purl.
+    assert_eq!(v["subject"]["type"], "artifact");
+    assert_eq!(v["customData"]["image"], format!("reg.test/acme/app:{tag}"));
+    assert!(v["subject"]["id"]
         .as_str()
         .unwrap()
         .starts_with("pkg:oci/app@sha256%3A"));

@@ -9,16 +9,17 @@
 //! `build` has finished, a result carrying another digest is refused (409) and only the admin
 //! route changes it ([`Run::may_set_digest`]).
 
-use crate::core::access::caller::{may_administer, Caller};
+use crate::core::access::caller::{is_admin, Caller};
 use crate::core::body::Body;
 use crate::core::context::Inner;
+use crate::core::ct::tokens_match;
 use crate::core::gateway::chain::{ChainError, Run};
-use crate::core::gateway::verify::{stage_token, tokens_match};
-use crate::core::gateway::{
-    bearer, enqueue, internal, load_run, read_capped, refuse_non_admin, save_run, spawn_pump,
-    ReadError,
-};
+use crate::core::gateway::records::{enqueue, load_run, save_run};
+use crate::core::gateway::verify::stage_token;
+use crate::core::gateway::{internal, spawn_pump};
+use crate::core::http::bearer;
 use crate::core::http::{json_error as error, json_response};
+use crate::core::http::{read_capped, ReadError};
 use crate::core::ports::ByteStream;
 use crate::core::registry::reference::parse_digest;
 use http::{HeaderMap, Response, StatusCode};
@@ -26,7 +27,7 @@ use serde_json::Value;
 use std::rc::Rc;
 
 /// Largest stage-result body read.
-const MAX_RESULT_BODY: u64 = 64 * 1024;
+const MAX_RESULT_BODY: usize = 64 * 1024;
 
 /// The token a target gets for the current execution of `stage` of `run` (None without a
 /// `run_secret`, when no callback can be accepted anyway).
@@ -39,11 +40,6 @@ pub(crate) fn token_for(inner: &Inner, run: &Run, stage: &str) -> Option<String>
         stage,
         attempt,
     ))
-}
-
-fn is_admin(inner: &Inner, headers: &HeaderMap, caller: &Caller) -> bool {
-    refuse_non_admin(&inner.settings.gateway, headers).is_none()
-        || may_administer(inner, caller, "admin")
 }
 
 fn run_json(run: &Run) -> Response<Body> {
@@ -63,13 +59,13 @@ fn refused((status, msg): Refusal) -> Response<Body> {
 async fn read_json(body: ByteStream) -> Result<Value, Refusal> {
     let body = match read_capped(body, MAX_RESULT_BODY).await {
         Ok(b) => b,
-        Err(ReadError::TooLarge) => {
+        Err(ReadError::TooLarge(_)) => {
             return Err((
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "result body too large".into(),
             ))
         }
-        Err(ReadError::Broken(e)) => return Err((StatusCode::BAD_REQUEST, e)),
+        Err(ReadError::Failed(e)) => return Err((StatusCode::BAD_REQUEST, e)),
     };
     serde_json::from_slice(&body)
         .map_err(|e| (StatusCode::BAD_REQUEST, format!("body must be JSON: {e}")))
@@ -85,6 +81,67 @@ fn digest_of(v: &Value) -> Result<Option<String>, Refusal> {
     }
 }
 
+/// What a stage result says.
+struct StageResult {
+    success: bool,
+    digest: Option<String>,
+    detail: Option<String>,
+}
+
+/// Reads `{"status": "succeeded"|"failed", "digest"?, "detail"?}`.
+fn parse_result(v: &Value) -> Result<StageResult, Refusal> {
+    let success = match v.get("status").and_then(|s| s.as_str()) {
+        Some("succeeded") | Some("success") => true,
+        Some("failed") | Some("failure") => false,
+        _ => {
+            return Err((
+                StatusCode::BAD_REQUEST,
+                "result needs \"status\": \"succeeded\" or \"failed\"".into(),
+            ))
+        }
+    };
+    let digest = digest_of(v)?;
+    let detail = v
+        .get("detail")
+        .and_then(|d| d.as_str())
+        .map(|d| d.chars().take(500).collect());
+    Ok(StageResult {
+        success,
+        digest,
+        detail,
+    })
+}
+
+/// Checks the stage token of a non-admin caller: the attempt it was issued for, or the
+/// refusal to send. An unknown run and a wrong token answer alike: run ids are not confirmed
+/// to callers without a token.
+async fn authorize_stage(
+    inner: &Inner,
+    run_id: &str,
+    stage: &str,
+    headers: &HeaderMap,
+) -> Result<Option<u32>, Box<Response<Body>>> {
+    if inner.settings.gateway.run_secret.is_none() {
+        return Err(Box::new(error(
+            StatusCode::FORBIDDEN,
+            "stage results are disabled: set [gateway] run_secret or admin_token",
+        )));
+    }
+    let run = load_run(inner, run_id)
+        .await
+        .map_err(|e| Box::new(internal(e)))?;
+    let expected = run.as_ref().and_then(|r| token_for(inner, r, stage));
+    match (bearer(headers), expected) {
+        (Some(given), Some(exp)) if tokens_match(given, &exp) => {
+            Ok(run.as_ref().and_then(|r| r.stage_attempt(stage)))
+        }
+        _ => Err(Box::new(error(
+            StatusCode::UNAUTHORIZED,
+            "the token for this stage's current attempt is required",
+        ))),
+    }
+}
+
 /// `POST /chain/<run>/<stage>`: a stage's result.
 pub(crate) async fn stage_result(
     inner: &Rc<Inner>,
@@ -96,55 +153,23 @@ pub(crate) async fn stage_result(
 ) -> Response<Body> {
     let admin = is_admin(inner, headers, caller);
     // The attempt the token was issued for; checked again under the lock.
-    let mut attempt = None;
-    if !admin {
-        if inner.settings.gateway.run_secret.is_none() {
-            return error(
-                StatusCode::FORBIDDEN,
-                "stage results are disabled: set [gateway] run_secret or admin_token",
-            );
+    let attempt = if admin {
+        None
+    } else {
+        match authorize_stage(inner, run_id, stage, headers).await {
+            Ok(a) => a,
+            Err(refusal) => return *refusal,
         }
-        // An unknown run and a wrong token answer alike: run ids are not confirmed to callers
-        // without a token.
-        let run = match load_run(inner, run_id).await {
-            Ok(r) => r,
-            Err(e) => return internal(e),
-        };
-        let expected = run.as_ref().and_then(|r| token_for(inner, r, stage));
-        match (bearer(headers), expected) {
-            (Some(given), Some(exp)) if tokens_match(given, &exp) => {
-                attempt = run.as_ref().and_then(|r| r.stage_attempt(stage));
-            }
-            _ => {
-                return error(
-                    StatusCode::UNAUTHORIZED,
-                    "the token for this stage's current attempt is required",
-                )
-            }
-        }
-    }
-    let v = match read_json(body).await {
-        Ok(v) => v,
+    };
+    let result = match read_json(body).await.and_then(|v| parse_result(&v)) {
+        Ok(r) => r,
         Err(r) => return refused(r),
     };
-    let success = match v.get("status").and_then(|s| s.as_str()) {
-        Some("succeeded") | Some("success") => true,
-        Some("failed") | Some("failure") => false,
-        _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "result needs \"status\": \"succeeded\" or \"failed\"",
-            )
-        }
-    };
-    let digest = match digest_of(&v) {
-        Ok(d) => d,
-        Err(r) => return refused(r),
-    };
-    let detail = v
-        .get("detail")
-        .and_then(|d| d.as_str())
-        .map(|d| d.chars().take(500).collect());
+    let StageResult {
+        success,
+        digest,
+        detail,
+    } = result;
     let _guard = inner.run_lock.lock().await;
     let mut run = match load_run(inner, run_id).await {
         Ok(Some(r)) => r,

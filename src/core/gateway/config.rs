@@ -306,8 +306,54 @@ pub fn resolve(
     r: &dyn SecretResolver,
 ) -> Result<GatewaySettings, ConfigError> {
     let g = input.gateway;
+    let webhooks = resolve_webhooks(input.webhooks, r)?;
+    let targets = resolve_targets(input.targets, r)?;
+    check_references(&input, &webhooks, &targets)?;
+    let admin_token = g
+        .admin_token
+        .as_deref()
+        .map(|x| secret(r, "gateway admin_token", x))
+        .transpose()?;
+    let run_secret = match g.run_secret.as_deref() {
+        Some(x) => Some(secret(r, "gateway run_secret", x)?),
+        None => admin_token.clone(),
+    };
+    if !input.rules.is_empty() && run_secret.is_none() {
+        return Err(ConfigError("[gateway] needs run_secret or admin_token when rules are configured (it keys the per-run callback tokens)".into()));
+    }
+    let dur = |v: &Option<String>, d: &str| parse_duration_ms(v.as_deref().unwrap_or(d));
+    let dedup_window_ms = dur(&g.dedup_window, "72h")?;
+    Ok(GatewaySettings {
+        webhooks,
+        targets,
+        rules: input.rules.to_vec(),
+        stage_targets: input.stages.to_vec(),
+        chain: input.chain.clone(),
+        admin_token,
+        run_secret,
+        max_body: parse_size(g.max_body.as_deref().unwrap_or("25MiB"))?,
+        dedup_window_ms,
+        replay_window_ms: dur(&g.replay_window, "30d")?.max(dedup_window_ms),
+        max_inflight_bodies: g.max_inflight_bodies.unwrap_or(8).max(1),
+        timestamp_tolerance_ms: dur(&g.timestamp_tolerance, "5m")?,
+        max_attempts: g.max_attempts.unwrap_or(8).max(1),
+        retry_base_ms: dur(&g.retry_base, "2s")?,
+        retry_max_ms: dur(&g.retry_max, "10m")?,
+        public_url: g
+            .public_url
+            .clone()
+            .map(|u| u.trim_end_matches('/').to_string()),
+    })
+}
+
+/// `[[webhook]]` entries: names `[A-Za-z0-9_-]+` and unique, providers known, secrets
+/// resolved.
+fn resolve_webhooks(
+    input: &[WebhookConfig],
+    r: &dyn SecretResolver,
+) -> Result<Vec<Webhook>, ConfigError> {
     let mut webhooks = Vec::new();
-    for w in input.webhooks {
+    for w in input {
         if w.name.is_empty()
             || !w
                 .name
@@ -336,8 +382,16 @@ pub fn resolve(
                 .to_ascii_lowercase(),
         });
     }
+    Ok(webhooks)
+}
+
+/// `[[target]]` entries: an http(s) URL, a known kind, and the token or key the kind needs.
+fn resolve_targets(
+    input: &[TargetConfig],
+    r: &dyn SecretResolver,
+) -> Result<Vec<Target>, ConfigError> {
     let mut targets = Vec::new();
-    for t in input.targets {
+    for t in input {
         let url =
             Url::parse(&t.url).map_err(|e| ConfigError(format!("target {}: url: {e}", t.name)))?;
         if !matches!(url.scheme(), "http" | "https") {
@@ -382,34 +436,20 @@ pub fn resolve(
             git_ref: t.git_ref.clone(),
         });
     }
-    let chain = input.chain.clone();
+    Ok(targets)
+}
+
+/// Rules, `[[stage]]` entries and `[chain] events` name only configured webhooks, targets
+/// and stages.
+fn check_references(
+    input: &GatewayInput<'_>,
+    webhooks: &[Webhook],
+    targets: &[Target],
+) -> Result<(), ConfigError> {
+    let chain = input.chain;
     let known_target = |name: &str| targets.iter().any(|t: &Target| t.name == name);
     for rule in input.rules {
-        if !webhooks.iter().any(|w| w.name == rule.webhook) {
-            return Err(ConfigError(format!(
-                "rule: webhook {:?} is not configured",
-                rule.webhook
-            )));
-        }
-        if let Some(t) = &rule.target {
-            if !known_target(t) {
-                return Err(ConfigError(format!("rule: target {t:?} is not configured")));
-            }
-        }
-        if let Some(s) = &rule.stage {
-            if !chain.stages.contains(s) {
-                return Err(ConfigError(format!(
-                    "rule: stage {s:?} is not in [chain] stages"
-                )));
-            }
-        }
-        for on in &rule.on {
-            if !matches!(on.as_str(), "push" | "tag") {
-                return Err(ConfigError(format!(
-                    "rule: on = {on:?}: use \"push\" or \"tag\""
-                )));
-            }
-        }
+        check_rule(rule, webhooks, chain, &known_target)?;
     }
     for s in input.stages {
         if !known_target(&s.target) {
@@ -429,39 +469,40 @@ pub fn resolve(
             }
         }
     }
-    let admin_token = g
-        .admin_token
-        .as_deref()
-        .map(|x| secret(r, "gateway admin_token", x))
-        .transpose()?;
-    let run_secret = match g.run_secret.as_deref() {
-        Some(x) => Some(secret(r, "gateway run_secret", x)?),
-        None => admin_token.clone(),
-    };
-    if !input.rules.is_empty() && run_secret.is_none() {
-        return Err(ConfigError("[gateway] needs run_secret or admin_token when rules are configured (it keys the per-run callback tokens)".into()));
+    Ok(())
+}
+
+/// One rule names a configured webhook, target and stage, and known event kinds.
+fn check_rule(
+    rule: &RuleConfig,
+    webhooks: &[Webhook],
+    chain: &ChainConfig,
+    known_target: &dyn Fn(&str) -> bool,
+) -> Result<(), ConfigError> {
+    if !webhooks.iter().any(|w| w.name == rule.webhook) {
+        return Err(ConfigError(format!(
+            "rule: webhook {:?} is not configured",
+            rule.webhook
+        )));
     }
-    let dur = |v: &Option<String>, d: &str| parse_duration_ms(v.as_deref().unwrap_or(d));
-    let dedup_window_ms = dur(&g.dedup_window, "72h")?;
-    Ok(GatewaySettings {
-        webhooks,
-        targets,
-        rules: input.rules.to_vec(),
-        stage_targets: input.stages.to_vec(),
-        chain,
-        admin_token,
-        run_secret,
-        max_body: parse_size(g.max_body.as_deref().unwrap_or("25MiB"))?,
-        dedup_window_ms,
-        replay_window_ms: dur(&g.replay_window, "30d")?.max(dedup_window_ms),
-        max_inflight_bodies: g.max_inflight_bodies.unwrap_or(8).max(1),
-        timestamp_tolerance_ms: dur(&g.timestamp_tolerance, "5m")?,
-        max_attempts: g.max_attempts.unwrap_or(8).max(1),
-        retry_base_ms: dur(&g.retry_base, "2s")?,
-        retry_max_ms: dur(&g.retry_max, "10m")?,
-        public_url: g
-            .public_url
-            .clone()
-            .map(|u| u.trim_end_matches('/').to_string()),
-    })
+    if let Some(t) = &rule.target {
+        if !known_target(t) {
+            return Err(ConfigError(format!("rule: target {t:?} is not configured")));
+        }
+    }
+    if let Some(s) = &rule.stage {
+        if !chain.stages.contains(s) {
+            return Err(ConfigError(format!(
+                "rule: stage {s:?} is not in [chain] stages"
+            )));
+        }
+    }
+    for on in &rule.on {
+        if !matches!(on.as_str(), "push" | "tag") {
+            return Err(ConfigError(format!(
+                "rule: on = {on:?}: use \"push\" or \"tag\""
+            )));
+        }
+    }
+    Ok(())
 }

@@ -171,163 +171,177 @@ pub fn parse_delivery(
         return Err(ParseError("not a JSON object".into()));
     }
     match provider {
-        Provider::GitHub | Provider::Gitea | Provider::Forgejo => {
-            let event = match provider {
-                Provider::GitHub => hdr(h, "x-github-event"),
-                Provider::Forgejo => hdr(h, "x-forgejo-event").or_else(|| hdr(h, "x-gitea-event")),
-                _ => hdr(h, "x-gitea-event"),
-            }
-            .unwrap_or("");
-            let repo = s(&v, &["repository", "clone_url"])
-                .or_else(|| s(&v, &["repository", "html_url"]))
-                .unwrap_or("")
-                .to_string();
-            let author = s(&v, &["pusher", "name"])
-                .or_else(|| s(&v, &["pusher", "login"]))
-                .or_else(|| s(&v, &["sender", "login"]))
-                .unwrap_or("")
-                .to_string();
-            match event {
-                "push" => {
-                    let r = need(&v, &["ref"])?;
-                    let commit = need(&v, &["after"])?;
-                    Ok(one(
-                        ref_event(repo, &r, commit, author),
-                        "push deleted a ref",
-                    ))
-                }
-                "create" if s(&v, &["ref_type"]) == Some("tag") => {
-                    // `create` has no commit; the tag's push event carries it. Ignore to avoid
-                    // starting twice.
-                    Ok(Parsed::Ignored(
-                        "create (the tag's push event starts runs)".into(),
-                    ))
-                }
-                other => Ok(Parsed::Ignored(format!("event {other:?} is not handled"))),
-            }
-        }
-        Provider::GitLab => {
-            let event = hdr(h, "x-gitlab-event")
-                .or_else(|| s(&v, &["object_kind"]))
-                .unwrap_or("");
-            match event {
-                "Push Hook" | "Tag Push Hook" | "push" | "tag_push" => {
-                    let r = need(&v, &["ref"])?;
-                    let commit = s(&v, &["checkout_sha"])
-                        .or_else(|| s(&v, &["after"]))
-                        .unwrap_or("")
-                        .to_string();
-                    let repo = s(&v, &["project", "git_http_url"])
-                        .or_else(|| s(&v, &["project", "web_url"]))
-                        .or_else(|| s(&v, &["repository", "git_http_url"]))
-                        .unwrap_or("")
-                        .to_string();
-                    let author = s(&v, &["user_username"])
-                        .or_else(|| s(&v, &["user_name"]))
-                        .unwrap_or("")
-                        .to_string();
-                    Ok(one(
-                        ref_event(repo, &r, commit, author),
-                        "push deleted a ref",
-                    ))
-                }
-                other => Ok(Parsed::Ignored(format!("event {other:?} is not handled"))),
-            }
-        }
-        Provider::Bitbucket => {
-            let key = hdr(h, "x-event-key").unwrap_or("");
-            if key != "repo:push" {
-                return Ok(Parsed::Ignored(format!("event {key:?} is not handled")));
-            }
-            let repo = s(&v, &["repository", "links", "html", "href"])
-                .or_else(|| s(&v, &["repository", "full_name"]))
-                .unwrap_or("")
-                .to_string();
-            let author = s(&v, &["actor", "display_name"]).unwrap_or("").to_string();
-            let changes = v
-                .get("push")
-                .and_then(|p| p.get("changes"))
-                .and_then(|c| c.as_array())
-                .ok_or_else(|| ParseError("missing push.changes".into()))?;
-            let mut out = Vec::new();
-            for c in changes {
-                let Some(new) = c.get("new").filter(|n| !n.is_null()) else {
-                    continue;
-                };
-                let name = s(new, &["name"]).unwrap_or("");
-                let commit = s(new, &["target", "hash"]).unwrap_or("").to_string();
-                let r = match s(new, &["type"]) {
-                    Some("branch") => format!("refs/heads/{name}"),
-                    Some("tag") => format!("refs/tags/{name}"),
-                    _ => continue,
-                };
-                out.extend(ref_event(repo.clone(), &r, commit, author.clone()));
-            }
-            Ok(if out.is_empty() {
-                Parsed::Ignored("no branch or tag updates".into())
-            } else {
-                Parsed::Events(out)
-            })
-        }
+        Provider::GitHub | Provider::Gitea | Provider::Forgejo => parse_github(provider, h, &v),
+        Provider::GitLab => parse_gitlab(h, &v),
+        Provider::Bitbucket => parse_bitbucket(h, &v),
         Provider::GenericHmac => {
             let e: SourceEvent =
                 serde_json::from_value(v).map_err(|e| ParseError(e.to_string()))?;
             Ok(Parsed::Events(vec![e]))
         }
-        Provider::Distribution => {
-            let events = v
-                .get("events")
-                .and_then(|e| e.as_array())
-                .ok_or_else(|| ParseError("missing events".into()))?;
-            let mut out = Vec::new();
-            for e in events {
-                if s(e, &["action"]) != Some("push") {
-                    continue;
-                }
-                let media_type = s(e, &["target", "mediaType"]).unwrap_or("");
-                if !MANIFEST_TYPES.contains(&media_type) {
-                    continue; // blob pushes
-                }
-                out.push(SourceEvent::Artifact {
-                    registry: s(e, &["request", "host"]).unwrap_or("").to_string(),
-                    repository: need(e, &["target", "repository"])?,
-                    tag: s(e, &["target", "tag"]).map(str::to_string),
-                    digest: need(e, &["target", "digest"])?,
-                    media_type: media_type.to_string(),
-                });
-            }
-            Ok(if out.is_empty() {
-                Parsed::Ignored("no manifest pushes".into())
-            } else {
-                Parsed::Events(out)
-            })
-        }
-        Provider::Harbor => {
-            if s(&v, &["type"]) != Some("PUSH_ARTIFACT") {
-                return Ok(Parsed::Ignored(format!(
-                    "event {:?} is not handled",
-                    s(&v, &["type"]).unwrap_or("")
-                )));
-            }
-            let repo = need(&v, &["event_data", "repository", "repo_full_name"])?;
-            let resources = v
-                .pointer("/event_data/resources")
-                .and_then(|r| r.as_array())
-                .ok_or_else(|| ParseError("missing event_data.resources".into()))?;
-            let mut out = Vec::new();
-            for r in resources {
-                let url = s(r, &["resource_url"]).unwrap_or("");
-                out.push(SourceEvent::Artifact {
-                    registry: url.split('/').next().unwrap_or("").to_string(),
-                    repository: repo.clone(),
-                    tag: s(r, &["tag"]).map(str::to_string),
-                    digest: need(r, &["digest"])?,
-                    media_type: String::new(),
-                });
-            }
-            Ok(Parsed::Events(out))
-        }
+        Provider::Distribution => parse_distribution(&v),
+        Provider::Harbor => parse_harbor(&v),
     }
+}
+
+/// GitHub, Gitea and Forgejo (one payload shape): `push`; a tag's `create` is ignored.
+fn parse_github(provider: Provider, h: &HeaderMap, v: &Value) -> Result<Parsed, ParseError> {
+    let event = match provider {
+        Provider::GitHub => hdr(h, "x-github-event"),
+        Provider::Forgejo => hdr(h, "x-forgejo-event").or_else(|| hdr(h, "x-gitea-event")),
+        _ => hdr(h, "x-gitea-event"),
+    }
+    .unwrap_or("");
+    let repo = s(v, &["repository", "clone_url"])
+        .or_else(|| s(v, &["repository", "html_url"]))
+        .unwrap_or("")
+        .to_string();
+    let author = s(v, &["pusher", "name"])
+        .or_else(|| s(v, &["pusher", "login"]))
+        .or_else(|| s(v, &["sender", "login"]))
+        .unwrap_or("")
+        .to_string();
+    match event {
+        "push" => {
+            let r = need(v, &["ref"])?;
+            let commit = need(v, &["after"])?;
+            Ok(one(
+                ref_event(repo, &r, commit, author),
+                "push deleted a ref",
+            ))
+        }
+        "create" if s(v, &["ref_type"]) == Some("tag") => {
+            // `create` has no commit; the tag's push event carries it. Ignore to avoid
+            // starting twice.
+            Ok(Parsed::Ignored(
+                "create (the tag's push event starts runs)".into(),
+            ))
+        }
+        other => Ok(Parsed::Ignored(format!("event {other:?} is not handled"))),
+    }
+}
+
+/// GitLab: `Push Hook` and `Tag Push Hook` (or the payload's `object_kind`).
+fn parse_gitlab(h: &HeaderMap, v: &Value) -> Result<Parsed, ParseError> {
+    let event = hdr(h, "x-gitlab-event")
+        .or_else(|| s(v, &["object_kind"]))
+        .unwrap_or("");
+    if !matches!(event, "Push Hook" | "Tag Push Hook" | "push" | "tag_push") {
+        return Ok(Parsed::Ignored(format!("event {event:?} is not handled")));
+    }
+    let r = need(v, &["ref"])?;
+    let commit = s(v, &["checkout_sha"])
+        .or_else(|| s(v, &["after"]))
+        .unwrap_or("")
+        .to_string();
+    let repo = s(v, &["project", "git_http_url"])
+        .or_else(|| s(v, &["project", "web_url"]))
+        .or_else(|| s(v, &["repository", "git_http_url"]))
+        .unwrap_or("")
+        .to_string();
+    let author = s(v, &["user_username"])
+        .or_else(|| s(v, &["user_name"]))
+        .unwrap_or("")
+        .to_string();
+    Ok(one(
+        ref_event(repo, &r, commit, author),
+        "push deleted a ref",
+    ))
+}
+
+/// Bitbucket Cloud `repo:push`: one event per branch or tag update in `push.changes`.
+fn parse_bitbucket(h: &HeaderMap, v: &Value) -> Result<Parsed, ParseError> {
+    let key = hdr(h, "x-event-key").unwrap_or("");
+    if key != "repo:push" {
+        return Ok(Parsed::Ignored(format!("event {key:?} is not handled")));
+    }
+    let repo = s(v, &["repository", "links", "html", "href"])
+        .or_else(|| s(v, &["repository", "full_name"]))
+        .unwrap_or("")
+        .to_string();
+    let author = s(v, &["actor", "display_name"]).unwrap_or("").to_string();
+    let changes = v
+        .get("push")
+        .and_then(|p| p.get("changes"))
+        .and_then(|c| c.as_array())
+        .ok_or_else(|| ParseError("missing push.changes".into()))?;
+    let mut out = Vec::new();
+    for c in changes {
+        let Some(new) = c.get("new").filter(|n| !n.is_null()) else {
+            continue;
+        };
+        let name = s(new, &["name"]).unwrap_or("");
+        let commit = s(new, &["target", "hash"]).unwrap_or("").to_string();
+        let r = match s(new, &["type"]) {
+            Some("branch") => format!("refs/heads/{name}"),
+            Some("tag") => format!("refs/tags/{name}"),
+            _ => continue,
+        };
+        out.extend(ref_event(repo.clone(), &r, commit, author.clone()));
+    }
+    Ok(if out.is_empty() {
+        Parsed::Ignored("no branch or tag updates".into())
+    } else {
+        Parsed::Events(out)
+    })
+}
+
+/// distribution's notification envelope: one artifact per manifest push (blob pushes and
+/// pulls are skipped).
+fn parse_distribution(v: &Value) -> Result<Parsed, ParseError> {
+    let events = v
+        .get("events")
+        .and_then(|e| e.as_array())
+        .ok_or_else(|| ParseError("missing events".into()))?;
+    let mut out = Vec::new();
+    for e in events {
+        if s(e, &["action"]) != Some("push") {
+            continue;
+        }
+        let media_type = s(e, &["target", "mediaType"]).unwrap_or("");
+        if !MANIFEST_TYPES.contains(&media_type) {
+            continue; // blob pushes
+        }
+        out.push(SourceEvent::Artifact {
+            registry: s(e, &["request", "host"]).unwrap_or("").to_string(),
+            repository: need(e, &["target", "repository"])?,
+            tag: s(e, &["target", "tag"]).map(str::to_string),
+            digest: need(e, &["target", "digest"])?,
+            media_type: media_type.to_string(),
+        });
+    }
+    Ok(if out.is_empty() {
+        Parsed::Ignored("no manifest pushes".into())
+    } else {
+        Parsed::Events(out)
+    })
+}
+
+/// Harbor's `PUSH_ARTIFACT`: one artifact per pushed resource.
+fn parse_harbor(v: &Value) -> Result<Parsed, ParseError> {
+    if s(v, &["type"]) != Some("PUSH_ARTIFACT") {
+        return Ok(Parsed::Ignored(format!(
+            "event {:?} is not handled",
+            s(v, &["type"]).unwrap_or("")
+        )));
+    }
+    let repo = need(v, &["event_data", "repository", "repo_full_name"])?;
+    let resources = v
+        .pointer("/event_data/resources")
+        .and_then(|r| r.as_array())
+        .ok_or_else(|| ParseError("missing event_data.resources".into()))?;
+    let mut out = Vec::new();
+    for r in resources {
+        let url = s(r, &["resource_url"]).unwrap_or("");
+        out.push(SourceEvent::Artifact {
+            registry: url.split('/').next().unwrap_or("").to_string(),
+            repository: repo.clone(),
+            tag: s(r, &["tag"]).map(str::to_string),
+            digest: need(r, &["digest"])?,
+            media_type: String::new(),
+        });
+    }
+    Ok(Parsed::Events(out))
 }
 
 #[cfg(test)]

@@ -6,10 +6,12 @@
 //! Records hold no secrets: tokens and signatures are added when a request is built, from the
 //! configuration in force at that moment.
 
+use crate::core::gateway::cdevent::{self, event_fields};
 use crate::core::gateway::chain::Run;
 use crate::core::gateway::config::{Target, TargetKind};
 use crate::core::gateway::event::SourceEvent;
 use crate::core::gateway::verify::sign_hex;
+use crate::core::time::rfc3339;
 use bytes::Bytes;
 use http::{header, Method, Request};
 use serde::{Deserialize, Serialize};
@@ -99,29 +101,6 @@ pub fn retry_delay_ms(attempt: u32, base_ms: u64, max_ms: u64, id: &str) -> u64 
     exp / 2 + r % (exp / 2).max(1)
 }
 
-/// Formats ms since the epoch as RFC 3339 UTC (`2026-11-22T00:01:02.003Z`).
-pub fn rfc3339(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    // Howard Hinnant's civil_from_days.
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        ms % 1000
-    )
-}
-
 /// What a stage's target is told about the run.
 pub struct StageCall<'a> {
     /// The run.
@@ -134,26 +113,6 @@ pub struct StageCall<'a> {
     pub run_token: &'a str,
     /// Where to post it.
     pub callback: String,
-}
-
-fn event_fields(e: &SourceEvent) -> (String, String, String) {
-    match e {
-        SourceEvent::Push {
-            repository,
-            git_ref,
-            commit,
-            ..
-        }
-        | SourceEvent::Tag {
-            repository,
-            git_ref,
-            commit,
-            ..
-        } => (repository.clone(), git_ref.clone(), commit.clone()),
-        SourceEvent::Artifact {
-            repository, digest, ..
-        } => (repository.clone(), String::new(), digest.clone()),
-    }
 }
 
 fn ref_name(e: &SourceEvent) -> String {
@@ -194,6 +153,24 @@ fn bearer(b: http::request::Builder, t: &Target) -> http::request::Builder {
     }
 }
 
+/// A payload value as text (workflow inputs and pipeline variables are strings; null is
+/// empty).
+fn as_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Null => String::new(),
+        other => other.to_string(),
+    }
+}
+
+/// The headers GitHub's REST API asks for.
+fn github_api(t: &Target) -> http::request::Builder {
+    bearer(base(Method::POST, t), t)
+        .header(header::ACCEPT, "application/vnd.github+json")
+        .header("x-github-api-version", "2022-11-28")
+        .header(header::CONTENT_TYPE, "application/json")
+}
+
 /// Builds the request that asks `t` to run a stage.
 pub fn dispatch_request(t: &Target, c: &StageCall<'_>) -> Result<Request<Bytes>, String> {
     let payload = stage_payload(c);
@@ -201,62 +178,27 @@ pub fn dispatch_request(t: &Target, c: &StageCall<'_>) -> Result<Request<Bytes>,
         TargetKind::GitHubDispatch => {
             let event_type: String = format!("pullgate-{}", c.stage).chars().take(100).collect();
             let body = json!({ "event_type": event_type, "client_payload": payload });
-            let b = bearer(base(Method::POST, t), t)
-                .header(header::ACCEPT, "application/vnd.github+json")
-                .header("x-github-api-version", "2022-11-28")
-                .header(header::CONTENT_TYPE, "application/json");
-            (b, body.to_string().into_bytes())
+            (github_api(t), body.to_string().into_bytes())
         }
         TargetKind::GitHubWorkflow => {
             let git_ref = t.git_ref.clone().unwrap_or_else(|| ref_name(&c.run.event));
-            // workflow_dispatch inputs are strings.
             let inputs: serde_json::Map<String, Value> = payload
                 .as_object()
-                .map(|o| {
-                    o.iter()
-                        .map(|(k, v)| {
-                            (
-                                k.clone(),
-                                Value::String(v.as_str().map(str::to_string).unwrap_or_else(
-                                    || {
-                                        if v.is_null() {
-                                            String::new()
-                                        } else {
-                                            v.to_string()
-                                        }
-                                    },
-                                )),
-                            )
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.clone(), Value::String(as_text(v))))
+                .collect();
             let body = json!({ "ref": git_ref, "inputs": inputs });
-            let b = bearer(base(Method::POST, t), t)
-                .header(header::ACCEPT, "application/vnd.github+json")
-                .header("x-github-api-version", "2022-11-28")
-                .header(header::CONTENT_TYPE, "application/json");
-            (b, body.to_string().into_bytes())
+            (github_api(t), body.to_string().into_bytes())
         }
         TargetKind::GitLabPipeline => {
             let git_ref = t.git_ref.clone().unwrap_or_else(|| ref_name(&c.run.event));
             let mut form = url::form_urlencoded::Serializer::new(String::new());
             form.append_pair("token", t.token.as_ref().map(|s| s.expose()).unwrap_or(""));
             form.append_pair("ref", &git_ref);
-            if let Some(o) = payload.as_object() {
-                for (k, v) in o {
-                    let v = v.as_str().map(str::to_string).unwrap_or_else(|| {
-                        if v.is_null() {
-                            String::new()
-                        } else {
-                            v.to_string()
-                        }
-                    });
-                    form.append_pair(
-                        &format!("variables[PULLGATE_{}]", k.to_ascii_uppercase()),
-                        &v,
-                    );
-                }
+            for (k, v) in payload.as_object().into_iter().flatten() {
+                let key = format!("variables[PULLGATE_{}]", k.to_ascii_uppercase());
+                form.append_pair(&key, &as_text(v));
             }
             let b = base(Method::POST, t)
                 .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded");
@@ -278,13 +220,8 @@ pub fn dispatch_request(t: &Target, c: &StageCall<'_>) -> Result<Request<Bytes>,
                 json!({ "type": "pullgate.stage", "delivery": c.delivery, "payload": payload })
                     .to_string()
                     .into_bytes();
-            let sig = sign_hex(
-                t.secret
-                    .as_ref()
-                    .map(|s| s.expose().as_bytes())
-                    .unwrap_or(b""),
-                &body,
-            );
+            let key = t.secret.as_ref().map(|s| s.expose().as_bytes());
+            let sig = sign_hex(key.unwrap_or(b""), &body);
             let b = base(Method::POST, t)
                 .header(header::CONTENT_TYPE, "application/json")
                 .header("x-pullgate-delivery", c.delivery)
@@ -295,7 +232,8 @@ pub fn dispatch_request(t: &Target, c: &StageCall<'_>) -> Result<Request<Bytes>,
     b.body(Bytes::from(body)).map_err(|e| e.to_string())
 }
 
-/// Builds a CloudEvents 1.0 binary-mode request carrying a CDEvent about `run`.
+/// Builds a CloudEvents 1.0 binary-mode request carrying a CDEvent about `run` (its body:
+/// [`cdevent::body`]; `extra` is the stage payload when the event asks for a stage).
 pub fn event_request(
     t: &Target,
     run: &Run,
@@ -305,45 +243,9 @@ pub fn event_request(
     extra: Option<Value>,
     now_ms: u64,
 ) -> Result<Request<Bytes>, String> {
-    let (repository, git_ref, commit) = event_fields(&run.event);
     let source = format!("/pullgate/{}", run.webhook);
     let time = rfc3339(if now_ms == 0 { run.updated_ms } else { now_ms });
-    let subject_id = match stage {
-        Some(s) => format!("{}/{s}", run.id),
-        None => run.id.clone(),
-    };
-    let mut content = json!({
-        "run": run.id,
-        "stage": stage,
-        "repository": repository,
-        "ref": git_ref,
-        "commit": commit,
-        "image": run.image,
-        "status": run.status,
-    });
-    if let Some(d) = &run.digest {
-        // CDEvents artifact ids are purls.
-        let (repo_url, name) = match run
-            .image
-            .as_deref()
-            .and_then(|i| i.rsplit_once(':'))
-            .map(|(r, _)| r)
-        {
-            Some(r) => (r.to_string(), r.rsplit('/').next().unwrap_or(r).to_string()),
-            None => (String::new(), String::new()),
-        };
-        content["artifactId"] = Value::String(format!(
-            "pkg:oci/{name}@{}?repository_url={repo_url}",
-            d.replace(':', "%3A")
-        ));
-    }
-    if let Some(x) = extra {
-        content["stageCall"] = x;
-    }
-    let body = json!({
-        "context": { "version": "0.4.1", "id": delivery, "source": source, "type": event_type, "timestamp": time },
-        "subject": { "id": subject_id, "source": source, "content": content },
-    });
+    let body = cdevent::body(run, delivery, event_type, stage, extra, &time);
     bearer(base(Method::POST, t), t)
         .header("ce-specversion", "1.0")
         .header("ce-id", delivery)
@@ -373,13 +275,6 @@ mod tests {
             d3,
             "jittered per delivery"
         );
-    }
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(1_614_265_330_123), "2021-02-25T15:02:10.123Z");
-        assert_eq!(rfc3339(1_795_305_600_000), "2026-11-22T00:00:00.000Z");
     }
 
     #[test]
@@ -514,11 +409,11 @@ mod request_tests {
         assert_eq!(h["ce-time"], "2026-11-22T00:00:00.000Z");
         let v: Value = serde_json::from_slice(req.body()).unwrap();
         assert_eq!(v["context"]["id"], "d9");
-        assert_eq!(v["subject"]["id"], "run1/distribute");
         assert_eq!(
-            v["subject"]["content"]["artifactId"],
+            v["subject"]["id"],
             "pkg:oci/app@sha256%3A00?repository_url=reg.example/acme/app"
         );
+        assert_eq!(v["subject"]["type"], "artifact");
     }
 
     #[test]

@@ -1,18 +1,36 @@
 //! pullgate's own `distribute` stage: pulling a run's image through the cache (index, the
 //! configured platforms' manifests, configs and layers) by calling the core's own dispatch as
 //! an internal caller, so the first regional pull is warm. No upstream I/O of its own.
+//!
+//! The image reference is validated with [`crate::core::registry::reference`] before any path is built
+//! from it. `[chain] platforms` entries are `os/arch` or `os/arch/variant`: an entry without a
+//! variant takes every variant of its architecture; one with a variant takes that variant, and
+//! also an index entry that names none when the variant is the architecture's default (`v8`
+//! for `arm64`, `v7` for `arm`, as containerd's platform matcher normalises them).
+//!
+//! The one registry pull is [`pull_through`], the only place this module reaches back into the
+//! dispatch.
 
 use crate::core::app::App;
 use crate::core::body::Body;
 use crate::core::context::Inner;
+use crate::core::gateway::keys::image_key;
 use crate::core::registry::media::DEFAULT_ACCEPT;
+use crate::core::registry::reference::{parse_digest, parse_name, parse_tag, Reference};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{header, Method, Request, StatusCode};
 use serde_json::Value;
 use std::rc::Rc;
 
-async fn drain(app: &App, path: &str, accept: Option<&str>) -> Result<(u64, Bytes), String> {
+/// GETs `path` from the core's own dispatch as an internal caller and drains the answer:
+/// (bytes read, the body when the answer was one buffer). Non-200 is an error.
+async fn pull_through(
+    inner: &Rc<Inner>,
+    path: &str,
+    accept: Option<&str>,
+) -> Result<(u64, Bytes), String> {
+    let app = App::from_inner(inner.clone());
     let mut b = Request::builder().method(Method::GET).uri(path);
     if let Some(a) = accept {
         b = b.header(header::ACCEPT, a);
@@ -40,55 +58,116 @@ async fn drain(app: &App, path: &str, accept: Option<&str>) -> Result<(u64, Byte
     }
 }
 
+/// A run's image, split into what the cache's `/v2/` paths take.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ImageRef {
+    /// The name as the cache routes it: registry host (if any) and repository.
+    path_name: String,
+    /// Tag or digest (`latest` when the image names neither).
+    reference: Reference,
+}
+
+/// Parses `[host/]repository[:tag][@digest]`; a digest wins over a tag.
+fn parse_image(image: &str) -> Result<ImageRef, String> {
+    let bad = |e: crate::core::registry::reference::ReferenceError| format!("image {image:?}: {e}");
+    let (rest, digest) = match image.split_once('@') {
+        Some((n, d)) => (n, Some(parse_digest(d).map_err(bad)?)),
+        None => (image, None),
+    };
+    let (path_name, tag) = match rest.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
+        Some((n, t)) => (n, Some(t)),
+        None => (rest, None),
+    };
+    parse_name(&image_key(path_name)).map_err(bad)?;
+    let reference = match (digest, tag) {
+        (Some(d), _) => Reference::Digest(d),
+        (None, Some(t)) => Reference::Tag(parse_tag(t).map_err(bad)?),
+        (None, None) => Reference::Tag(parse_tag("latest").map_err(bad)?),
+    };
+    Ok(ImageRef {
+        path_name: path_name.to_string(),
+        reference,
+    })
+}
+
+/// The variant an architecture means when an index entry names none.
+fn default_variant(arch: &str) -> Option<&'static str> {
+    match arch {
+        "arm64" => Some("v8"),
+        "arm" => Some("v7"),
+        _ => None,
+    }
+}
+
+/// True when an index entry's `platform` object is one of `wanted` (`os/arch[/variant]`;
+/// empty: every platform).
+fn platform_wanted(wanted: &[String], platform: Option<&Value>) -> bool {
+    if wanted.is_empty() {
+        return true;
+    }
+    let field = |k: &str| {
+        platform
+            .and_then(|p| p.get(k))
+            .and_then(Value::as_str)
+            .unwrap_or("")
+    };
+    let (os, arch, variant) = (field("os"), field("architecture"), field("variant"));
+    wanted.iter().any(|w| {
+        let mut parts = w.splitn(3, '/');
+        let (w_os, w_arch, w_variant) = (parts.next(), parts.next(), parts.next());
+        if w_os != Some(os) || w_arch != Some(arch) {
+            return false;
+        }
+        match w_variant {
+            None => true,
+            Some(v) => v == variant || (variant.is_empty() && default_variant(arch) == Some(v)),
+        }
+    })
+}
+
 /// Pulls `image` through the cache: the index, the configured platforms' manifests, their
 /// configs and layers; so the first regional pull is warm.
 pub(super) async fn prewarm(inner: &Rc<Inner>, image: &str) -> Result<String, String> {
-    let app = App::from_inner(inner.clone());
-    let (name, reference) = match image.rsplit_once('@') {
-        Some((n, d)) => (n, d),
-        None => match image.rsplit_once(':').filter(|(_, t)| !t.contains('/')) {
-            Some((n, t)) => (n, t),
-            None => (image, "latest"),
-        },
-    };
-    let base = format!("/v2/{name}");
-    let (_, top) = drain(
-        &app,
-        &format!("{base}/manifests/{reference}"),
-        Some(DEFAULT_ACCEPT),
-    )
-    .await?;
+    let image = parse_image(image)?;
+    let base = format!("/v2/{}", image.path_name);
+    let top_path = format!("{base}/manifests/{}", image.reference);
+    let (_, top) = pull_through(inner, &top_path, Some(DEFAULT_ACCEPT)).await?;
     let top: Value =
         serde_json::from_slice(&top).map_err(|e| format!("manifest is not JSON: {e}"))?;
     let platforms = &inner.settings.gateway.chain.platforms;
     let mut manifests = Vec::new();
     if let Some(children) = top.get("manifests").and_then(|m| m.as_array()) {
         for c in children {
-            let plat = format!(
-                "{}/{}",
-                c.pointer("/platform/os")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or(""),
-                c.pointer("/platform/architecture")
-                    .and_then(|v| v.as_str())
-                    .unwrap_or("")
-            );
-            if !platforms.is_empty() && !platforms.contains(&plat) {
+            if !platform_wanted(platforms, c.get("platform")) {
                 continue;
             }
             let d = c
                 .get("digest")
                 .and_then(|d| d.as_str())
                 .ok_or("index entry without a digest")?;
-            let (_, m) =
-                drain(&app, &format!("{base}/manifests/{d}"), Some(DEFAULT_ACCEPT)).await?;
+            let d = parse_digest(d).map_err(|e| e.to_string())?;
+            let path = format!("{base}/manifests/{d}");
+            let (_, m) = pull_through(inner, &path, Some(DEFAULT_ACCEPT)).await?;
             manifests.push(serde_json::from_slice::<Value>(&m).map_err(|e| e.to_string())?);
         }
     } else {
         manifests.push(top);
     }
+    let (blobs, bytes) = pull_blobs(inner, &base, &manifests).await?;
+    Ok(format!(
+        "pre-warmed {} manifest(s) and {blobs} blob(s), {bytes} bytes",
+        manifests.len()
+    ))
+}
+
+/// Pulls every manifest's config and layers: (blobs, bytes).
+async fn pull_blobs(
+    inner: &Rc<Inner>,
+    base: &str,
+    manifests: &[Value],
+) -> Result<(u32, u64), String> {
     let (mut blobs, mut bytes) = (0u32, 0u64);
-    for m in &manifests {
+    for m in manifests {
         let config = m.pointer("/config/digest").and_then(|d| d.as_str());
         let layers = m
             .get("layers")
@@ -97,13 +176,93 @@ pub(super) async fn prewarm(inner: &Rc<Inner>, image: &str) -> Result<String, St
             .flatten()
             .filter_map(|l| l.get("digest").and_then(|d| d.as_str()));
         for d in config.into_iter().chain(layers) {
-            let (n, _) = drain(&app, &format!("{base}/blobs/{d}"), None).await?;
+            let d = parse_digest(d).map_err(|e| e.to_string())?;
+            let (n, _) = pull_through(inner, &format!("{base}/blobs/{d}"), None).await?;
             blobs += 1;
             bytes += n;
         }
     }
-    Ok(format!(
-        "pre-warmed {} manifest(s) and {blobs} blob(s), {bytes} bytes",
-        manifests.len()
-    ))
+    Ok((blobs, bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn wanted(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn image_references_split_with_the_reference_grammar() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let cases = [
+            ("reg.test/acme/app:main-1", "reg.test/acme/app", "main-1"),
+            (
+                "127.0.0.1:5000/acme/app:v1",
+                "127.0.0.1:5000/acme/app",
+                "v1",
+            ),
+            (
+                "127.0.0.1:5000/acme/app",
+                "127.0.0.1:5000/acme/app",
+                "latest",
+            ),
+            ("acme/app", "acme/app", "latest"),
+        ];
+        for (image, name, reference) in cases {
+            let r = parse_image(image).unwrap();
+            assert_eq!(
+                (r.path_name.as_str(), r.reference.to_string().as_str()),
+                (name, reference),
+                "{image}"
+            );
+        }
+        let r = parse_image(&format!("reg.test/acme/app:v1@{d}")).unwrap();
+        assert_eq!(r.path_name, "reg.test/acme/app");
+        assert_eq!(r.reference.to_string(), d, "a digest wins over a tag");
+        for bad in [
+            "reg.test/Acme/app:v1",
+            "reg.test/acme/app:-v1",
+            "reg.test/acme/app@sha256:00",
+            "",
+            "reg.test/acme/../app",
+        ] {
+            assert!(parse_image(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn platforms_with_a_variant_match_that_variant() {
+        let p = |os: &str, arch: &str, variant: Option<&str>| {
+            let mut v = json!({ "os": os, "architecture": arch });
+            if let Some(x) = variant {
+                v["variant"] = json!(x);
+            }
+            v
+        };
+        let arm7 = p("linux", "arm", Some("v7"));
+        let arm6 = p("linux", "arm", Some("v6"));
+        let arm64 = p("linux", "arm64", Some("v8"));
+        let arm64_bare = p("linux", "arm64", None);
+        let amd64 = p("linux", "amd64", None);
+        let w = wanted(&["linux/arm/v7", "linux/arm64/v8"]);
+        assert!(platform_wanted(&w, Some(&arm7)));
+        assert!(!platform_wanted(&w, Some(&arm6)));
+        assert!(platform_wanted(&w, Some(&arm64)));
+        assert!(
+            platform_wanted(&w, Some(&arm64_bare)),
+            "v8 is arm64's default"
+        );
+        assert!(!platform_wanted(&w, Some(&amd64)));
+        // Without a variant, every variant of the architecture.
+        let w = wanted(&["linux/arm", "linux/amd64"]);
+        assert!(platform_wanted(&w, Some(&arm7)) && platform_wanted(&w, Some(&arm6)));
+        assert!(platform_wanted(&w, Some(&amd64)));
+        assert!(!platform_wanted(&w, Some(&arm64)));
+        assert!(!platform_wanted(&w, None));
+        // No list: everything.
+        assert!(platform_wanted(&[], None));
+    }
 }

@@ -14,10 +14,12 @@
 //! existed are indexed once per instance (a marker key remembers it was done).
 
 use crate::core::context::Inner;
-use crate::core::gateway::outbox::{self, Delivery, DeliveryKind, DEAD, PENDING};
-use crate::core::gateway::{
-    enqueue, execute, load_delivery, load_run, replay, save_delivery, save_run, PumpReport,
-};
+use crate::core::gateway::chain::Run;
+use crate::core::gateway::outbox::StageCall;
+use crate::core::gateway::outbox::{Delivery, DeliveryKind, DEAD, PENDING};
+use crate::core::gateway::records::{enqueue, load_delivery, load_run, save_delivery, save_run};
+use crate::core::gateway::settle::{settle, RetryPolicy, Settlement};
+use crate::core::gateway::{callback, outbox, prewarm, replay, PumpReport};
 use crate::core::metrics::inc;
 use crate::core::ports::StoreError;
 use std::collections::HashMap;
@@ -107,7 +109,6 @@ pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
         return report;
     }
     let _ = index_legacy(inner).await;
-    let gw = &inner.settings.gateway;
     let keys = inner.ports.kv.list(DUE, SCAN).await.unwrap_or_default();
     let mut per_lane: HashMap<String, usize> = HashMap::new();
     for key in keys {
@@ -121,8 +122,7 @@ pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
         if due > inner.ports.clock.now_ms() {
             break; // key order is due order: nothing after this is due either
         }
-        let pending_key = format!("{PENDING}{id}");
-        let mut d = match load_delivery(inner, &pending_key).await {
+        let d = match load_delivery(inner, &format!("{PENDING}{id}")).await {
             Ok(Some(d)) if d.next_ms == due => d,
             Ok(_) => {
                 // Delivered, dead-lettered or rescheduled: this entry is stale.
@@ -141,73 +141,48 @@ pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
             continue;
         };
         report.attempted += 1;
-        let result = execute(inner, &d, &run).await;
-        let now = inner.ports.clock.now_ms();
-        // Reload under the run lock: a result may have been posted while the request was in
-        // flight, and must not be overwritten by this pass's stale copy.
-        let _guard = inner.run_lock.lock().await;
-        let mut run = match load_run(inner, &d.run).await {
-            Ok(Some(r)) => r,
-            _ => run,
-        };
-        let stage = d.stage().map(str::to_string);
-        let mut actions = Vec::new();
-        match result {
-            Ok(detail) => {
-                report.delivered += 1;
-                remove_pending(inner, &d, due).await;
-                match (&d.kind, stage.as_deref()) {
-                    (DeliveryKind::Prewarm { .. }, Some(s)) => {
-                        actions = run.complete(s, true, Some(detail), now).unwrap_or_default();
-                    }
-                    (DeliveryKind::Dispatch { .. }, Some(s)) => run.attempted(s, true, None, now),
-                    _ => {}
-                }
-            }
-            Err(e) => {
-                inc(&inner.metrics.upstream_errors);
-                d.attempts += 1;
-                d.last_error = Some(e.clone());
-                let is_stage_work = !matches!(d.kind, DeliveryKind::Event { .. });
-                if let (true, Some(s)) = (is_stage_work, stage.as_deref()) {
-                    run.attempted(s, false, Some(&e), now);
-                }
-                if d.attempts >= gw.max_attempts {
-                    report.dead += 1;
-                    let _ = save_delivery(inner, DEAD, &d).await;
-                    remove_pending(inner, &d, due).await;
-                    if let (true, Some(s)) = (is_stage_work, stage.as_deref()) {
-                        actions = run
-                            .complete(
-                                s,
-                                false,
-                                Some(format!(
-                                    "delivery dead-lettered after {} attempts: {e}",
-                                    d.attempts
-                                )),
-                                now,
-                            )
-                            .unwrap_or_default();
-                    }
-                } else {
-                    report.retrying += 1;
-                    d.next_ms = now
-                        + outbox::retry_delay_ms(
-                            d.attempts,
-                            gw.retry_base_ms,
-                            gw.retry_max_ms,
-                            &d.id,
-                        );
-                    let _ = save_pending(inner, &d, Some(due)).await;
-                }
-            }
-        }
-        let _ = save_run(inner, &run).await;
-        let _ = enqueue(inner, &run, actions).await;
+        attempt(inner, d, run, &mut report).await;
     }
     replay::sweep(inner).await;
     inner.pumping.set(false);
     report
+}
+
+/// Sends one due delivery (indexed at its `next_ms`), settles it, and stores the outcome on
+/// the delivery record and its run.
+async fn attempt(inner: &Rc<Inner>, d: Delivery, run: Run, report: &mut PumpReport) {
+    let due = d.next_ms;
+    let result = execute(inner, &d, &run).await;
+    let now = inner.ports.clock.now_ms();
+    let settlement = settle(&d, result, now, &RetryPolicy::of(&inner.settings.gateway));
+    // Reload under the run lock: a result may have been posted while the request was in
+    // flight, and must not be overwritten by this pass's stale copy.
+    let _guard = inner.run_lock.lock().await;
+    let mut run = match load_run(inner, &d.run).await {
+        Ok(Some(r)) => r,
+        _ => run,
+    };
+    let actions = settlement.apply_to_run(&d, &mut run, now);
+    let record = settlement.record(&d);
+    match &settlement {
+        Settlement::Done { .. } => {
+            report.delivered += 1;
+            remove_pending(inner, &d, due).await;
+        }
+        Settlement::Retry { .. } => {
+            inc(&inner.metrics.upstream_errors);
+            report.retrying += 1;
+            let _ = save_pending(inner, &record, Some(due)).await;
+        }
+        Settlement::Dead { .. } => {
+            inc(&inner.metrics.upstream_errors);
+            report.dead += 1;
+            let _ = save_delivery(inner, DEAD, &record).await;
+            remove_pending(inner, &d, due).await;
+        }
+    }
+    let _ = save_run(inner, &run).await;
+    let _ = enqueue(inner, &run, actions).await;
 }
 
 /// The earliest `next_ms` among pending deliveries (hosts with timers sleep until then). A
@@ -218,6 +193,64 @@ pub(crate) async fn next_due(inner: &Inner) -> Option<u64> {
     keys.first()
         .and_then(|k| parse_due_key(k))
         .map(|(ms, _)| ms)
+}
+
+/// Sends one delivery; Ok(detail) when it was accepted.
+async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, String> {
+    let gw = &inner.settings.gateway;
+    let now = inner.ports.clock.now_ms();
+    let request = match &d.kind {
+        DeliveryKind::Prewarm { .. } => {
+            let image = run
+                .image
+                .as_deref()
+                .ok_or("the run has no image to pre-warm")?;
+            return prewarm::prewarm(inner, image).await;
+        }
+        DeliveryKind::Dispatch { stage, target } => {
+            let t = gw
+                .target(target)
+                .ok_or_else(|| format!("target {target:?} is no longer configured"))?;
+            let token = callback::token_for(inner, run, stage).unwrap_or_default();
+            let call = StageCall {
+                run,
+                stage,
+                delivery: &d.id,
+                run_token: &token,
+                callback: format!(
+                    "{}/chain/{}/{stage}",
+                    gw.public_url.as_deref().unwrap_or(""),
+                    run.id
+                ),
+            };
+            outbox::dispatch_request(t, &call)?
+        }
+        DeliveryKind::Event {
+            target,
+            event_type,
+            stage,
+        } => {
+            let t = gw
+                .target(target)
+                .ok_or_else(|| format!("target {target:?} is no longer configured"))?;
+            outbox::event_request(t, run, &d.id, event_type, stage.as_deref(), None, now)?
+        }
+    };
+    inc(&inner.metrics.upstream_requests);
+    let resp = inner
+        .ports
+        .upstream
+        .send(request)
+        .await
+        .map_err(|e| e.to_string())?;
+    let status = resp.status();
+    // Drain a little of the answer so the connection can be reused; its content is not needed.
+    let _ = crate::core::http::read_capped(resp.into_body(), 64 * 1024).await;
+    if status.is_success() {
+        Ok(format!("target answered {status}"))
+    } else {
+        Err(format!("target answered {status}"))
+    }
 }
 
 #[cfg(test)]

@@ -22,7 +22,7 @@
 use crate::core::context::Inner;
 use crate::core::gateway::config::{GatewaySettings, Provider};
 use crate::core::gateway::event::{delivery_id, SourceEvent};
-use crate::core::gateway::hash_hex;
+use crate::core::gateway::keys::hash_hex;
 use crate::core::gateway::verify::signs_timestamp;
 use crate::core::ports::StoreError;
 use http::HeaderMap;

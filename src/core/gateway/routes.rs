@@ -1,26 +1,21 @@
 //! The `/chain…` routes: listing and reading runs, dead letters and their replay, an outbox
 //! pass on demand (admin), stage results and the digest override (see [`super::callback`]).
 
-use crate::core::app::App;
 use crate::core::body::Body;
 use crate::core::context::Inner;
+use crate::core::ct::tokens_match;
+use crate::core::gateway::config::GatewaySettings;
+use crate::core::gateway::keys::{commit_index, repository_prefix};
 use crate::core::gateway::outbox::DEAD;
-use crate::core::gateway::{
-    callback, commit_index, internal, load_delivery, load_run, pump, refuse_non_admin,
-    repository_prefix, save_run, spawn_pump,
-};
-use crate::core::http::{json_error as error, json_response};
+use crate::core::gateway::records::{load_delivery, load_run, save_run};
+use crate::core::gateway::{callback, internal, pump, spawn_pump};
+use crate::core::http::{bearer, json_error as error, json_response, query_param};
 use crate::core::ports::{ByteStream, StoreError};
-use http::{Method, Request, Response, StatusCode};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 use std::rc::Rc;
 
-fn query_param(q: Option<&str>, key: &str) -> Option<String> {
-    url::form_urlencoded::parse(q?.as_bytes())
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.into_owned())
-}
-
+/// Routes `/chain/<rest>`: stage results with their run token, everything else as an admin.
 pub(super) async fn chain_route(
     inner: &Rc<Inner>,
     req: &Request<()>,
@@ -48,48 +43,13 @@ pub(super) async fn chain_route(
             return refusal;
         }
     }
-    let kv = &inner.ports.kv;
     match (m.clone(), parts.as_slice()) {
-        (Method::GET, []) => {
-            let Some(repo) = query_param(req.uri().query(), "repository") else {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    "list runs with ?repository=<url>[&commit=<sha>]",
-                );
-            };
-            let prefix = match query_param(req.uri().query(), "commit") {
-                Some(c) => commit_index(&repo, &c),
-                None => repository_prefix(&repo),
-            };
-            let keys = match kv.list(&prefix, 200).await {
-                Ok(k) => k,
-                Err(e) => return internal(e),
-            };
-            let mut runs = Vec::new();
-            for k in keys {
-                let id = k.rsplit('/').next().unwrap_or("");
-                if let Ok(Some(run)) = load_run(inner, id).await {
-                    runs.push(json!({ "id": run.id, "status": run.status, "stage": run.current_stage(), "image": run.image, "event": run.event, "created_ms": run.created_ms }));
-                }
-            }
-            json_response(StatusCode::OK, json!({ "runs": runs }))
-        }
-        (Method::GET, ["dead-letters"]) => match kv.list(DEAD, 500).await {
-            Ok(keys) => {
-                let mut out = Vec::new();
-                for k in keys {
-                    if let Ok(Some(d)) = load_delivery(inner, &k).await {
-                        out.push(d);
-                    }
-                }
-                json_response(StatusCode::OK, json!({ "dead_letters": out }))
-            }
-            Err(e) => internal(e),
-        },
+        (Method::GET, []) => list_runs(inner, req.uri().query()).await,
+        (Method::GET, ["dead-letters"]) => dead_letters(inner).await,
         (Method::POST, ["dead-letters", id, "replay"]) => replay_dead_letter(inner, id).await,
         (Method::PUT, [id, "digest"]) => callback::set_digest(inner, id, body).await,
         (Method::POST, ["outbox", "pump"]) => {
-            let report = App::from_inner(inner.clone()).pump_outbox().await;
+            let report = pump::pump(inner).await;
             json_response(
                 StatusCode::OK,
                 serde_json::to_value(report).unwrap_or(Value::Null),
@@ -107,6 +67,50 @@ pub(super) async fn chain_route(
     }
 }
 
+/// `GET /chain?repository=<url>[&commit=<sha>]`: a repository's (or commit's) runs.
+async fn list_runs(inner: &Inner, query: Option<&str>) -> Response<Body> {
+    let Some(repo) = query_param(query, "repository") else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "list runs with ?repository=<url>[&commit=<sha>]",
+        );
+    };
+    let prefix = match query_param(query, "commit") {
+        Some(c) => commit_index(&repo, &c),
+        None => repository_prefix(&repo),
+    };
+    let keys = match inner.ports.kv.list(&prefix, 200).await {
+        Ok(k) => k,
+        Err(e) => return internal(e),
+    };
+    let mut runs = Vec::new();
+    for k in keys {
+        let id = k.rsplit('/').next().unwrap_or("");
+        if let Ok(Some(run)) = load_run(inner, id).await {
+            runs.push(json!({ "id": run.id, "status": run.status, "stage": run.current_stage(), "image": run.image, "event": run.event, "created_ms": run.created_ms }));
+        }
+    }
+    json_response(StatusCode::OK, json!({ "runs": runs }))
+}
+
+/// `GET /chain/dead-letters`.
+async fn dead_letters(inner: &Inner) -> Response<Body> {
+    match inner.ports.kv.list(DEAD, 500).await {
+        Ok(keys) => {
+            let mut out = Vec::new();
+            for k in keys {
+                if let Ok(Some(d)) = load_delivery(inner, &k).await {
+                    out.push(d);
+                }
+            }
+            json_response(StatusCode::OK, json!({ "dead_letters": out }))
+        }
+        Err(e) => internal(e),
+    }
+}
+
+/// `POST /chain/dead-letters/<id>/replay`: the dead letter becomes pending again, its stage
+/// reopened.
 async fn replay_dead_letter(inner: &Rc<Inner>, id: &str) -> Response<Body> {
     let key = format!("{DEAD}{id}");
     let mut d = match load_delivery(inner, &key).await {
@@ -137,4 +141,18 @@ async fn replay_dead_letter(inner: &Rc<Inner>, id: &str) -> Response<Body> {
         StatusCode::ACCEPTED,
         json!({ "status": "replaying", "delivery": d.id }),
     )
+}
+
+/// None when the request carries the admin token; otherwise the refusal to send.
+pub(super) fn refuse_non_admin(gw: &GatewaySettings, h: &HeaderMap) -> Option<Response<Body>> {
+    let Some(token) = &gw.admin_token else {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "admin routes are disabled: set [gateway] admin_token",
+        ));
+    };
+    match bearer(h) {
+        Some(given) if tokens_match(given, token.expose()) => None,
+        _ => Some(error(StatusCode::UNAUTHORIZED, "admin token required")),
+    }
 }

@@ -2,33 +2,7 @@
 
 use crate::core::gateway::config::RuleConfig;
 use crate::core::gateway::event::SourceEvent;
-
-/// Glob match where `*` matches any run of characters (including `/`) and `?` one character.
-pub fn glob_match(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti) = (0, 0);
-    let (mut star, mut mark) = (None, 0);
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            star = Some(pi);
-            mark = ti;
-            pi += 1;
-        } else if let Some(s) = star {
-            pi = s + 1;
-            mark += 1;
-            ti = mark;
-        } else {
-            return false;
-        }
-    }
-    while pi < p.len() && p[pi] == '*' {
-        pi += 1;
-    }
-    pi == p.len()
-}
+use crate::core::glob::glob_match;
 
 fn any_match(patterns: &[String], text: &str) -> bool {
     patterns.iter().any(|p| glob_match(p, text))

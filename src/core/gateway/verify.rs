@@ -2,11 +2,11 @@
 //! before any JSON parsing, comparing in constant time (`subtle`). Each provider's scheme is
 //! documented by the provider; the test vectors below are taken from that documentation.
 
+use crate::core::ct::bytes_match;
 use crate::core::gateway::config::Provider;
 use hmac::{Hmac, Mac};
 use http::HeaderMap;
 use sha2::Sha256;
-use subtle::ConstantTimeEq;
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -44,10 +44,6 @@ fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
-fn eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && bool::from(a.ct_eq(b))
-}
-
 /// Checks a hex HMAC-SHA256 of the body, with an optional `sha256=` prefix required.
 fn verify_hex_hmac(
     secret: &[u8],
@@ -64,7 +60,7 @@ fn verify_hex_hmac(
         None => value.trim(),
     };
     let given = hex::decode(hex_part).map_err(|_| VerifyError::Malformed(name))?;
-    if eq(&given, &hmac_sha256(secret, &[body])) {
+    if bytes_match(&given, &hmac_sha256(secret, &[body])) {
         Ok(())
     } else {
         Err(VerifyError::Mismatch)
@@ -106,7 +102,7 @@ fn verify_standard_webhook(
     for sig in sigs.split_whitespace() {
         if let Some(v) = sig.strip_prefix("v1,") {
             if let Ok(given) = b64.decode(v) {
-                if eq(&given, &expected) {
+                if bytes_match(&given, &expected) {
                     return Ok(());
                 }
             }
@@ -146,7 +142,7 @@ pub fn verify_delivery(
                 verify_standard_webhook(secret, headers, body, now_ms, tolerance_ms)
             } else {
                 let token = header(headers, "x-gitlab-token")?;
-                if eq(token.as_bytes(), key) {
+                if bytes_match(token.as_bytes(), key) {
                     Ok(())
                 } else {
                     Err(VerifyError::Mismatch)
@@ -171,7 +167,7 @@ pub fn verify_delivery(
                 .get(name)
                 .ok_or(VerifyError::Missing("authorization"))?
                 .as_bytes();
-            if eq(v, key) {
+            if bytes_match(v, key) {
                 Ok(())
             } else {
                 Err(VerifyError::Mismatch)
@@ -209,14 +205,10 @@ pub fn signs_timestamp(provider: Provider, headers: &HeaderMap) -> bool {
     provider == Provider::GitLab && headers.contains_key("webhook-signature")
 }
 
-/// Constant-time comparison of two tokens.
-pub fn tokens_match(a: &str, b: &str) -> bool {
-    eq(a.as_bytes(), b.as_bytes())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::core::ct::tokens_match;
     use http::HeaderValue;
 
     fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {

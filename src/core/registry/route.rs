@@ -75,7 +75,8 @@ pub fn find_upstream(settings: &Settings, host: &str) -> Option<usize> {
         .position(|u| u.host == host || u.aliases.iter().any(|a| a == host))
 }
 
-fn looks_like_host(component: &str) -> bool {
+/// Is the first path component a registry host (`ghcr.io`, `localhost:5000`, `localhost`)?
+pub fn looks_like_host(component: &str) -> bool {
     component.contains('.') || component.contains(':') || component == "localhost"
 }
 

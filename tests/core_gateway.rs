@@ -1,22 +1,22 @@
-//! The gateway through its ports: in-memory stores, a manual clock, and a fake target host that
-//! records every request, so each replay, callback and outbox behaviour is asserted by what
-//! reached the targets. Deferred work is dropped: every outbox pass is started by the test.
+//! The gateway through its ports: in-memory stores, a manual clock, and a counting target
+//! host ([`FakeTarget`]) that records every request and answers a scripted status, so each
+//! delivery, retry, replay, callback and outbox behaviour is asserted by what reached the
+//! targets. Deferred work is dropped: every outbox pass is started by the test.
 
-use crate::core::app::App;
-use crate::core::body::Body;
-use crate::core::config::{parse_config, ConfigError, Secret, SecretResolver};
-use crate::core::gateway::outbox::{DEAD, PENDING};
-use crate::core::gateway::pump::{DUE, PER_TARGET};
-use crate::core::ports::{BodyError, ByteStream, Clock, Deferred, Ports, Upstream, UpstreamError};
-use crate::testing::{ManualClock, MemBlobStore, MemKv};
 use bytes::Bytes;
-use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use hmac::{Hmac, Mac};
 use http::{Request, Response, StatusCode};
+use pullgate::core::app::App;
+use pullgate::core::body::Body;
+use pullgate::core::config::{parse_config, ConfigError, Secret, SecretResolver, Settings};
+use pullgate::core::gateway::outbox::{DEAD, PENDING};
+use pullgate::core::gateway::pump::{DUE, PER_TARGET};
+use pullgate::core::gateway::{replay, PumpReport};
+use pullgate::core::ports::{BodyError, ByteStream, Clock, KvStore, Ports};
+use pullgate::testing::{DroppedDeferred, FakeTarget, ManualClock, MemBlobStore, MemKv};
 use serde_json::{json, Value};
 use sha2::Sha256;
-use std::cell::RefCell;
 use std::future::Future;
 use std::rc::Rc;
 
@@ -24,48 +24,6 @@ const HOOK_SECRET: &str = "hook-secret";
 const ADMIN: &str = "admin-token";
 const HOUR: u64 = 3_600_000;
 const DAY: u64 = 24 * HOUR;
-
-/// Target hosts `a.test` and `b.test`: record every request, answer 200 or a scripted 503.
-#[derive(Default)]
-struct FakeTargets {
-    requests: RefCell<Vec<(String, Value)>>,
-    failing: RefCell<Vec<&'static str>>,
-}
-
-impl FakeTargets {
-    fn to(&self, host: &str) -> Vec<Value> {
-        self.requests
-            .borrow()
-            .iter()
-            .filter(|(h, _)| h == host)
-            .map(|(_, v)| v.clone())
-            .collect()
-    }
-}
-
-struct FakeUpstream(Rc<FakeTargets>);
-
-#[async_trait::async_trait(?Send)]
-impl Upstream for FakeUpstream {
-    async fn send(&self, req: Request<Bytes>) -> Result<Response<ByteStream>, UpstreamError> {
-        let host = req.uri().host().unwrap_or("").to_string();
-        let body = serde_json::from_slice(req.body()).unwrap_or(Value::Null);
-        let failing = self.0.failing.borrow().contains(&host.as_str());
-        self.0.requests.borrow_mut().push((host, body));
-        let status = if failing { 503 } else { 200 };
-        let stream = futures_util::stream::iter([Ok::<_, BodyError>(Bytes::from_static(b"{}"))]);
-        Ok(Response::builder()
-            .status(status)
-            .body(stream.boxed_local())
-            .unwrap())
-    }
-}
-
-/// Drops deferred work: the tests start every outbox pass themselves.
-struct NoDeferred;
-impl Deferred for NoDeferred {
-    fn spawn(&self, _work: LocalBoxFuture<'static, ()>) {}
-}
 
 struct Secrets;
 impl SecretResolver for Secrets {
@@ -80,14 +38,21 @@ impl SecretResolver for Secrets {
 
 struct Harness {
     app: App,
-    targets: Rc<FakeTargets>,
+    targets: Rc<FakeTarget>,
     clock: Rc<ManualClock>,
     kv: Rc<MemKv>,
     /// What a restarted instance would be built from.
-    rebuild: (crate::core::config::Settings, Ports),
+    rebuild: (Settings, Ports),
 }
 
+/// A gateway with two targets (`a.test`, `b.test`), two attempts per delivery unless `extra`
+/// (more `[gateway]` keys) says otherwise.
 fn harness(extra: &str) -> Harness {
+    let extra = if extra.contains("max_attempts") {
+        extra.to_string()
+    } else {
+        format!("max_attempts = 2\n{extra}")
+    };
     let config = parse_config(&format!(
         r#"
         builtin_upstreams = false
@@ -98,7 +63,6 @@ fn harness(extra: &str) -> Harness {
 
         [gateway]
         admin_token = "env:ADMIN"
-        max_attempts = 2
         {extra}
 
         [[webhook]]
@@ -158,16 +122,16 @@ fn harness(extra: &str) -> Harness {
     ))
     .unwrap();
     let settings = config.resolve(&Secrets).unwrap();
-    let targets = Rc::new(FakeTargets::default());
+    let targets = Rc::new(FakeTarget::default());
     let clock = Rc::new(ManualClock::at(1_700_000_000_000));
     let kv = Rc::new(MemKv::default());
     let ports = Ports {
-        upstream: Rc::new(FakeUpstream(targets.clone())),
+        upstream: targets.clone(),
         kv: kv.clone(),
         blobs: Rc::new(MemBlobStore::default()),
         clock: clock.clone(),
-        deferred: Rc::new(NoDeferred),
-        offload: Rc::new(crate::core::ports::InlineOffload),
+        deferred: Rc::new(DroppedDeferred),
+        offload: Rc::new(pullgate::core::ports::InlineOffload),
     };
     Harness {
         app: App::new(settings.clone(), ports.clone()),
@@ -257,7 +221,7 @@ impl Harness {
         answer(self.app.handle_with_body(&req, body).await).await
     }
 
-    async fn pump(&self) -> crate::core::gateway::PumpReport {
+    async fn pump(&self) -> PumpReport {
         self.app.pump_outbox().await
     }
 
@@ -270,13 +234,9 @@ impl Harness {
     }
 
     fn list(&self, prefix: &str) -> Vec<String> {
-        futures_util::FutureExt::now_or_never(crate::core::ports::KvStore::list(
-            self.kv.as_ref(),
-            prefix,
-            usize::MAX,
-        ))
-        .and_then(Result::ok)
-        .unwrap_or_default()
+        futures_util::FutureExt::now_or_never(KvStore::list(self.kv.as_ref(), prefix, usize::MAX))
+            .and_then(Result::ok)
+            .unwrap_or_default()
     }
 
     fn keys(&self, prefix: &str) -> usize {
@@ -417,7 +377,7 @@ fn a_signed_timestamp_delivery_is_deduplicated_inside_its_window() {
 fn a_stage_token_is_good_for_its_own_stage_and_attempt_only() {
     run(async {
         let h = harness("");
-        h.targets.failing.borrow_mut().push("a.test");
+        h.targets.answer("a.test", 503);
         let body = push_body("main", &commit(1), &commit(0));
         let (_, v) = h.github("d-1", &body).await;
         let id = v["runs"][0].as_str().unwrap().to_string();
@@ -436,7 +396,7 @@ fn a_stage_token_is_good_for_its_own_stage_and_attempt_only() {
         let old = token_of(&first[0]);
 
         // An admin replays the dead letter: build runs again, as attempt 2.
-        h.targets.failing.borrow_mut().clear();
+        h.targets.heal();
         let (status, dead) = h.call("GET", "/chain/dead-letters", ADMIN, json!({})).await;
         assert_eq!(status, StatusCode::OK);
         let dl = dead["dead_letters"][0]["id"].as_str().unwrap().to_string();
@@ -502,7 +462,7 @@ fn a_stage_token_is_good_for_its_own_stage_and_attempt_only() {
 fn backed_off_deliveries_to_one_target_do_not_starve_another() {
     run(async {
         let h = harness("");
-        h.targets.failing.borrow_mut().push("a.test");
+        h.targets.answer("a.test", 503);
         for n in 1..=150 {
             let body = push_body("main", &commit(n), &commit(0));
             let (_, v) = h.github(&format!("a-{n}"), &body).await;
@@ -574,7 +534,7 @@ fn webhook_bodies_in_memory_are_capped_with_503_and_retry_after() {
 fn an_admin_replay_still_redelivers_for_a_commit_that_has_a_run() {
     run(async {
         let h = harness("");
-        h.targets.failing.borrow_mut().push("a.test");
+        h.targets.answer("a.test", 503);
         let body = push_body("main", &commit(3), &commit(2));
         h.github("d-1", &body).await;
         h.pump().await;
@@ -590,7 +550,7 @@ fn an_admin_replay_still_redelivers_for_a_commit_that_has_a_run() {
         h.pump().await;
         assert_eq!(h.targets.to("a.test").len(), 2);
         // The admin's replay does.
-        h.targets.failing.borrow_mut().clear();
+        h.targets.heal();
         let (_, dead) = h.call("GET", "/chain/dead-letters", ADMIN, json!({})).await;
         let dl = dead["dead_letters"][0]["id"].as_str().unwrap().to_string();
         let path = format!("/chain/dead-letters/{dl}/replay");
@@ -612,12 +572,10 @@ fn records_from_before_the_indexes_are_indexed_once_and_then_delivered_and_swept
         h.github("d-1", &body).await;
         // Make the store look like an older version's: no index entries, no marker, and a
         // delivery-id dedup record written the old way.
-        for k in h.list(DUE).into_iter().chain(h.list(super::replay::SEEN)) {
-            crate::core::ports::KvStore::delete(h.kv.as_ref(), &k)
-                .await
-                .unwrap();
+        for k in h.list(DUE).into_iter().chain(h.list(replay::SEEN)) {
+            KvStore::delete(h.kv.as_ref(), &k).await.unwrap();
         }
-        let kv: &dyn crate::core::ports::KvStore = h.kv.as_ref();
+        let kv: &dyn KvStore = h.kv.as_ref();
         let old = h.clock.now_ms().to_string();
         kv.put("dedup/app/0123", old.as_bytes()).await.unwrap();
         assert_eq!(h.keys(DUE), 0);
@@ -631,5 +589,114 @@ fn records_from_before_the_indexes_are_indexed_once_and_then_delivered_and_swept
         h.clock.advance(73 * HOUR);
         h.pump().await;
         assert_eq!(h.keys("dedup/"), 0);
+    });
+}
+
+/// The run ids a webhook answer names.
+fn runs_of(v: &Value) -> Vec<String> {
+    v["runs"]
+        .as_array()
+        .map(|r| {
+            r.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_delivery_reaches_its_target_once() {
+    run(async {
+        let h = harness("");
+        let body = push_body("main", &commit(1), &commit(0));
+        let (status, v) = h.github("d-1", &body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        let run = runs_of(&v).pop().unwrap();
+        let r = h.pump().await;
+        assert_eq!((r.attempted, r.delivered, r.retrying, r.dead), (1, 1, 0, 0));
+        let sent = h.targets.delivered();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].host, "a.test");
+        assert!(sent[0].headers.contains_key("x-pullgate-signature"));
+        let payload = &sent[0].json()["payload"];
+        assert_eq!(
+            (payload["run"].as_str(), payload["stage"].as_str()),
+            (Some(run.as_str()), Some("build"))
+        );
+        // Nothing is left to send, however much later the next pass runs.
+        assert_eq!((h.keys(PENDING), h.keys(DUE), h.keys(DEAD)), (0, 0, 0));
+        assert_eq!(h.app.next_delivery_due().await, None);
+        h.clock.advance(DAY);
+        let r = h.pump().await;
+        assert_eq!(r.attempted, 0, "{r:?}");
+        assert_eq!(h.targets.count("a.test"), 1);
+        assert_eq!(h.run_json(&run).await["stages"][0]["status"], "running");
+    });
+}
+
+#[test]
+fn a_failing_target_is_retried_with_backoff_and_dead_lettered_after_the_configured_attempts() {
+    run(async {
+        let h = harness("max_attempts = 3\nretry_base = \"10s\"\nretry_max = \"1m\"");
+        h.targets.answer("a.test", 503);
+        let body = push_body("main", &commit(1), &commit(0));
+        let (_, v) = h.github("d-1", &body).await;
+        let run = runs_of(&v).pop().unwrap();
+
+        let r = h.pump().await;
+        assert_eq!((r.attempted, r.retrying), (1, 1), "{r:?}");
+        // The first retry waits base·[½, 1).
+        let wait = h.app.next_delivery_due().await.unwrap() - h.clock.now_ms();
+        assert!((5_000..10_000).contains(&wait), "{wait}");
+        h.clock.advance(wait - 1);
+        assert_eq!(h.pump().await.attempted, 0, "not due yet");
+        assert_eq!(h.targets.count("a.test"), 1);
+        h.clock.advance(1);
+        let r = h.pump().await;
+        assert_eq!((r.attempted, r.retrying), (1, 1), "{r:?}");
+        assert_eq!(h.targets.count("a.test"), 2);
+        // The second waits twice as long.
+        let wait = h.app.next_delivery_due().await.unwrap() - h.clock.now_ms();
+        assert!((10_000..20_000).contains(&wait), "{wait}");
+        h.clock.advance(wait);
+        let r = h.pump().await;
+        assert_eq!((r.attempted, r.dead), (1, 1), "{r:?}");
+        assert_eq!(h.targets.count("a.test"), 3);
+        assert_eq!((h.keys(PENDING), h.keys(DUE), h.keys(DEAD)), (0, 0, 1));
+
+        // Dead-lettered: never sent again, recorded for a person to inspect, the run failed.
+        h.clock.advance(DAY);
+        assert_eq!(h.pump().await.attempted, 0);
+        assert_eq!(h.targets.count("a.test"), 3);
+        let (_, dead) = h.call("GET", "/chain/dead-letters", ADMIN, json!({})).await;
+        let letter = &dead["dead_letters"][0];
+        assert_eq!(letter["attempts"], 3, "{dead}");
+        assert_eq!(
+            letter["last_error"],
+            "target answered 503 Service Unavailable"
+        );
+        let v = h.run_json(&run).await;
+        assert_eq!(v["status"], "failed", "{v}");
+    });
+}
+
+#[test]
+fn a_webhook_delivered_twice_starts_one_run_and_one_dispatch() {
+    run(async {
+        let h = harness("");
+        let body = push_body("main", &commit(2), &commit(1));
+        let (status, v) = h.github("d-1", &body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        // The sender retries the very same delivery.
+        let (status, v) = h.github("d-1", &body).await;
+        assert_eq!(
+            (status, v["status"].as_str()),
+            (StatusCode::OK, Some("duplicate")),
+            "{v}"
+        );
+        let r = h.pump().await;
+        assert_eq!(r.delivered, 1, "{r:?}");
+        assert_eq!(h.targets.count("a.test"), 1);
+        assert_eq!(h.keys("run/"), 1);
     });
 }

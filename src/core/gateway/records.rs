@@ -1,0 +1,107 @@
+//! The gateway's records in the key-value port: runs and deliveries, read and written as JSON
+//! (records of another format version read as absent), and the enqueueing of a run's actions
+//! as pending deliveries. I/O only; the keys are built in [`super::keys`].
+
+use crate::core::context::Inner;
+use crate::core::gateway::chain::{Action, Run};
+use crate::core::gateway::keys::run_key;
+use crate::core::gateway::outbox::{self, Delivery, DeliveryKind, DELIVERY_VERSION, PENDING};
+use crate::core::gateway::pump;
+use crate::core::ports::StoreError;
+
+/// Run `id`, if stored.
+pub(crate) async fn load_run(inner: &Inner, id: &str) -> Result<Option<Run>, StoreError> {
+    Ok(inner
+        .ports
+        .kv
+        .get(&run_key(id))
+        .await?
+        .and_then(|raw| serde_json::from_slice::<Run>(&raw).ok()))
+}
+
+/// Stores a run.
+pub(crate) async fn save_run(inner: &Inner, run: &Run) -> Result<(), StoreError> {
+    let raw = serde_json::to_vec(run).map_err(|e| StoreError(e.to_string()))?;
+    inner.ports.kv.put(&run_key(&run.id), &raw).await
+}
+
+/// The delivery stored at `key`, if any (of this format version).
+pub(crate) async fn load_delivery(
+    inner: &Inner,
+    key: &str,
+) -> Result<Option<Delivery>, StoreError> {
+    Ok(inner
+        .ports
+        .kv
+        .get(key)
+        .await?
+        .and_then(|raw| serde_json::from_slice::<Delivery>(&raw).ok())
+        .filter(|d| d.v == DELIVERY_VERSION))
+}
+
+/// Stores a delivery under `prefix` ([`PENDING`] or [`outbox::DEAD`]).
+pub(crate) async fn save_delivery(
+    inner: &Inner,
+    prefix: &str,
+    d: &Delivery,
+) -> Result<(), StoreError> {
+    let raw = serde_json::to_vec(d).map_err(|e| StoreError(e.to_string()))?;
+    inner.ports.kv.put(&format!("{prefix}{}", d.id), &raw).await
+}
+
+/// Persists a delivery for each action (once: an existing pending record is kept).
+pub(crate) async fn enqueue(
+    inner: &Inner,
+    run: &Run,
+    actions: Vec<Action>,
+) -> Result<(), StoreError> {
+    let gw = &inner.settings.gateway;
+    let now = inner.ports.clock.now_ms();
+    for a in actions {
+        let (what, kind) = match a {
+            Action::Dispatch { stage, target } => (
+                format!("dispatch/{stage}"),
+                DeliveryKind::Dispatch { stage, target },
+            ),
+            Action::Prewarm { stage } => {
+                (format!("prewarm/{stage}"), DeliveryKind::Prewarm { stage })
+            }
+            Action::Emit { event_type, stage } => {
+                let Some(target) = gw.chain.events.clone() else {
+                    continue;
+                };
+                let what = format!("event/{event_type}/{}", stage.as_deref().unwrap_or("-"));
+                (
+                    what,
+                    DeliveryKind::Event {
+                        target,
+                        event_type: event_type.to_string(),
+                        stage,
+                    },
+                )
+            }
+        };
+        let id = outbox::delivery_id(&run.id, &what);
+        if inner
+            .ports
+            .kv
+            .get(&format!("{PENDING}{id}"))
+            .await?
+            .is_some()
+        {
+            continue;
+        }
+        let d = Delivery {
+            v: DELIVERY_VERSION,
+            id,
+            run: run.id.clone(),
+            kind,
+            attempts: 0,
+            next_ms: now,
+            created_ms: now,
+            last_error: None,
+        };
+        pump::save_pending(inner, &d, None).await?;
+    }
+    Ok(())
+}
