@@ -42,6 +42,7 @@
 //! (<https://helm.sh/docs/topics/chart_repository/>: the index file, relative chart URLs)
 //! and Helm's `pkg/repo` index format as `helm repo index` writes it.
 
+pub mod chart_path;
 pub(crate) mod flight;
 pub mod holdings;
 pub mod hosts;
@@ -49,6 +50,7 @@ pub mod rewrite;
 pub mod store;
 #[cfg(test)]
 mod tests;
+mod yaml;
 
 use crate::core::app::Inner;
 use crate::core::body::{Body, CacheStatus};
@@ -255,8 +257,8 @@ async fn route(
     if path == "index.yaml" {
         return index(inner, repo, req, head).await;
     }
-    let key = rewrite::percent_decode(path)
-        .filter(|k| rewrite::is_chart_path(k))
+    let key = chart_path::percent_decode(path)
+        .filter(|k| chart_path::is_chart_path(k))
         .ok_or_else(|| {
             HelmError::NotFound(format!(
                 "no such file in chart repository {name}; the index is /charts/{name}/index.yaml"
