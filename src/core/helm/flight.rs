@@ -17,7 +17,7 @@
 //! requester has gone; it removes itself from its map when it ends, whatever the outcome, so
 //! a failure is not remembered (the next request tries again).
 
-use super::rewrite::ChartRef;
+use super::entry::ChartRef;
 use super::store::{self, Fetch, IndexRecord, Revalidated};
 use super::{holdings, HelmError, HelmRepo};
 use crate::core::app::Inner;

@@ -43,6 +43,7 @@
 //! and Helm's `pkg/repo` index format as `helm repo index` writes it.
 
 pub mod chart_path;
+pub mod entry;
 pub(crate) mod flight;
 pub mod holdings;
 pub mod hosts;
@@ -357,7 +358,7 @@ async fn find(
     inner: &Rc<Inner>,
     repo: &HelmRepo,
     key: &str,
-) -> Result<Option<rewrite::ChartRef>, HelmError> {
+) -> Result<Option<entry::ChartRef>, HelmError> {
     let mut rec = store::load(inner, repo).await?;
     let mut refreshed = false;
     for _ in 0..3 {

@@ -53,10 +53,11 @@
 //! percent-encoded into the index and decoded from a URL is [`super::chart_path`]'s. This
 //! module follows the document's structure and decides what each entry becomes.
 
-use super::chart_path::{is_chart_path, percent_decode, percent_encode_path};
-use super::yaml::{classify, parse_flow_list, parse_scalar, yaml_scalar, LineKind};
-use std::collections::hash_map::Entry as MapEntry;
-use std::collections::{HashMap, VecDeque};
+use super::chart_path::percent_encode_path;
+
+use super::entry::{fnv1a, ChartPaths, ChartRef, Entry, Slot};
+use super::yaml::{classify, parse_flow_list, parse_scalar, LineKind};
+use std::collections::VecDeque;
 use url::Url;
 
 /// Longest line accepted.
@@ -76,25 +77,6 @@ pub struct IndexError {
     pub line: u64,
     /// What was wrong.
     pub msg: String,
-}
-
-/// A chart file served by pullgate: its path under `/charts/<repo>/` (percent-decoded), the
-/// sha256 the index lists, and the absolute upstream URL to fetch it from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChartRef {
-    /// Path under `/charts/<repo>/`, percent-decoded (`app-1.0.0.tgz`).
-    pub key: String,
-    /// sha256 of the chart file.
-    pub digest: [u8; 32],
-    /// Absolute upstream URL.
-    pub url: String,
-}
-
-impl ChartRef {
-    /// `sha256:<hex>`.
-    pub fn digest_string(&self) -> String {
-        format!("sha256:{}", hex::encode(self.digest))
-    }
 }
 
 /// What a finished rewrite found.
@@ -118,38 +100,36 @@ enum Level {
     /// Under a chart name, expecting version entries (`- `).
     Chart { chart: usize, item: Option<usize> },
     /// Inside a version entry.
-    Entry {
-        chart: usize,
-        item: usize,
-        key: Option<usize>,
-        urls: bool,
-        list: Option<usize>,
-    },
+    Entry(EntryAt),
     /// After `...`.
     End,
 }
 
-enum Slot {
-    /// A block-sequence item: the scalar spans `[start, end)` of the entry text.
-    Item {
-        start: usize,
-        end: usize,
-        url: String,
-    },
-    /// A flow list `[a, b]` spanning `[start, end)`.
-    Flow {
-        start: usize,
-        end: usize,
-        urls: Vec<String>,
-    },
+/// Where the current version entry's lines sit (columns, 0-based).
+#[derive(Clone, Copy)]
+struct EntryAt {
+    /// The column of its chart's name.
+    chart: usize,
+    /// The column of its `- `.
+    item: usize,
+    /// The column of its keys, once the first is read.
+    key: Option<usize>,
+    /// The last key read is `urls` with a block list to follow.
+    urls: bool,
+    /// The column of that list's `- `, once the first item is read.
+    list: Option<usize>,
 }
 
-#[derive(Default)]
-struct Entry {
-    text: Vec<u8>,
-    digest: Option<[u8; 32]>,
-    name: Option<String>,
-    slots: Vec<Slot>,
+/// One input line, as the rewriter's decisions read it.
+struct Line<'a> {
+    /// The line as it arrived, line ending included (what is emitted).
+    raw: &'a [u8],
+    /// Where the line's text starts within `raw` (past a byte-order mark).
+    shift: usize,
+    /// Leading spaces.
+    indent: usize,
+    /// The text after them.
+    rest: &'a str,
 }
 
 /// Streams an index through: [`Rewriter::push`] the upstream bytes as they arrive, take
@@ -169,23 +149,9 @@ pub struct Rewriter {
     api_version: bool,
     out: Vec<u8>,
     ready: VecDeque<Vec<u8>>,
-    charts: Vec<ChartRef>,
-    /// Path hash → index in `charts`: no second copy of every path in memory.
-    keys: HashMap<u64, u32>,
-    /// Paths whose hash collides with another path's.
-    overflow: HashMap<String, u32>,
+    paths: ChartPaths,
     entries: u64,
     passed_through: u64,
-}
-
-/// FNV-1a, for content-defined chunk boundaries (stable across runs and builds).
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
 }
 
 fn parse_digest_hex(v: &str) -> Option<[u8; 32]> {
@@ -211,9 +177,7 @@ impl Rewriter {
             api_version: false,
             out: Vec::new(),
             ready: VecDeque::new(),
-            charts: Vec::new(),
-            keys: HashMap::new(),
-            overflow: HashMap::new(),
+            paths: ChartPaths::default(),
             entries: 0,
             passed_through: 0,
         }
@@ -259,11 +223,7 @@ impl Rewriter {
             let out = std::mem::take(&mut self.out);
             self.ready.push_back(out);
         }
-        // The path index is done with: free it before the caller serialises the map.
-        self.keys = HashMap::new();
-        self.overflow = HashMap::new();
-        let mut charts = std::mem::take(&mut self.charts);
-        charts.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+        let charts = std::mem::take(&mut self.paths).into_sorted();
         Ok((
             self.ready.into_iter().collect(),
             Summary {
@@ -298,22 +258,7 @@ impl Rewriter {
 
     fn line(&mut self, raw: &[u8]) -> Result<(), IndexError> {
         self.line_no += 1;
-        let mut end = raw.len();
-        if raw.last() == Some(&b'\n') {
-            end -= 1;
-        }
-        if end > 0 && raw[end - 1] == b'\r' {
-            end -= 1;
-        }
-        let text =
-            std::str::from_utf8(&raw[..end]).map_err(|_| self.err("not UTF-8 text".into()))?;
-        let text = if self.line_no == 1 {
-            text.strip_prefix('\u{feff}').unwrap_or(text)
-        } else {
-            text
-        };
-        // Where `text` starts within `raw` (a byte-order mark is skipped).
-        let shift = end - text.len();
+        let (text, shift) = self.line_text(raw)?;
         let indent = text.bytes().take_while(|b| *b == b' ').count();
         let rest = &text[indent..];
         let kind = classify(rest, indent);
@@ -333,118 +278,145 @@ impl Rewriter {
         if matches!(self.level, Level::End) {
             return Err(self.err("content after the end of the document".into()));
         }
+        let l = Line {
+            raw,
+            shift,
+            indent,
+            rest,
+        };
         if indent == 0 {
             self.finish_entry()?;
-            return match kind {
-                LineKind::Key(key, v) => {
-                    let value = rest[v..].trim();
-                    if key == "apiVersion" {
-                        self.api_version = true;
-                    }
-                    self.level = if key != "entries" || value == "{}" {
-                        Level::OtherTop
-                    } else if value.is_empty() || value.starts_with('#') {
-                        Level::Entries { chart: None }
-                    } else {
-                        return Err(self.err("entries must be a block mapping".into()));
-                    };
-                    self.emit(raw)
-                }
-                LineKind::DocStart => Err(self.err(
-                    "several YAML documents in one index are not supported".into(),
-                )),
-                LineKind::Other(r) if r.starts_with('{') => Err(self.err(
-                    "a JSON or flow-style index is not supported (block YAML as `helm repo index` writes it is)".into(),
-                )),
-                _ => Err(self.err("unexpected top-level line".into())),
-            };
+            return self.top_level_line(&l, kind);
         }
+        self.nested_line(&l, kind)
+    }
+
+    /// One input line's text, without its line ending (and without a byte-order mark on
+    /// line 1), and where that text starts within `raw`.
+    fn line_text<'r>(&self, raw: &'r [u8]) -> Result<(&'r str, usize), IndexError> {
+        let mut end = raw.len();
+        if raw.last() == Some(&b'\n') {
+            end -= 1;
+        }
+        if end > 0 && raw[end - 1] == b'\r' {
+            end -= 1;
+        }
+        let text =
+            std::str::from_utf8(&raw[..end]).map_err(|_| self.err("not UTF-8 text".into()))?;
+        let text = if self.line_no == 1 {
+            text.strip_prefix('\u{feff}').unwrap_or(text)
+        } else {
+            text
+        };
+        Ok((text, end - text.len()))
+    }
+
+    /// A content line at column 0: a top-level key (`entries` opens the chart map), or an
+    /// error naming what kind of document this is not.
+    fn top_level_line(&mut self, l: &Line<'_>, kind: LineKind<'_>) -> Result<(), IndexError> {
+        match kind {
+            LineKind::Key(key, v) => {
+                let value = l.rest[v..].trim();
+                if key == "apiVersion" {
+                    self.api_version = true;
+                }
+                self.level = if key != "entries" || value == "{}" {
+                    Level::OtherTop
+                } else if value.is_empty() || value.starts_with('#') {
+                    Level::Entries { chart: None }
+                } else {
+                    return Err(self.err("entries must be a block mapping".into()));
+                };
+                self.emit(l.raw)
+            }
+            LineKind::DocStart => Err(self.err(
+                "several YAML documents in one index are not supported".into(),
+            )),
+            LineKind::Other(r) if r.starts_with('{') => Err(self.err(
+                "a JSON or flow-style index is not supported (block YAML as `helm repo index` writes it is)".into(),
+            )),
+            _ => Err(self.err("unexpected top-level line".into())),
+        }
+    }
+
+    /// An indented content line, read by where the document is: under a top-level key other
+    /// than `entries` it passes; under `entries` it names a chart or starts a version entry.
+    fn nested_line(&mut self, l: &Line<'_>, kind: LineKind<'_>) -> Result<(), IndexError> {
+        let indent = l.indent;
         match self.level {
             Level::Top => Err(self.err("indented line before any top-level key".into())),
-            Level::OtherTop | Level::End => self.emit(raw),
+            Level::OtherTop | Level::End => self.emit(l.raw),
             Level::Entries { chart } => match kind {
                 LineKind::Key(_, v) if chart.is_none_or(|c| c == indent) => {
-                    self.start_chart(indent, &rest[v..])?;
-                    self.emit(raw)
+                    self.start_chart(indent, &l.rest[v..])?;
+                    self.emit(l.raw)
                 }
                 _ => Err(self.err("expected a chart name".into())),
             },
             Level::Chart { chart, item } => match kind {
                 LineKind::Seq(after) if indent >= chart && item.is_none_or(|i| i == indent) => {
-                    self.start_entry(raw, shift, indent, after, chart)
+                    self.start_entry(l.raw, l.shift, indent, after, chart)
                 }
                 LineKind::Key(_, v) if indent == chart => {
-                    self.start_chart(indent, &rest[v..])?;
-                    self.emit(raw)
+                    self.start_chart(indent, &l.rest[v..])?;
+                    self.emit(l.raw)
                 }
                 _ => Err(self.err("expected a chart version entry (`- `)".into())),
             },
-            Level::Entry {
-                chart,
-                item,
-                key,
-                urls,
-                list,
-            } => {
-                match (&kind, key) {
-                    (LineKind::Seq(after), _) if indent == item => {
-                        self.finish_entry()?;
-                        return self.start_entry(raw, shift, indent, *after, chart);
-                    }
-                    (LineKind::Key(_, v), _) if indent == chart => {
-                        self.finish_entry()?;
-                        self.start_chart(indent, &rest[*v..])?;
-                        return self.emit(raw);
-                    }
-                    (LineKind::Key(k, v), None) if indent > item => {
-                        return self.entry_key(
-                            raw,
-                            shift,
-                            indent,
-                            k.clone(),
-                            indent + v,
-                            chart,
-                            item,
-                        );
-                    }
-                    (LineKind::Key(k, v), Some(ki)) if indent == ki => {
-                        return self.entry_key(
-                            raw,
-                            shift,
-                            indent,
-                            k.clone(),
-                            indent + v,
-                            chart,
-                            item,
-                        );
-                    }
-                    (LineKind::Seq(after), Some(ki))
-                        if urls && indent >= ki && list.is_none_or(|l| l == indent) =>
-                    {
-                        self.level = Level::Entry {
-                            chart,
-                            item,
-                            key,
-                            urls,
-                            list: Some(indent),
-                        };
-                        return self.url_item(raw, shift, indent + after);
-                    }
-                    (_, Some(ki)) if indent > ki => {
-                        if urls {
-                            return Err(self.err(
-                                "unexpected line in urls (a URL must fit on one line)".into(),
-                            ));
-                        }
-                        return self.emit(raw);
-                    }
-                    (LineKind::Seq(_), Some(ki)) if indent == ki && !urls => {
-                        return self.emit(raw);
-                    }
-                    _ => {}
-                }
-                Err(self.err("unexpected line in a chart version entry".into()))
+            Level::Entry(at) => self.entry_line(l, kind, at),
+        }
+    }
+
+    /// A line inside a chart version entry: the next entry or chart, one of the entry's own
+    /// keys, an item of its block `urls` list, or a line of another key's value (passed
+    /// through, except inside `urls`).
+    fn entry_line(
+        &mut self,
+        l: &Line<'_>,
+        kind: LineKind<'_>,
+        at: EntryAt,
+    ) -> Result<(), IndexError> {
+        let EntryAt {
+            chart,
+            item,
+            key,
+            urls,
+            list,
+        } = at;
+        let indent = l.indent;
+        match (kind, key) {
+            (LineKind::Seq(after), _) if indent == item => {
+                self.finish_entry()?;
+                self.start_entry(l.raw, l.shift, indent, after, chart)
             }
+            (LineKind::Key(_, v), _) if indent == chart => {
+                self.finish_entry()?;
+                self.start_chart(indent, &l.rest[v..])?;
+                self.emit(l.raw)
+            }
+            // The entry's first key sets the column of its keys; later ones must match it.
+            (LineKind::Key(k, v), ki) if ki.map_or(indent > item, |ki| indent == ki) => {
+                self.entry_key(l.raw, l.shift, indent, k, indent + v, chart, item)
+            }
+            (LineKind::Seq(after), Some(ki))
+                if urls && indent >= ki && list.is_none_or(|c| c == indent) =>
+            {
+                self.level = Level::Entry(EntryAt {
+                    list: Some(indent),
+                    ..at
+                });
+                self.url_item(l.raw, l.shift, indent + after)
+            }
+            (_, Some(ki)) if indent > ki => {
+                if urls {
+                    return Err(
+                        self.err("unexpected line in urls (a URL must fit on one line)".into())
+                    );
+                }
+                self.emit(l.raw)
+            }
+            (LineKind::Seq(_), Some(ki)) if indent == ki && !urls => self.emit(l.raw),
+            _ => Err(self.err("unexpected line in a chart version entry".into())),
         }
     }
 
@@ -476,13 +448,13 @@ impl Rewriter {
     ) -> Result<(), IndexError> {
         self.entries += 1;
         self.entry = Some(Entry::default());
-        self.level = Level::Entry {
+        self.level = Level::Entry(EntryAt {
             chart,
             item: indent,
             key: None,
             urls: false,
             list: None,
-        };
+        });
         let text = std::str::from_utf8(&raw[shift..]).unwrap_or("");
         let inner = text
             .get(indent + after..)
@@ -559,13 +531,13 @@ impl Rewriter {
             }
             _ => {}
         }
-        self.level = Level::Entry {
+        self.level = Level::Entry(EntryAt {
             chart,
             item,
             key: Some(col),
             urls,
             list: None,
-        };
+        });
         Ok(())
     }
 
@@ -590,112 +562,18 @@ impl Rewriter {
         Ok(())
     }
 
-    /// The index in `charts` of the chart recorded under `key`.
-    fn find(&self, key: &str) -> Option<usize> {
-        match self.keys.get(&fnv1a(key.as_bytes())) {
-            Some(&i) if self.charts[i as usize].key == key => Some(i as usize),
-            Some(_) => self.overflow.get(key).map(|&i| i as usize),
-            None => None,
-        }
-    }
-
-    /// Picks the path for a chart file, recording it; None when the entry cannot get one.
-    fn assign(&mut self, e: &Entry) -> Option<String> {
-        let digest = e.digest?;
-        let first = e
-            .slots
-            .iter()
-            .flat_map(|s| match s {
-                Slot::Item { url, .. } => std::slice::from_ref(url).iter(),
-                Slot::Flow { urls, .. } => urls.iter(),
-            })
-            .filter_map(|u| self.base.join(u).ok())
-            .find(|u| matches!(u.scheme(), "http" | "https"))?;
-        let file = first
-            .path_segments()
-            .and_then(|mut s| s.next_back())
-            .and_then(percent_decode)
-            .filter(|f| is_chart_path(f) && !f.contains('/'))
-            .unwrap_or_else(|| {
-                let name: String = e
-                    .name
-                    .as_deref()
-                    .unwrap_or("chart")
-                    .chars()
-                    .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-                    .take(100)
-                    .collect();
-                let name = if name.is_empty() {
-                    "chart".into()
-                } else {
-                    name
-                };
-                format!("{name}-{}.tgz", hex::encode(&digest[..8]))
-            });
-        let prefixed = format!("{}/{file}", hex::encode(&digest[..8]));
-        for key in [file, prefixed] {
-            match self.find(&key) {
-                Some(i) if self.charts[i].digest == digest => return Some(key),
-                Some(_) => continue,
-                None => {
-                    let (h, i) = (fnv1a(key.as_bytes()), self.charts.len() as u32);
-                    match self.keys.entry(h) {
-                        MapEntry::Occupied(_) => {
-                            self.overflow.insert(key.clone(), i);
-                        }
-                        MapEntry::Vacant(v) => {
-                            v.insert(i);
-                        }
-                    }
-                    self.charts.push(ChartRef {
-                        key: key.clone(),
-                        digest,
-                        url: first.to_string(),
-                    });
-                    return Some(key);
-                }
-            }
-        }
-        // Two different charts with the same file name and the same digest prefix: leave
-        // this one pointing upstream rather than guess.
-        None
-    }
-
     fn finish_entry(&mut self) -> Result<(), IndexError> {
         let Some(e) = self.entry.take() else {
             return Ok(());
         };
-        let local = self.assign(&e).map(|k| percent_encode_path(&k));
+        let local = self
+            .paths
+            .assign(&self.base, &e)
+            .map(|k| percent_encode_path(&k));
         if local.is_none() {
             self.passed_through += 1;
         }
-        let base = &self.base;
-        let replace = |u: &str| -> String {
-            match &local {
-                Some(k) => k.clone(),
-                None => match Url::parse(u) {
-                    Err(url::ParseError::RelativeUrlWithoutBase) => base
-                        .join(u)
-                        .map_or_else(|_| u.to_string(), |a| a.to_string()),
-                    _ => u.to_string(),
-                },
-            }
-        };
-        let mut pos = 0;
-        for slot in &e.slots {
-            let (start, end, new) = match slot {
-                Slot::Item { start, end, url } => (*start, *end, yaml_scalar(&replace(url))),
-                Slot::Flow { start, end, urls } => {
-                    let items: Vec<String> =
-                        urls.iter().map(|u| yaml_scalar(&replace(u))).collect();
-                    (*start, *end, format!("[{}]", items.join(", ")))
-                }
-            };
-            self.out.extend_from_slice(&e.text[pos..start]);
-            self.out.extend_from_slice(new.as_bytes());
-            pos = end;
-        }
-        self.out.extend_from_slice(&e.text[pos..]);
+        e.render(local.as_deref(), &self.base, &mut self.out);
         let pending = self.out.len();
         if pending >= CHUNK_MAX || (pending >= CHUNK_MIN && fnv1a(&e.text) % 4 == 0) {
             let out = std::mem::take(&mut self.out);

@@ -20,8 +20,9 @@
 //! Error text never carries what a refused or mismatched answer contained: no digest of the
 //! bytes that came back, no upstream body text (it could be an internal service's answer).
 
+use super::entry::{fnv1a, ChartRef};
 use super::hosts::{host_port, is_allowed_chart_url};
-use super::rewrite::{fnv1a, ChartRef, IndexError, Rewriter, Summary};
+use super::rewrite::{IndexError, Rewriter, Summary};
 use super::{HelmError, HelmRepo};
 use crate::core::app::Inner;
 use crate::core::metrics::{add, inc};
