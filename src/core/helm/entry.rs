@@ -1,7 +1,7 @@
 //! One chart version entry of an index and what it becomes: the chart file it names
-//! ([`ChartRef`]), the path that file gets under `/charts/<repo>/` ([`ChartPaths`], which
+//! ([`ChartRef`]), the path that file gets under `/charts/<repo>/` (`ChartPaths`, which
 //! keeps every path given out unique), and the entry's text with its URLs replaced
-//! ([`Entry::render`]). The rewriter ([`super::rewrite`]) decides which lines belong to an
+//! (`Entry::render`). The rewriter ([`super::rewrite`]) decides which lines belong to an
 //! entry and when it ends; this module decides nothing about the document's structure.
 
 use super::chart_path::{is_chart_path, percent_decode};

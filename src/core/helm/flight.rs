@@ -8,7 +8,7 @@
 //!   previous record's digest and validators): N requests for a cold or stale index send one
 //!   GET and all get the record it produced.
 //! - **Chart obtains**, keyed by (repository, digest): a fill from the repository's chart URL
-//!   when the bytes are not stored, or a proof of possession ([`store::confirm_chart`]) when
+//!   when the bytes are not stored, or a proof of possession ([`chart_fill::confirm_chart`]) when
 //!   they are stored for someone else; either ends in a holding for that repository. The key
 //!   holds the repository, so a request joins only work done for its own repository — never a
 //!   fill another repository's index started (that would hand it bytes it is not entitled to).
@@ -17,6 +17,7 @@
 //! requester has gone; it removes itself from its map when it ends, whatever the outcome, so
 //! a failure is not remembered (the next request tries again).
 
+use super::chart_fill;
 use super::entry::ChartRef;
 use super::store::{self, Fetch, IndexRecord, Revalidated};
 use super::{holdings, HelmError, HelmRepo};
@@ -122,9 +123,9 @@ pub(crate) async fn obtain(
                     .map_err(|e| HelmError::Internal(e.to_string()))?
                     .is_some();
                 if stored {
-                    store::confirm_chart(&inner, &repo, &chart).await?;
+                    chart_fill::confirm_chart(&inner, &repo, &chart).await?;
                 } else {
-                    store::fill_chart(&inner, &repo, &chart).await?;
+                    chart_fill::fill_chart(&inner, &repo, &chart).await?;
                 }
                 // Best effort: this request has its proof either way; without the record the
                 // next one proves again.

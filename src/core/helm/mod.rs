@@ -42,6 +42,7 @@
 //! (<https://helm.sh/docs/topics/chart_repository/>: the index file, relative chart URLs)
 //! and Helm's `pkg/repo` index format as `helm repo index` writes it.
 
+pub(crate) mod chart_fill;
 pub mod chart_path;
 pub mod entry;
 pub(crate) mod flight;

@@ -49,7 +49,7 @@
 //! so an index that gained one chart version yields mostly the same chunks as before, and a
 //! content-addressed store keeps them once.
 //!
-//! Reading one line (its kind, keys, scalars) is [`super::yaml`]'s; how a chart path is
+//! Reading one line (its kind, keys, scalars) is `super::yaml`'s; how a chart path is
 //! percent-encoded into the index and decoded from a URL is [`super::chart_path`]'s. This
 //! module follows the document's structure and decides what each entry becomes.
 
