@@ -5,12 +5,12 @@
 use crate::core::access::limit::Limiter;
 use crate::core::config::{Settings, UpstreamSpec};
 use crate::core::gateway::state::GatewayState;
-use crate::core::helm::flight::InFlight;
 use crate::core::metrics::Metrics;
 use crate::core::ports::Ports;
 use crate::core::registry::fill::Fill;
 use crate::core::registry::reference::Name;
 use crate::core::registry::upstream::UpstreamClient;
+use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -23,9 +23,9 @@ pub(crate) struct Inner {
     pub metrics: Rc<Metrics>,
     /// Blob fills in flight, by digest: concurrent misses join one upstream transfer.
     pub fills: RefCell<HashMap<String, Rc<Fill>>>,
-    /// Chart repository work in flight (index revalidations, chart fills), shared by
-    /// concurrent identical misses.
-    pub helm: InFlight,
+    /// Per-instance state a feature owns (one value per type, made on first use), so this
+    /// file need not know the feature's types: chart work in flight lives here.
+    pub slots: Slots,
     /// A gateway outbox pass is running (one at a time per instance).
     pub pumping: Cell<bool>,
     /// When a request last started an outbox pass (ms).
@@ -52,7 +52,7 @@ impl Inner {
             client,
             metrics,
             fills: RefCell::new(HashMap::new()),
-            helm: Default::default(),
+            slots: Slots::default(),
             pumping: Cell::new(false),
             last_pump_ms: Cell::new(0),
             limiter: RefCell::new(Default::default()),
@@ -74,4 +74,24 @@ pub(crate) struct Ctx<'a> {
     pub up_index: usize,
     pub name: &'a Name,
     pub head: bool,
+}
+
+/// One value per type, created with `Default` on first use: state a feature keeps on the
+/// instance without the context importing the feature.
+#[derive(Default)]
+pub(crate) struct Slots(RefCell<HashMap<TypeId, Rc<dyn Any>>>);
+
+impl Slots {
+    /// The instance's `T`, made on first use.
+    pub fn get<T: Default + 'static>(&self) -> Rc<T> {
+        let id = TypeId::of::<T>();
+        if let Some(v) = self.0.borrow().get(&id) {
+            if let Ok(t) = v.clone().downcast::<T>() {
+                return t;
+            }
+        }
+        let t = Rc::new(T::default());
+        self.0.borrow_mut().insert(id, t.clone());
+        t
+    }
 }

@@ -8,7 +8,7 @@
 //!   previous record's digest and validators): N requests for a cold or stale index send one
 //!   GET and all get the record it produced.
 //! - **Chart obtains**, keyed by (repository, digest): a fill from the repository's chart URL
-//!   when the bytes are not stored, or a proof of possession ([`store::confirm_chart`]) when
+//!   when the bytes are not stored, or a proof of possession ([`chart_fill::confirm_chart`]) when
 //!   they are stored for someone else; either ends in a holding for that repository. The key
 //!   holds the repository, so a request joins only work done for its own repository — never a
 //!   fill another repository's index started (that would hand it bytes it is not entitled to).
@@ -17,7 +17,8 @@
 //! requester has gone; it removes itself from its map when it ends, whatever the outcome, so
 //! a failure is not remembered (the next request tries again).
 
-use super::rewrite::ChartRef;
+use super::chart_fill;
+use super::entry::ChartRef;
 use super::store::{self, Fetch, IndexRecord, Revalidated};
 use super::{holdings, HelmError, HelmRepo};
 use crate::core::context::Inner;
@@ -46,7 +47,7 @@ fn join_or_start<T: Clone + 'static>(
     key: String,
     work: impl FnOnce() -> LocalBoxFuture<'static, T>,
 ) -> (Flight<T>, bool) {
-    if let Some(f) = map(&inner.helm).borrow().get(&key) {
+    if let Some(f) = map(&inner.slots.get::<InFlight>()).borrow().get(&key) {
         inc(&inner.metrics.coalesced_waits);
         return (f.clone(), true);
     }
@@ -55,12 +56,14 @@ fn join_or_start<T: Clone + 'static>(
     let k = key.clone();
     let flight = async move {
         let out = work.await;
-        map(&owner.helm).borrow_mut().remove(&k);
+        map(&owner.slots.get::<InFlight>()).borrow_mut().remove(&k);
         out
     }
     .boxed_local()
     .shared();
-    map(&inner.helm).borrow_mut().insert(key, flight.clone());
+    map(&inner.slots.get::<InFlight>())
+        .borrow_mut()
+        .insert(key, flight.clone());
     inner
         .ports
         .deferred
@@ -122,9 +125,9 @@ pub(crate) async fn obtain(
                     .map_err(|e| HelmError::Internal(e.to_string()))?
                     .is_some();
                 if stored {
-                    store::confirm_chart(&inner, &repo, &chart).await?;
+                    chart_fill::confirm_chart(&inner, &repo, &chart).await?;
                 } else {
-                    store::fill_chart(&inner, &repo, &chart).await?;
+                    chart_fill::fill_chart(&inner, &repo, &chart).await?;
                 }
                 // Best effort: this request has its proof either way; without the record the
                 // next one proves again.

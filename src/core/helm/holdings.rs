@@ -24,7 +24,6 @@
 use super::{HelmError, HelmRepo};
 use crate::core::context::Inner;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
 
 /// Version of the stored holding record.
 const HOLDING_VERSION: u32 = 1;
@@ -42,12 +41,7 @@ pub struct Holding {
 
 /// The key-value key of a holding: `helm/<repo>/has/<digest>`.
 pub fn holding_key(repo: &str, digest: &str) -> String {
-    let key = format!("helm/{repo}/has/{digest}");
-    if key.len() <= 250 {
-        key
-    } else {
-        format!("helm/#{}", hex::encode(Sha256::digest(key.as_bytes())))
-    }
+    crate::core::registry::keys::bounded("helm/", format!("{repo}/has/{digest}"))
 }
 
 /// Whether `repo` holds the chart file `digest`.

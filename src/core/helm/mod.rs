@@ -42,6 +42,9 @@
 //! (<https://helm.sh/docs/topics/chart_repository/>: the index file, relative chart URLs)
 //! and Helm's `pkg/repo` index format as `helm repo index` writes it.
 
+pub(crate) mod chart_fill;
+pub mod chart_path;
+pub mod entry;
 pub(crate) mod flight;
 pub mod holdings;
 pub mod hosts;
@@ -49,6 +52,7 @@ pub mod rewrite;
 pub mod store;
 #[cfg(test)]
 mod tests;
+mod yaml;
 
 use crate::core::body::{Body, CacheStatus};
 use crate::core::config::ConfigError;
@@ -255,8 +259,8 @@ async fn route(
     if path == "index.yaml" {
         return index(inner, repo, req, head).await;
     }
-    let key = rewrite::percent_decode(path)
-        .filter(|k| rewrite::is_chart_path(k))
+    let key = chart_path::percent_decode(path)
+        .filter(|k| chart_path::is_chart_path(k))
         .ok_or_else(|| {
             HelmError::NotFound(format!(
                 "no such file in chart repository {name}; the index is /charts/{name}/index.yaml"
@@ -358,7 +362,7 @@ async fn find(
     inner: &Rc<Inner>,
     repo: &HelmRepo,
     key: &str,
-) -> Result<Option<rewrite::ChartRef>, HelmError> {
+) -> Result<Option<entry::ChartRef>, HelmError> {
     let mut rec = store::load(inner, repo).await?;
     let mut refreshed = false;
     for _ in 0..3 {

@@ -11,22 +11,23 @@
 //!   `Last-Modified`).
 //!
 //! Chart files are stored in the blob store under the digest the index lists, through
-//! [`BlobStore::create`] with that digest, so a chart whose bytes differ is never committed.
-//! Every chart URL is fetched through [`fetch_chart_url`], the one place that decides whether
-//! a URL an index chose may be fetched at all ([`super::hosts`]). Upstream requests carry no
-//! credentials; redirects are followed here (the upstream port never follows them), at most
-//! [`MAX_REDIRECTS`] hops, to http(s) URLs only.
+//! [`BlobStore::create`] with that digest, so a chart whose bytes differ is never committed;
+//! fetching them (and deciding whether a URL an index chose may be fetched at all) is
+//! `super::chart_fill`'s. Every upstream request, index or chart, goes through `get`:
+//! no credentials; redirects are followed there (the upstream port never follows them), at
+//! most [`MAX_REDIRECTS`] hops, to http(s) URLs only.
 //!
 //! Error text never carries what a refused or mismatched answer contained: no digest of the
 //! bytes that came back, no upstream body text (it could be an internal service's answer).
 
-use super::hosts::{host_port, is_allowed_chart_url};
-use super::rewrite::{fnv1a, ChartRef, IndexError, Rewriter, Summary};
+use super::entry::{fnv1a, ChartRef};
+use super::hosts::is_allowed_chart_url;
+use super::rewrite::{IndexError, Rewriter, Summary};
 use super::{HelmError, HelmRepo};
 use crate::core::context::Inner;
 use crate::core::http::{redirect_target, USER_AGENT};
 use crate::core::metrics::{add, inc};
-use crate::core::ports::{BlobStore, ByteStream, CommitError, UpstreamError};
+use crate::core::ports::{BlobStore, ByteStream, UpstreamError};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -39,16 +40,12 @@ use url::Url;
 const RECORD_VERSION: u32 = 1;
 /// Largest index accepted from an upstream.
 pub const MAX_INDEX_SIZE: u64 = 256 << 20;
-/// Largest chart file accepted from an upstream.
-pub const MAX_CHART_SIZE: u64 = 256 << 20;
 /// Most redirects followed for one request.
 pub const MAX_REDIRECTS: usize = 5;
 /// Map chunks are cut at a path whose hash says so once they hold this much.
 const MAP_CHUNK_MIN: usize = 16 << 10;
 /// Map chunks are cut at the next path once they hold this much.
 pub const MAP_CHUNK_MAX: usize = 64 << 10;
-/// Chart bytes gathered before one write to the blob store.
-const WRITE_BATCH: usize = 1 << 20;
 
 /// One stored chunk: its digest and size.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,12 +97,7 @@ pub struct IndexRecord {
 
 /// The key-value key of a repository's record.
 pub fn record_key(repo: &str) -> String {
-    let key = format!("helm/{repo}/index");
-    if key.len() <= 250 {
-        key
-    } else {
-        format!("helm/#{}", hex::encode(Sha256::digest(key.as_bytes())))
-    }
+    crate::core::registry::keys::bounded("helm/", format!("{repo}/index"))
 }
 
 /// Why a fetch did not produce a fresh answer.
@@ -129,7 +121,7 @@ pub(crate) fn status_failure(status: StatusCode, what: &str) -> HelmError {
     }
 }
 
-fn internal(e: impl std::fmt::Display) -> HelmError {
+pub(super) fn internal(e: impl std::fmt::Display) -> HelmError {
     HelmError::Internal(e.to_string())
 }
 
@@ -333,7 +325,10 @@ pub(crate) enum Refreshed {
     New(Box<IndexRecord>),
 }
 
-fn header_string(resp: &Response<ByteStream>, name: header::HeaderName) -> Option<String> {
+pub(super) fn header_string(
+    resp: &Response<ByteStream>,
+    name: header::HeaderName,
+) -> Option<String> {
     resp.headers()
         .get(name)
         .and_then(|v| v.to_str().ok())
@@ -353,6 +348,43 @@ pub(crate) async fn refresh(
         .url
         .join("index.yaml")
         .map_err(|e| failed(internal(e)))?;
+    let resp = get(inner, repo, &url, &conditional(prev))
+        .await
+        .map_err(|e| failed(fetch_failure(&what, e)))?;
+    let Some(head) = index_head(&resp, prev.is_some(), &what)? else {
+        return Ok(Refreshed::NotModified);
+    };
+    let (chunks, summary) = rewrite_index(inner, repo, resp.into_body(), &head, &what).await?;
+    let Summary {
+        charts, entries, ..
+    } = summary;
+    let map = put_map(&*inner.ports.blobs, &charts)
+        .await
+        .map_err(failed)?;
+    let rec = IndexRecord {
+        v: RECORD_VERSION,
+        upstream: repo.url.to_string(),
+        checked_ms: inner.ports.clock.now_ms(),
+        etag: head.etag,
+        last_modified: head.last_modified,
+        digest: {
+            let mut h = Sha256::new();
+            chunks.iter().for_each(|p| h.update(p.d.as_bytes()));
+            format!("sha256:{}", hex::encode(h.finalize()))
+        },
+        size: chunks.iter().map(|p| p.n).sum(),
+        chunks,
+        map,
+        charts: charts.len() as u64,
+        entries,
+    };
+    save(inner, repo, &rec).await.map_err(failed)?;
+    Ok(Refreshed::New(Box::new(rec)))
+}
+
+/// The conditional headers revalidating `prev`: `If-None-Match` with its `ETag`, else
+/// `If-Modified-Since` with its `Last-Modified`.
+fn conditional(prev: Option<&IndexRecord>) -> Vec<(header::HeaderName, String)> {
     let mut conditional = Vec::new();
     if let Some(p) = prev {
         if let Some(e) = &p.etag {
@@ -361,38 +393,69 @@ pub(crate) async fn refresh(
             conditional.push((header::IF_MODIFIED_SINCE, m.clone()));
         }
     }
-    let resp = get(inner, repo, &url, &conditional)
-        .await
-        .map_err(|e| failed(fetch_failure(&what, e)))?;
+    conditional
+}
+
+/// What an index response's head says, once it is accepted.
+struct IndexHead {
+    etag: Option<String>,
+    last_modified: Option<String>,
+    /// `Content-Length`, when given.
+    declared: Option<u64>,
+}
+
+/// Reads the head of the upstream's answer for an index: None for a 304 to a conditional
+/// request; refused unless it is a 200 with an unencoded body within [`MAX_INDEX_SIZE`].
+fn index_head(
+    resp: &Response<ByteStream>,
+    conditional: bool,
+    what: &str,
+) -> Result<Option<IndexHead>, Fetch> {
+    let failed = |e: HelmError| Fetch::Failed(e);
     match resp.status() {
         StatusCode::OK => {}
-        StatusCode::NOT_MODIFIED if prev.is_some() => return Ok(Refreshed::NotModified),
+        StatusCode::NOT_MODIFIED if conditional => return Ok(None),
         StatusCode::NOT_FOUND | StatusCode::GONE => {
             return Err(Fetch::NotFound(format!("{what} is not known upstream")))
         }
-        s => return Err(failed(status_failure(s, &what))),
+        s => return Err(failed(status_failure(s, what))),
     }
-    if header_string(&resp, header::CONTENT_ENCODING)
+    if header_string(resp, header::CONTENT_ENCODING)
         .is_some_and(|e| !e.eq_ignore_ascii_case("identity"))
     {
         return Err(failed(HelmError::BadUpstream(format!(
             "{what}: the upstream sent a content-encoded body"
         ))));
     }
-    let etag = header_string(&resp, header::ETAG);
-    let last_modified = header_string(&resp, header::LAST_MODIFIED);
-    let declared = header_string(&resp, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_INDEX_SIZE) {
+    let head = IndexHead {
+        etag: header_string(resp, header::ETAG),
+        last_modified: header_string(resp, header::LAST_MODIFIED),
+        declared: header_string(resp, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok()),
+    };
+    if head.declared.is_some_and(|n| n > MAX_INDEX_SIZE) {
         return Err(failed(HelmError::BadUpstream(format!(
             "{what} is larger than {MAX_INDEX_SIZE} bytes"
         ))));
     }
+    Ok(Some(head))
+}
+
+/// Streams an index body through the [`Rewriter`] into stored chunks, within
+/// [`MAX_INDEX_SIZE`] and the length `head` declares: the chunks, in order, and what the
+/// rewrite found.
+async fn rewrite_index(
+    inner: &Inner,
+    repo: &HelmRepo,
+    mut body: ByteStream,
+    head: &IndexHead,
+    what: &str,
+) -> Result<(Vec<Part>, Summary), Fetch> {
+    let failed = |e: HelmError| Fetch::Failed(e);
     let bad_index = |e: IndexError| failed(HelmError::BadUpstream(format!("{what}: {e}")));
     let blobs = inner.ports.blobs.clone();
     let mut rw = Rewriter::new(repo.url.clone());
     let mut received: u64 = 0;
     let mut chunks: Vec<Part> = Vec::new();
-    let mut body = resp.into_body();
     while let Some(c) = body.next().await {
         let c = c.map_err(|e| {
             failed(HelmError::Unavailable(format!(
@@ -411,7 +474,7 @@ pub(crate) async fn refresh(
             chunks.push(put_chunk(&*blobs, out).await.map_err(failed)?);
         }
     }
-    if declared.is_some_and(|n| n != received) {
+    if head.declared.is_some_and(|n| n != received) {
         return Err(failed(HelmError::Unavailable(format!(
             "{what}: upstream body ended early"
         ))));
@@ -420,37 +483,21 @@ pub(crate) async fn refresh(
     for out in rest {
         chunks.push(put_chunk(&*blobs, out).await.map_err(failed)?);
     }
-    let Summary {
-        charts, entries, ..
-    } = summary;
+    Ok((chunks, summary))
+}
+
+/// Stores the sorted chart map in chunks ([`map_chunks`]), one chunk in memory at a time.
+async fn put_map(blobs: &dyn BlobStore, charts: &[ChartRef]) -> Result<Vec<MapPart>, HelmError> {
     let mut map = Vec::new();
-    for (first, bytes) in map_chunks(&charts) {
-        let p = put_chunk(&*blobs, bytes).await.map_err(failed)?;
+    for (first, bytes) in map_chunks(charts) {
+        let p = put_chunk(blobs, bytes).await?;
         map.push(MapPart {
             first,
             d: p.d,
             n: p.n,
         });
     }
-    let rec = IndexRecord {
-        v: RECORD_VERSION,
-        upstream: repo.url.to_string(),
-        checked_ms: inner.ports.clock.now_ms(),
-        etag,
-        last_modified,
-        digest: {
-            let mut h = Sha256::new();
-            chunks.iter().for_each(|p| h.update(p.d.as_bytes()));
-            format!("sha256:{}", hex::encode(h.finalize()))
-        },
-        size: chunks.iter().map(|p| p.n).sum(),
-        chunks,
-        map,
-        charts: charts.len() as u64,
-        entries,
-    };
-    save(inner, repo, &rec).await.map_err(failed)?;
-    Ok(Refreshed::New(Box::new(rec)))
+    Ok(map)
 }
 
 /// A record the upstream just confirmed or replaced.
@@ -507,178 +554,12 @@ pub(crate) async fn lookup(
     Ok(find_in_chunk(&chunk, key))
 }
 
-/// GETs a chart URL the index of `repo` chose: the one function every chart fetch goes
-/// through. Refuses, before any request is made, a URL that is neither on the index's origin
-/// nor on a host the `[[helm]]` entry lists in `chart_hosts`.
-pub(crate) async fn fetch_chart_url(
-    inner: &Inner,
-    repo: &HelmRepo,
-    chart: &ChartRef,
-) -> Result<Response<ByteStream>, HelmError> {
-    let what = format!("chart {}", chart.key);
-    let url = Url::parse(&chart.url)
-        .map_err(|_| HelmError::BadUpstream(format!("{what}: the index lists a malformed URL")))?;
-    if !is_allowed_chart_url(&repo.url, &repo.chart_hosts, &url) {
-        return Err(HelmError::BadUpstream(format!(
-            "{what}: the index of chart repository {} points at host {}, which is neither the \
-             index's own host nor listed in its chart_hosts; not fetched",
-            repo.name,
-            host_port(&url)
-        )));
-    }
-    get(inner, repo, &url, &[])
-        .await
-        .map_err(|e| fetch_failure(&what, e))
-}
-
 /// A fetch that got no answer: a URL refused by the outbound address policy is the
 /// upstream's fault (502, as on the registry routes); anything else is unavailability (503).
-fn fetch_failure(what: &str, e: UpstreamError) -> HelmError {
+pub(super) fn fetch_failure(what: &str, e: UpstreamError) -> HelmError {
     match e {
         UpstreamError::Refused(_) => HelmError::BadUpstream(format!("{what}: {e}")),
         _ => HelmError::Unavailable(format!("{what}: {e}")),
-    }
-}
-
-/// A chart's upstream body, read within [`MAX_CHART_SIZE`] and checked against its declared
-/// length at the end.
-struct ChartBody<'a> {
-    inner: &'a Inner,
-    what: String,
-    body: ByteStream,
-    declared: Option<u64>,
-    received: u64,
-}
-
-impl ChartBody<'_> {
-    /// The next chunk; None at a complete end.
-    async fn next(&mut self) -> Result<Option<Bytes>, HelmError> {
-        let what = &self.what;
-        match self.body.next().await {
-            Some(c) => {
-                let c =
-                    c.map_err(|e| HelmError::Unavailable(format!("{what}: upstream body: {e}")))?;
-                self.received += c.len() as u64;
-                if self.received > MAX_CHART_SIZE {
-                    return Err(HelmError::BadUpstream(format!(
-                        "{what} is larger than {MAX_CHART_SIZE} bytes"
-                    )));
-                }
-                add(&self.inner.metrics.bytes_fetched, c.len() as u64);
-                Ok(Some(c))
-            }
-            None if self.declared.is_some_and(|n| n != self.received) => Err(
-                HelmError::Unavailable(format!("{what}: upstream body ended early")),
-            ),
-            None => Ok(None),
-        }
-    }
-}
-
-/// Opens a chart's upstream body: the response must be a 200 within [`MAX_CHART_SIZE`].
-async fn open_chart<'a>(
-    inner: &'a Inner,
-    repo: &HelmRepo,
-    chart: &ChartRef,
-) -> Result<ChartBody<'a>, HelmError> {
-    let what = format!("chart {}", chart.key);
-    let resp = fetch_chart_url(inner, repo, chart).await?;
-    match resp.status() {
-        StatusCode::OK => {}
-        StatusCode::NOT_FOUND | StatusCode::GONE => {
-            return Err(HelmError::NotFound(format!(
-            "{what} is listed in the index of chart repository {} but its upstream URL answered {}",
-            repo.name,
-            resp.status()
-        )))
-        }
-        s => return Err(status_failure(s, &what)),
-    }
-    let declared = header_string(&resp, header::CONTENT_LENGTH).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > MAX_CHART_SIZE) {
-        return Err(HelmError::BadUpstream(format!(
-            "{what} is larger than {MAX_CHART_SIZE} bytes"
-        )));
-    }
-    Ok(ChartBody {
-        inner,
-        what,
-        body: resp.into_body(),
-        declared,
-        received: 0,
-    })
-}
-
-/// The answer to bytes that do not hash to the digest the index lists (no digests in it).
-fn mismatch(inner: &Inner, chart: &ChartRef) -> HelmError {
-    inc(&inner.metrics.digest_mismatches);
-    HelmError::BadUpstream(format!(
-        "chart {}: chart bytes did not match the digest its index lists; not served",
-        chart.key
-    ))
-}
-
-/// Fetches a chart file from `repo`'s chart URL into the blob store under the digest the
-/// index lists; the store commits it only if the bytes hash to that digest.
-pub(crate) async fn fill_chart(
-    inner: &Inner,
-    repo: &HelmRepo,
-    chart: &ChartRef,
-) -> Result<(), HelmError> {
-    let mut body = open_chart(inner, repo, chart).await?;
-    let mut writer = inner
-        .ports
-        .blobs
-        .create(&chart.digest_string())
-        .await
-        .map_err(internal)?;
-    let result: Result<(), HelmError> = async {
-        let mut batch: Vec<Bytes> = Vec::new();
-        let mut batched = 0usize;
-        while let Some(c) = body.next().await? {
-            batched += c.len();
-            batch.push(c);
-            if batched >= WRITE_BATCH {
-                batched = 0;
-                writer
-                    .write(std::mem::take(&mut batch))
-                    .await
-                    .map_err(internal)?;
-            }
-        }
-        if !batch.is_empty() {
-            writer.write(batch).await.map_err(internal)?;
-        }
-        Ok(())
-    }
-    .await;
-    if let Err(e) = result {
-        writer.abort().await;
-        return Err(e);
-    }
-    match writer.commit().await {
-        Ok(()) => Ok(()),
-        Err(CommitError::DigestMismatch { .. }) => Err(mismatch(inner, chart)),
-        Err(CommitError::Store(e)) => Err(internal(e)),
-    }
-}
-
-/// Proves that `repo`'s chart URL serves the bytes of a chart already stored (for another
-/// repository or route): GETs it and hashes the answer, storing nothing.
-pub(crate) async fn confirm_chart(
-    inner: &Inner,
-    repo: &HelmRepo,
-    chart: &ChartRef,
-) -> Result<(), HelmError> {
-    let mut body = open_chart(inner, repo, chart).await?;
-    let mut h = Sha256::new();
-    while let Some(c) = body.next().await? {
-        h.update(&c);
-    }
-    if <[u8; 32]>::from(h.finalize()) == chart.digest {
-        Ok(())
-    } else {
-        Err(mismatch(inner, chart))
     }
 }
 

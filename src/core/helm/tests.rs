@@ -356,13 +356,12 @@ async fn evicted_chunks_are_rebuilt_from_the_upstream() {
         (200, first.clone())
     );
     assert_eq!(h.repo.count("index.yaml"), 2);
-    let map: Vec<_> =
-        crate::core::helm::store::map_chunks(&[crate::core::helm::rewrite::ChartRef {
-            key: "app-1.tgz".into(),
-            digest: sha2::Sha256::digest(&a).into(),
-            url: format!("{REPO}app-1.tgz"),
-        }])
-        .collect();
+    let map: Vec<_> = crate::core::helm::store::map_chunks(&[crate::core::helm::entry::ChartRef {
+        key: "app-1.tgz".into(),
+        digest: sha2::Sha256::digest(&a).into(),
+        url: format!("{REPO}app-1.tgz"),
+    }])
+    .collect();
     h.blobs
         .delete(Digest::of(&map[0].1).as_str())
         .await

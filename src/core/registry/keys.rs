@@ -6,7 +6,8 @@ use sha2::{Digest as _, Sha256};
 /// Longest key written as is.
 const MAX_KEY: usize = 250;
 
-fn bounded(prefix: &str, rest: String) -> String {
+/// `prefix` + `rest`, or, when that is over the limit, `prefix#<sha256 of the whole>`.
+pub fn bounded(prefix: &str, rest: String) -> String {
     let key = format!("{prefix}{rest}");
     if key.len() <= MAX_KEY {
         key
