@@ -9,6 +9,7 @@ pub mod auth;
 pub(crate) mod blobs;
 pub mod body;
 pub mod config;
+pub mod digest_check;
 pub mod error;
 pub mod gateway;
 pub mod helm;
