@@ -286,19 +286,17 @@ fn fill_stream(
                         )),
                         Err(e) => Some((Err(BodyError(e.to_string())), None)),
                     },
-                    Step::ReadCommitted(limit) => {
-                        match blobs.read(digest.as_str(), pos, limit).await {
-                            Ok(Some(mut s)) => s.next().await.map(|item| {
-                                let next = item.is_ok().then_some(ReadState::Store(s));
-                                (item, next)
-                            }),
-                            Ok(None) => Some((
-                                Err(BodyError(format!("blob {digest} vanished after its fill"))),
-                                None,
-                            )),
-                            Err(e) => Some((Err(BodyError(e.to_string())), None)),
-                        }
-                    }
+                    Step::ReadCommitted(limit) => match blobs.read(&digest, pos, limit).await {
+                        Ok(Some(mut s)) => s.next().await.map(|item| {
+                            let next = item.is_ok().then_some(ReadState::Store(s));
+                            (item, next)
+                        }),
+                        Ok(None) => Some((
+                            Err(BodyError(format!("blob {digest} vanished after its fill"))),
+                            None,
+                        )),
+                        Err(e) => Some((Err(BodyError(e.to_string())), None)),
+                    },
                     Step::Fail(e) => Some((Err(BodyError(e)), None)),
                     Step::End => None,
                     Step::Wait(seen) => {
@@ -363,7 +361,7 @@ async fn transfer(
     let mut writer = inner
         .ports
         .blobs
-        .create(digest.as_str())
+        .create(digest, size)
         .await
         .map_err(internal)?;
     let tail = writer.tail();
@@ -551,7 +549,7 @@ async fn from_store(
 ) -> Result<Option<Response<Body>>, RegistryError> {
     let blobs = &ctx.inner.ports.blobs;
     let internal = |e: crate::core::ports::StoreError| RegistryError::Internal(e.to_string());
-    let Some(size) = blobs.stat(digest.as_str()).await.map_err(internal)? else {
+    let Some(size) = blobs.stat(digest).await.map_err(internal)? else {
         return Ok(None);
     };
     links::entitle(ctx, digest, Kind::Blob, None, notes).await?;
@@ -562,11 +560,7 @@ async fn from_store(
     let body = if ctx.head {
         None
     } else {
-        match blobs
-            .serve(digest.as_str(), start, end_v)
-            .await
-            .map_err(internal)?
-        {
+        match blobs.serve(digest, start, end_v).await.map_err(internal)? {
             Some(b) => Some(b),
             None => return Ok(None),
         }

@@ -117,7 +117,7 @@ pub(crate) async fn obtain(
                 let stored = inner
                     .ports
                     .blobs
-                    .stat(&digest)
+                    .stat(&crate::core::reference::Digest::from_sha256(&chart.digest))
                     .await
                     .map_err(|e| HelmError::Internal(e.to_string()))?
                     .is_some();
