@@ -26,5 +26,5 @@ done
 
 echo "== tests"
 cargo test --locked --all-targets
-echo "== Spin host unit tests (native, spin feature)"
-cargo test --locked --lib --no-default-features --features spin spin::
+echo "== Spin host and S3 store unit tests (native, spin feature)"
+cargo test --locked --lib --no-default-features --features spin -- spin:: stores::

@@ -19,3 +19,5 @@ pub mod worker;
 
 #[cfg(feature = "spin")]
 pub mod spin;
+
+pub mod stores;

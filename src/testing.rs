@@ -2,6 +2,7 @@
 //! usable by any host's tests. `Mem*` keep everything in memory; `ManualClock` moves only when
 //! told. Not for production: nothing is bounded.
 
+use crate::core::digest_check::DigestCheck;
 use crate::core::ports::{
     BlobStore, BlobWriter, BodyError, ByteStream, Clock, CommitError, Deferred, KvStore, Offload,
     StoreError, TailReader, Upstream, UpstreamError,
@@ -92,7 +93,7 @@ impl MemBlobStore {
 
 struct MemWriter {
     no_tail: bool,
-    digest: String,
+    check: DigestCheck,
     staged: Rc<RefCell<Vec<u8>>>,
     blobs: Rc<RefCell<HashMap<String, Bytes>>>,
 }
@@ -113,18 +114,17 @@ impl TailReader for MemTail {
 impl BlobWriter for MemWriter {
     async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
         let mut staged = self.staged.borrow_mut();
-        chunks.iter().for_each(|c| staged.extend_from_slice(c));
+        for c in &chunks {
+            self.check.update(c);
+            staged.extend_from_slice(c);
+        }
         Ok(())
     }
     async fn commit(self: Box<Self>) -> Result<(), CommitError> {
         let bytes = Bytes::from(self.staged.borrow().clone());
-        let actual = Digest::of(&bytes);
-        if actual.as_str() != self.digest {
-            return Err(CommitError::DigestMismatch {
-                actual: actual.to_string(),
-            });
-        }
-        self.blobs.borrow_mut().insert(self.digest.clone(), bytes);
+        let key = self.check.expected().to_string();
+        self.check.finish()?;
+        self.blobs.borrow_mut().insert(key, bytes);
         Ok(())
     }
     async fn abort(self: Box<Self>) {}
@@ -138,16 +138,20 @@ impl BlobWriter for MemWriter {
 
 #[async_trait::async_trait(?Send)]
 impl BlobStore for MemBlobStore {
-    async fn stat(&self, digest: &str) -> Result<Option<u64>, StoreError> {
-        Ok(self.blobs.borrow().get(digest).map(|b| b.len() as u64))
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .blobs
+            .borrow()
+            .get(digest.as_str())
+            .map(|b| b.len() as u64))
     }
     async fn read(
         &self,
-        digest: &str,
+        digest: &Digest,
         start: u64,
         end: u64,
     ) -> Result<Option<ByteStream>, StoreError> {
-        let Some(b) = self.blobs.borrow().get(digest).cloned() else {
+        let Some(b) = self.blobs.borrow().get(digest.as_str()).cloned() else {
             return Ok(None);
         };
         let end = (end as usize).min(b.len());
@@ -155,8 +159,8 @@ impl BlobStore for MemBlobStore {
         let part = b.slice(start..end);
         Ok(Some(futures_util::stream::iter([Ok(part)]).boxed_local()))
     }
-    async fn delete(&self, digest: &str) -> Result<bool, StoreError> {
-        Ok(self.blobs.borrow_mut().remove(digest).is_some())
+    async fn delete(&self, digest: &Digest) -> Result<bool, StoreError> {
+        Ok(self.blobs.borrow_mut().remove(digest.as_str()).is_some())
     }
     async fn usage(&self) -> Result<Option<(u64, u64)>, StoreError> {
         let b = self.blobs.borrow();
@@ -165,10 +169,14 @@ impl BlobStore for MemBlobStore {
             b.values().map(|v| v.len() as u64).sum(),
         )))
     }
-    async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
+    async fn create(
+        &self,
+        digest: &Digest,
+        _size: Option<u64>,
+    ) -> Result<Box<dyn BlobWriter>, StoreError> {
         Ok(Box::new(MemWriter {
             no_tail: self.no_tail,
-            digest: digest.to_string(),
+            check: DigestCheck::new(digest),
             staged: Rc::new(RefCell::new(Vec::new())),
             blobs: self.blobs.clone(),
         }))

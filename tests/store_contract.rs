@@ -9,7 +9,7 @@ use pullgate::core::registry::reference::Digest;
 use pullgate::native::store::FsBlobStore;
 use pullgate::testing::MemBlobStore;
 
-async fn read_all(store: &dyn BlobStore, digest: &str, start: u64, end: u64) -> Vec<u8> {
+async fn read_all(store: &dyn BlobStore, digest: &Digest, start: u64, end: u64) -> Vec<u8> {
     let mut s = store
         .read(digest, start, end)
         .await
@@ -25,14 +25,14 @@ async fn read_all(store: &dyn BlobStore, digest: &str, start: u64, end: u64) -> 
 async fn contract(store: &dyn BlobStore) {
     let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
     let digest = Digest::of(&data);
-    let d = digest.as_str();
+    let d = &digest;
     let halves = [
         Bytes::copy_from_slice(&data[..400_000]),
         Bytes::copy_from_slice(&data[400_000..]),
     ];
 
     // A mismatch stores nothing.
-    let mut w = store.create(d).await.unwrap();
+    let mut w = store.create(d, None).await.unwrap();
     w.write(vec![Bytes::from_static(b"not the blob")])
         .await
         .unwrap();
@@ -42,8 +42,9 @@ async fn contract(store: &dyn BlobStore) {
     ));
     assert_eq!(store.stat(d).await.unwrap(), None);
 
-    // Staged bytes are readable while written, invisible until commit.
-    let mut w = store.create(d).await.unwrap();
+    // Staged bytes are readable while written, invisible until commit (the size hint is the
+    // upstream's Content-Length).
+    let mut w = store.create(d, Some(1_000_000)).await.unwrap();
     let tail = w.tail().expect("this backend reads writes in progress");
     w.write(vec![halves[0].clone()]).await.unwrap();
     assert_eq!(
@@ -67,11 +68,23 @@ async fn contract(store: &dyn BlobStore) {
 
     // An aborted write leaves nothing.
     let other = Digest::of(b"abc");
-    let mut w = store.create(other.as_str()).await.unwrap();
+    let mut w = store.create(&other, None).await.unwrap();
     w.write(vec![Bytes::from_static(b"abc")]).await.unwrap();
     w.abort().await;
-    assert_eq!(store.stat(other.as_str()).await.unwrap(), None);
-    assert!(store.read(other.as_str(), 0, 3).await.unwrap().is_none());
+    assert_eq!(store.stat(&other).await.unwrap(), None);
+    assert!(store.read(&other, 0, 3).await.unwrap().is_none());
+
+    // A size hint is only a hint: a wrong one may fail the commit, but what becomes visible
+    // is exactly the bytes written, or nothing.
+    let mut w = store.create(&other, Some(1)).await.unwrap();
+    w.write(vec![Bytes::from_static(b"abc")]).await.unwrap();
+    match w.commit().await {
+        Ok(()) => {
+            assert_eq!(read_all(store, &other, 0, 3).await, b"abc");
+            assert!(store.delete(&other).await.unwrap());
+        }
+        Err(_) => assert_eq!(store.stat(&other).await.unwrap(), None),
+    }
 }
 
 fn run<F: std::future::Future<Output = ()>>(f: F) {
@@ -107,20 +120,20 @@ fn fs_blob_store_keeps_the_contract_and_survives_reopen() {
 async fn commit_twice(store: &dyn BlobStore) {
     let data = vec![7u8; 1000];
     let d = Digest::of(&data);
-    let mut first = store.create(d.as_str()).await.unwrap();
-    let mut second = store.create(d.as_str()).await.unwrap();
+    let mut first = store.create(&d, None).await.unwrap();
+    let mut second = store.create(&d, None).await.unwrap();
     first.write(vec![Bytes::from(data.clone())]).await.unwrap();
     second.write(vec![Bytes::from(data.clone())]).await.unwrap();
     first.commit().await.unwrap();
     second.commit().await.unwrap();
     // And once more after the fact.
-    let mut third = store.create(d.as_str()).await.unwrap();
+    let mut third = store.create(&d, None).await.unwrap();
     third.write(vec![Bytes::from(data.clone())]).await.unwrap();
     third.commit().await.unwrap();
-    assert_eq!(store.stat(d.as_str()).await.unwrap(), Some(1000));
-    assert_eq!(read_all(store, d.as_str(), 0, 1000).await, data);
+    assert_eq!(store.stat(&d).await.unwrap(), Some(1000));
+    assert_eq!(read_all(store, &d, 0, 1000).await, data);
     assert_eq!(store.usage().await.unwrap(), Some((1, 1000)));
-    assert!(store.delete(d.as_str()).await.unwrap());
+    assert!(store.delete(&d).await.unwrap());
     assert_eq!(store.usage().await.unwrap(), Some((0, 0)));
 }
 
@@ -151,20 +164,14 @@ fn fs_blob_store_keeps_unrelated_blobs_when_one_is_committed_twice() {
         let a = vec![1u8; 1000];
         let b = vec![2u8; 1000];
         for data in [&a, &a, &b] {
-            let mut w = store.create(Digest::of(data).as_str()).await.unwrap();
+            let mut w = store.create(&Digest::of(data), None).await.unwrap();
             w.write(vec![Bytes::from(data.clone())]).await.unwrap();
             w.commit().await.unwrap();
         }
         // 2000 bytes under a 2500 cap: no eviction pass is started at all.
         assert_eq!(store.total_bytes(), 2000);
-        assert_eq!(
-            store.stat(Digest::of(&a).as_str()).await.unwrap(),
-            Some(1000)
-        );
-        assert_eq!(
-            store.stat(Digest::of(&b).as_str()).await.unwrap(),
-            Some(1000)
-        );
+        assert_eq!(store.stat(&Digest::of(&a)).await.unwrap(), Some(1000));
+        assert_eq!(store.stat(&Digest::of(&b)).await.unwrap(), Some(1000));
     });
 }
 
@@ -175,13 +182,13 @@ fn fs_blob_store_evicts_committed_blobs_to_make_room_for_staged_bytes() {
         let store = FsBlobStore::open(dir.path(), 3000).unwrap();
         for i in 0..2u8 {
             let data = vec![i; 1000];
-            let mut w = store.create(Digest::of(&data).as_str()).await.unwrap();
+            let mut w = store.create(&Digest::of(&data), None).await.unwrap();
             w.write(vec![Bytes::from(data)]).await.unwrap();
             w.commit().await.unwrap();
         }
         // 2000 committed + 1500 staged > 3000: the oldest blob goes.
         let big = vec![9u8; 1500];
-        let mut w = store.create(Digest::of(&big).as_str()).await.unwrap();
+        let mut w = store.create(&Digest::of(&big), None).await.unwrap();
         w.write(vec![Bytes::from(big)]).await.unwrap();
         // Eviction runs on the blocking pool; give it a bounded chance to finish.
         // (A loaded machine can be slow to run it: the bound is generous.)
@@ -204,7 +211,7 @@ fn fs_blob_store_counts_staged_bytes_until_commit_or_abandon() {
         let store = FsBlobStore::open(dir.path(), 1 << 30).unwrap();
         let data = vec![1u8; 500];
         let d = Digest::of(&data);
-        let mut w = store.create(d.as_str()).await.unwrap();
+        let mut w = store.create(&d, None).await.unwrap();
         w.write(vec![Bytes::from(data.clone())]).await.unwrap();
         assert_eq!(store.staging_bytes(), 500);
         assert_eq!(store.total_bytes(), 0);
@@ -212,7 +219,7 @@ fn fs_blob_store_counts_staged_bytes_until_commit_or_abandon() {
         assert_eq!((store.staging_bytes(), store.total_bytes()), (0, 500));
         // A writer dropped without commit or abort (its fill was cancelled) leaves nothing.
         let other = vec![2u8; 300];
-        let mut w = store.create(Digest::of(&other).as_str()).await.unwrap();
+        let mut w = store.create(&Digest::of(&other), None).await.unwrap();
         w.write(vec![Bytes::from(other)]).await.unwrap();
         assert_eq!(store.staging_bytes(), 300);
         drop(w);
@@ -231,11 +238,11 @@ fn fs_blob_store_rescans_usage_and_clears_staging_at_startup() {
     let d = Digest::of(&data);
     run(async {
         let store = FsBlobStore::open(dir.path(), 1 << 30).unwrap();
-        let mut w = store.create(d.as_str()).await.unwrap();
+        let mut w = store.create(&d, None).await.unwrap();
         w.write(vec![Bytes::from(data.clone())]).await.unwrap();
         w.commit().await.unwrap();
         // A fill in progress when the process is killed: its staging file stays behind.
-        let mut w = store.create(Digest::of(b"partial").as_str()).await.unwrap();
+        let mut w = store.create(&Digest::of(b"partial"), None).await.unwrap();
         w.write(vec![Bytes::from_static(b"part")]).await.unwrap();
         std::mem::forget(w);
     });
@@ -260,7 +267,7 @@ fn fs_blob_store_evicts_over_its_cap() {
         for i in 0..5u8 {
             let data = vec![i; 1000];
             let d = Digest::of(&data);
-            let mut w = store.create(d.as_str()).await.unwrap();
+            let mut w = store.create(&d, None).await.unwrap();
             w.write(vec![Bytes::from(data)]).await.unwrap();
             w.commit().await.unwrap();
             // Eviction runs on the blocking pool; give it a bounded chance to finish.
@@ -274,7 +281,7 @@ fn fs_blob_store_evicts_over_its_cap() {
         assert!(store.total_bytes() <= 2500, "{}", store.total_bytes());
         // The newest blob survives.
         let newest = Digest::of(&[4u8; 1000]);
-        assert_eq!(store.stat(newest.as_str()).await.unwrap(), Some(1000));
+        assert_eq!(store.stat(&newest).await.unwrap(), Some(1000));
     });
 }
 

@@ -175,15 +175,15 @@ async fn purge(inner: &Inner, req: &Request<()>) -> Response<Body> {
         }
     };
     if let Some(d) = query(req, "digest") {
-        if crate::core::registry::reference::parse_digest(&d).is_err() {
+        let Ok(digest) = crate::core::registry::reference::parse_digest(&d) else {
             return err(StatusCode::BAD_REQUEST, "digest must be sha256:<64 hex>");
-        }
+        };
         if kv.get(&keys::manifest(&d)).await.ok().flatten().is_some()
             && kv.delete(&keys::manifest(&d)).await.is_ok()
         {
             bump("manifests");
         }
-        match inner.ports.blobs.delete(&d).await {
+        match inner.ports.blobs.delete(&digest).await {
             Ok(true) => bump("blobs"),
             Ok(false) => {}
             Err(e) => return err(StatusCode::NOT_IMPLEMENTED, e.to_string()),

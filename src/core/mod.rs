@@ -15,6 +15,7 @@ pub mod cidr;
 pub mod config;
 pub(crate) mod context;
 pub mod ct;
+pub mod digest_check;
 pub mod error;
 pub mod freshness;
 pub mod gateway;

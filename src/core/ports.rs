@@ -4,6 +4,7 @@
 //! registry errors.
 
 use crate::core::body::Body;
+use crate::core::registry::reference::Digest;
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use futures_util::stream::LocalBoxStream;
@@ -63,26 +64,34 @@ pub trait KvStore {
 }
 
 /// Blobs by digest, content-addressed. Only verified bytes become visible.
+///
+/// Every method takes a validated [`Digest`], so a store builds its keys from
+/// [`Digest::hex`] and never parses digests itself.
 #[async_trait::async_trait(?Send)]
 pub trait BlobStore {
     /// Size of a stored blob, or None. A hit also counts as an access for eviction.
-    async fn stat(&self, digest: &str) -> Result<Option<u64>, StoreError>;
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StoreError>;
     /// Streams bytes `[start, end)` of a stored blob; None if it vanished (evicted).
     async fn read(
         &self,
-        digest: &str,
+        digest: &Digest,
         start: u64,
         end: u64,
     ) -> Result<Option<ByteStream>, StoreError>;
     /// The body for serving bytes `[start, end)` of a stored blob to a client; None if it
     /// vanished. A host whose platform can hand its own stream to the response overrides this
     /// to return [`Body::Host`]; the default streams [`BlobStore::read`].
-    async fn serve(&self, digest: &str, start: u64, end: u64) -> Result<Option<Body>, StoreError> {
+    async fn serve(
+        &self,
+        digest: &Digest,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<Body>, StoreError> {
         Ok(self.read(digest, start, end).await?.map(Body::Stream))
     }
     /// Removes a stored blob (admin purge); Ok(false) when it was not stored. A store that
     /// cannot delete answers an error saying so.
-    async fn delete(&self, digest: &str) -> Result<bool, StoreError> {
+    async fn delete(&self, digest: &Digest) -> Result<bool, StoreError> {
         let _ = digest;
         Err(StoreError("this blob store cannot delete blobs".into()))
     }
@@ -90,8 +99,20 @@ pub trait BlobStore {
     async fn usage(&self) -> Result<Option<(u64, u64)>, StoreError> {
         Ok(None)
     }
-    /// Starts writing a blob under a staging name.
-    async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError>;
+    /// Starts writing the blob `digest` under a staging name.
+    ///
+    /// `size` is a hint: the length the caller expects (an upstream's `Content-Length`), None
+    /// when unknown. A store may use it to choose how to write (one streamed put of known
+    /// length instead of buffered multipart parts, a preallocated buffer), never to decide
+    /// what is valid: the bytes written are what commits, checked against `digest` by
+    /// [`DigestCheck`](crate::core::digest_check::DigestCheck). When the bytes written differ
+    /// in length from the hint, `commit` may fail ([`CommitError::Store`]) but must not make
+    /// anything other than exactly those bytes visible.
+    async fn create(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<Box<dyn BlobWriter>, StoreError>;
 }
 
 /// Why a commit refused to make a blob visible.
@@ -110,11 +131,13 @@ pub enum CommitError {
 
 /// A blob being written. Nothing is visible under the digest until `commit`.
 ///
-/// The contract every backend keeps (and `tests/` checks for each): the writer computes the
-/// sha256 of the bytes as they are written (in whatever thread or service suits the host:
-/// a blocking thread natively, R2's own checksum on Workers), and `commit` makes the blob
-/// visible only when that hash equals the digest given to [`BlobStore::create`]. A mismatch
-/// stores nothing and is [`CommitError::DigestMismatch`].
+/// The contract every backend keeps (and `tests/` checks for each): the writer feeds every byte
+/// it is given, in order, to a [`DigestCheck`](crate::core::digest_check::DigestCheck) bound to
+/// the digest given to [`BlobStore::create`] (on whatever thread suits the host: a blocking
+/// thread natively), or lets its platform hash them and compares through
+/// [`verify_sha256`](crate::core::digest_check::verify_sha256) (R2's runtime hashing on
+/// Workers); `commit` makes the blob visible only when that check passes. A mismatch stores
+/// nothing and is [`CommitError::DigestMismatch`].
 #[async_trait::async_trait(?Send)]
 pub trait BlobWriter {
     /// Appends the chunks in order; when it returns, a [`TailReader`] sees them.

@@ -14,13 +14,14 @@
 //! Its file size is reported ([`StorageReport`]: `/metrics` and the startup log line) so its
 //! growth can be watched and alerted on.
 
+use crate::core::digest_check::DigestCheck;
 use crate::core::ports::{
     BlobStore, BlobWriter, BodyError, ByteStream, CommitError, KvStore, StoreError, TailReader,
 };
+use crate::core::registry::reference::Digest;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redb::{Database, TableDefinition};
-use sha2::{Digest as _, Sha256};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -182,18 +183,6 @@ pub struct FsBlobStore {
     seq: AtomicU64,
 }
 
-fn hex_of(digest: &str) -> Result<&str, StoreError> {
-    // The core validated the digest; refuse anything else rather than build a path from it.
-    let hex = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| StoreError("bad digest".into()))?;
-    if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
-        Ok(hex)
-    } else {
-        Err(StoreError("bad digest".into()))
-    }
-}
-
 fn walk_blobs(dir: &Path, out: &mut Vec<(PathBuf, u64, SystemTime)>) {
     let Ok(rd) = std::fs::read_dir(dir) else {
         return;
@@ -273,9 +262,10 @@ impl FsBlobStore {
         self.usage.staging.load(Ordering::Relaxed)
     }
 
-    fn path(&self, digest: &str) -> Result<PathBuf, StoreError> {
-        let hex = hex_of(digest)?;
-        Ok(self.usage.blobs.join(&hex[..2]).join(hex))
+    /// Where a blob lives: `Digest` is validated (64 lowercase hex), so the path is safe.
+    fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.usage.blobs.join(&hex[..2]).join(hex)
     }
 }
 
@@ -307,8 +297,8 @@ fn file_stream(file: Arc<File>, start: u64, end: u64) -> ByteStream {
 
 #[async_trait::async_trait(?Send)]
 impl BlobStore for FsBlobStore {
-    async fn stat(&self, digest: &str) -> Result<Option<u64>, StoreError> {
-        let path = self.path(digest)?;
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let path = self.path(digest);
         match std::fs::metadata(&path) {
             Ok(md) => {
                 let stale = md
@@ -328,11 +318,11 @@ impl BlobStore for FsBlobStore {
 
     async fn read(
         &self,
-        digest: &str,
+        digest: &Digest,
         start: u64,
         end: u64,
     ) -> Result<Option<ByteStream>, StoreError> {
-        let path = self.path(digest)?;
+        let path = self.path(digest);
         match File::open(&path) {
             Ok(f) => Ok(Some(file_stream(Arc::new(f), start, end))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -340,8 +330,8 @@ impl BlobStore for FsBlobStore {
         }
     }
 
-    async fn delete(&self, digest: &str) -> Result<bool, StoreError> {
-        let path = self.path(digest)?;
+    async fn delete(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let path = self.path(digest);
         let len = match std::fs::metadata(&path) {
             Ok(md) => md.len(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -365,12 +355,17 @@ impl BlobStore for FsBlobStore {
         )))
     }
 
-    async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
-        let dest = self.path(digest)?;
+    /// The size hint is not needed: the file grows as it is written.
+    async fn create(
+        &self,
+        digest: &Digest,
+        _size: Option<u64>,
+    ) -> Result<Box<dyn BlobWriter>, StoreError> {
+        let dest = self.path(digest);
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self
             .tmp
-            .join(format!("{}.{}.{n}", hex_of(digest)?, std::process::id()));
+            .join(format!("{}.{}.{n}", digest.hex(), std::process::id()));
         let file = File::options()
             .read(true)
             .write(true)
@@ -378,8 +373,7 @@ impl BlobStore for FsBlobStore {
             .open(&tmp)
             .map_err(|e| StoreError(format!("{}: {e}", tmp.display())))?;
         Ok(Box::new(FsWriter {
-            digest: digest.to_string(),
-            hasher: Some(Sha256::new()),
+            check: Some(DigestCheck::new(digest)),
             file: Arc::new(file),
             tmp,
             dest,
@@ -391,9 +385,8 @@ impl BlobStore for FsBlobStore {
 }
 
 struct FsWriter {
-    digest: String,
     /// Moved into the blocking write and back: hashing happens off the event loop.
-    hasher: Option<Sha256>,
+    check: Option<DigestCheck>,
     file: Arc<File>,
     tmp: PathBuf,
     dest: PathBuf,
@@ -436,16 +429,16 @@ impl TailReader for FsTail {
 impl BlobWriter for FsWriter {
     async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
         let (f, at) = (self.file.clone(), self.written);
-        let mut hasher = self
-            .hasher
+        let mut check = self
+            .check
             .take()
             .ok_or_else(|| StoreError("a previous write failed".into()))?;
         let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
         // Hash and write on two blocking threads at once: each alone is slower than the network.
         let to_hash = chunks.clone();
         let hashing = tokio::task::spawn_blocking(move || {
-            to_hash.iter().for_each(|c| hasher.update(c));
-            hasher
+            to_hash.iter().for_each(|c| check.update(c));
+            check
         });
         let writing = blocking(move || {
             let mut at = at;
@@ -457,7 +450,7 @@ impl BlobWriter for FsWriter {
         });
         let (hashed, written) = futures_util::future::join(hashing, writing).await;
         written?;
-        self.hasher = Some(hashed.map_err(store_err)?);
+        self.check = Some(hashed.map_err(store_err)?);
         self.written += len;
         self.usage.staging.fetch_add(len, Ordering::Relaxed);
         self.usage.check_cap();
@@ -465,15 +458,11 @@ impl BlobWriter for FsWriter {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<(), CommitError> {
-        let hasher = self
-            .hasher
+        // A mismatch returns here; dropping the writer removes the staging file.
+        self.check
             .take()
-            .ok_or_else(|| StoreError("a previous write failed".into()))?;
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
-        if actual != self.digest {
-            // Dropping the writer removes the staging file.
-            return Err(CommitError::DigestMismatch { actual });
-        }
+            .ok_or_else(|| StoreError("a previous write failed".into()))?
+            .finish()?;
         let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
         // A hard link either creates the blob or finds it already there, atomically; a rename
         // would silently replace an existing blob, and its bytes would be counted again.

@@ -3,12 +3,13 @@
 //! are) and its bytes in chunks of [`MAX_INLINE`] bytes under
 //! `~blobdata/<hex>/<writer id>/<n>`, each within Spin's 1 MB value limit.
 //!
-//! The `BlobWriter` contract: a writer hashes what it writes (SHA-256 in wasm) and writes its
-//! chunks under its own writer id, where nothing reads them but its own [`TailReader`]. Only
-//! `commit` with a matching digest writes the head record, which is what makes the blob
-//! visible; one `set` of one key, so it appears whole or not at all. A mismatch deletes the
-//! chunks and stores nothing. Two instances filling the same digest each write their own
-//! chunks; the second to commit finds the head already there and drops its own copy.
+//! The `BlobWriter` contract: a writer feeds what it writes to the core's [`DigestCheck`]
+//! (SHA-256 in wasm) and writes its chunks under its own writer id, where nothing reads them
+//! but its own [`TailReader`]. Only `commit` with a matching digest writes the head record,
+//! which is what makes the blob visible; one `set` of one key, so it appears whole or not at
+//! all. A mismatch deletes the chunks and stores nothing. Two instances filling the same digest
+//! each write their own chunks; the second to commit finds the head already there and drops
+//! its own copy.
 //!
 //! Blobs larger than the configured cap (`pullgate_kv_blob_max_size`) are still staged chunk by
 //! chunk while they stream, so a client that falls behind the core's in-memory window reads
@@ -24,13 +25,14 @@
 //! - Every read of a chunk reads the whole chunk value (up to 960 KiB), as Spin's key-value
 //!   interface has no ranged reads.
 
+use crate::core::digest_check::DigestCheck;
 use crate::core::ports::{
     BlobStore, BlobWriter, BodyError, ByteStream, CommitError, StoreError, TailReader,
 };
+use crate::core::registry::reference::Digest;
 use crate::spin::kv::{kv_err, MAX_INLINE, PRIVATE_PREFIX};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use sha2::{Digest as _, Sha256};
 use spin_sdk::key_value::Store;
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -81,8 +83,8 @@ impl KvBlobStore {
         }
     }
 
-    fn head(&self, digest: &str) -> Result<Option<Head>, StoreError> {
-        let key = head_key(hex_of(digest)?);
+    fn head(&self, digest: &Digest) -> Result<Option<Head>, StoreError> {
+        let key = head_key(digest.hex());
         match self.store.get(&key).map_err(|e| kv_err("get", &key, e))? {
             None => Ok(None),
             Some(v) => serde_json::from_slice(&v)
@@ -90,13 +92,6 @@ impl KvBlobStore {
                 .map_err(|e| kv_err("decode blob head", &key, e)),
         }
     }
-}
-
-fn hex_of(digest: &str) -> Result<&str, StoreError> {
-    digest
-        .strip_prefix("sha256:")
-        .filter(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()))
-        .ok_or_else(|| StoreError(format!("unsupported digest {digest}")))
 }
 
 fn head_key(hex: &str) -> String {
@@ -120,13 +115,13 @@ fn read_chunk(store: &Store, prefix: &str, n: u64) -> Result<Vec<u8>, StoreError
 
 #[async_trait::async_trait(?Send)]
 impl BlobStore for KvBlobStore {
-    async fn stat(&self, digest: &str) -> Result<Option<u64>, StoreError> {
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         Ok(self.head(digest)?.map(|h| h.size))
     }
 
     async fn read(
         &self,
-        digest: &str,
+        digest: &Digest,
         start: u64,
         end: u64,
     ) -> Result<Option<ByteStream>, StoreError> {
@@ -167,11 +162,11 @@ impl BlobStore for KvBlobStore {
         Ok(Some(stream.boxed_local()))
     }
 
-    async fn delete(&self, digest: &str) -> Result<bool, StoreError> {
+    async fn delete(&self, digest: &Digest) -> Result<bool, StoreError> {
         let Some(head) = self.head(digest)? else {
             return Ok(false);
         };
-        let key = head_key(hex_of(digest)?);
+        let key = head_key(digest.hex());
         self.store
             .delete(&key)
             .map_err(|e| kv_err("delete", &key, e))?;
@@ -179,14 +174,19 @@ impl BlobStore for KvBlobStore {
         Ok(true)
     }
 
-    async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
-        let hex = hex_of(digest)?.to_string();
+    /// The size hint is not needed: chunks are written as they fill.
+    async fn create(
+        &self,
+        digest: &Digest,
+        _size: Option<u64>,
+    ) -> Result<Box<dyn BlobWriter>, StoreError> {
+        let hex = digest.hex();
         let n = self.writers.get() + 1;
         self.writers.set(n);
         // Unique per writer: random per instance (std seeds it from wasi:random), plus a count.
         let seed = std::hash::BuildHasher::hash_one(
             &std::collections::hash_map::RandomState::new(),
-            (&hex, n),
+            (hex, n),
         );
         let prefix = format!("{PRIVATE_PREFIX}blobdata/{hex}/{seed:016x}");
         let staged = Rc::new(Staged {
@@ -197,9 +197,7 @@ impl BlobStore for KvBlobStore {
             last: RefCell::new(None),
         });
         Ok(Box::new(KvBlobWriter {
-            hex,
-            hasher: Sha256::new(),
-            size: 0,
+            check: DigestCheck::new(digest),
             max_blob: self.max_blob,
             staged,
             cleanup: self.cleanup.clone(),
@@ -265,9 +263,8 @@ impl TailReader for Staged {
 
 /// A blob being written into the key-value store.
 pub struct KvBlobWriter {
-    hex: String,
-    hasher: Sha256,
-    size: u64,
+    /// The digest check; also counts the bytes written.
+    check: DigestCheck,
     max_blob: u64,
     staged: Rc<Staged>,
     cleanup: Rc<RefCell<Vec<(String, u64)>>>,
@@ -285,8 +282,7 @@ impl KvBlobWriter {
 impl BlobWriter for KvBlobWriter {
     async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
         for data in chunks {
-            self.hasher.update(&data);
-            self.size += data.len() as u64;
+            self.check.update(&data);
             let mut rest: &[u8] = &data;
             while !rest.is_empty() {
                 let full = {
@@ -305,29 +301,27 @@ impl BlobWriter for KvBlobWriter {
     }
 
     async fn commit(self: Box<Self>) -> Result<(), CommitError> {
-        let actual = hex::encode(self.hasher.clone().finalize());
-        let last = self.staged.buf.borrow().clone();
-        if actual != self.hex {
+        let size = self.check.len();
+        let key = head_key(self.check.expected().hex());
+        if let Err(e) = self.check.clone().finish() {
             delete_chunks(
                 &self.staged.store,
                 &self.staged.prefix,
                 self.staged.chunks.get(),
             );
-            return Err(CommitError::DigestMismatch {
-                actual: format!("sha256:{actual}"),
-            });
+            return Err(e);
         }
+        let last = self.staged.buf.borrow().clone();
         if !last.is_empty() {
             self.staged.write_chunk(&last)?;
             self.staged.buf.borrow_mut().clear();
             // The tail reader may still read these bytes: from the store now.
         }
-        if self.size > self.max_blob {
+        if size > self.max_blob {
             // Verified and served, not kept.
             self.discard_later();
             return Ok(());
         }
-        let key = head_key(&self.hex);
         let store = &self.staged.store;
         if store.exists(&key).map_err(|e| kv_err("exists", &key, e))? {
             // Another instance committed the same blob first.
@@ -336,7 +330,7 @@ impl BlobWriter for KvBlobWriter {
         }
         let head = Head {
             v: 1,
-            size: self.size,
+            size,
             chunk: MAX_INLINE as u64,
             chunks: self.staged.chunks.get(),
             prefix: self.staged.prefix.clone(),

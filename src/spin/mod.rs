@@ -37,8 +37,8 @@
 //!   request finds the outbox idle (`pump_if_idle`) or on `POST /chain/outbox/pump` from a cron.
 //! - Without an S3 endpoint, blobs live in the key-value store, chunked, up to
 //!   `pullgate_kv_blob_max_size` each; larger ones are verified and streamed through, not
-//!   cached (see [`blobs`]). With one, every blob goes to the bucket (see [`s3`]). Either way
-//!   there is no eviction and `max_size` is ignored.
+//!   cached (see [`blobs`]). With one, every blob goes to the bucket (see
+//!   [`crate::stores::s3`]). Either way there is no eviction and `max_size` is ignored.
 //! - `list` reads every key of the store (Spin has no prefix scan), so admin listings cost
 //!   O(keys).
 //! - `listen`, `data_dir` and `audit_log` are ignored. The client address for network rules is
@@ -48,13 +48,12 @@ pub mod blobs;
 pub mod kv;
 pub mod outbound;
 pub mod reactor;
-pub mod s3;
 
+pub use crate::stores::s3::{S3BlobStore, S3Settings};
 pub use blobs::KvBlobStore;
 pub use kv::SpinKv;
 pub use outbound::SpinUpstream;
 pub use reactor::SpinDeferred;
-pub use s3::{S3BlobStore, S3Settings};
 
 use crate::core::access::ClientAddr;
 use crate::core::app::App;

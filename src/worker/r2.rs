@@ -4,13 +4,16 @@
 //! A warm hit hands R2's own `ReadableStream` (a range read when the client asked for one) to
 //! the response as a [`Body::Host`], so large layers never pass through wasm.
 //!
-//! A fill is written without knowing its length in advance (the `create` port does not carry
-//! it), and R2 only stores streams of known length. So the writer buffers up to [`PART`] bytes:
-//! a blob that fits is stored by one `put` of that buffer; a larger one becomes a multipart
-//! upload of equal [`PART`]-sized parts. Either way the bytes are hashed on the way by the
-//! runtime's native `crypto.DigestStream` (no SHA-256 in wasm), and `commit` compares that hash
-//! with the digest *before* anything becomes visible: a mismatch aborts the multipart upload
-//! (its parts are never readable) or skips the `put`. The single `put` also hands R2 the
+//! A fill is written chunk by chunk through the `BlobWriter` port, and R2 only stores streams of
+//! known length. So the writer buffers up to [`PART`] bytes: a blob that fits is stored by one
+//! `put` of that buffer; a larger one becomes a multipart upload of equal [`PART`]-sized parts.
+//! (`create`'s size hint — the upstream's `Content-Length` — is what a streamed `put` of known
+//! length needs; this writer does not use it yet, see issue #11.) Either way the bytes are
+//! hashed on the way by the runtime's native `crypto.DigestStream` (no SHA-256 in wasm), and
+//! `commit` hands that hash to the core's
+//! [`verify_sha256`](crate::core::digest_check::verify_sha256) *before* anything becomes
+//! visible: a mismatch aborts the multipart upload (its parts are never readable) or skips
+//! the `put`. The single `put` also hands R2 the
 //! expected SHA-256, so R2 checks the bytes it received once more. An object appears under its
 //! key only on the successful `put` or `completeMultipartUpload`, both atomic.
 //!
@@ -23,9 +26,11 @@
 //! - A fill holds up to [`PART`] bytes in memory until its part is uploaded.
 
 use crate::core::body::{Body, HostBody};
+use crate::core::digest_check::verify_sha256;
 use crate::core::ports::{
     BlobStore, BlobWriter, BodyError, ByteStream, CommitError, StoreError, TailReader,
 };
+use crate::core::registry::reference::Digest;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::rc::Rc;
@@ -64,27 +69,20 @@ fn r2_err(what: &str, key: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError(format!("R2 {what} {key}: {e}"))
 }
 
-/// `sha256:<hex>` → (object key, the 32 digest bytes).
-fn blob_key(digest: &str) -> Result<(String, Vec<u8>), StoreError> {
-    let hex_part = digest
-        .strip_prefix("sha256:")
-        .ok_or_else(|| StoreError(format!("unsupported digest {digest}")))?;
-    let raw = hex::decode(hex_part)
-        .ok()
-        .filter(|b| b.len() == 32)
-        .ok_or_else(|| StoreError(format!("malformed digest {digest}")))?;
-    Ok((format!("{BLOB_PREFIX}{hex_part}"), raw))
+/// The object key of a blob.
+fn blob_key(digest: &Digest) -> String {
+    format!("{BLOB_PREFIX}{}", digest.hex())
 }
 
 impl R2BlobStore {
     /// R2's stream of bytes `[start, end)` of a stored blob, or None.
     async fn range_stream(
         &self,
-        digest: &str,
+        digest: &Digest,
         start: u64,
         end: u64,
     ) -> Result<Option<ReadableStream>, StoreError> {
-        let (key, _) = blob_key(digest)?;
+        let key = blob_key(digest);
         let length = end.saturating_sub(start);
         let obj = self
             .bucket
@@ -110,8 +108,8 @@ impl R2BlobStore {
 
 #[async_trait::async_trait(?Send)]
 impl BlobStore for R2BlobStore {
-    async fn stat(&self, digest: &str) -> Result<Option<u64>, StoreError> {
-        let (key, _) = blob_key(digest)?;
+    async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let key = blob_key(digest);
         let obj = self
             .bucket
             .head(&key)
@@ -122,7 +120,7 @@ impl BlobStore for R2BlobStore {
 
     async fn read(
         &self,
-        digest: &str,
+        digest: &Digest,
         start: u64,
         end: u64,
     ) -> Result<Option<ByteStream>, StoreError> {
@@ -140,7 +138,12 @@ impl BlobStore for R2BlobStore {
         Ok(Some(bytes.boxed_local()))
     }
 
-    async fn serve(&self, digest: &str, start: u64, end: u64) -> Result<Option<Body>, StoreError> {
+    async fn serve(
+        &self,
+        digest: &Digest,
+        start: u64,
+        end: u64,
+    ) -> Result<Option<Body>, StoreError> {
         if start >= end {
             return Ok(Some(Body::Empty));
         }
@@ -150,8 +153,8 @@ impl BlobStore for R2BlobStore {
             .map(|stream| Body::Host(HostBody(Box::new(R2Body { stream })))))
     }
 
-    async fn delete(&self, digest: &str) -> Result<bool, StoreError> {
-        let (key, _) = blob_key(digest)?;
+    async fn delete(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let key = blob_key(digest);
         let existed = self
             .bucket
             .head(&key)
@@ -165,13 +168,17 @@ impl BlobStore for R2BlobStore {
         Ok(existed)
     }
 
-    async fn create(&self, digest: &str) -> Result<Box<dyn BlobWriter>, StoreError> {
-        let (key, expected) = blob_key(digest)?;
+    async fn create(
+        &self,
+        digest: &Digest,
+        _size: Option<u64>,
+    ) -> Result<Box<dyn BlobWriter>, StoreError> {
+        let key = blob_key(digest);
         let hasher = NativeSha256::new().map_err(|e| r2_err("hash", &key, e))?;
         Ok(Box::new(R2BlobWriter {
             bucket: self.bucket.clone(),
             key,
-            expected,
+            expected: digest.clone(),
             hasher,
             buf: Vec::new(),
             upload: None,
@@ -233,7 +240,7 @@ struct Multipart {
 pub struct R2BlobWriter {
     bucket: Bucket,
     key: String,
-    expected: Vec<u8>,
+    expected: Digest,
     hasher: NativeSha256,
     /// Bytes not yet uploaded (less than [`PART`] between writes).
     buf: Vec<u8>,
@@ -300,20 +307,19 @@ impl BlobWriter for R2BlobWriter {
             .finish()
             .await
             .map_err(|e| r2_err("hash", &key, e))?;
-        if actual != self.expected {
+        if let Err(e) = verify_sha256(&self.expected, &actual) {
             if let Some(m) = self.upload.take() {
                 let _ = m.upload.abort().await;
             }
-            return Err(CommitError::DigestMismatch {
-                actual: format!("sha256:{}", hex::encode(actual)),
-            });
+            return Err(e);
         }
         let buf = std::mem::take(&mut self.buf);
         match self.upload.take() {
             None => {
                 self.bucket
                     .put(&key, Data::Bytes(buf))
-                    .sha256(self.expected.clone())
+                    // Equal to the expected digest's bytes now; R2 checks them once more.
+                    .sha256(actual)
                     .execute()
                     .await
                     .map_err(|e| r2_err("put", &key, e))?;

@@ -14,6 +14,7 @@ use super::{HelmError, HelmRepo};
 use crate::core::context::Inner;
 use crate::core::metrics::{add, inc};
 use crate::core::ports::{ByteStream, CommitError};
+use crate::core::registry::reference::Digest;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{header, Response, StatusCode};
@@ -135,10 +136,11 @@ pub(crate) async fn fill_chart(
     chart: &ChartRef,
 ) -> Result<(), HelmError> {
     let mut body = open_chart(inner, repo, chart).await?;
+    let digest = Digest::from_sha256(&chart.digest);
     let mut writer = inner
         .ports
         .blobs
-        .create(&chart.digest_string())
+        .create(&digest, body.declared)
         .await
         .map_err(internal)?;
     let result: Result<(), HelmError> = async {

@@ -120,7 +120,9 @@ pub(crate) async fn obtain(
                 let stored = inner
                     .ports
                     .blobs
-                    .stat(&digest)
+                    .stat(&crate::core::registry::reference::Digest::from_sha256(
+                        &chart.digest,
+                    ))
                     .await
                     .map_err(|e| HelmError::Internal(e.to_string()))?
                     .is_some();

@@ -448,13 +448,15 @@ async fn serve_chart(
 ) -> Result<Option<Response<Body>>, HelmError> {
     let blobs = &inner.ports.blobs;
     let internal = |e: crate::core::ports::StoreError| HelmError::Internal(e.to_string());
-    let Some(size) = blobs.stat(digest).await.map_err(internal)? else {
+    let d = crate::core::registry::reference::parse_digest(digest)
+        .map_err(|e| HelmError::Internal(e.to_string()))?;
+    let Some(size) = blobs.stat(&d).await.map_err(internal)? else {
         return Ok(None);
     };
     let body = if head {
         Body::Empty
     } else {
-        match blobs.serve(digest, 0, size).await.map_err(internal)? {
+        match blobs.serve(&d, 0, size).await.map_err(internal)? {
             Some(b) => b,
             None => return Ok(None),
         }

@@ -28,6 +28,7 @@ use crate::core::context::Inner;
 use crate::core::http::{redirect_target, USER_AGENT};
 use crate::core::metrics::{add, inc};
 use crate::core::ports::{BlobStore, ByteStream, UpstreamError};
+use crate::core::registry::reference::{parse_digest, Digest};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
@@ -163,10 +164,10 @@ pub(crate) async fn get(
 
 /// Stores `bytes` in the blob store under their own digest (a no-op when already there).
 async fn put_chunk(blobs: &dyn BlobStore, bytes: Vec<u8>) -> Result<Part, HelmError> {
-    let d = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
-    let n = bytes.len() as u64;
-    if blobs.stat(&d).await.map_err(internal)?.is_none() {
-        let mut w = blobs.create(&d).await.map_err(internal)?;
+    let digest = Digest::of(&bytes);
+    let (d, n) = (digest.to_string(), bytes.len() as u64);
+    if blobs.stat(&digest).await.map_err(internal)?.is_none() {
+        let mut w = blobs.create(&digest, Some(n)).await.map_err(internal)?;
         if let Err(e) = w.write(vec![Bytes::from(bytes)]).await {
             w.abort().await;
             return Err(internal(e));
@@ -176,9 +177,22 @@ async fn put_chunk(blobs: &dyn BlobStore, bytes: Vec<u8>) -> Result<Part, HelmEr
     Ok(Part { d, n })
 }
 
+/// A chunk digest from a stored index record (written by [`put_chunk`]; a bad one is an
+/// internal error).
+fn part_digest(d: &str) -> Result<Digest, HelmError> {
+    parse_digest(d).map_err(internal)
+}
+
+async fn open_part(blobs: &dyn BlobStore, p: &Part) -> Result<Option<ByteStream>, HelmError> {
+    blobs
+        .read(&part_digest(&p.d)?, 0, p.n)
+        .await
+        .map_err(internal)
+}
+
 /// Reads a whole stored chunk; None when it is gone (evicted, purged).
 async fn read_chunk(blobs: &dyn BlobStore, d: &str, n: u64) -> Result<Option<Vec<u8>>, HelmError> {
-    let Some(mut s) = blobs.read(d, 0, n).await.map_err(internal)? else {
+    let Some(mut s) = blobs.read(&part_digest(d)?, 0, n).await.map_err(internal)? else {
         return Ok(None);
     };
     let mut out = Vec::with_capacity(n as usize);
@@ -267,7 +281,8 @@ pub(crate) async fn save(
 /// Are all of the record's index chunks still stored?
 pub(crate) async fn chunks_present(inner: &Inner, rec: &IndexRecord) -> Result<bool, HelmError> {
     for p in &rec.chunks {
-        if inner.ports.blobs.stat(&p.d).await.map_err(internal)? != Some(p.n) {
+        let d = part_digest(&p.d)?;
+        if inner.ports.blobs.stat(&d).await.map_err(internal)? != Some(p.n) {
             return Ok(false);
         }
     }
@@ -295,7 +310,7 @@ pub(crate) fn index_stream(blobs: Rc<dyn BlobStore>, parts: Vec<Part>) -> ByteSt
                     }
                 }
                 let p = parts.get(i)?;
-                match blobs.read(&p.d, 0, p.n).await {
+                match open_part(&*blobs, p).await {
                     Ok(Some(s)) => cur = Some(s),
                     Ok(None) => {
                         return Some((

@@ -349,7 +349,7 @@ async fn evicted_chunks_are_rebuilt_from_the_upstream() {
     let (_, first) = h.get("/charts/stable/index.yaml").await;
     // Evict everything the index stored (chunks and map), as the native LRU or a purge may.
     for d in [Digest::of(&first)] {
-        h.blobs.delete(d.as_str()).await.expect("delete");
+        h.blobs.delete(&d).await.expect("delete");
     }
     assert_eq!(
         h.get("/charts/stable/index.yaml").await,
@@ -363,7 +363,7 @@ async fn evicted_chunks_are_rebuilt_from_the_upstream() {
     }])
     .collect();
     h.blobs
-        .delete(Digest::of(&map[0].1).as_str())
+        .delete(&Digest::of(&map[0].1))
         .await
         .expect("delete");
     assert_eq!(h.get("/charts/stable/app-1.tgz").await, (200, a.to_vec()));

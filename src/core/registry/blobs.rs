@@ -119,7 +119,7 @@ async fn from_store(
 ) -> Result<Option<Response<Body>>, RegistryError> {
     let blobs = &ctx.inner.ports.blobs;
     let internal = |e: crate::core::ports::StoreError| RegistryError::Internal(e.to_string());
-    let Some(size) = blobs.stat(digest.as_str()).await.map_err(internal)? else {
+    let Some(size) = blobs.stat(digest).await.map_err(internal)? else {
         return Ok(None);
     };
     links::entitle(ctx, digest, Kind::Blob, None, notes).await?;
@@ -130,11 +130,7 @@ async fn from_store(
     let body = if ctx.head {
         None
     } else {
-        match blobs
-            .serve(digest.as_str(), start, end_v)
-            .await
-            .map_err(internal)?
-        {
+        match blobs.serve(digest, start, end_v).await.map_err(internal)? {
             Some(b) => Some(b),
             None => return Ok(None),
         }

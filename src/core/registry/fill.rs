@@ -253,19 +253,17 @@ pub(crate) fn fill_stream(
                         )),
                         Err(e) => Some((Err(BodyError(e.to_string())), None)),
                     },
-                    Step::ReadCommitted(limit) => {
-                        match blobs.read(digest.as_str(), pos, limit).await {
-                            Ok(Some(mut s)) => s.next().await.map(|item| {
-                                let next = item.is_ok().then_some(ReadState::Store(s));
-                                (item, next)
-                            }),
-                            Ok(None) => Some((
-                                Err(BodyError(format!("blob {digest} vanished after its fill"))),
-                                None,
-                            )),
-                            Err(e) => Some((Err(BodyError(e.to_string())), None)),
-                        }
-                    }
+                    Step::ReadCommitted(limit) => match blobs.read(&digest, pos, limit).await {
+                        Ok(Some(mut s)) => s.next().await.map(|item| {
+                            let next = item.is_ok().then_some(ReadState::Store(s));
+                            (item, next)
+                        }),
+                        Ok(None) => Some((
+                            Err(BodyError(format!("blob {digest} vanished after its fill"))),
+                            None,
+                        )),
+                        Err(e) => Some((Err(BodyError(e.to_string())), None)),
+                    },
                     Step::Fail(e) => Some((Err(BodyError(e)), None)),
                     Step::End => None,
                     Step::Wait(seen) => {

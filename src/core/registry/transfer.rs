@@ -47,7 +47,7 @@ async fn transfer(
     let mut writer = inner
         .ports
         .blobs
-        .create(digest.as_str())
+        .create(digest, size)
         .await
         .map_err(internal)?;
     let tail = writer.tail();
