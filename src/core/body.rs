@@ -73,3 +73,94 @@ pub struct RequestInfo {
     /// Who asked (`anonymous` when unauthenticated); None when refused before authentication.
     pub identity: Option<String>,
 }
+
+/// The one access-log line every host writes, `key=value` pairs in a fixed order:
+/// `method path route upstream cache identity status [bytes] [ms] [aborted] [error]`. Hosts
+/// add what they measure (bytes sent, duration, an aborted body); the rest comes from the
+/// core's [`RequestInfo`]. The error text never carries secrets (see [`RequestInfo::error`]).
+#[derive(Debug, Clone, Default)]
+pub struct AccessLog<'a> {
+    /// Request method.
+    pub method: &'a str,
+    /// Request path (never the query: it can carry tokens).
+    pub path: &'a str,
+    /// Response status.
+    pub status: u16,
+    /// What the core said about the request.
+    pub info: Option<&'a RequestInfo>,
+    /// Body bytes sent, when the host counts them.
+    pub bytes: Option<u64>,
+    /// Milliseconds from request to the end of the body, when the host measures it.
+    pub ms: Option<u128>,
+    /// The body ended early (a failed stream or a client that left).
+    pub aborted: bool,
+}
+
+impl AccessLog<'_> {
+    /// The line.
+    pub fn line(&self) -> String {
+        let i = self.info;
+        let route = i.map_or("-", |i| i.route);
+        let upstream = i.and_then(|i| i.upstream.as_deref()).unwrap_or("-");
+        let cache = i.map_or("-", |i| i.cache.as_str());
+        let identity = i.and_then(|i| i.identity.as_deref()).unwrap_or("-");
+        let mut line = format!(
+            "method={} path={} route={route} upstream={upstream} cache={cache} identity={identity} status={}",
+            self.method, self.path, self.status
+        );
+        if let Some(b) = self.bytes {
+            line.push_str(&format!(" bytes={b}"));
+        }
+        if let Some(ms) = self.ms {
+            line.push_str(&format!(" ms={ms}"));
+        }
+        if self.aborted {
+            line.push_str(" aborted=true");
+        }
+        if let Some(e) = i.and_then(|i| i.error.as_deref()) {
+            line.push_str(&format!(" error={e:?}"));
+        }
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn access_log_lines_have_a_fixed_order_and_quote_errors() {
+        let info = RequestInfo {
+            route: "blob",
+            upstream: Some("docker.io".into()),
+            cache: CacheStatus::Miss,
+            error: Some("upstream \"x\" failed".into()),
+            identity: Some("ci".into()),
+        };
+        let line = AccessLog {
+            method: "GET",
+            path: "/v2/a/blobs/sha256:00",
+            status: 200,
+            info: Some(&info),
+            bytes: Some(12),
+            ms: Some(3),
+            aborted: true,
+        }
+        .line();
+        assert_eq!(
+            line,
+            "method=GET path=/v2/a/blobs/sha256:00 route=blob upstream=docker.io cache=miss \
+             identity=ci status=200 bytes=12 ms=3 aborted=true error=\"upstream \\\"x\\\" failed\""
+        );
+        let bare = AccessLog {
+            method: "GET",
+            path: "/",
+            status: 404,
+            ..Default::default()
+        };
+        assert_eq!(
+            bare.line(),
+            "method=GET path=/ route=- upstream=- cache=- identity=- status=404"
+        );
+    }
+}

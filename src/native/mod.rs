@@ -19,7 +19,7 @@ pub mod offload;
 pub mod store;
 
 use crate::core::app::App;
-use crate::core::body::{Body, RequestInfo};
+use crate::core::body::{AccessLog, Body, RequestInfo};
 use crate::core::config::{parse_config, Config, ConfigError, Secret, SecretResolver, Settings};
 use crate::core::metrics::{add, Metrics};
 use crate::core::ports::{BodyError, Clock, Deferred, Ports};
@@ -245,30 +245,20 @@ impl LogLine {
 impl Drop for LogLine {
     fn drop(&mut self) {
         add(&self.metrics.bytes_served, self.bytes);
-        let (route, upstream, cache, error) = match &self.info {
-            Some(i) => (
-                i.route,
-                i.upstream.as_deref().unwrap_or("-"),
-                i.cache.as_str(),
-                i.error.as_deref(),
-            ),
-            None => ("-", "-", "-", None),
-        };
-        let mut line = format!(
-            "method={} path={} route={route} upstream={upstream} cache={cache} status={} bytes={} ms={}",
-            self.method,
-            self.path,
-            self.status,
-            self.bytes,
-            self.started.elapsed().as_millis()
-        );
-        if self.failed {
-            line.push_str(" aborted=true");
+        let line = AccessLog {
+            method: &self.method,
+            path: &self.path,
+            status: self.status,
+            info: self.info.as_ref(),
+            bytes: Some(self.bytes),
+            ms: Some(self.started.elapsed().as_millis()),
+            aborted: self.failed,
         }
-        if let Some(e) = error {
-            line.push_str(&format!(" error={e:?}"));
-        }
+        .line();
         eprintln!("{line}");
+        let route = self.info.as_ref().map_or("-", |i| i.route);
+        let upstream = self.info.as_ref().and_then(|i| i.upstream.as_deref());
+        let cache = self.info.as_ref().map_or("-", |i| i.cache.as_str());
         if audit::is_audited(route) {
             self.audit.record(&audit::to_json(&audit::Entry {
                 now_ms: SystemClock.now_ms(),
@@ -277,7 +267,7 @@ impl Drop for LogLine {
                 method: &self.method,
                 path: &self.path,
                 route,
-                upstream: (upstream != "-").then_some(upstream),
+                upstream,
                 status: self.status,
                 bytes: self.bytes,
                 cache,

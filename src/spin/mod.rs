@@ -57,7 +57,7 @@ pub use reactor::SpinDeferred;
 
 use crate::core::access::ClientAddr;
 use crate::core::app::App;
-use crate::core::body::{Body, RequestInfo};
+use crate::core::body::{AccessLog, Body, RequestInfo};
 use crate::core::config::{parse_config, parse_size, Config, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
 use crate::core::http::error_response;
@@ -296,22 +296,14 @@ struct RequestBody {
 }
 
 fn log_line(method: &str, path: &str, status: u16, info: Option<&RequestInfo>) -> String {
-    let (route, upstream, cache, error) = match info {
-        Some(i) => (
-            i.route,
-            i.upstream.as_deref().unwrap_or("-"),
-            i.cache.as_str(),
-            i.error.as_deref(),
-        ),
-        None => ("-", "-", "-", None),
-    };
-    let mut line = format!(
-        "method={method} path={path} route={route} upstream={upstream} cache={cache} status={status}"
-    );
-    if let Some(e) = error {
-        line.push_str(&format!(" error={e:?}"));
+    AccessLog {
+        method,
+        path,
+        status,
+        info,
+        ..Default::default()
     }
-    line
+    .line()
 }
 
 /// Sends the core's response: headers, then the body streamed into the runtime. A body stream

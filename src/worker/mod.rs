@@ -49,7 +49,7 @@ pub use r2::R2BlobStore;
 
 use crate::core::access::ClientAddr;
 use crate::core::app::App;
-use crate::core::body::{Body, RequestInfo};
+use crate::core::body::{AccessLog, Body, RequestInfo};
 use crate::core::config::{parse_config, Config, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
 use crate::core::http::error_response;
@@ -301,23 +301,14 @@ fn to_worker(
 }
 
 fn log_line(method: &str, path: &str, status: u16, info: Option<&RequestInfo>) -> String {
-    let (route, upstream, cache, error, identity) = match info {
-        Some(i) => (
-            i.route,
-            i.upstream.as_deref().unwrap_or("-"),
-            i.cache.as_str(),
-            i.error.as_deref(),
-            i.identity.as_deref().unwrap_or("-"),
-        ),
-        None => ("-", "-", "-", None, "-"),
-    };
-    let mut line = format!(
-        "method={method} path={path} route={route} upstream={upstream} cache={cache} identity={identity} status={status}"
-    );
-    if let Some(e) = error {
-        line.push_str(&format!(" error={e:?}"));
+    AccessLog {
+        method,
+        path,
+        status,
+        info,
+        ..Default::default()
     }
-    line
+    .line()
 }
 
 async fn serve(mut req: worker::Request, env: Env, id: u64) -> worker::Result<worker::Response> {
