@@ -17,6 +17,7 @@ use crate::core::registry::media::parse_accept;
 use crate::core::registry::range::parse_range;
 use crate::core::registry::route::{parse_route, Endpoint, Route};
 use crate::core::registry::{blobs, manifests, tags};
+use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use http::{header, Method, Request, Response, StatusCode};
 use std::rc::Rc;
@@ -31,12 +32,8 @@ impl App {
     /// Builds the core over its settings and ports.
     pub fn new(settings: Settings, ports: Ports) -> App {
         App {
-            inner: Rc::new(Inner::new(settings, ports)),
+            inner: Rc::new(Inner::new(settings, ports, internal_dispatch)),
         }
-    }
-
-    pub(crate) fn from_inner(inner: Rc<Inner>) -> App {
-        App { inner }
     }
 
     /// Runs the gateway's due deliveries once. Hosts call it from a timer (native), a cron
@@ -255,4 +252,12 @@ fn info(route: &'static str, identity: Option<String>) -> RequestInfo {
 fn with_info(mut resp: Response<Body>, info: RequestInfo) -> Response<Body> {
     resp.extensions_mut().insert(info);
     resp
+}
+
+/// The dispatch requests pullgate makes to itself go through (see `Inner::dispatch`).
+fn internal_dispatch(
+    inner: Rc<Inner>,
+    req: Request<()>,
+) -> LocalBoxFuture<'static, Response<Body>> {
+    Box::pin(async move { App { inner }.handle(&req).await })
 }

@@ -4,20 +4,12 @@
 //! registry errors.
 
 use crate::core::body::Body;
+pub use crate::core::body::{BodyError, ByteStream};
 use crate::core::registry::reference::Digest;
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
-use futures_util::stream::LocalBoxStream;
 use http::{Request, Response};
 use std::rc::Rc;
-
-/// An error while a body streams.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct BodyError(pub String);
-
-/// A streaming body: chunks of bytes, never the whole thing at once.
-pub type ByteStream = LocalBoxStream<'static, Result<Bytes, BodyError>>;
 
 /// Why an upstream exchange failed before a response arrived.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -3,7 +3,9 @@
 //! admin token. Same TOML and same keys on every host; secrets are references resolved by the
 //! host, held as [`Secret`]s.
 
-use crate::core::config::{parse_duration_ms, parse_size, ConfigError, Secret, SecretResolver};
+use crate::core::config::value::{
+    parse_duration_ms, parse_size, ConfigError, Secret, SecretResolver,
+};
 use serde::Deserialize;
 use url::Url;
 

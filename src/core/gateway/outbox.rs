@@ -20,10 +20,7 @@ use sha2::{Digest as _, Sha256};
 
 /// Version of the delivery record format.
 pub const DELIVERY_VERSION: u32 = 1;
-/// Key prefix of pending deliveries.
-pub const PENDING: &str = "outbox/pending/";
-/// Key prefix of dead letters.
-pub const DEAD: &str = "outbox/dead/";
+pub use crate::core::gateway::keys::{DEAD, PENDING};
 
 /// What a delivery does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
