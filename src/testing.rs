@@ -12,7 +12,7 @@ pub mod contract;
 pub mod fakes;
 
 pub use contract::{blob_store_contract, kv_store_contract, Tail};
-#[cfg(feature = "native")]
+#[cfg(feature = "test-utils")]
 pub use fakes::{chunked_response, run_local, SpawnLocal};
 pub use fakes::{collect, request, Collected, FakeSecrets, FakeUpstream, FlakyKv};
 

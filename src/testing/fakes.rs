@@ -2,8 +2,8 @@
 //! that answers from a closure ([`FakeUpstream`]), a key-value store whose writes can be made
 //! to fail ([`FlakyKv`]), secrets from a table ([`FakeSecrets`]), and the request/response
 //! helpers every core test needs ([`request`], [`collect`]). The pieces that need tokio
-//! (spawning on a `LocalSet`, yielding between body chunks, gating a body) are only built with
-//! the `native` feature; everything else builds for every target.
+//! (spawning on a `LocalSet`, yielding between body chunks, gating a body) come with the
+//! `test-utils` feature, which brings tokio; the rest builds in any `cfg(test)`.
 
 use crate::core::body::{Body, CacheStatus, RequestInfo};
 use crate::core::config::{ConfigError, Secret, SecretResolver};
@@ -166,10 +166,10 @@ pub async fn collect(resp: Response<Body>) -> Collected {
     }
 }
 
-#[cfg(feature = "native")]
+#[cfg(feature = "test-utils")]
 pub use self::local::{chunked_response, run_local, SpawnLocal};
 
-#[cfg(feature = "native")]
+#[cfg(feature = "test-utils")]
 mod local {
     use crate::core::ports::{BodyError, ByteStream, Deferred};
     use bytes::Bytes;
