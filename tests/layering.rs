@@ -74,21 +74,34 @@ fn feature_of(file: &str) -> Option<&str> {
     }
 }
 
-/// Source without test modules: everything from a `#[cfg(test)]` line on (test modules sit
-/// at the end of a file by our style), and files that are test modules themselves.
+/// Source without comments and test-only items: a `#[cfg(test)]` item is dropped — an inline
+/// `mod … { … }` up to its closing brace, anything else (`mod tests;`, a `use`) to its `;`.
 fn non_test(text: &str) -> String {
-    let code = match text.find("#[cfg(test)]") {
-        Some(i) => &text[..i],
-        None => text,
-    };
     // Comments (docs included) name modules without depending on them.
-    code.lines()
+    let code: String = text
+        .lines()
         .map(|l| match l.find("//") {
             Some(i) => &l[..i],
             None => l,
         })
         .collect::<Vec<_>>()
-        .join("\n")
+        .join("\n");
+    let mut out = String::new();
+    let mut rest = code.as_str();
+    while let Some(i) = rest.find("#[cfg(test)]") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + "#[cfg(test)]".len()..];
+        let semi = after.find(';').unwrap_or(after.len());
+        let brace = after.find('{').unwrap_or(after.len());
+        rest = if brace < semi {
+            let end = matching_brace(&after[brace..]).map_or(after.len(), |e| brace + e + 1);
+            &after[end..]
+        } else {
+            &after[(semi + 1).min(after.len())..]
+        };
+    }
+    out.push_str(rest);
+    out
 }
 
 fn is_test_file(rel: &str) -> bool {

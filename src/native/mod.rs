@@ -20,7 +20,7 @@ pub mod store;
 
 use crate::core::app::App;
 use crate::core::body::{AccessLog, Body, RequestInfo};
-use crate::core::config::{parse_config, Config, ConfigError, Secret, SecretResolver, Settings};
+use crate::core::config::{self, ConfigError, Secret, SecretResolver, Settings};
 use crate::core::metrics::{add, Metrics};
 use crate::core::ports::{BodyError, Clock, Deferred, Ports};
 use bytes::Bytes;
@@ -138,18 +138,19 @@ pub struct Prepared {
 
 /// Reads the config file and flags into settings.
 pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
-    let mut config = match &opts.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            parse_config(&text).map_err(|e| format!("{}: {e}", path.display()))?
-        }
-        None => Config::default(),
+    let text = match &opts.config {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?,
+        ),
+        None => None,
     };
-    for u in &opts.upstreams {
-        config.apply_upstream_flag(u).map_err(|e| e.to_string())?;
-    }
-    let settings = config.resolve(&EnvSecrets).map_err(|e| e.to_string())?;
+    let source = opts
+        .config
+        .as_ref()
+        .map_or_else(|| "defaults".to_string(), |p| p.display().to_string());
+    let (config, settings) = config::load(&source, text.as_deref(), &opts.upstreams, &EnvSecrets)
+        .map_err(|e| e.to_string())?;
     let limits = ServerLimits::parse(&config.server)?;
     let listen = opts
         .listen

@@ -58,7 +58,7 @@ pub use reactor::SpinDeferred;
 use crate::core::access::ClientAddr;
 use crate::core::app::App;
 use crate::core::body::{AccessLog, Body, RequestInfo};
-use crate::core::config::{parse_config, parse_size, Config, ConfigError, Secret, SecretResolver};
+use crate::core::config::{self, parse_size, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
 use crate::core::http::error_response;
 use crate::core::ports::{BlobStore, ByteStream, Clock, InlineOffload, Ports};
@@ -181,13 +181,9 @@ fn s3_settings() -> Result<Option<S3Settings>, String> {
 
 /// Builds the core from the variables and the key-value store.
 fn build_app() -> Result<(App, Option<Rc<KvBlobStore>>), String> {
-    let config = match variable(CONFIG_VAR).map_err(|e| e.to_string())? {
-        Some(text) => parse_config(&text).map_err(|e| format!("{CONFIG_VAR}: {e}"))?,
-        None => Config::default(),
-    };
-    let settings = config
-        .resolve(&SpinSecrets)
-        .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
+    let text = variable(CONFIG_VAR).map_err(|e| e.to_string())?;
+    let (_, settings) =
+        config::load(CONFIG_VAR, text.as_deref(), &[], &SpinSecrets).map_err(|e| e.to_string())?;
     let store = Rc::new(
         Store::open(KV_STORE)
             .map_err(|e| format!("key-value store {KV_STORE:?} (key_value_stores): {e}"))?,

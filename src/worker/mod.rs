@@ -50,7 +50,7 @@ pub use r2::R2BlobStore;
 use crate::core::access::ClientAddr;
 use crate::core::app::App;
 use crate::core::body::{AccessLog, Body, RequestInfo};
-use crate::core::config::{parse_config, Config, ConfigError, Secret, SecretResolver};
+use crate::core::config::{self, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
 use crate::core::http::error_response;
 use crate::core::ports::{BodyError, ByteStream, Clock, Deferred, InlineOffload, Ports};
@@ -155,13 +155,9 @@ impl<F: Future> Future for WithRequest<F> {
 
 /// Builds the core from the configuration and bindings.
 fn build_app(env: &Env) -> Result<App, String> {
-    let config = match env.var(CONFIG_VAR) {
-        Ok(text) => parse_config(&text.to_string()).map_err(|e| format!("{CONFIG_VAR}: {e}"))?,
-        Err(_) => Config::default(),
-    };
-    let settings = config
-        .resolve(&WorkerSecrets { env })
-        .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
+    let text = env.var(CONFIG_VAR).ok().map(|t| t.to_string());
+    let (_, settings) = config::load(CONFIG_VAR, text.as_deref(), &[], &WorkerSecrets { env })
+        .map_err(|e| e.to_string())?;
     let kv = env
         .kv(KV_BINDING)
         .map_err(|e| format!("KV namespace binding {KV_BINDING}: {e}"))?;

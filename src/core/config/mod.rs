@@ -147,6 +147,28 @@ pub struct Settings {
     pub outbound: std::sync::Arc<crate::core::outbound::OutboundPolicy>,
 }
 
+/// The one configuration bootstrap every host runs: the text (None: the defaults) from
+/// `source` (a file path, a variable name), the `--upstream HOST=URL` overrides, then
+/// resolution with the host's secrets. Every error is prefixed with `source`. Returns the
+/// parsed file too, for the host's own sections (`[server]`, `listen`, `data_dir`).
+pub fn load(
+    source: &str,
+    text: Option<&str>,
+    upstream_flags: &[String],
+    secrets: &dyn SecretResolver,
+) -> Result<(Config, Settings), ConfigError> {
+    let at = |e: ConfigError| ConfigError(format!("{source}: {}", e.0));
+    let mut config = match text {
+        Some(t) => parse_config(t).map_err(at)?,
+        None => Config::default(),
+    };
+    for u in upstream_flags {
+        config.apply_upstream_flag(u)?;
+    }
+    let settings = config.resolve(secrets).map_err(at)?;
+    Ok((config, settings))
+}
+
 /// Parses the TOML configuration text.
 pub fn parse_config(text: &str) -> Result<Config, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError(e.to_string()))
