@@ -41,6 +41,8 @@
 //!   [`crate::stores::s3`]). Either way there is no eviction and `max_size` is ignored.
 //! - `list` reads every key of the store (Spin has no prefix scan), so admin listings cost
 //!   O(keys).
+//! - `ca_file` (`[[upstream]]`, `[[helm]]`, `[[target]]`) is refused when the configuration
+//!   loads: outbound HTTP goes through the Spin runtime, which trusts only its own roots.
 //! - `listen`, `data_dir` and `audit_log` are ignored. The client address for network rules is
 //!   Spin's `spin-client-addr` header.
 
@@ -187,6 +189,9 @@ fn build_app() -> Result<(App, Option<Rc<KvBlobStore>>), String> {
     };
     let settings = config
         .resolve(&SpinSecrets)
+        .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
+    settings
+        .refuse_ca_files()
         .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
     let store = Rc::new(
         Store::open(KV_STORE)

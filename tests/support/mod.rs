@@ -9,6 +9,7 @@
 //! - [`skopeo`] and [`containerd`]: the clients, with verification of every digest they stored.
 //! - [`pullgate`]: the binary under test, with restart and `/metrics`.
 //! - [`process`]: process groups killed on drop, bounded polling, free ports.
+//! - [`tls_proxy`]: an openssl-made private CA and a TLS proxy signed by it (`ca_file`).
 //!
 //! The tools come from `scripts/setup.sh`; a missing tool is a panic naming that script, never
 //! a silent skip. Every test owns its ports and temp dirs, so tests run in parallel.
@@ -26,5 +27,6 @@ pub mod receiver;
 pub mod registry;
 pub mod skopeo;
 pub mod spin;
+pub mod tls_proxy;
 pub mod token_server;
 pub mod worker;

@@ -140,10 +140,14 @@ fn stage_payload(c: &StageCall<'_>) -> Value {
 }
 
 fn base(method: Method, t: &Target) -> http::request::Builder {
-    Request::builder()
+    let b = Request::builder()
         .method(method)
         .uri(t.url.as_str())
-        .header(header::USER_AGENT, crate::core::http::USER_AGENT)
+        .header(header::USER_AGENT, crate::core::http::USER_AGENT);
+    match &t.ca {
+        Some(ca) => b.extension(ca.clone()),
+        None => b,
+    }
 }
 
 fn bearer(b: http::request::Builder, t: &Target) -> http::request::Builder {
@@ -328,6 +332,7 @@ mod request_tests {
             token: Some(Secret::new("tok".into())),
             secret: Some(Secret::new("key".into())),
             git_ref: None,
+            ca: None,
         }
     }
 

@@ -17,7 +17,7 @@ use crate::core::error::RegistryError;
 use crate::core::http::{read_capped, redirect_target, USER_AGENT};
 use crate::core::metrics::{inc, Metrics};
 use crate::core::outbound::{guard, same_origin, OutboundPolicy, Purpose};
-use crate::core::ports::{ByteStream, Clock, Upstream, UpstreamError};
+use crate::core::ports::{ByteStream, Clock, TrustedCa, Upstream, UpstreamError};
 use crate::core::registry::auth::{
     is_auth_host, is_trusted_realm, parse_challenge, parse_token_response, pull_scope,
     token_lifetime_ms, Challenge,
@@ -161,6 +161,7 @@ impl UpstreamClient {
     /// the outbound policy applies to it.
     async fn send_raw(
         &self,
+        ca: Option<&TrustedCa>,
         method: &Method,
         url: &Url,
         accept: Option<&str>,
@@ -171,6 +172,9 @@ impl UpstreamClient {
             .method(method.clone())
             .uri(url.as_str())
             .header(header::USER_AGENT, USER_AGENT);
+        if let Some(ca) = ca {
+            b = b.extension(ca.clone());
+        }
         if let Some((purpose, trusted)) = chosen {
             b = guard(&self.outbound, purpose, url, trusted, b)?;
         }
@@ -229,6 +233,7 @@ impl UpstreamClient {
         };
         let resp = self
             .send_raw(
+                spec.ca.as_ref(),
                 &Method::GET,
                 &url,
                 None,
@@ -274,7 +279,14 @@ impl UpstreamClient {
         let scope = pull_scope(name);
         let auth = self.cached_authorization(spec, &scope);
         let mut resp = self
-            .send_raw(&method, &url, accept, auth.as_deref(), None)
+            .send_raw(
+                spec.ca.as_ref(),
+                &method,
+                &url,
+                accept,
+                auth.as_deref(),
+                None,
+            )
             .await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             let challenge = resp
@@ -299,14 +311,21 @@ impl UpstreamClient {
                         .borrow_mut()
                         .insert((spec.host.clone(), scope.clone()), token, now);
                     resp = self
-                        .send_raw(&method, &url, accept, Some(&value), None)
+                        .send_raw(spec.ca.as_ref(), &method, &url, accept, Some(&value), None)
                         .await?;
                 }
                 Some(Challenge::Basic) if spec.credentials.is_some() && auth.is_none() => {
                     self.basic_hosts.borrow_mut().push(spec.host.clone());
                     let value = basic_value(spec);
                     resp = self
-                        .send_raw(&method, &url, accept, value.as_deref(), None)
+                        .send_raw(
+                            spec.ca.as_ref(),
+                            &method,
+                            &url,
+                            accept,
+                            value.as_deref(),
+                            None,
+                        )
                         .await?;
                 }
                 _ => {}
@@ -320,6 +339,7 @@ impl UpstreamClient {
                 };
                 resp = self
                     .send_raw(
+                        spec.ca.as_ref(),
                         &method,
                         &next,
                         None,
