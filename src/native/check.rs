@@ -274,6 +274,9 @@ impl<'i> Doc<'_, 'i> {
             let message = e.trim_start_matches("configuration: ").to_string();
             problems.push(self.problem_for("server".into(), &message));
         }
+        if let Err(e) = crate::native::probes::DrainPlan::parse(&c.server, None) {
+            problems.push(self.problem_for("server".into(), &e));
+        }
         if problems.is_empty() {
             if let Err(e) = c.resolve(&FormOnly) {
                 problems.push(self.problem_for(String::new(), &e.0));
@@ -409,7 +412,7 @@ mod tests {
 
     #[test]
     fn meaning_errors_name_the_entry_and_key() {
-        let text = "[[upstream]]\nhost = \"a.example\"\nurl = \"https://a.example\"\n\n[[upstream]]\nhost = \"b.example\"\nurl = \"https://b.example\"\n\n[[upstream]]\nhost = \"c.example\"\nurl = \"ftp://c.example\"\npassword = \"hunter2\"\n\n[cache]\nmax_fills = 0\n\n[server]\nmax_connections = 0\n";
+        let text = "[[upstream]]\nhost = \"a.example\"\nurl = \"https://a.example\"\n\n[[upstream]]\nhost = \"b.example\"\nurl = \"https://b.example\"\n\n[[upstream]]\nhost = \"c.example\"\nurl = \"ftp://c.example\"\npassword = \"hunter2\"\n\n[cache]\nmax_fills = 0\n\n[server]\nmax_connections = 0\ndrain = \"soon\"\n";
         let p = check_config_text(text);
         let shown: Vec<String> = p.iter().map(ToString::to_string).collect();
         let find = |path: &str| p.iter().find(|p| p.path == path);
@@ -421,6 +424,10 @@ mod tests {
         assert_eq!(
             find("cache").map(|p| p.at),
             Some(Some((14, 2))),
+            "{shown:?}"
+        );
+        assert!(
+            shown.iter().any(|s| s.contains("server.drain")),
             "{shown:?}"
         );
         assert!(find("server").is_some(), "{shown:?}");

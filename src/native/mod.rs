@@ -323,7 +323,7 @@ struct ConnContext {
     state: Rc<ConnState>,
     storage: Rc<store::StorageReport>,
     body_timeout: std::time::Duration,
-    probes: Rc<probes::Probes>,
+    probes: std::sync::Arc<probes::Probes>,
 }
 
 async fn handle(

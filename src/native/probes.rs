@@ -13,10 +13,10 @@
 
 use crate::core::config::{parse_duration_ms, ServerConfig};
 use crate::core::ports::Readiness;
-use std::cell::Cell;
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Default `drain`: below Kubernetes' default 30 s termination grace period.
@@ -60,32 +60,32 @@ impl DrainPlan {
     }
 }
 
-/// What `/readyz` looks at.
+/// What `/readyz` looks at. Shared by every thread that serves (the drain flag is one).
 pub struct Probes {
     data_dir: PathBuf,
-    draining: Cell<bool>,
+    draining: AtomicBool,
     /// Numbers probe files, so overlapping probes never share one.
-    next: Cell<u64>,
+    next: AtomicU64,
 }
 
 impl Probes {
     /// Probes for a host storing under `data_dir`.
-    pub fn new(data_dir: &Path) -> Rc<Probes> {
-        Rc::new(Probes {
+    pub fn new(data_dir: &Path) -> Arc<Probes> {
+        Arc::new(Probes {
             data_dir: data_dir.to_path_buf(),
-            draining: Cell::new(false),
-            next: Cell::new(0),
+            draining: AtomicBool::new(false),
+            next: AtomicU64::new(0),
         })
     }
 
     /// From now on `/readyz` answers 503.
     pub fn start_drain(&self) {
-        self.draining.set(true);
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     /// Is a drain under way?
     pub fn is_draining(&self) -> bool {
-        self.draining.get()
+        self.draining.load(Ordering::SeqCst)
     }
 
     /// Readiness now: not draining, and a probe file can be written and deleted under the
@@ -94,8 +94,7 @@ impl Probes {
         if self.is_draining() {
             return Readiness::NotReady("draining".into());
         }
-        let n = self.next.get();
-        self.next.set(n.wrapping_add(1));
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
         let probe = self
             .data_dir
             .join(format!(".readyz-{}-{n}", std::process::id()));
@@ -117,7 +116,7 @@ impl Probes {
 
 /// Completes `unready_delay` after the first `signal()` does (or at the second one), having
 /// turned `/readyz` unready at the first: the serve loop stops accepting when this completes.
-pub async fn drain_signal<F, S>(signal: S, probes: Rc<Probes>, plan: DrainPlan)
+pub async fn drain_signal<F, S>(signal: S, probes: Arc<Probes>, plan: DrainPlan)
 where
     S: Fn() -> F,
     F: Future<Output = ()>,
@@ -201,7 +200,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let probes = Probes::new(dir.path());
         rt().block_on(async {
-            let signals = Rc::new(tokio::sync::Semaphore::new(0));
+            let signals = Arc::new(tokio::sync::Semaphore::new(0));
             let plan = DrainPlan {
                 // Only the second signal can end it within the test.
                 unready_delay: Duration::from_secs(24 * 3600),
