@@ -347,6 +347,28 @@ mod request_tests {
     }
 
     #[test]
+    fn a_target_ca_file_travels_with_every_request_kind() {
+        let r = run();
+        let ca = crate::core::ports::TrustedCa("/ca.pem".into());
+        for kind in [
+            TargetKind::GitHubDispatch,
+            TargetKind::GitLabPipeline,
+            TargetKind::CloudEvents,
+            TargetKind::Http,
+        ] {
+            let mut t = target(kind, "https://ci.corp.test/hook");
+            let plain = dispatch_request(&t, &call(&r)).unwrap();
+            assert!(plain
+                .extensions()
+                .get::<crate::core::ports::TrustedCa>()
+                .is_none());
+            t.ca = Some(ca.clone());
+            let req = dispatch_request(&t, &call(&r)).unwrap();
+            assert_eq!(req.extensions().get(), Some(&ca), "{kind:?}");
+        }
+    }
+
+    #[test]
     fn gitlab_pipeline_trigger_is_a_form_with_token_ref_and_variables() {
         let r = run();
         let req = dispatch_request(

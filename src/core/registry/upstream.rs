@@ -419,6 +419,104 @@ mod tests {
         assert!(c.get(&key(0), 0).is_none());
     }
 
+    /// Answers a Bearer challenge, the token, a redirect and the content, recording whether
+    /// each request carried the upstream's `ca_file`.
+    struct CaRecorder {
+        seen: RefCell<Vec<(String, Option<TrustedCa>)>>,
+    }
+
+    #[async_trait::async_trait(?Send)]
+    impl Upstream for CaRecorder {
+        async fn send(
+            &self,
+            request: Request<bytes::Bytes>,
+        ) -> Result<Response<ByteStream>, UpstreamError> {
+            use futures_util::StreamExt;
+            let url = request.uri().to_string();
+            let ca = request.extensions().get::<TrustedCa>().cloned();
+            self.seen.borrow_mut().push((url.clone(), ca));
+            let authorized = request.headers().contains_key(header::AUTHORIZATION);
+            let b = Response::builder();
+            let (b, body) = if url.starts_with("https://auth.corp.test/") {
+                (b.status(200), r#"{"token":"t"}"#)
+            } else if url.starts_with("https://blobs.corp.test/") {
+                (b.status(200), "content")
+            } else if !authorized {
+                (
+                    b.status(401).header(
+                        header::WWW_AUTHENTICATE,
+                        r#"Bearer realm="https://auth.corp.test/token",service="reg""#,
+                    ),
+                    "",
+                )
+            } else {
+                (
+                    b.status(307)
+                        .header(header::LOCATION, "https://blobs.corp.test/b/1"),
+                    "",
+                )
+            };
+            let stream = futures_util::stream::iter([Ok(bytes::Bytes::from(body))]).boxed_local();
+            Ok(b.body(stream).unwrap())
+        }
+    }
+
+    struct Zero;
+    impl Clock for Zero {
+        fn now_ms(&self) -> u64 {
+            0
+        }
+    }
+
+    #[test]
+    fn every_request_for_an_upstream_carries_its_ca_file() {
+        let recorder = Rc::new(CaRecorder {
+            seen: RefCell::new(Vec::new()),
+        });
+        let client =
+            UpstreamClient::new(recorder.clone(), Rc::new(Zero), Rc::new(Metrics::default()));
+        let ca = TrustedCa("/etc/pullgate/corp-ca.pem".into());
+        let spec = UpstreamSpec {
+            host: "reg.corp.test".into(),
+            aliases: vec![],
+            url: Url::parse("https://reg.corp.test").unwrap(),
+            default: false,
+            library_prefix: false,
+            credentials: None,
+            auth_hosts: vec!["auth.corp.test".into()],
+            ca: Some(ca.clone()),
+        };
+        let resp = futures_util::FutureExt::now_or_never(client.request(
+            &spec,
+            Method::GET,
+            "/v2/app/blobs/sha256:00",
+            None,
+            "app",
+            true,
+        ))
+        .expect("no real IO")
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        let seen = recorder.seen.borrow();
+        let hosts: Vec<&str> = seen
+            .iter()
+            .map(|(u, _)| u.split('/').nth(2).unwrap_or(""))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                "reg.corp.test",
+                "auth.corp.test",
+                "reg.corp.test",
+                "blobs.corp.test"
+            ]
+        );
+        assert!(
+            seen.iter().all(|(_, c)| c.as_ref() == Some(&ca)),
+            "{seen:?}"
+        );
+    }
+
     #[test]
     fn refused_addresses_are_bad_upstream_and_the_rest_unavailable() {
         let e = registry_error(UpstreamError::Refused("refused".into()));
