@@ -12,7 +12,7 @@ use crate::core::context::{Ctx, Inner, ResponseNote};
 use crate::core::error::RegistryError;
 use crate::core::http::{error_response, text};
 use crate::core::metrics::{inc, Metrics};
-use crate::core::ports::{ByteStream, Ports};
+use crate::core::ports::{ByteStream, Ports, Readiness};
 use crate::core::registry::media::parse_accept;
 use crate::core::registry::range::parse_range;
 use crate::core::registry::route::{parse_route, Endpoint, Route};
@@ -190,6 +190,14 @@ impl App {
         let (Some(index), Some(name)) = (route.upstream, route.name.as_ref()) else {
             return match route.endpoint {
                 Endpoint::Health => plain(text(StatusCode::OK, "text/plain", "ok\n".into())),
+                Endpoint::Ready => plain(match req.extensions().get::<Readiness>() {
+                    Some(Readiness::NotReady(why)) => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("not ready: {why}\n"),
+                    ),
+                    _ => text(StatusCode::OK, "text/plain", "ready\n".into()),
+                }),
                 Endpoint::Metrics => plain(text(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",

@@ -37,6 +37,23 @@ pub trait Upstream {
     async fn send(&self, request: Request<Bytes>) -> Result<Response<ByteStream>, UpstreamError>;
 }
 
+/// A request extension: trust this private CA (a PEM file, the `ca_file` of the `[[upstream]]`,
+/// `[[helm]]` or `[[target]]` entry the request is for) in addition to the host's roots. Only the
+/// native host honours it; the edge hosts refuse `ca_file` when the configuration loads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TrustedCa(pub std::sync::Arc<str>);
+
+/// A request extension a host puts on `/readyz`: whether it can take traffic (native: not
+/// draining, storage writable). Without one, `/readyz` answers ready: the configuration
+/// loaded and the core is serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Ready.
+    Ready,
+    /// Not ready, and why (shown in the probe's answer; never a secret).
+    NotReady(String),
+}
+
 /// A storage failure.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("storage: {0}")]

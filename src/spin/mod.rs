@@ -41,6 +41,8 @@
 //!   [`crate::stores::s3`]). Either way there is no eviction and `max_size` is ignored.
 //! - `list` reads every key of the store (Spin has no prefix scan), so admin listings cost
 //!   O(keys).
+//! - `ca_file` (`[[upstream]]`, `[[helm]]`, `[[target]]`) is refused when the configuration
+//!   loads: outbound HTTP goes through the Spin runtime, which trusts only its own roots.
 //! - `listen`, `data_dir` and `audit_log` are ignored. The client address for network rules is
 //!   Spin's `spin-client-addr` header.
 
@@ -184,6 +186,9 @@ fn build_app() -> Result<(App, Option<Rc<KvBlobStore>>), String> {
     let text = variable(CONFIG_VAR).map_err(|e| e.to_string())?;
     let (_, settings) =
         config::load(CONFIG_VAR, text.as_deref(), &[], &SpinSecrets).map_err(|e| e.to_string())?;
+    settings
+        .refuse_ca_files()
+        .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
     let store = Rc::new(
         Store::open(KV_STORE)
             .map_err(|e| format!("key-value store {KV_STORE:?} (key_value_stores): {e}"))?,

@@ -33,6 +33,8 @@
 //! - The client address the core sees (network allowlists, rate limits) is `CF-Connecting-IP`;
 //!   rate-limit counters and login-failure lockouts are per isolate, so they are approximate
 //!   (an attacker spread over isolates and locations gets more attempts).
+//! - `ca_file` (`[[upstream]]`, `[[helm]]`, `[[target]]`) is refused when the configuration
+//!   loads: `fetch` trusts only Cloudflare's public roots, so a private CA cannot be added.
 //! - Password verification (argon2) runs inline ([`InlineOffload`]): an isolate has no threads,
 //!   so a check holds the isolate's CPU for its duration and counts against the request's CPU
 //!   limit. Robots should use static tokens or pullgate's Bearer tokens on hot paths.
@@ -158,6 +160,9 @@ fn build_app(env: &Env) -> Result<App, String> {
     let text = env.var(CONFIG_VAR).ok().map(|t| t.to_string());
     let (_, settings) = config::load(CONFIG_VAR, text.as_deref(), &[], &WorkerSecrets { env })
         .map_err(|e| e.to_string())?;
+    settings
+        .refuse_ca_files()
+        .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
     let kv = env
         .kv(KV_BINDING)
         .map_err(|e| format!("KV namespace binding {KV_BINDING}: {e}"))?;

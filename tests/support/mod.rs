@@ -12,6 +12,7 @@
 //! - [`host`]: the one [`host::Host`] shape of those three, and [`scenarios`]: the scenarios
 //!   every host runs (verified pulls, corrupt and token upstreams, stale serving, coalescing).
 //! - [`process`]: process groups killed on drop, bounded polling, free ports.
+//! - [`tls_proxy`]: an openssl-made private CA and a TLS proxy signed by it (`ca_file`).
 //!
 //! The tools come from `scripts/setup.sh`; a missing tool is a panic naming that script, never
 //! a silent skip. Every test owns its ports and temp dirs, so tests run in parallel.
@@ -31,5 +32,6 @@ pub mod registry;
 pub mod scenarios;
 pub mod skopeo;
 pub mod spin;
+pub mod tls_proxy;
 pub mod token_server;
 pub mod worker;

@@ -122,7 +122,7 @@ pub enum RouteFamily {
     Hooks,
     /// `/admin/…`, `/chain…`.
     Admin,
-    /// `/metrics`, `/healthz`.
+    /// `/metrics` and the probes `/healthz`, `/livez`, `/readyz`.
     Metrics,
 }
 
@@ -134,7 +134,7 @@ pub fn route_family(path: &str) -> RouteFamily {
         RouteFamily::Admin
     } else if path.starts_with("/charts/") {
         RouteFamily::Charts
-    } else if path == "/metrics" || path == "/healthz" {
+    } else if matches!(path, "/metrics" | "/healthz" | "/livez" | "/readyz") {
         RouteFamily::Metrics
     } else {
         RouteFamily::Registry

@@ -96,6 +96,13 @@ pub struct ServerConfig {
     /// within this long (default `60s`), so a body trickled a byte at a time cannot hold a
     /// connection.
     pub body_timeout: Option<String>,
+    /// On SIGTERM/SIGINT, after the listener closes, how long in-flight requests and fills get
+    /// to finish (default `25s`, below Kubernetes' 30 s grace period; `--drain` overrides).
+    pub drain: Option<String>,
+    /// On SIGTERM/SIGINT, how long the listener keeps accepting with `/readyz` answering 503
+    /// before it closes (default `0s`; a second signal ends it), for load balancers that poll
+    /// `/readyz`.
+    pub unready_delay: Option<String>,
 }
 
 /// `[cache]`.
@@ -175,6 +182,37 @@ pub fn parse_config(text: &str) -> Result<Config, ConfigError> {
 }
 
 impl Settings {
+    /// Refuses `ca_file` (on `[[upstream]]`, `[[helm]]`, `[[target]]`) for a host whose
+    /// outbound HTTP cannot add trust roots (Workers, Spin): the entries that set one.
+    pub fn refuse_ca_files(&self) -> Result<(), ConfigError> {
+        let users: Vec<String> = self
+            .upstreams
+            .iter()
+            .filter(|u| u.ca.is_some())
+            .map(|u| format!("upstream {}", u.host))
+            .chain(
+                self.helm
+                    .iter()
+                    .filter(|h| h.ca.is_some())
+                    .map(|h| format!("helm {}", h.name)),
+            )
+            .chain(
+                self.gateway
+                    .targets
+                    .iter()
+                    .filter(|t| t.ca.is_some())
+                    .map(|t| format!("target {}", t.name)),
+            )
+            .collect();
+        if users.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigError(format!(
+            "ca_file is not supported on this host (its outbound HTTP trusts only the platform's roots): {}",
+            users.join(", ")
+        )))
+    }
+
     /// The freshness rule of tag records, tag lists and chart indexes.
     pub fn freshness(&self) -> crate::core::freshness::Freshness {
         crate::core::freshness::Freshness {
@@ -334,6 +372,31 @@ mod tests {
         )
         .unwrap();
         assert!(twice.resolve(&MapSecrets).is_err());
+    }
+
+    #[test]
+    fn ca_files_are_named_when_a_host_refuses_them() {
+        let none = Config::default().resolve(&MapSecrets).unwrap();
+        assert!(none.refuse_ca_files().is_ok());
+        let c = parse_config(
+            "[[upstream]]\nhost = \"r.example\"\nurl = \"https://r.example\"\nca_file = \"/ca.pem\"\n[[helm]]\nname = \"h\"\nurl = \"https://h.example\"\nca_file = \"/ca.pem\"\n",
+        )
+        .unwrap();
+        let e = c
+            .resolve(&MapSecrets)
+            .unwrap()
+            .refuse_ca_files()
+            .unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("not supported on this host"), "{e}");
+        assert!(
+            e.contains("upstream r.example") && e.contains("helm h"),
+            "{e}"
+        );
+        let empty =
+            parse_config("[[helm]]\nname = \"h\"\nurl = \"https://h.example\"\nca_file = \"\"\n")
+                .unwrap();
+        assert!(empty.resolve(&MapSecrets).is_err());
     }
 
     #[test]

@@ -76,6 +76,9 @@ pub struct HelmConfig {
     /// own that its chart URLs may point at. Empty by default: only the index's host.
     #[serde(default)]
     pub chart_hosts: Vec<String>,
+    /// A PEM file of private CA certificates trusted for this repository (its index, charts
+    /// and redirects), in addition to the system store and the bundled roots. Native only.
+    pub ca_file: Option<String>,
 }
 
 /// A resolved chart repository.
@@ -87,6 +90,8 @@ pub struct HelmRepo {
     pub url: Url,
     /// Hosts besides the index's own that chart URLs may point at.
     pub chart_hosts: Vec<hosts::ChartHost>,
+    /// `ca_file`: the private CA every request for this repository carries.
+    pub ca: Option<crate::core::ports::TrustedCa>,
 }
 
 /// Resolves and checks the `[[helm]]` entries.
@@ -129,6 +134,10 @@ pub fn resolve(entries: &[HelmConfig]) -> Result<Vec<HelmRepo>, ConfigError> {
             name: e.name.clone(),
             url,
             chart_hosts,
+            ca: crate::core::registry::config::parse_ca_file(
+                &format!("helm repository {}", e.name),
+                e.ca_file.as_deref(),
+            )?,
         });
     }
     Ok(out)
