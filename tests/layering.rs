@@ -77,13 +77,11 @@ fn feature_of(file: &str) -> Option<&str> {
 /// Source without comments and test-only items: a `#[cfg(test)]` item is dropped — an inline
 /// `mod … { … }` up to its closing brace, anything else (`mod tests;`, a `use`) to its `;`.
 fn non_test(text: &str) -> String {
-    // Comments (docs included) name modules without depending on them.
+    // Comment lines (docs included) name modules without depending on them. Only whole
+    // comment lines are dropped: a `//` inside a line may be a URL in a string.
     let code: String = text
         .lines()
-        .map(|l| match l.find("//") {
-            Some(i) => &l[..i],
-            None => l,
-        })
+        .filter(|l| !l.trim_start().starts_with("//"))
         .collect::<Vec<_>>()
         .join("\n");
     let mut out = String::new();

@@ -176,7 +176,7 @@ impl<'i> Doc<'_, 'i> {
         // Upstream entries: the registry's own check names the key at fault.
         let mut upstream_found = false;
         for (i, u) in c.upstream.iter().enumerate() {
-            for (key, e) in crate::core::registry::config::check_upstream(u, &FormOnly) {
+            for (key, e) in crate::core::config::check_upstream(u, &FormOnly) {
                 problems.push(self.problem_for(format!("upstream[{i}].{key}"), &e.0));
                 upstream_found = true;
             }

@@ -7,8 +7,10 @@
 
 pub mod value;
 
+pub use crate::core::registry::config::{
+    check_upstream, Credentials, UpstreamConfig, UpstreamSpec, DOCKER_HUB,
+};
 use crate::core::registry::config::{resolve_upstreams, upstream_flag};
-pub use crate::core::registry::config::{Credentials, UpstreamConfig, UpstreamSpec, DOCKER_HUB};
 pub use value::{
     normalize_host, parse_duration_ms, parse_size, ConfigError, Secret, SecretResolver,
 };
@@ -52,7 +54,7 @@ pub struct Config {
     pub gateway: crate::core::gateway::config::GatewayConfig,
     /// Classic Helm chart repositories.
     #[serde(default)]
-    pub helm: Vec<crate::core::helm::HelmConfig>,
+    pub helm: Vec<crate::core::helm::config::HelmConfig>,
     /// Native only: where the audit log goes (default `<data_dir>/audit.log`; `-` for stderr).
     pub audit_log: Option<String>,
     /// Authentication on the mirror.
@@ -146,7 +148,7 @@ pub struct Settings {
     /// The build-trigger gateway.
     pub gateway: crate::core::gateway::config::GatewaySettings,
     /// Classic Helm chart repositories.
-    pub helm: Vec<crate::core::helm::HelmRepo>,
+    pub helm: Vec<crate::core::helm::config::HelmRepo>,
     /// Access control, network rules and rate limits.
     pub access: crate::core::access::AccessSettings,
     /// The outbound address policy for upstream-chosen URLs (shared with the requests that
@@ -260,7 +262,7 @@ impl Config {
                 },
                 secrets,
             )?,
-            helm: crate::core::helm::resolve(&self.helm)?,
+            helm: crate::core::helm::config::resolve(&self.helm)?,
             access: crate::core::access::resolve(
                 crate::core::access::AccessInput {
                     auth: &self.auth,
