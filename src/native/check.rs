@@ -163,55 +163,81 @@ impl<'i> Doc<'_, 'i> {
 
     /// Pass 3: each section resolved alone.
     fn meaning_problems(&self, c: &Config) -> Vec<Problem> {
-        let mut problems = Vec::new();
         let d = Config::default;
-        problems.extend(self.unit(
+        let mut problems = self.unit(
             "cache",
             Config {
                 cache: c.cache.clone(),
                 ..d()
             },
             vec![],
+        );
+        problems.extend(self.upstream_problems(c));
+        let helm_entries = c
+            .helm
+            .iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let one = Config {
+                    helm: vec![h.clone()],
+                    ..d()
+                };
+                (format!("helm[{i}]"), one)
+            })
+            .collect();
+        let helm = Config {
+            helm: c.helm.clone(),
+            ..d()
+        };
+        problems.extend(self.unit("helm", helm, helm_entries));
+        problems.extend(self.gateway_problems(c));
+        problems.extend(self.access_problems(c));
+        problems.extend(self.unit(
+            "outbound",
+            Config {
+                outbound: c.outbound.clone(),
+                ..d()
+            },
+            vec![],
         ));
-        // Upstream entries: the registry's own check names the key at fault.
-        let mut upstream_found = false;
+        if let Err(e) = crate::native::listener::ServerLimits::parse(&c.server) {
+            let message = e.trim_start_matches("configuration: ").to_string();
+            problems.push(self.problem_for("server".into(), &message));
+        }
+        if let Err(e) = crate::native::probes::DrainPlan::parse(&c.server, None) {
+            problems.push(self.problem_for("server".into(), &e));
+        }
+        if problems.is_empty() {
+            if let Err(e) = c.resolve(&FormOnly) {
+                problems.push(self.problem_for(String::new(), &e.0));
+            }
+        }
+        problems
+    }
+
+    /// Upstream entries: the registry's own check names the key at fault; the list as a whole
+    /// (duplicate names, two defaults) when no entry is at fault.
+    fn upstream_problems(&self, c: &Config) -> Vec<Problem> {
+        let mut problems = Vec::new();
         for (i, u) in c.upstream.iter().enumerate() {
             for (key, e) in crate::core::config::check_upstream(u, &FormOnly) {
                 problems.push(self.problem_for(format!("upstream[{i}].{key}"), &e.0));
-                upstream_found = true;
             }
         }
-        if !upstream_found {
-            problems.extend(self.unit(
-                "upstream",
-                Config {
-                    builtin_upstreams: c.builtin_upstreams,
-                    upstream: c.upstream.clone(),
-                    ..d()
-                },
-                vec![],
-            ));
+        if problems.is_empty() {
+            let all = Config {
+                builtin_upstreams: c.builtin_upstreams,
+                upstream: c.upstream.clone(),
+                ..Config::default()
+            };
+            problems.extend(self.unit("upstream", all, vec![]));
         }
-        problems.extend(
-            self.unit(
-                "helm",
-                Config {
-                    helm: c.helm.clone(),
-                    ..d()
-                },
-                c.helm
-                    .iter()
-                    .enumerate()
-                    .map(|(i, h)| {
-                        let one = Config {
-                            helm: vec![h.clone()],
-                            ..d()
-                        };
-                        (format!("helm[{i}]"), one)
-                    })
-                    .collect(),
-            ),
-        );
+        problems
+    }
+
+    /// The gateway's sections together, then each target and webhook alone.
+    fn gateway_problems(&self, c: &Config) -> Vec<Problem> {
+        let d = Config::default;
         let gateway = Config {
             webhook: c.webhook.clone(),
             target: c.target.clone(),
@@ -236,7 +262,12 @@ impl<'i> Doc<'_, 'i> {
             };
             entries.push((format!("webhook[{i}]"), one));
         }
-        problems.extend(self.unit("gateway", gateway, entries));
+        self.unit("gateway", gateway, entries)
+    }
+
+    /// The access sections together, then each network rule and identity alone.
+    fn access_problems(&self, c: &Config) -> Vec<Problem> {
+        let d = Config::default;
         let access = Config {
             auth: c.auth.clone(),
             identity: c.identity.clone(),
@@ -261,28 +292,7 @@ impl<'i> Doc<'_, 'i> {
             };
             entries.push((format!("identity[{i}]"), one));
         }
-        problems.extend(self.unit("auth", access, entries));
-        problems.extend(self.unit(
-            "outbound",
-            Config {
-                outbound: c.outbound.clone(),
-                ..d()
-            },
-            vec![],
-        ));
-        if let Err(e) = crate::native::listener::ServerLimits::parse(&c.server) {
-            let message = e.trim_start_matches("configuration: ").to_string();
-            problems.push(self.problem_for("server".into(), &message));
-        }
-        if let Err(e) = crate::native::probes::DrainPlan::parse(&c.server, None) {
-            problems.push(self.problem_for("server".into(), &e));
-        }
-        if problems.is_empty() {
-            if let Err(e) = c.resolve(&FormOnly) {
-                problems.push(self.problem_for(String::new(), &e.0));
-            }
-        }
-        problems
+        self.unit("auth", access, entries)
     }
 }
 
