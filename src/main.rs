@@ -30,6 +30,9 @@ enum Command {
         /// Configuration file (TOML; the schema every host shares).
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Serving threads [default: `[server] workers`, else the available cores].
+        #[arg(long, value_name = "N")]
+        workers: Option<usize>,
     },
     /// Read a password on standard input and print its argon2id hash for `[[identity]]`.
     HashPassword,
@@ -43,11 +46,13 @@ fn main() {
             data_dir,
             upstream,
             config,
+            workers,
         } => pullgate::native::serve(pullgate::native::ServeOptions {
             listen,
             data_dir,
             upstreams: upstream,
             config,
+            workers,
         }),
         Command::HashPassword => hash_password(),
     };

@@ -35,6 +35,20 @@ impl App {
         }
     }
 
+    /// Coalesces this instance's blob fills with other instances' through `coordinator`
+    /// (the native host's threads share one); without it every fill is this instance's own.
+    pub fn with_fill_coordinator(
+        self,
+        coordinator: Rc<dyn crate::core::ports::FillCoordinator>,
+    ) -> App {
+        let port = self
+            .inner
+            .slots
+            .get::<crate::core::registry::fill::FillPort>();
+        *port.0.borrow_mut() = coordinator;
+        self
+    }
+
     pub(crate) fn from_inner(inner: Rc<Inner>) -> App {
         App { inner }
     }

@@ -96,6 +96,9 @@ pub struct ServerConfig {
     /// within this long (default `60s`), so a body trickled a byte at a time cannot hold a
     /// connection.
     pub body_timeout: Option<String>,
+    /// Serving threads, each with its own event loop and core instance (default: the
+    /// machine's available cores).
+    pub workers: Option<usize>,
 }
 
 /// `[cache]`.

@@ -33,12 +33,13 @@ use crate::core::context::Ctx;
 use crate::core::error::RegistryError;
 use crate::core::http::{response, set_header};
 use crate::core::metrics::inc;
-use crate::core::registry::fill::{fill_stream, Fill};
+use crate::core::ports::FillClaim;
+use crate::core::registry::fill::{fill_stream, Fill, FillPort};
 use crate::core::registry::links::{self, Kind, Notes, Via};
 use crate::core::registry::media::header as h;
 use crate::core::registry::range::{ByteRange, RangeOutcome};
 use crate::core::registry::reference::Digest;
-use crate::core::registry::transfer::drive;
+use crate::core::registry::transfer::{drive, drive_follower};
 use futures_util::future::FutureExt;
 use http::{header, Method, Response, StatusCode};
 
@@ -175,6 +176,17 @@ fn fill_cap_reached(ctx: &Ctx<'_>) -> Response<Body> {
     resp
 }
 
+/// A new local fill of `digest` for the request's repository, registered so later misses on
+/// this instance join it.
+fn start_fill(ctx: &Ctx<'_>, digest: &Digest) -> std::rc::Rc<Fill> {
+    let f = Fill::new(ctx.up_index, ctx.name.clone());
+    ctx.inner
+        .fills
+        .borrow_mut()
+        .insert(digest.as_str().to_string(), f.clone());
+    f
+}
+
 /// `GET|HEAD /v2/<name>/blobs/<digest>`.
 pub(crate) async fn get(
     ctx: &Ctx<'_>,
@@ -239,23 +251,43 @@ async fn get_noted(
                 ));
                 return Ok((fill_cap_reached(ctx), CacheStatus::None));
             }
-            m.miss(&ctx.up.host);
-            let f = Fill::new(ctx.up_index, ctx.name.clone());
-            ctx.inner
-                .fills
-                .borrow_mut()
-                .insert(digest.as_str().to_string(), f.clone());
-            ctx.inner.ports.deferred.spawn(
-                drive(
-                    ctx.inner.clone(),
-                    f.clone(),
-                    ctx.up_index,
-                    ctx.name.clone(),
-                    digest.clone(),
-                )
-                .boxed_local(),
-            );
-            (f, CacheStatus::Miss)
+            let scope = format!("{}/{}", ctx.up.host, ctx.name);
+            let coordinator = ctx.inner.slots.get::<FillPort>().0.borrow().clone();
+            match coordinator.claim(digest, &scope) {
+                FillClaim::Lead(lease) => {
+                    m.miss(&ctx.up.host);
+                    let f = start_fill(ctx, digest);
+                    ctx.inner.ports.deferred.spawn(
+                        drive(
+                            ctx.inner.clone(),
+                            f.clone(),
+                            lease,
+                            (ctx.up_index, ctx.name.clone(), digest.clone()),
+                        )
+                        .boxed_local(),
+                    );
+                    (f, CacheStatus::Miss)
+                }
+                FillClaim::Follow(watch) => {
+                    if watch.scope() != scope {
+                        // Another thread's fill for another repository: entitled first.
+                        links::entitle(ctx, digest, Kind::Blob, None, notes).await?;
+                    }
+                    inc(&m.coalesced_waits);
+                    // A local fill may have started while this one was being entitled.
+                    let f = match lookup() {
+                        Some(f) => f,
+                        None => {
+                            let f = start_fill(ctx, digest);
+                            let follower =
+                                drive_follower(ctx.inner.clone(), f.clone(), watch, digest.clone());
+                            ctx.inner.ports.deferred.spawn(follower.boxed_local());
+                            f
+                        }
+                    };
+                    (f, CacheStatus::Coalesced)
+                }
+            }
         }
     };
     fill.wait_started().await?;
