@@ -149,6 +149,25 @@ def cmd_load(url, seconds, conns, accept):
 # report
 
 
+def cmd_sha_time(path, runs="3"):
+    """Seconds to sha256 a file on one core (OpenSSL's hashlib, SHA extensions when the CPU
+    has them, as pullgate's sha2 crate uses), best-of nothing: one figure per run."""
+    import hashlib
+    import time
+    out = []
+    for _ in range(int(runs)):
+        h = hashlib.sha256()
+        t0 = time.perf_counter()
+        with open(path, "rb", buffering=0) as f:
+            while True:
+                b = f.read(1 << 20)
+                if not b:
+                    break
+                h.update(b)
+        out.append(f"{time.perf_counter() - t0:.3f}")
+    print(" ".join(out))
+
+
 def read_results(path):
     r = {}
     with open(path) as f:
@@ -375,6 +394,7 @@ def main():
         "upstream-gets": cmd_upstream_gets,
         "load": cmd_load,
         "report": cmd_report,
+        "sha-time": cmd_sha_time,
     }.get(cmd)
     if fn is None:
         print(__doc__, file=sys.stderr)

@@ -385,16 +385,13 @@ for ((i = 0; i < COLD_RUNS; i++)); do
 done
 put cpu_cold_pg "$(cpu_per_gib "$pg_t0" "$(cpu_ticks "$PG_PID")" $((COLD_RUNS * SIZE_BYTES)))"
 put cpu_cold_peer "$(cpu_per_gib "$peer_t0" "$(cpu_ticks "$PEER_PID")" $((COLD_RUNS * SIZE_BYTES)))"
-# The floor: hashing the layer on one core (sha256sum over the upstream's copy, in the page
+# The floor: hashing the layer on one core (hashlib over the upstream's copy, in the page
 # cache after the direct GETs), median of 3; a verifying cache cannot be faster than that.
 hex="${COLD[0]#sha256:}"
 layer_file="$WORK/upstream-data/docker/registry/v2/blobs/sha256/${hex:0:2}/$hex/data"
 sha_s=()
 if [ -f "$layer_file" ]; then
-    for ((i = 0; i < 3; i++)); do
-        s0="$(date +%s.%N)"; sha256sum "$layer_file" >/dev/null; s1="$(date +%s.%N)"
-        sha_s+=("$(awk -v a="$s0" -v b="$s1" 'BEGIN{printf "%.3f", b-a}')")
-    done
+    read -r -a sha_s < <(python3 "$PY" sha-time "$layer_file" 3)
 fi
 put cold_sha_s "${sha_s[*]}"
 log "   sha256 of one layer on one core: ${sha_s[*]} s"

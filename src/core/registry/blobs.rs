@@ -27,6 +27,15 @@
 //! that completes links the blob to the repository it was fetched for. At most
 //! `[cache] max_fills` fills run at once per instance; a further miss answers 503 UNAVAILABLE
 //! with `Retry-After` instead of opening another upstream transfer and staged write.
+//!
+//! Across instances (the native host's worker threads), the [`FillCoordinator`] port is asked
+//! before a miss starts a fill of its own: when another instance already runs one for the
+//! digest, this instance *follows* it (a local fill mirroring the other's progress, read from
+//! its staged write, the last [`HOLDBACK`] bytes still withheld until the other reports the
+//! blob verified and committed). Following needs no fill slot; leading does.
+//!
+//! [`FillCoordinator`]: crate::core::ports::FillCoordinator
+//! [`HOLDBACK`]: crate::core::registry::fill::HOLDBACK
 
 use crate::core::body::{Body, CacheStatus};
 use crate::core::context::Ctx;
@@ -244,17 +253,19 @@ async fn get_noted(
             (f, CacheStatus::Coalesced)
         }
         None => {
-            if ctx.inner.fills.borrow().len() >= ctx.inner.settings.max_fills {
-                notes.push(format!(
-                    "fill cap of {} reached",
-                    ctx.inner.settings.max_fills
-                ));
-                return Ok((fill_cap_reached(ctx), CacheStatus::None));
-            }
             let scope = format!("{}/{}", ctx.up.host, ctx.name);
             let coordinator = ctx.inner.slots.get::<FillPort>().0.borrow().clone();
             match coordinator.claim(digest, &scope) {
                 FillClaim::Lead(lease) => {
+                    if ctx.inner.fills.borrow().len() >= ctx.inner.settings.max_fills {
+                        // Dropping the lease frees the digest for another instance.
+                        drop(lease);
+                        notes.push(format!(
+                            "fill cap of {} reached",
+                            ctx.inner.settings.max_fills
+                        ));
+                        return Ok((fill_cap_reached(ctx), CacheStatus::None));
+                    }
                     m.miss(&ctx.up.host);
                     let f = start_fill(ctx, digest);
                     ctx.inner.ports.deferred.spawn(
