@@ -266,6 +266,11 @@ pub struct FillProgress {
 pub trait FillCoordinator {
     /// Leads or follows the fill of `digest` for `scope`.
     fn claim(&self, digest: &Digest, scope: &str) -> FillClaim;
+    /// Whether other instances share this coordinator (and so may commit a blob between this
+    /// instance's store lookup and its claim: a lead then checks the store once more).
+    fn is_shared(&self) -> bool {
+        true
+    }
 }
 
 /// The answer to [`FillCoordinator::claim`].
@@ -310,5 +315,9 @@ impl FillLease for NoLease {
 impl FillCoordinator for LocalFills {
     fn claim(&self, _: &Digest, _: &str) -> FillClaim {
         FillClaim::Lead(Box::new(NoLease))
+    }
+
+    fn is_shared(&self) -> bool {
+        false
     }
 }

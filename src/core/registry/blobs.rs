@@ -42,7 +42,7 @@ use crate::core::context::Ctx;
 use crate::core::error::RegistryError;
 use crate::core::http::{response, set_header};
 use crate::core::metrics::inc;
-use crate::core::ports::FillClaim;
+use crate::core::ports::{FillClaim, FillProgress};
 use crate::core::registry::fill::{fill_stream, Fill, FillPort};
 use crate::core::registry::links::{self, Kind, Notes, Via};
 use crate::core::registry::media::header as h;
@@ -265,6 +265,27 @@ async fn get_noted(
                             ctx.inner.settings.max_fills
                         ));
                         return Ok((fill_cap_reached(ctx), CacheStatus::None));
+                    }
+                    // Another instance may have committed the blob since it was looked
+                    // up: then the lease ends at once (anyone following reads the store).
+                    let committed = match coordinator.is_shared() {
+                        true => ctx.inner.ports.blobs.stat(digest).await.ok().flatten(),
+                        false => None,
+                    };
+                    if let Some(size) = committed {
+                        lease.report(&FillProgress {
+                            started: true,
+                            size: Some(size),
+                            persisted: size,
+                            outcome: Some(Ok(())),
+                        });
+                        if let Some(resp) = from_store(ctx, digest, range, notes).await? {
+                            m.hit(&ctx.up.host);
+                            return Ok((resp, CacheStatus::Hit));
+                        }
+                        return Err(RegistryError::Unavailable(format!(
+                            "blob {digest} was evicted while it was served; retry"
+                        )));
                     }
                     m.miss(&ctx.up.host);
                     let f = start_fill(ctx, digest);
