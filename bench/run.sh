@@ -10,8 +10,12 @@
 #   1. warm blob throughput (median MiB/s of sequential GETs after one warming GET)
 #   2. cold blob GET time through each cache vs directly from the upstream (medians, each cold)
 #   3. upstream blob GETs for N concurrent cold pulls of one layer (+ sha256 of every download)
-#   4. warm manifest-by-tag requests/s (wrk, or a bounded python loader when wrk is missing)
-#   5. peak RSS (VmHWM) of each server over the whole run
+#   4. warm manifest-by-tag requests/s (wrk, or a bounded python loader when wrk is missing),
+#      against a bare multi-threaded hyper server answering the same manifest (the ceiling)
+#   5. peak RSS (VmHWM) of each server over the whole run, and under the 16-client warm load
+#   6. 16 concurrent warm clients, aggregate MiB/s, pullgate with workers = cores and = 1
+#   7. the cold floor: max(direct GET, sha256 of the layer on one core)
+#   8. CPU seconds per GiB served, warm and cold (utime + stime of each server)
 # Prints a table with pass/fail against the targets and writes bench/results.md.
 #
 # Environment:
@@ -20,10 +24,14 @@
 #   BENCH_COLD_RUNS     cold GETs per server, each with a fresh layer (default 5)
 #   BENCH_CONCURRENCY   concurrent cold pulls (default 8)
 #   BENCH_WRK_SECONDS   manifest load duration (default 5)
-#   BENCH_WRK_CONNS     manifest load connections (default 4)
+#   BENCH_WRK_CONNS     manifest load connections (default 16)
+#   BENCH_WRK_THREADS   wrk threads (default 2)
+#   BENCH_AGG_CLIENTS   concurrent warm clients for the aggregate row (default 16)
+#   BENCH_AGG_RUNS      rounds of the aggregate row (default 3)
 #   BENCH_DEADLINE      seconds after which the script stops itself (default 900)
 #   BENCH_RESULTS_MD    where to write the markdown (default bench/results.md)
 #   PULLGATE_BIN        use this binary instead of building with `cargo build --release`
+#   BARE_BIN            the ceiling server (default: built with `cargo build --release --example bare_manifest`)
 #   REGISTRY_BIN        docker-registry binary (default: docker-registry on PATH)
 #
 # Network: loopback only. Every wait loop is bounded in count, every request in time, and a
@@ -40,7 +48,10 @@ WARM_RUNS="${BENCH_WARM_RUNS:-11}"
 COLD_RUNS="${BENCH_COLD_RUNS:-5}"
 CONC="${BENCH_CONCURRENCY:-8}"
 WRK_SECONDS="${BENCH_WRK_SECONDS:-5}"
-WRK_CONNS="${BENCH_WRK_CONNS:-4}"
+WRK_CONNS="${BENCH_WRK_CONNS:-16}"
+WRK_THREADS="${BENCH_WRK_THREADS:-2}"
+AGG_CLIENTS="${BENCH_AGG_CLIENTS:-16}"
+AGG_RUNS="${BENCH_AGG_RUNS:-3}"
 DEADLINE="${BENCH_DEADLINE:-900}"
 RESULTS_MD="${BENCH_RESULTS_MD:-$HERE/results.md}"
 REGISTRY_BIN="${REGISTRY_BIN:-docker-registry}"
@@ -52,7 +63,7 @@ SIZE_BYTES=$((SIZE_MIB * 1024 * 1024))
 # Time limit for one request moving one layer (generous: a slow machine at 20 MiB/s).
 XFER_MAX=$((30 + SIZE_MIB / 20))
 
-for v in SIZE_MIB WARM_RUNS COLD_RUNS CONC WRK_SECONDS WRK_CONNS DEADLINE; do
+for v in SIZE_MIB WARM_RUNS COLD_RUNS CONC WRK_SECONDS WRK_CONNS WRK_THREADS AGG_CLIENTS AGG_RUNS DEADLINE; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || { echo "bench: $v must be a positive integer (got '${!v}')" >&2; exit 2; }
 done
 
@@ -93,9 +104,17 @@ if [ -n "${PULLGATE_BIN:-}" ]; then
 else
     log "cargo build --release"
     (cd "$ROOT" && cargo build --release --quiet) || die "cargo build --release failed"
-    PG_BIN="$ROOT/target/release/pullgate"
+    PG_BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release/pullgate"
 fi
 [ -x "$PG_BIN" ] || die "pullgate binary not found at $PG_BIN"
+if [ -n "${BARE_BIN:-}" ]; then
+    BARE="$BARE_BIN"
+else
+    log "cargo build --release --example bare_manifest"
+    (cd "$ROOT" && cargo build --release --quiet --example bare_manifest) || die "building bare_manifest failed"
+    BARE="${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bare_manifest"
+fi
+[ -x "$BARE" ] || die "bare_manifest binary not found at $BARE"
 
 # ---------------------------------------------------------------------------------------------
 # temp dir, process bookkeeping, cleanup, watchdog
@@ -268,7 +287,18 @@ PG="http://127.0.0.1:$PG_PORT"
 PG_PID=$!
 PIDS+=("$PG_PID")
 wait_http "$PG/metrics" pullgate "$PG_PID"
-log "pullgate on $PG (pid $PG_PID)"
+log "pullgate on $PG (pid $PG_PID, workers = $(nproc))"
+put pg_workers "$(nproc)"
+
+# The same binary with one worker (its own data dir), for the workers 1 vs N row.
+PG1_PORT="$(port)"
+PG1="http://127.0.0.1:$PG1_PORT"
+"$PG_BIN" serve --workers 1 --listen "127.0.0.1:$PG1_PORT" --data-dir "$WORK/pullgate1-data" \
+    --upstream "docker.io=$UP" >"$WORK/pullgate1.out" 2>"$WORK/pullgate1.log" &
+PG1_PID=$!
+PIDS+=("$PG1_PID")
+wait_http "$PG1/metrics" "pullgate (1 worker)" "$PG1_PID"
+log "pullgate with workers = 1 on $PG1 (pid $PG1_PID)"
 
 PEER_PORT="$(port)"
 PEER="http://127.0.0.1:$PEER_PORT"
@@ -295,6 +325,14 @@ sha_get() { # url -> prints "sha256:<hex>" of the body; empty on a failed transf
     if [ -n "$sum" ]; then echo "sha256:$sum"; fi
 }
 
+CLK_TCK="$(getconf CLK_TCK)"
+cpu_ticks() { # pid -> utime + stime in clock ticks
+    awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0
+}
+cpu_per_gib() { # ticks_before ticks_after bytes -> CPU seconds per GiB
+    awk -v a="$1" -v b="$2" -v n="$3" -v hz="$CLK_TCK" 'BEGIN{ if (n > 0) printf "%.3f", (b - a) / hz / (n / 1073741824); else print "nan" }'
+}
+
 metric() { # base name -> value, summed over label sets (0 if absent)
     curl -s --max-time 5 "$1/metrics" \
         | awk -v n="$2" '$1==n || index($1, n"{")==1 {v+=$NF} END{printf "%.0f\n", v}' || echo 0
@@ -314,11 +352,14 @@ for who in PG PEER; do
     fi
 done
 warm_pg=(); warm_peer=()
+pg_t0="$(cpu_ticks "$PG_PID")"; peer_t0="$(cpu_ticks "$PEER_PID")"
 for ((i = 1; i <= WARM_RUNS; i++)); do
     warm_pg+=("$(timed_get "$(blob_url "$PG" "$BIG")")")
     warm_peer+=("$(timed_get "$(blob_url "$PEER" "$BIG")")")
     log "   run $i: pullgate ${warm_pg[-1]} s, peer ${warm_peer[-1]} s"
 done
+put cpu_warm_pg "$(cpu_per_gib "$pg_t0" "$(cpu_ticks "$PG_PID")" $((WARM_RUNS * SIZE_BYTES)))"
+put cpu_warm_peer "$(cpu_per_gib "$peer_t0" "$(cpu_ticks "$PEER_PID")" $((WARM_RUNS * SIZE_BYTES)))"
 put warm_pg_s "${warm_pg[*]}"
 put warm_peer_s "${warm_peer[*]}"
 put warm_ok "$warm_ok"
@@ -328,6 +369,7 @@ put warm_ok "$warm_ok"
 
 log "2. cold GETs: $COLD_RUNS runs, each with a layer neither cache has seen; order rotates"
 cold_pg=(); cold_peer=(); cold_direct=()
+pg_t0="$(cpu_ticks "$PG_PID")"; peer_t0="$(cpu_ticks "$PEER_PID")"
 for ((i = 0; i < COLD_RUNS; i++)); do
     d="${COLD[$i]}"
     order=(direct pg peer)
@@ -341,6 +383,18 @@ for ((i = 0; i < COLD_RUNS; i++)); do
     done
     log "   run $((i + 1)) (${order[*]}): direct ${cold_direct[-1]} s, pullgate ${cold_pg[-1]} s, peer ${cold_peer[-1]} s"
 done
+put cpu_cold_pg "$(cpu_per_gib "$pg_t0" "$(cpu_ticks "$PG_PID")" $((COLD_RUNS * SIZE_BYTES)))"
+put cpu_cold_peer "$(cpu_per_gib "$peer_t0" "$(cpu_ticks "$PEER_PID")" $((COLD_RUNS * SIZE_BYTES)))"
+# The floor: hashing the layer on one core (hashlib over the upstream's copy, in the page
+# cache after the direct GETs), median of 3; a verifying cache cannot be faster than that.
+hex="${COLD[0]#sha256:}"
+layer_file="$WORK/upstream-data/docker/registry/v2/blobs/sha256/${hex:0:2}/$hex/data"
+sha_s=()
+if [ -f "$layer_file" ]; then
+    read -r -a sha_s < <(python3 "$PY" sha-time "$layer_file" 3)
+fi
+put cold_sha_s "${sha_s[*]}"
+log "   sha256 of one layer on one core: ${sha_s[*]} s"
 # The cold copies must have been stored right: a second GET through each cache, verified.
 cold_ok=1
 for who in PG PEER; do
@@ -354,6 +408,44 @@ put cold_pg_s "${cold_pg[*]}"
 put cold_peer_s "${cold_peer[*]}"
 put cold_direct_s "${cold_direct[*]}"
 put cold_ok "$cold_ok"
+
+# ---------------------------------------------------------------------------------------------
+# 6. 16 concurrent warm clients, aggregate; peak RSS under that load
+
+agg_run() { # base pid -> aggregate MiB/s of AGG_CLIENTS concurrent warm GETs
+    local base="$1" i start end okn=0 pids=()
+    start="$(date +%s.%N)"
+    for ((i = 1; i <= AGG_CLIENTS; i++)); do
+        (curl -s -o /dev/null --max-time "$XFER_MAX" -w '%{http_code} %{size_download}' \
+            "$(blob_url "$base" "$BIG")" >"$WORK/agg.$i" || true) &
+        pids+=("$!")
+    done
+    for p in "${pids[@]}"; do wait "$p" || true; done
+    end="$(date +%s.%N)"
+    for ((i = 1; i <= AGG_CLIENTS; i++)); do
+        [ "$(cat "$WORK/agg.$i")" = "200 $SIZE_BYTES" ] && okn=$((okn + 1))
+    done
+    [ "$okn" = "$AGG_CLIENTS" ] || die "aggregate run via $base: $okn/$AGG_CLIENTS complete transfers"
+    awk -v a="$start" -v b="$end" -v n="$AGG_CLIENTS" -v m="$SIZE_MIB" 'BEGIN{printf "%.1f", n * m / (b - a)}'
+}
+log "6. $AGG_CLIENTS concurrent warm clients, aggregate, $AGG_RUNS rounds (pullgate workers = $(nproc), = 1, peer)"
+got="$(sha_get "$(blob_url "$PG1" "$BIG")")"
+[ "$got" = "$BIG" ] || log "warming GET via pullgate (1 worker): sha256 ${got:-<failed>} != $BIG"
+# Reset each server's peak RSS (clear_refs 5), so VmHWM afterwards is the peak under this load.
+for pid in "$PG_PID" "$PEER_PID"; do echo 5 >"/proc/$pid/clear_refs" 2>/dev/null || true; done
+agg_pg=(); agg_pg1=(); agg_peer=()
+for ((i = 1; i <= AGG_RUNS; i++)); do
+    agg_pg+=("$(agg_run "$PG")")
+    agg_pg1+=("$(agg_run "$PG1")")
+    agg_peer+=("$(agg_run "$PEER")")
+    log "   round $i: pullgate ${agg_pg[-1]} MiB/s, pullgate (1 worker) ${agg_pg1[-1]} MiB/s, peer ${agg_peer[-1]} MiB/s"
+done
+put agg_clients "$AGG_CLIENTS"
+put agg_pg "${agg_pg[*]}"
+put agg_pg1 "${agg_pg1[*]}"
+put agg_peer "${agg_peer[*]}"
+put rss16_pg_kb "$(awk '/^VmHWM/{print $2}' "/proc/$PG_PID/status" 2>/dev/null || echo nan)"
+put rss16_peer_kb "$(awk '/^VmHWM/{print $2}' "/proc/$PEER_PID/status" 2>/dev/null || echo nan)"
 
 # ---------------------------------------------------------------------------------------------
 # 3. upstream transfers for N concurrent cold pulls
@@ -410,12 +502,13 @@ done
 put mf_ok "$mf_ok"
 put mf_secs "$WRK_SECONDS"
 put mf_conns "$WRK_CONNS"
+put mf_threads "$WRK_THREADS"
 mf_load() { # key base
     local key="$1" url="$2/v2/$REPO/manifests/$TAG" out rps non2xx off
     off="$(wc -l <"$WORK/upstream.access.log")"
     if command -v wrk >/dev/null 2>&1; then
         put mf_tool wrk
-        out="$(timeout $((WRK_SECONDS + 30)) wrk -t1 -c"$WRK_CONNS" -d"${WRK_SECONDS}s" --timeout 10s \
+        out="$(timeout $((WRK_SECONDS + 30)) wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"${WRK_SECONDS}s" --timeout 10s \
             -H "Accept: $ACCEPT" "$url" 2>&1 || true)"
         echo "$out" >"$WORK/wrk.$key.txt"
         rps="$(awk '/^Requests\/sec:/{print $2}' <<<"$out")"
@@ -436,6 +529,14 @@ mf_load() { # key base
 }
 mf_load pg "$PG"
 mf_load peer "$PEER"
+# The ceiling: a bare multi-threaded hyper server answering the same manifest bytes.
+BARE_PORT="$(port)"
+"$BARE" "127.0.0.1:$BARE_PORT" "$WORK/manifest.json" "application/vnd.docker.distribution.manifest.v2+json" \
+    >"$WORK/bare.out" 2>"$WORK/bare.log" &
+BARE_PID=$!
+PIDS+=("$BARE_PID")
+wait_http "http://127.0.0.1:$BARE_PORT/v2/$REPO/manifests/$TAG" bare "$BARE_PID"
+mf_load bare "http://127.0.0.1:$BARE_PORT"
 
 # ---------------------------------------------------------------------------------------------
 # 5. peak RSS, then the report

@@ -40,6 +40,9 @@ enum Command {
         /// Configuration file (TOML; the schema every host shares).
         #[arg(long, value_name = "FILE", env = "PULLGATE_CONFIG")]
         config: Option<PathBuf>,
+        /// Serving threads [default: `[server] workers`, else the available cores].
+        #[arg(long, value_name = "N", env = "PULLGATE_WORKERS")]
+        workers: Option<usize>,
         /// On SIGTERM/SIGINT, how long in-flight work gets once the listener closes
         /// [default: 25s, or `[server] drain`].
         #[arg(long, value_name = "DURATION", env = "PULLGATE_DRAIN")]
@@ -65,12 +68,14 @@ fn main() {
             upstream,
             config,
             drain,
+            workers,
         } => pullgate::native::serve(pullgate::native::ServeOptions {
             listen,
             data_dir,
             upstreams: upstream,
             config,
             drain,
+            workers,
         }),
         Command::CheckConfig { file } => check_config(&file),
         Command::HashPassword => hash_password(),

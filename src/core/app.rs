@@ -8,6 +8,7 @@ use crate::core::access::caller::Caller;
 use crate::core::access::gate;
 use crate::core::body::{Body, CacheStatus, RequestInfo};
 use crate::core::config::Settings;
+pub use crate::core::context::GatewayShare;
 use crate::core::context::{Ctx, Inner, ResponseNote};
 use crate::core::error::RegistryError;
 use crate::core::http::{error_response, text};
@@ -31,9 +32,34 @@ pub struct App {
 impl App {
     /// Builds the core over its settings and ports.
     pub fn new(settings: Settings, ports: Ports) -> App {
+        App::sharing(settings, ports, &GatewayShare::default())
+    }
+
+    /// Builds the core sharing the gateway's exclusion (one outbox pass at a time, the
+    /// run-record lock) with the other instances built with the same `share`: required when
+    /// several instances serve one store (the native host's threads), or two passes could send
+    /// a delivery twice and a stage result could be lost.
+    pub fn sharing(settings: Settings, ports: Ports, share: &GatewayShare) -> App {
+        let mut inner = Inner::new(settings, ports, internal_dispatch);
+        inner.pumping = share.pumping.clone();
+        inner.run_lock = share.run_lock.clone();
         App {
-            inner: Rc::new(Inner::new(settings, ports, internal_dispatch)),
+            inner: Rc::new(inner),
         }
+    }
+
+    /// Coalesces this instance's blob fills with other instances' through `coordinator`
+    /// (the native host's threads share one); without it every fill is this instance's own.
+    pub fn with_fill_coordinator(
+        self,
+        coordinator: Rc<dyn crate::core::ports::FillCoordinator>,
+    ) -> App {
+        let port = self
+            .inner
+            .slots
+            .get::<crate::core::registry::fill::FillPort>();
+        *port.0.borrow_mut() = coordinator;
+        self
     }
 
     /// Runs the gateway's due deliveries once. Hosts call it from a timer (native), a cron

@@ -17,6 +17,8 @@ use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 /// Shared state of one core instance.
 pub(crate) struct Inner {
@@ -29,15 +31,17 @@ pub(crate) struct Inner {
     /// Per-instance state a feature owns (one value per type, made on first use), so this
     /// file need not know the feature's types: chart work in flight lives here.
     pub slots: Slots,
-    /// A gateway outbox pass is running (one at a time per instance).
-    pub pumping: Cell<bool>,
+    /// A gateway outbox pass is running (one at a time across the instances that share it,
+    /// see [`GatewayShare`]).
+    pub pumping: Arc<AtomicBool>,
     /// When a request last started an outbox pass (ms).
     pub last_pump_ms: Cell<u64>,
     /// Rate-limit buckets.
     pub limiter: RefCell<Limiter>,
     /// Held across every read-modify-write of a gateway run record, so a stage result posted
     /// while the pump records a delivery attempt is never overwritten by a stale copy.
-    pub run_lock: futures_util::lock::Mutex<()>,
+    /// Shared like `pumping` (a host running several instances over one store shares both).
+    pub run_lock: Arc<futures_util::lock::Mutex<()>>,
     /// The gateway's in-memory state (webhook bodies held, index checks).
     pub gateway: GatewayState,
     /// The core's own dispatch, for requests pullgate makes to itself (the gateway's
@@ -62,10 +66,10 @@ impl Inner {
             metrics,
             fills: RefCell::new(HashMap::new()),
             slots: Slots::default(),
-            pumping: Cell::new(false),
+            pumping: Arc::new(AtomicBool::new(false)),
             last_pump_ms: Cell::new(0),
             limiter: RefCell::new(Default::default()),
-            run_lock: futures_util::lock::Mutex::new(()),
+            run_lock: Arc::new(futures_util::lock::Mutex::new(())),
             gateway: Default::default(),
             dispatch,
         }
@@ -104,4 +108,14 @@ impl Slots {
         self.0.borrow_mut().insert(id, t.clone());
         t
     }
+}
+
+/// The gateway's cross-instance exclusion: one outbox pass at a time, and every
+/// read-modify-write of a run record under one lock. A host that runs several core instances
+/// over one store (the native host's threads) gives them all the same share; `Send`, so it
+/// crosses threads.
+#[derive(Clone, Default)]
+pub struct GatewayShare {
+    pub(crate) pumping: Arc<AtomicBool>,
+    pub(crate) run_lock: Arc<futures_util::lock::Mutex<()>>,
 }

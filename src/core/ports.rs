@@ -240,3 +240,93 @@ pub struct Ports {
     /// CPU-heavy work (password verification).
     pub offload: Rc<dyn Offload>,
 }
+
+/// Where a blob fill run by some instance stands, as its lead reports it to followers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FillProgress {
+    /// The upstream answered and the staged write exists.
+    pub started: bool,
+    /// The blob's length, when the upstream announced it.
+    pub size: Option<u64>,
+    /// Bytes written to the staged write (readable through the follower's tail reader).
+    pub persisted: u64,
+    /// `Some(Ok)`: verified and committed (the blob is in the store); `Some(Err)`: failed,
+    /// nothing stored. `None` while the fill runs.
+    pub outcome: Option<Result<(), crate::core::error::RegistryError>>,
+}
+
+/// Coalesces blob fills *across* core instances (threads of one native process; later a
+/// Durable Object or a Spin key-value lease), so concurrent misses of one digest make one
+/// upstream transfer wherever they land. Within one instance the core coalesces by itself;
+/// this port is consulted only before an instance would start a fill of its own.
+///
+/// The contract:
+/// - [`claim`](Self::claim) is atomic per digest: of any set of concurrent claims on one
+///   digest, exactly one gets [`FillClaim::Lead`] while no lead holds it; the others get
+///   [`FillClaim::Follow`] on that lead. A lead that ended (reported an outcome, or was
+///   dropped) no longer holds the digest: the next claim leads again.
+/// - The lead reports every change through its [`FillLease`]; dropping the lease without an
+///   outcome must look like a failure to followers (the lead's task died).
+/// - Followers never see bytes the lead has not persisted; they read them with
+///   [`FillWatch::tail`], and the core still withholds the last 64 KiB from its clients
+///   until the outcome says verified. `Ok` is reported only after the store committed.
+/// - `scope` names what the lead fetched for (upstream and repository): a follower whose
+///   own scope differs must be entitled to the blob before it follows.
+pub trait FillCoordinator {
+    /// Leads or follows the fill of `digest` for `scope`.
+    fn claim(&self, digest: &Digest, scope: &str) -> FillClaim;
+    /// Whether other instances share this coordinator (and so may commit a blob between this
+    /// instance's store lookup and its claim: a lead then checks the store once more).
+    fn is_shared(&self) -> bool {
+        true
+    }
+}
+
+/// The answer to [`FillCoordinator::claim`].
+pub enum FillClaim {
+    /// Run the fill and report through the lease.
+    Lead(Box<dyn FillLease>),
+    /// Another instance runs it: follow.
+    Follow(Box<dyn FillWatch>),
+}
+
+/// The lead's side of a coordinated fill.
+pub trait FillLease {
+    /// Publishes the fill's progress; an outcome ends the lease's hold on the digest.
+    fn report(&self, progress: &FillProgress);
+}
+
+/// A follower's view of another instance's fill.
+pub trait FillWatch {
+    /// The latest progress.
+    fn progress(&self) -> FillProgress;
+    /// Resolves once the progress differs from what [`progress`](Self::progress) returned
+    /// last (at once if it already does).
+    fn changed(&self) -> LocalBoxFuture<'_, ()>;
+    /// What the lead fetched for (see [`FillCoordinator`]).
+    fn scope(&self) -> &str;
+    /// A reader of the lead's staged write, once it exists; None when this host cannot read
+    /// it (the follower then serves the committed blob after the outcome).
+    fn tail(&self) -> Option<Rc<dyn TailReader>>;
+}
+
+/// The coordinator of a host with one instance (or none to coordinate with): every claim
+/// leads, and reports go nowhere.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LocalFills;
+
+struct NoLease;
+
+impl FillLease for NoLease {
+    fn report(&self, _: &FillProgress) {}
+}
+
+impl FillCoordinator for LocalFills {
+    fn claim(&self, _: &Digest, _: &str) -> FillClaim {
+        FillClaim::Lead(Box::new(NoLease))
+    }
+
+    fn is_shared(&self) -> bool {
+        false
+    }
+}

@@ -1,6 +1,8 @@
-//! The native host: `pullgate serve`. One event-loop thread (tokio current-thread runtime with
-//! a `LocalSet`, since core futures are `!Send`) plus tokio's blocking pool for file and redb
-//! I/O; hyper HTTP/1.1 on the listener; reqwest to upstreams; redb + files for storage.
+//! The native host: `pullgate serve`. Thread per core ([`workers`]): each worker thread is a
+//! tokio current-thread runtime with a `LocalSet` (core futures are `!Send`) and its own core
+//! instance, over shared stores and a shared fill registry ([`fills`]); tokio's blocking pool
+//! does file and redb I/O; hyper HTTP/1.1 on the listener; reqwest to upstreams; redb + files
+//! for storage.
 //!
 //! This module is the only place that names tokio, hyper, reqwest and redb. It builds the
 //! ports, calls [`App::handle`], writes one log line per request, and shuts down gracefully on
@@ -16,23 +18,25 @@
 pub mod audit;
 pub mod check;
 pub mod client;
+pub mod fills;
 pub mod listener;
+pub mod metrics;
 pub mod offload;
 pub mod probes;
 pub mod secrets;
 pub mod store;
+pub mod workers;
 
 use crate::core::app::App;
 use crate::core::body::{AccessLog, Body, RequestInfo};
 use crate::core::config::{self, Settings};
 use crate::core::metrics::{add, Metrics};
-use crate::core::ports::{BodyError, Clock, Deferred, Ports};
+use crate::core::ports::{BodyError, Clock, Deferred};
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
 use futures_util::{Stream, StreamExt};
 use hyper::body::{Frame, Incoming};
-use hyper_util::rt::TokioIo;
-use listener::{AcceptBackoff, ConnState, InFlight, ServerLimits, SharedBody, Tracked};
+use listener::{ConnState, InFlight, ServerLimits, SharedBody, Tracked};
 use std::cell::Cell;
 use std::convert::Infallible;
 use std::path::PathBuf;
@@ -46,7 +50,7 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
 /// Default data directory.
 pub const DEFAULT_DATA_DIR: &str = "./pullgate-data";
 /// How often the gateway's outbox is checked for due deliveries.
-const PUMP_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const PUMP_EVERY: Duration = Duration::from_millis(500);
 
 /// `pullgate serve` options (flags override the config file).
 #[derive(Debug, Clone, Default)]
@@ -61,6 +65,8 @@ pub struct ServeOptions {
     pub config: Option<PathBuf>,
     /// `--drain DURATION`: overrides `[server] drain`.
     pub drain: Option<String>,
+    /// `--workers N`: serving threads (default: `[server] workers`, else the cores).
+    pub workers: Option<usize>,
 }
 
 /// The system clock.
@@ -78,7 +84,7 @@ impl Clock for SystemClock {
 
 /// Deferred work as local tasks; counted so shutdown can wait for them.
 pub struct LocalDeferred {
-    active: Rc<Cell<usize>>,
+    pub(crate) active: Rc<Cell<usize>>,
 }
 
 impl Deferred for LocalDeferred {
@@ -122,6 +128,8 @@ pub struct Prepared {
     pub limits: ServerLimits,
     /// `[server] drain`, `unready_delay`, `--drain`: the shutdown timings.
     pub drain: probes::DrainPlan,
+    /// Serving threads (`--workers`, `[server] workers`, else the cores).
+    pub workers: usize,
 }
 
 /// Reads the config file and flags into settings.
@@ -161,7 +169,13 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
         .as_ref()
         .map(PathBuf::from)
         .unwrap_or_else(|| data_dir.join("audit.log"));
+    let workers = match opts.workers.or(config.server.workers) {
+        Some(0) => return Err("configuration: server.workers must be at least 1".into()),
+        Some(n) => n,
+        None => workers::default_workers(),
+    };
     Ok(Prepared {
+        workers,
         listen,
         data_dir,
         settings,
@@ -174,7 +188,7 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
 type FrameStream = Pin<Box<dyn Stream<Item = Result<Frame<Bytes>, BodyError>>>>;
 
 /// A hyper body that need not be `Send` (core streams are `!Send`).
-enum HyperBody {
+pub(crate) enum HyperBody {
     Empty,
     Full(Option<Bytes>),
     Stream(FrameStream),
@@ -320,17 +334,20 @@ fn to_hyper(resp: ::http::Response<Body>, mut log: LogLine) -> ::http::Response<
 
 /// What every request on one connection shares.
 #[derive(Clone)]
-struct ConnContext {
-    app: App,
-    peer: std::net::IpAddr,
-    audit: Rc<audit::AuditSink>,
-    state: Rc<ConnState>,
-    storage: Rc<store::StorageReport>,
-    body_timeout: std::time::Duration,
-    probes: std::sync::Arc<probes::Probes>,
+pub(crate) struct ConnContext {
+    pub app: App,
+    pub peer: std::net::IpAddr,
+    pub audit: Rc<audit::AuditSink>,
+    pub state: Rc<ConnState>,
+    pub storage: Rc<store::StorageReport>,
+    pub hub: std::sync::Arc<metrics::MetricsHub>,
+    pub body_timeout: std::time::Duration,
+    pub probes: std::sync::Arc<probes::Probes>,
 }
 
-async fn handle(
+/// Serves one request on a worker: the core answers; the host logs, and sums `/metrics` over
+/// every worker.
+pub(crate) async fn handle(
     cx: ConnContext,
     req: ::http::Request<Incoming>,
 ) -> Result<::http::Response<Tracked<HyperBody>>, Infallible> {
@@ -340,6 +357,7 @@ async fn handle(
         audit,
         state,
         storage,
+        hub,
         body_timeout,
         probes,
     } = cx;
@@ -378,6 +396,10 @@ async fn handle(
         tokio::task::spawn_local(body.linger(InFlight::start(&state)));
     }
     if req.uri().path() == "/metrics" && resp.status() == ::http::StatusCode::OK {
+        if let Body::Bytes(_) = resp.body() {
+            let text = metrics::render(&hub.gather().await);
+            *resp.body_mut() = Body::Bytes(Bytes::from(text));
+        }
         storage.append_metrics(&mut resp);
     }
     let (parts, body) = to_hyper(resp, log).into_parts();
@@ -387,7 +409,7 @@ async fn handle(
     ))
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
@@ -404,144 +426,5 @@ async fn shutdown_signal() {
 
 /// Runs `pullgate serve` until SIGTERM/SIGINT.
 pub fn serve(opts: ServeOptions) -> Result<(), String> {
-    let prepared = prepare(&opts)?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| format!("starting the runtime: {e}"))?;
-    let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, run(prepared))
-}
-
-async fn run(p: Prepared) -> Result<(), String> {
-    std::fs::create_dir_all(&p.data_dir)
-        .map_err(|e| format!("creating {}: {e}", p.data_dir.display()))?;
-    let kv =
-        Rc::new(store::RedbKv::open(&p.data_dir.join("meta.redb")).map_err(|e| e.to_string())?);
-    let blobs = Rc::new(
-        store::FsBlobStore::open(&p.data_dir, p.settings.max_size).map_err(|e| e.to_string())?,
-    );
-    let storage = Rc::new(store::StorageReport::new(blobs.clone(), kv.clone()));
-    let upstream =
-        client::ReqwestUpstream::new(Duration::from_millis(p.settings.upstream_timeout_ms))?;
-    upstream.load_cas(&client::ca_files(&p.settings))?;
-    let probes = probes::Probes::new(&p.data_dir);
-    let fills = Rc::new(Cell::new(0usize));
-    let ports = Ports {
-        upstream: Rc::new(upstream),
-        kv,
-        blobs,
-        clock: Rc::new(SystemClock),
-        deferred: Rc::new(LocalDeferred {
-            active: fills.clone(),
-        }),
-        offload: Rc::new(offload::BlockingOffload::for_this_machine()),
-    };
-    let listener = tokio::net::TcpListener::bind(&p.listen)
-        .await
-        .map_err(|e| format!("listening on {}: {e}", p.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let upstream_names: Vec<String> = p
-        .settings
-        .upstreams
-        .iter()
-        .map(|u| format!("{}={}", u.host, u.url))
-        .collect();
-    eprintln!(
-        "pullgate listening on http://{addr} data_dir={} upstreams={}",
-        p.data_dir.display(),
-        upstream_names.join(",")
-    );
-    eprintln!("{}", storage.summary());
-    let audit = Rc::new(audit::AuditSink::open(&p.audit_log)?);
-    let app = App::new(p.settings, ports);
-    // The gateway's outbox: deliveries persisted before a restart go out now, retries when due.
-    let pump_app = app.clone();
-    tokio::task::spawn_local(async move {
-        loop {
-            pump_app.pump_outbox().await;
-            tokio::time::sleep(PUMP_EVERY).await;
-        }
-    });
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let connections = Rc::new(Cell::new(0usize));
-    let limits = p.limits;
-    // At the cap, the loop waits for a permit instead of accepting: new connections queue in
-    // the kernel's backlog until one closes.
-    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
-    let mut backoff = AcceptBackoff::default();
-    let stop = probes::drain_signal(shutdown_signal, probes.clone(), p.drain);
-    tokio::pin!(stop);
-    loop {
-        let permit = tokio::select! {
-            permit = permits.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
-            _ = &mut stop => break,
-        };
-        let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
-            _ = &mut stop => break,
-        };
-        let (stream, peer) = match accepted {
-            Ok(s) => s,
-            Err(e) => {
-                // Typically fd exhaustion (EMFILE/ENFILE): every retry fails until a descriptor
-                // is freed, so pause (doubling up to 1 s) and log at most once per interval.
-                let (pause, line) = backoff.failed(Instant::now(), &e.to_string());
-                if let Some(line) = line {
-                    eprintln!("{line}");
-                }
-                drop(permit);
-                tokio::select! {
-                    _ = tokio::time::sleep(pause) => continue,
-                    _ = &mut stop => break,
-                }
-            }
-        };
-        if let Some(line) = backoff.succeeded(Instant::now()) {
-            eprintln!("{line}");
-        }
-        let _ = stream.set_nodelay(true);
-        let state = ConnState::new(tokio::time::Instant::now());
-        let cx = ConnContext {
-            app: app.clone(),
-            peer: peer.ip(),
-            audit: audit.clone(),
-            state: state.clone(),
-            storage: storage.clone(),
-            body_timeout: limits.body_timeout,
-            probes: probes.clone(),
-        };
-        let service = hyper::service::service_fn(move |req| handle(cx.clone(), req));
-        let io = listener::WatchedIo::new(stream, state.clone());
-        let conn =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
-        let conn = graceful.watch(conn);
-        let connections = connections.clone();
-        connections.set(connections.get() + 1);
-        tokio::task::spawn_local(async move {
-            // Dropping the connection closes it: when it has overstayed a timeout.
-            tokio::select! {
-                _ = conn => {}
-                _ = listener::watchdog(state, limits) => {}
-            }
-            connections.set(connections.get() - 1);
-            drop(permit);
-        });
-    }
-    eprintln!(
-        "pullgate shutting down: {} connections, {} fills in flight",
-        connections.get(),
-        fills.get()
-    );
-    drop(listener);
-    let deadline = Instant::now() + p.drain.drain;
-    let _ = tokio::time::timeout(p.drain.drain, graceful.shutdown()).await;
-    while fills.get() > 0 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    eprintln!("pullgate stopped");
-    Ok(())
+    workers::serve(prepare(&opts)?)
 }

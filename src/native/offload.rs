@@ -10,7 +10,9 @@ use futures_util::future::LocalBoxFuture;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
 
-/// Blocking-pool offload with a bound on concurrent jobs.
+/// Blocking-pool offload with a bound on concurrent jobs; clones share the bound (one per
+/// worker thread, one bound per process).
+#[derive(Clone)]
 pub struct BlockingOffload {
     permits: Arc<Semaphore>,
 }

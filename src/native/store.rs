@@ -22,12 +22,13 @@ use crate::core::registry::reference::Digest;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redb::{Database, TableDefinition};
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 /// redb's page cache: metadata is small, and the memory target is tight.
@@ -52,7 +53,8 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(store_err)?
 }
 
-/// Metadata in redb.
+/// Metadata in redb. Clones share the database: one per worker thread.
+#[derive(Clone)]
 pub struct RedbKv {
     db: Arc<Database>,
     path: PathBuf,
@@ -143,6 +145,9 @@ struct Usage {
     /// Bytes written to staging files not yet committed or removed.
     staging: AtomicU64,
     evicting: AtomicBool,
+    /// Open staging files by digest hex, so another thread can follow a fill in progress
+    /// ([`FsBlobStore::staged`]).
+    staged: Mutex<HashMap<String, Arc<File>>>,
 }
 
 impl Usage {
@@ -176,11 +181,13 @@ impl Usage {
     }
 }
 
-/// Blobs as files under a data directory.
+/// Blobs as files under a data directory. Clones share everything (usage, staging names,
+/// the staged-file registry): one per worker thread.
+#[derive(Clone)]
 pub struct FsBlobStore {
     tmp: PathBuf,
     usage: Arc<Usage>,
-    seq: AtomicU64,
+    seq: Arc<AtomicU64>,
 }
 
 fn walk_blobs(dir: &Path, out: &mut Vec<(PathBuf, u64, SystemTime)>) {
@@ -242,8 +249,9 @@ impl FsBlobStore {
                 count: AtomicU64::new(count),
                 staging: AtomicU64::new(0),
                 evicting: AtomicBool::new(false),
+                staged: Mutex::new(HashMap::new()),
             }),
-            seq: AtomicU64::new(0),
+            seq: Arc::new(AtomicU64::new(0)),
         })
     }
 
@@ -260,6 +268,13 @@ impl FsBlobStore {
     /// Bytes in staging files (fills in progress).
     pub fn staging_bytes(&self) -> u64 {
         self.usage.staging.load(Ordering::Relaxed)
+    }
+
+    /// A reader of the staged write of `digest` in progress (on any thread), if there is one.
+    pub fn staged(&self, digest: &Digest) -> Option<Rc<dyn TailReader>> {
+        let staged = self.usage.staged.lock().ok()?;
+        let file = staged.get(digest.hex())?.clone();
+        Some(Rc::new(FsTail(file)))
     }
 
     /// Where a blob lives: `Digest` is validated (64 lowercase hex), so the path is safe.
@@ -372,9 +387,14 @@ impl BlobStore for FsBlobStore {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| StoreError(format!("{}: {e}", tmp.display())))?;
+        let file = Arc::new(file);
+        if let Ok(mut staged) = self.usage.staged.lock() {
+            staged.insert(digest.hex().to_string(), file.clone());
+        }
         Ok(Box::new(FsWriter {
+            hex: digest.hex().to_string(),
             check: Some(DigestCheck::new(digest)),
-            file: Arc::new(file),
+            file,
             tmp,
             dest,
             written: 0,
@@ -385,6 +405,7 @@ impl BlobStore for FsBlobStore {
 }
 
 struct FsWriter {
+    hex: String,
     /// Moved into the blocking write and back: hashing happens off the event loop.
     check: Option<DigestCheck>,
     file: Arc<File>,
@@ -405,6 +426,14 @@ impl Drop for FsWriter {
             .fetch_sub(self.written, Ordering::Relaxed);
         if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
+        }
+        if let Ok(mut staged) = self.usage.staged.lock() {
+            if staged
+                .get(&self.hex)
+                .is_some_and(|f| Arc::ptr_eq(f, &self.file))
+            {
+                staged.remove(&self.hex);
+            }
         }
     }
 }

@@ -105,6 +105,9 @@ pub struct ServerConfig {
     /// before it closes (default `0s`; a second signal ends it), for load balancers that poll
     /// `/readyz`.
     pub unready_delay: Option<String>,
+    /// Serving threads, each with its own event loop and core instance (default: the
+    /// machine's available cores).
+    pub workers: Option<usize>,
 }
 
 /// `[cache]`.

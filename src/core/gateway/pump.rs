@@ -72,7 +72,10 @@ async fn index_legacy(inner: &Inner) -> Result<(), StoreError> {
 /// Runs due deliveries once; see [`crate::core::app::App::pump_outbox`].
 pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
     let mut report = PumpReport::default();
-    if inner.pumping.replace(true) {
+    if inner
+        .pumping
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
         return report;
     }
     let _ = index_legacy(inner).await;
@@ -111,7 +114,9 @@ pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
         attempt(inner, d, run, &mut report).await;
     }
     replay::sweep(inner).await;
-    inner.pumping.set(false);
+    inner
+        .pumping
+        .store(false, std::sync::atomic::Ordering::Release);
     report
 }
 

@@ -27,18 +27,28 @@
 //! that completes links the blob to the repository it was fetched for. At most
 //! `[cache] max_fills` fills run at once per instance; a further miss answers 503 UNAVAILABLE
 //! with `Retry-After` instead of opening another upstream transfer and staged write.
+//!
+//! Across instances (the native host's worker threads), the [`FillCoordinator`] port is asked
+//! before a miss starts a fill of its own: when another instance already runs one for the
+//! digest, this instance *follows* it (a local fill mirroring the other's progress, read from
+//! its staged write, the last [`HOLDBACK`] bytes still withheld until the other reports the
+//! blob verified and committed). Following needs no fill slot; leading does.
+//!
+//! [`FillCoordinator`]: crate::core::ports::FillCoordinator
+//! [`HOLDBACK`]: crate::core::registry::fill::HOLDBACK
 
 use crate::core::body::{Body, CacheStatus};
 use crate::core::context::Ctx;
 use crate::core::error::RegistryError;
 use crate::core::http::{response, set_header};
 use crate::core::metrics::inc;
-use crate::core::registry::fill::{fill_stream, Fill};
+use crate::core::ports::{FillClaim, FillProgress};
+use crate::core::registry::fill::{fill_stream, Fill, FillPort};
 use crate::core::registry::links::{self, Kind, Notes, Via};
 use crate::core::registry::media::header as h;
 use crate::core::registry::range::{ByteRange, RangeOutcome};
 use crate::core::registry::reference::Digest;
-use crate::core::registry::transfer::drive;
+use crate::core::registry::transfer::{drive, drive_follower};
 use futures_util::future::FutureExt;
 use http::{header, Method, Response, StatusCode};
 
@@ -175,6 +185,17 @@ fn fill_cap_reached(ctx: &Ctx<'_>) -> Response<Body> {
     resp
 }
 
+/// A new local fill of `digest` for the request's repository, registered so later misses on
+/// this instance join it.
+fn start_fill(ctx: &Ctx<'_>, digest: &Digest) -> std::rc::Rc<Fill> {
+    let f = Fill::new(ctx.up_index, ctx.name.clone());
+    ctx.inner
+        .fills
+        .borrow_mut()
+        .insert(digest.as_str().to_string(), f.clone());
+    f
+}
+
 /// `GET|HEAD /v2/<name>/blobs/<digest>`.
 pub(crate) async fn get(
     ctx: &Ctx<'_>,
@@ -232,30 +253,73 @@ async fn get_noted(
             (f, CacheStatus::Coalesced)
         }
         None => {
-            if ctx.inner.fills.borrow().len() >= ctx.inner.settings.max_fills {
-                notes.push(format!(
-                    "fill cap of {} reached",
-                    ctx.inner.settings.max_fills
-                ));
-                return Ok((fill_cap_reached(ctx), CacheStatus::None));
+            let scope = format!("{}/{}", ctx.up.host, ctx.name);
+            let coordinator = ctx.inner.slots.get::<FillPort>().0.borrow().clone();
+            match coordinator.claim(digest, &scope) {
+                FillClaim::Lead(lease) => {
+                    if ctx.inner.fills.borrow().len() >= ctx.inner.settings.max_fills {
+                        // Dropping the lease frees the digest for another instance.
+                        drop(lease);
+                        notes.push(format!(
+                            "fill cap of {} reached",
+                            ctx.inner.settings.max_fills
+                        ));
+                        return Ok((fill_cap_reached(ctx), CacheStatus::None));
+                    }
+                    // Another instance may have committed the blob since it was looked
+                    // up: then the lease ends at once (anyone following reads the store).
+                    let committed = match coordinator.is_shared() {
+                        true => ctx.inner.ports.blobs.stat(digest).await.ok().flatten(),
+                        false => None,
+                    };
+                    if let Some(size) = committed {
+                        lease.report(&FillProgress {
+                            started: true,
+                            size: Some(size),
+                            persisted: size,
+                            outcome: Some(Ok(())),
+                        });
+                        if let Some(resp) = from_store(ctx, digest, range, notes).await? {
+                            m.hit(&ctx.up.host);
+                            return Ok((resp, CacheStatus::Hit));
+                        }
+                        return Err(RegistryError::Unavailable(format!(
+                            "blob {digest} was evicted while it was served; retry"
+                        )));
+                    }
+                    m.miss(&ctx.up.host);
+                    let f = start_fill(ctx, digest);
+                    ctx.inner.ports.deferred.spawn(
+                        drive(
+                            ctx.inner.clone(),
+                            f.clone(),
+                            lease,
+                            (ctx.up_index, ctx.name.clone(), digest.clone()),
+                        )
+                        .boxed_local(),
+                    );
+                    (f, CacheStatus::Miss)
+                }
+                FillClaim::Follow(watch) => {
+                    if watch.scope() != scope {
+                        // Another thread's fill for another repository: entitled first.
+                        links::entitle(ctx, digest, Kind::Blob, None, notes).await?;
+                    }
+                    inc(&m.coalesced_waits);
+                    // A local fill may have started while this one was being entitled.
+                    let f = match lookup() {
+                        Some(f) => f,
+                        None => {
+                            let f = start_fill(ctx, digest);
+                            let follower =
+                                drive_follower(ctx.inner.clone(), f.clone(), watch, digest.clone());
+                            ctx.inner.ports.deferred.spawn(follower.boxed_local());
+                            f
+                        }
+                    };
+                    (f, CacheStatus::Coalesced)
+                }
             }
-            m.miss(&ctx.up.host);
-            let f = Fill::new(ctx.up_index, ctx.name.clone());
-            ctx.inner
-                .fills
-                .borrow_mut()
-                .insert(digest.as_str().to_string(), f.clone());
-            ctx.inner.ports.deferred.spawn(
-                drive(
-                    ctx.inner.clone(),
-                    f.clone(),
-                    ctx.up_index,
-                    ctx.name.clone(),
-                    digest.clone(),
-                )
-                .boxed_local(),
-            );
-            (f, CacheStatus::Miss)
         }
     };
     fill.wait_started().await?;

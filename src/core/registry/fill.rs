@@ -6,7 +6,9 @@
 //! reads of the staged or committed blob, and imports no request context.
 
 use crate::core::error::RegistryError;
-use crate::core::ports::{BlobStore, BodyError, ByteStream, TailReader};
+use crate::core::ports::{
+    BlobStore, BodyError, ByteStream, FillCoordinator, FillWatch, LocalFills, TailReader,
+};
 use crate::core::registry::reference::{Digest, Name};
 use bytes::Bytes;
 use futures_util::future::poll_fn;
@@ -159,6 +161,54 @@ impl Fill {
             }
             self.changed(seen).await;
         }
+    }
+}
+
+/// The instance's [`FillCoordinator`], kept in a typed slot: hosts with several instances in
+/// one process set it (`App::with_fill_coordinator`); the default, [`LocalFills`], leads
+/// every claim.
+pub(crate) struct FillPort(pub RefCell<Rc<dyn FillCoordinator>>);
+
+impl Default for FillPort {
+    fn default() -> Self {
+        FillPort(RefCell::new(Rc::new(LocalFills)))
+    }
+}
+
+/// Mirrors another instance's fill into the local `fill` until it ends: its readers then read
+/// the lead's staged write (only what the lead persisted), and still get the last
+/// [`HOLDBACK`] bytes only once the lead reports the blob verified and committed.
+pub(crate) async fn follow(fill: &Fill, watch: Box<dyn FillWatch>) {
+    loop {
+        let p = watch.progress();
+        let tail = match fill.state.borrow().tail.is_none() && p.started {
+            true => watch.tail(),
+            false => None,
+        };
+        fill.update(|s| {
+            if tail.is_some() {
+                s.tail = tail;
+            }
+            if p.started {
+                s.size = p.size;
+                if matches!(s.phase, Phase::Connecting) {
+                    s.phase = Phase::Streaming;
+                }
+            }
+            // Nothing is held in memory here: every byte comes from the staged write.
+            s.persisted = p.persisted;
+            s.received = p.persisted;
+            s.recent_start = p.persisted;
+            match &p.outcome {
+                Some(Ok(())) => s.phase = Phase::Done,
+                Some(Err(e)) => s.phase = Phase::Failed(e.clone()),
+                None => {}
+            }
+        });
+        if p.outcome.is_some() {
+            return;
+        }
+        watch.changed().await;
     }
 }
 

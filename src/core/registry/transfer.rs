@@ -7,8 +7,10 @@ use crate::core::context::Inner;
 use crate::core::error::RegistryError;
 use crate::core::http::status_failure;
 use crate::core::metrics::{add, inc};
-use crate::core::ports::{BlobWriter, ByteStream, CommitError, StoreError};
-use crate::core::registry::fill::{Fill, Phase, MAX_UNPERSISTED};
+use crate::core::ports::{
+    BlobWriter, ByteStream, CommitError, FillLease, FillProgress, FillWatch, StoreError,
+};
+use crate::core::registry::fill::{follow, Fill, Phase, MAX_UNPERSISTED};
 use crate::core::registry::links::{self, Via};
 use crate::core::registry::reference::{Digest, Name};
 use futures_util::future::join;
@@ -20,28 +22,76 @@ use std::rc::Rc;
 /// Fetches the blob upstream into the store; the result is recorded in the fill. A verified
 /// blob is linked to the repository it was fetched for before readers see the end (a failed
 /// link write only costs that repository one `HEAD` later, so it is not an error).
-pub(super) async fn drive(inner: Rc<Inner>, fill: Rc<Fill>, up: usize, name: Name, digest: Digest) {
-    let result = transfer(&inner, &fill, up, &name, &digest).await;
+///
+/// `lease` tells other instances (threads) following this fill where it stands: the staged
+/// write's progress as it is persisted, and the outcome once the blob is committed (or not).
+pub(super) async fn drive(
+    inner: Rc<Inner>,
+    fill: Rc<Fill>,
+    lease: Box<dyn FillLease>,
+    (up, name, digest): (usize, Name, Digest),
+) {
+    let reporting = Reporting {
+        fill: &fill,
+        lease: &*lease,
+    };
+    let result = transfer(&inner, &reporting, up, &name, &digest).await;
     if result.is_ok() {
         let host = &inner.settings.upstreams[up].host;
         let _ = links::record(&inner, host, &name, &[&digest], Via::Fetched).await;
     }
+    let outcome = result.clone();
     fill.update(|s| {
         s.phase = match result {
             Ok(()) => Phase::Done,
             Err(e) => Phase::Failed(e),
         }
     });
+    reporting.report(Some(outcome));
     inner.fills.borrow_mut().remove(digest.as_str());
+}
+
+/// Follows a fill another instance leads (see [`follow`]), then forgets it.
+pub(super) async fn drive_follower(
+    inner: Rc<Inner>,
+    fill: Rc<Fill>,
+    watch: Box<dyn FillWatch>,
+    digest: Digest,
+) {
+    follow(&fill, watch).await;
+    inner.fills.borrow_mut().remove(digest.as_str());
+}
+
+/// The local fill and the lease that mirrors it to other instances.
+struct Reporting<'a> {
+    fill: &'a Fill,
+    lease: &'a dyn FillLease,
+}
+
+impl Reporting<'_> {
+    /// Publishes the fill's state (and the outcome, at the end) through the lease.
+    fn report(&self, outcome: Option<Result<(), RegistryError>>) {
+        let progress = {
+            let s = self.fill.state.borrow();
+            FillProgress {
+                started: !matches!(s.phase, Phase::Connecting) || outcome.is_some(),
+                size: s.size,
+                persisted: s.persisted,
+                outcome,
+            }
+        };
+        self.lease.report(&progress);
+    }
 }
 
 async fn transfer(
     inner: &Rc<Inner>,
-    fill: &Fill,
+    reporting: &Reporting<'_>,
     up: usize,
     name: &Name,
     digest: &Digest,
 ) -> Result<(), RegistryError> {
+    let fill = reporting.fill;
     let what = format!("blob {digest}");
     let (body, size) = open_upstream(inner, up, name, digest, &what).await?;
     let mut writer = inner
@@ -56,6 +106,7 @@ async fn transfer(
         s.size = size;
         s.tail = tail;
     });
+    reporting.report(None);
     // The receiver and the writer run concurrently and meet in the fill's state.
     let received_all: RefCell<Option<Result<(), RegistryError>>> = RefCell::new(None);
     let write_failed: Cell<Option<RegistryError>> = Cell::new(None);
@@ -66,7 +117,7 @@ async fn transfer(
     };
     join(
         receiver,
-        persist(fill, &mut *writer, &received_all, &write_failed),
+        persist(reporting, &mut *writer, &received_all, &write_failed),
     )
     .await;
     let outcome = match (write_failed.take(), received_all.into_inner()) {
@@ -188,11 +239,12 @@ async fn receive(
 /// receiver is done (or failed); a failed write is handed to the receiver through
 /// `write_failed`.
 async fn persist(
-    fill: &Fill,
+    reporting: &Reporting<'_>,
     writer: &mut dyn BlobWriter,
     received_all: &RefCell<Option<Result<(), RegistryError>>>,
     write_failed: &Cell<Option<RegistryError>>,
 ) {
+    let fill = reporting.fill;
     loop {
         let seen = fill.version.get();
         let (chunks, upto) = fill.state.borrow().unpersisted();
@@ -212,6 +264,7 @@ async fn persist(
             s.persisted = upto;
             s.trim();
         });
+        reporting.report(None);
         if received_all.borrow().as_ref().is_some_and(|r| r.is_err()) {
             return;
         }

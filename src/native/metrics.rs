@@ -1,0 +1,153 @@
+//! `/metrics` across worker threads. Each worker's core instance keeps its own counters (its
+//! `Metrics` lives in the instance, which is `!Send`); a `/metrics` request asks every worker
+//! for its rendering over a channel and sums the samples, so the answer is the process's
+//! total whichever thread serves it. It adds `pullgate_worker_requests_total{worker="i"}`,
+//! the requests each thread handled, to show how the load spreads.
+
+use crate::core::app::App;
+use std::collections::HashMap;
+use tokio::sync::{mpsc, oneshot};
+
+/// One worker's counters as rendered by its core.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerMetrics {
+    /// The core's Prometheus text.
+    pub text: String,
+    /// Requests this worker handled.
+    pub requests: u64,
+}
+
+type Ask = oneshot::Sender<WorkerMetrics>;
+
+/// Reaches every worker's counters.
+pub struct MetricsHub {
+    workers: Vec<mpsc::UnboundedSender<Ask>>,
+}
+
+impl MetricsHub {
+    /// A hub for `n` workers, and the receiver each worker answers on (in worker order).
+    pub fn new(n: usize) -> (MetricsHub, Vec<mpsc::UnboundedReceiver<Ask>>) {
+        let (workers, receivers) = (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+        (MetricsHub { workers }, receivers)
+    }
+
+    /// Every worker's counters (a worker that has stopped is left out).
+    pub async fn gather(&self) -> Vec<(usize, WorkerMetrics)> {
+        let mut pending = Vec::new();
+        for (i, w) in self.workers.iter().enumerate() {
+            let (tx, rx) = oneshot::channel();
+            if w.send(tx).is_ok() {
+                pending.push((i, rx));
+            }
+        }
+        let mut out = Vec::new();
+        for (i, rx) in pending {
+            if let Ok(m) = rx.await {
+                out.push((i, m));
+            }
+        }
+        out
+    }
+}
+
+/// Answers the hub's requests for `app`'s counters until the hub goes away.
+pub async fn answer(mut asks: mpsc::UnboundedReceiver<Ask>, app: App) {
+    while let Some(reply) = asks.recv().await {
+        let m = app.metrics();
+        let _ = reply.send(WorkerMetrics {
+            text: m.render(),
+            requests: m.requests.load(std::sync::atomic::Ordering::Relaxed),
+        });
+    }
+}
+
+/// The process's `/metrics` text: the workers' samples summed, then the per-worker family.
+pub fn render(all: &[(usize, WorkerMetrics)]) -> String {
+    let texts: Vec<&str> = all.iter().map(|(_, m)| m.text.as_str()).collect();
+    let mut out = sum_expositions(&texts);
+    out.push_str(
+        "# HELP pullgate_worker_requests_total Requests handled, by worker thread (native host).\n\
+         # TYPE pullgate_worker_requests_total counter\n",
+    );
+    for (i, m) in all {
+        out.push_str(&format!(
+            "pullgate_worker_requests_total{{worker=\"{i}\"}} {}\n",
+            m.requests
+        ));
+    }
+    out
+}
+
+/// Sums Prometheus text expositions of the same counters: comment lines are kept once, and
+/// each sample (`name{labels} value`) is the sum of its values, in first-seen order.
+pub fn sum_expositions(texts: &[&str]) -> String {
+    let mut lines: Vec<(String, Option<f64>)> = Vec::new();
+    let mut index: HashMap<String, usize> = HashMap::new();
+    for text in texts {
+        for line in text.lines().filter(|l| !l.trim().is_empty()) {
+            if line.starts_with('#') {
+                if !index.contains_key(line) {
+                    index.insert(line.to_string(), lines.len());
+                    lines.push((line.to_string(), None));
+                }
+                continue;
+            }
+            let (key, value) = match line.rsplit_once(' ') {
+                Some((k, v)) => (k.to_string(), v.parse::<f64>().ok()),
+                None => (line.to_string(), None),
+            };
+            match index.get(&key) {
+                Some(&i) => {
+                    if let (Some(total), Some(v)) = (lines[i].1.as_mut(), value) {
+                        *total += v;
+                    }
+                }
+                None => {
+                    index.insert(key.clone(), lines.len());
+                    lines.push((key, value));
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    for (key, value) in lines {
+        match value {
+            // Counters are integers; print them without a fraction.
+            Some(v) if v.fract() == 0.0 && v.abs() < 9.0e15 => {
+                out.push_str(&format!("{key} {}\n", v as i64))
+            }
+            Some(v) => out.push_str(&format!("{key} {v}\n")),
+            None => {
+                out.push_str(&key);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn samples_are_summed_and_comments_kept_once() {
+        let a = "# HELP x_total X.\n# TYPE x_total counter\nx_total 2\ny{host=\"a\"} 1\n";
+        let b = "# HELP x_total X.\n# TYPE x_total counter\nx_total 3\ny{host=\"b\"} 4\n";
+        assert_eq!(
+            sum_expositions(&[a, b]),
+            "# HELP x_total X.\n# TYPE x_total counter\nx_total 5\ny{host=\"a\"} 1\ny{host=\"b\"} 4\n"
+        );
+    }
+
+    #[test]
+    fn per_worker_requests_follow_the_summed_counters() {
+        let w = |n| WorkerMetrics {
+            text: format!("pullgate_requests_total {n}\n"),
+            requests: n,
+        };
+        let text = render(&[(0, w(2)), (1, w(5))]);
+        assert!(text.starts_with("pullgate_requests_total 7\n"), "{text}");
+        assert!(text.contains("pullgate_worker_requests_total{worker=\"1\"} 5\n"));
+    }
+}

@@ -1,0 +1,359 @@
+//! Thread-per-core serving: `workers` threads (default: the available cores), each a tokio
+//! current-thread runtime with its own `LocalSet` and its own core instance ([`App`], which is
+//! `!Send` and stays so). One acceptor (on worker 0) hands accepted connections out round-robin
+//! over channels, so the spread is even and deterministic; a connection stays on the thread
+//! that got it. The stores are shared (redb and the blob directory are `Send`), and so is the
+//! fill registry ([`SharedFills`]): concurrent misses of one blob make one upstream transfer
+//! whichever threads serve them.
+//!
+//! # What is per process and what is per thread
+//! - Process-wide: the blob store and its usage/eviction accounting, metadata, the fill
+//!   registry, the connection cap (`max_connections`, one semaphore), `/metrics` (summed over
+//!   the workers at render, see [`metrics`](super::metrics)), the audit log (one `O_APPEND`
+//!   write per record), shutdown.
+//! - Per thread: rate-limit buckets and login-failure counters (the core keeps them in its
+//!   instance), the upstream token cache and reqwest's connection pool, the gateway's
+//!   in-memory state. A rate limit therefore allows up to `workers` × its rate for a client
+//!   whose connections land on every thread (round-robin: a client with one keep-alive
+//!   connection stays on one thread and sees the exact limit); a token is fetched at most once
+//!   per thread instead of once per process. `workers = 1` makes all of them exact. The
+//!   outbox pump's timer runs on worker 0 only. `[cache] max_fills` bounds the fills each
+//!   thread *leads* (following another thread's fill takes no slot), so a process leads at
+//!   most `workers` × `max_fills`.
+
+use crate::core::app::{App, GatewayShare};
+use crate::core::config::Settings;
+use crate::core::ports::Ports;
+use crate::native::fills::SharedFills;
+use crate::native::listener::{self, AcceptBackoff, ConnState, ServerLimits};
+use crate::native::metrics::{self, MetricsHub};
+use crate::native::{
+    audit, client, offload, probes, shutdown_signal, store, ConnContext, LocalDeferred, Prepared,
+    SystemClock, PUMP_EVERY,
+};
+use hyper_util::rt::TokioIo;
+use std::cell::Cell;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
+
+/// A connection the acceptor handed to a worker (the permit counts it against the cap).
+struct Accepted {
+    stream: std::net::TcpStream,
+    peer: std::net::SocketAddr,
+    permit: OwnedSemaphorePermit,
+}
+
+/// What every worker shares.
+#[derive(Clone)]
+struct Shared {
+    settings: Settings,
+    kv: store::RedbKv,
+    blobs: store::FsBlobStore,
+    fills: SharedFills,
+    audit_log: std::path::PathBuf,
+    limits: ServerLimits,
+    hub: Arc<MetricsHub>,
+    offload: offload::BlockingOffload,
+    /// One outbox pass at a time and one run-record lock across the threads.
+    gateway: GatewayShare,
+    probes: Arc<probes::Probes>,
+    drain: probes::DrainPlan,
+}
+
+/// The default `workers`: the cores this process may use.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// glibc gives every thread that allocates its own malloc arena (up to 8 per core), and each
+/// keeps the memory freed into it; the blocking threads that read blob chunks (512 KiB each)
+/// would each grow one. A few shared arenas keep the peak RSS under load near what one thread
+/// needed, at the price of some lock contention between allocating threads.
+fn bound_malloc_arenas(workers: usize) {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let arenas = i32::try_from(workers.clamp(1, 4)).unwrap_or(4);
+        // SAFETY: mallopt only sets an allocator parameter; it is called before any worker
+        // thread starts.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    let _ = workers;
+}
+
+/// Runs `pullgate serve` on `p.workers` threads until SIGTERM/SIGINT.
+pub fn serve(p: Prepared) -> Result<(), String> {
+    bound_malloc_arenas(p.workers);
+    std::fs::create_dir_all(&p.data_dir)
+        .map_err(|e| format!("creating {}: {e}", p.data_dir.display()))?;
+    let kv = store::RedbKv::open(&p.data_dir.join("meta.redb")).map_err(|e| e.to_string())?;
+    let blobs =
+        store::FsBlobStore::open(&p.data_dir, p.settings.max_size).map_err(|e| e.to_string())?;
+    let listener = std::net::TcpListener::bind(&p.listen)
+        .and_then(|l| l.set_nonblocking(true).map(|()| l))
+        .map_err(|e| format!("listening on {}: {e}", p.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let n = p.workers.max(1);
+    let upstreams: Vec<String> = (p.settings.upstreams.iter())
+        .map(|u| format!("{}={}", u.host, u.url))
+        .collect();
+    eprintln!(
+        "pullgate listening on http://{addr} data_dir={} upstreams={} workers={n}",
+        p.data_dir.display(),
+        upstreams.join(",")
+    );
+    let report = store::StorageReport::new(Rc::new(blobs.clone()), Rc::new(kv.clone()));
+    eprintln!("{}", report.summary());
+    drop(report);
+    let (hub, asks) = MetricsHub::new(n);
+    let shared = Shared {
+        settings: p.settings,
+        fills: SharedFills::new(blobs.clone()),
+        kv,
+        blobs,
+        audit_log: p.audit_log,
+        limits: p.limits,
+        hub: Arc::new(hub),
+        offload: offload::BlockingOffload::for_this_machine(),
+        gateway: GatewayShare::default(),
+        probes: probes::Probes::new(&p.data_dir),
+        drain: p.drain,
+    };
+    // Every CA file is read now, so a bad one stops the start rather than a worker.
+    client::ReqwestUpstream::new(Duration::from_secs(1))?
+        .load_cas(&client::ca_files(&shared.settings))?;
+    let (senders, mut receivers): (Vec<_>, Vec<_>) =
+        (0..n).map(|_| mpsc::unbounded_channel()).unzip();
+    let mut asks = asks.into_iter();
+    let mut threads = Vec::new();
+    for (i, conns) in receivers.drain(1..).enumerate() {
+        let (i, shared, ask) = (i + 1, shared.clone(), asks.next());
+        let thread = std::thread::Builder::new()
+            .name(format!("pullgate-worker-{i}"))
+            .spawn(move || on_own_runtime(i, shared, conns, ask, None))
+            .map_err(|e| format!("starting worker {i}: {e}"))?;
+        threads.push(thread);
+    }
+    let conns = receivers.pop().ok_or("no worker 0")?;
+    let acceptor = (
+        listener,
+        senders,
+        shared.limits.max_connections,
+        (shared.probes.clone(), shared.drain),
+    );
+    let result = on_own_runtime(0, shared.clone(), conns, asks.next(), Some(acceptor));
+    for t in threads {
+        if let Ok(Err(e)) = t.join() {
+            eprintln!("pullgate: {e}");
+        }
+    }
+    if shared.fills.in_flight() > 0 {
+        eprintln!(
+            "pullgate: {} fills left unfinished",
+            shared.fills.in_flight()
+        );
+    }
+    eprintln!("pullgate stopped");
+    result
+}
+
+type Acceptor = (
+    std::net::TcpListener,
+    Vec<mpsc::UnboundedSender<Accepted>>,
+    usize,
+    (Arc<probes::Probes>, probes::DrainPlan),
+);
+
+/// Builds worker `i`'s runtime and runs it; worker 0 also runs the acceptor.
+fn on_own_runtime(
+    i: usize,
+    shared: Shared,
+    conns: mpsc::UnboundedReceiver<Accepted>,
+    ask: Option<mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<metrics::WorkerMetrics>>>,
+    acceptor: Option<Acceptor>,
+) -> Result<(), String> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime of worker {i}: {e}"))?;
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
+        if let Some((listener, senders, cap, (probes, drain))) = acceptor {
+            let listener = tokio::net::TcpListener::from_std(listener)
+                .map_err(|e| format!("listening: {e}"))?;
+            let stop = probes::drain_signal(shutdown_signal, probes, drain);
+            tokio::task::spawn_local(accept_loop(listener, senders, cap, stop));
+        }
+        worker(i, shared, conns, ask).await
+    })
+}
+
+/// Accepts until SIGTERM/SIGINT, handing connections out round-robin; at the cap it waits for
+/// a permit instead of accepting (new connections queue in the kernel's backlog). Dropping
+/// the senders at the end tells every worker to shut down.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    workers: Vec<mpsc::UnboundedSender<Accepted>>,
+    cap: usize,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let permits = Arc::new(Semaphore::new(cap));
+    let mut backoff = AcceptBackoff::default();
+    tokio::pin!(stop);
+    let mut next = 0usize;
+    loop {
+        let permit = tokio::select! {
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+            _ = &mut stop => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = &mut stop => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // Typically fd exhaustion (EMFILE/ENFILE): every retry fails until a descriptor
+                // is freed, so pause (doubling up to 1 s) and log at most once per interval.
+                let (pause, line) = backoff.failed(Instant::now(), &e.to_string());
+                if let Some(line) = line {
+                    eprintln!("{line}");
+                }
+                drop(permit);
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => continue,
+                    _ = &mut stop => break,
+                }
+            }
+        };
+        if let Some(line) = backoff.succeeded(Instant::now()) {
+            eprintln!("{line}");
+        }
+        let _ = stream.set_nodelay(true);
+        let Ok(stream) = stream.into_std() else {
+            continue;
+        };
+        let conn = Accepted {
+            stream,
+            peer,
+            permit,
+        };
+        // A worker that is gone (it failed to start) passes its turn to the next.
+        let mut conn = conn;
+        for _ in 0..workers.len() {
+            let w = next % workers.len();
+            next = next.wrapping_add(1);
+            match workers[w].send(conn) {
+                Ok(()) => break,
+                Err(mpsc::error::SendError(c)) => conn = c,
+            }
+        }
+    }
+}
+
+/// One worker: its own core instance over the shared stores, serving the connections it is
+/// handed until the acceptor stops, then waiting (up to the grace period) for its requests
+/// and fills.
+async fn worker(
+    i: usize,
+    shared: Shared,
+    mut conns: mpsc::UnboundedReceiver<Accepted>,
+    ask: Option<mpsc::UnboundedReceiver<tokio::sync::oneshot::Sender<metrics::WorkerMetrics>>>,
+) -> Result<(), String> {
+    let (app, fills) = instance(&shared)?;
+    let storage = Rc::new(store::StorageReport::new(
+        Rc::new(shared.blobs.clone()),
+        Rc::new(shared.kv.clone()),
+    ));
+    let audit = Rc::new(audit::AuditSink::open(&shared.audit_log)?);
+    if let Some(ask) = ask {
+        tokio::task::spawn_local(metrics::answer(ask, app.clone()));
+    }
+    if i == 0 {
+        // The gateway's outbox: deliveries persisted before a restart go out now, retries
+        // when due. One thread's timer is enough: the outbox is in the shared metadata.
+        let pump_app = app.clone();
+        tokio::task::spawn_local(async move {
+            loop {
+                pump_app.pump_outbox().await;
+                tokio::time::sleep(PUMP_EVERY).await;
+            }
+        });
+    }
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let connections = Rc::new(Cell::new(0usize));
+    let limits = shared.limits;
+    while let Some(conn) = conns.recv().await {
+        let Ok(stream) = tokio::net::TcpStream::from_std(conn.stream) else {
+            continue;
+        };
+        let state = ConnState::new(tokio::time::Instant::now());
+        let cx = ConnContext {
+            app: app.clone(),
+            peer: conn.peer.ip(),
+            audit: audit.clone(),
+            state: state.clone(),
+            storage: storage.clone(),
+            hub: shared.hub.clone(),
+            body_timeout: limits.body_timeout,
+            probes: shared.probes.clone(),
+        };
+        let service = hyper::service::service_fn(move |req| crate::native::handle(cx.clone(), req));
+        let io = listener::WatchedIo::new(stream, state.clone());
+        let http =
+            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
+        let http = graceful.watch(http);
+        let (connections, permit) = (connections.clone(), conn.permit);
+        connections.set(connections.get() + 1);
+        tokio::task::spawn_local(async move {
+            // Dropping the connection closes it: when it has overstayed a timeout.
+            tokio::select! {
+                _ = http => {}
+                _ = listener::watchdog(state, limits) => {}
+            }
+            connections.set(connections.get() - 1);
+            drop(permit);
+        });
+    }
+    eprintln!(
+        "pullgate worker {i} shutting down: {} connections, {} fills in flight",
+        connections.get(),
+        fills.get()
+    );
+    let grace = shared.drain.drain;
+    let deadline = Instant::now() + grace;
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+    while fills.get() > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+/// A worker's core instance: its own ports over the shared stores, and the count of its
+/// deferred work (fills) for shutdown.
+fn instance(shared: &Shared) -> Result<(App, Rc<Cell<usize>>), String> {
+    let upstream =
+        client::ReqwestUpstream::new(Duration::from_millis(shared.settings.upstream_timeout_ms))?;
+    upstream.load_cas(&client::ca_files(&shared.settings))?;
+    let fills = Rc::new(Cell::new(0usize));
+    let ports = Ports {
+        upstream: Rc::new(upstream),
+        kv: Rc::new(shared.kv.clone()),
+        blobs: Rc::new(shared.blobs.clone()),
+        clock: Rc::new(SystemClock),
+        deferred: Rc::new(LocalDeferred {
+            active: fills.clone(),
+        }),
+        offload: Rc::new(shared.offload.clone()),
+    };
+    let app = App::sharing(shared.settings.clone(), ports, &shared.gateway)
+        .with_fill_coordinator(Rc::new(shared.fills.clone()));
+    Ok((app, fills))
+}
