@@ -252,75 +252,10 @@ async fn get_noted(
             inc(&m.coalesced_waits);
             (f, CacheStatus::Coalesced)
         }
-        None => {
-            let scope = format!("{}/{}", ctx.up.host, ctx.name);
-            let coordinator = ctx.inner.slots.get::<FillPort>().0.borrow().clone();
-            match coordinator.claim(digest, &scope) {
-                FillClaim::Lead(lease) => {
-                    if ctx.inner.fills.borrow().len() >= ctx.inner.settings.max_fills {
-                        // Dropping the lease frees the digest for another instance.
-                        drop(lease);
-                        notes.push(format!(
-                            "fill cap of {} reached",
-                            ctx.inner.settings.max_fills
-                        ));
-                        return Ok((fill_cap_reached(ctx), CacheStatus::None));
-                    }
-                    // Another instance may have committed the blob since it was looked
-                    // up: then the lease ends at once (anyone following reads the store).
-                    let committed = match coordinator.is_shared() {
-                        true => ctx.inner.ports.blobs.stat(digest).await.ok().flatten(),
-                        false => None,
-                    };
-                    if let Some(size) = committed {
-                        lease.report(&FillProgress {
-                            started: true,
-                            size: Some(size),
-                            persisted: size,
-                            outcome: Some(Ok(())),
-                        });
-                        if let Some(resp) = from_store(ctx, digest, range, notes).await? {
-                            m.hit(&ctx.up.host);
-                            return Ok((resp, CacheStatus::Hit));
-                        }
-                        return Err(RegistryError::Unavailable(format!(
-                            "blob {digest} was evicted while it was served; retry"
-                        )));
-                    }
-                    m.miss(&ctx.up.host);
-                    let f = start_fill(ctx, digest);
-                    ctx.inner.ports.deferred.spawn(
-                        drive(
-                            ctx.inner.clone(),
-                            f.clone(),
-                            lease,
-                            (ctx.up_index, ctx.name.clone(), digest.clone()),
-                        )
-                        .boxed_local(),
-                    );
-                    (f, CacheStatus::Miss)
-                }
-                FillClaim::Follow(watch) => {
-                    if watch.scope() != scope {
-                        // Another thread's fill for another repository: entitled first.
-                        links::entitle(ctx, digest, Kind::Blob, None, notes).await?;
-                    }
-                    inc(&m.coalesced_waits);
-                    // A local fill may have started while this one was being entitled.
-                    let f = match lookup() {
-                        Some(f) => f,
-                        None => {
-                            let f = start_fill(ctx, digest);
-                            let follower =
-                                drive_follower(ctx.inner.clone(), f.clone(), watch, digest.clone());
-                            ctx.inner.ports.deferred.spawn(follower.boxed_local());
-                            f
-                        }
-                    };
-                    (f, CacheStatus::Coalesced)
-                }
-            }
-        }
+        None => match claim_fill(ctx, digest, range, notes).await? {
+            Claimed::Fill(f, status) => (f, status),
+            Claimed::Answer(resp, status) => return Ok((resp, status)),
+        },
     };
     fill.wait_started().await?;
     let size = fill.state.borrow().size;
@@ -332,6 +267,92 @@ async fn get_noted(
         Body::Stream(fill_stream(fill, blobs, digest.clone(), start, end))
     })?;
     Ok((resp, status))
+}
+
+/// What claiming a new fill gave: a fill to read (led here, or following another instance's),
+/// or an answer already (the fill cap, or a blob another instance committed meanwhile).
+enum Claimed {
+    Fill(std::rc::Rc<Fill>, CacheStatus),
+    Answer(Response<Body>, CacheStatus),
+}
+
+/// A miss with no local fill to join: lead a fill here, or follow another instance's through
+/// the fill coordinator.
+async fn claim_fill(
+    ctx: &Ctx<'_>,
+    digest: &Digest,
+    range: Option<ByteRange>,
+    notes: &Notes,
+) -> Result<Claimed, RegistryError> {
+    let m = &ctx.inner.metrics;
+    let lookup = || ctx.inner.fills.borrow().get(digest.as_str()).cloned();
+    let scope = format!("{}/{}", ctx.up.host, ctx.name);
+    let coordinator = ctx.inner.slots.get::<FillPort>().0.borrow().clone();
+    match coordinator.claim(digest, &scope) {
+        FillClaim::Lead(lease) => {
+            if ctx.inner.fills.borrow().len() >= ctx.inner.settings.max_fills {
+                // Dropping the lease frees the digest for another instance.
+                drop(lease);
+                notes.push(format!(
+                    "fill cap of {} reached",
+                    ctx.inner.settings.max_fills
+                ));
+                return Ok(Claimed::Answer(fill_cap_reached(ctx), CacheStatus::None));
+            }
+            // Another instance may have committed the blob since it was looked
+            // up: then the lease ends at once (anyone following reads the store).
+            let committed = match coordinator.is_shared() {
+                true => ctx.inner.ports.blobs.stat(digest).await.ok().flatten(),
+                false => None,
+            };
+            if let Some(size) = committed {
+                lease.report(&FillProgress {
+                    started: true,
+                    size: Some(size),
+                    persisted: size,
+                    outcome: Some(Ok(())),
+                });
+                if let Some(resp) = from_store(ctx, digest, range, notes).await? {
+                    m.hit(&ctx.up.host);
+                    return Ok(Claimed::Answer(resp, CacheStatus::Hit));
+                }
+                return Err(RegistryError::Unavailable(format!(
+                    "blob {digest} was evicted while it was served; retry"
+                )));
+            }
+            m.miss(&ctx.up.host);
+            let f = start_fill(ctx, digest);
+            ctx.inner.ports.deferred.spawn(
+                drive(
+                    ctx.inner.clone(),
+                    f.clone(),
+                    lease,
+                    (ctx.up_index, ctx.name.clone(), digest.clone()),
+                )
+                .boxed_local(),
+            );
+            Ok(Claimed::Fill(f, CacheStatus::Miss))
+        }
+        FillClaim::Follow(watch) => {
+            if watch.scope() != scope {
+                // Another thread's fill for another repository: entitled first.
+                links::entitle(ctx, digest, Kind::Blob, None, notes).await?;
+            }
+            inc(&m.coalesced_waits);
+            // A local fill may have started while this one was being entitled.
+            let f = match lookup() {
+                Some(f) => f,
+                None => {
+                    let f = start_fill(ctx, digest);
+                    let follower =
+                        drive_follower(ctx.inner.clone(), f.clone(), watch, digest.clone());
+                    ctx.inner.ports.deferred.spawn(follower.boxed_local());
+                    f
+                }
+            };
+            Ok(Claimed::Fill(f, CacheStatus::Coalesced))
+        }
+    }
 }
 
 #[cfg(test)]
