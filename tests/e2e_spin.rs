@@ -41,7 +41,7 @@ const MAX_COMPONENT_BYTES: u64 = 3 << 20;
 const KV_BLOB_MAX: usize = 8 << 20;
 /// The S3 bucket the S3 tests use.
 const BUCKET: &str = "pullgate-blobs";
-/// The S3 store's multipart part size (src/spin/s3.rs `PART_SIZE`).
+/// The S3 store's multipart part size (src/stores/s3 `PART_SIZE`).
 const S3_PART: usize = 8 << 20;
 /// Layer sizes: one within a key-value chunk, one spanning four chunks.
 const LAYER_SIZES: &[usize] = <SpinApp as Host>::LAYER_SIZES;
