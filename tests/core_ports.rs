@@ -793,3 +793,43 @@ fn redirect_loops_end_after_a_bounded_number_of_hops() {
         assert_eq!(h.up.count("GET", "/blobs/"), 6);
     });
 }
+
+#[test]
+fn admin_lists_and_purges_tags_whose_keys_were_hashed() {
+    run_local(async {
+        let h = harness("[gateway]\nadmin_token = \"env:P\"");
+        // A tag long enough that its record key is hashed (keys hold at most 250 bytes).
+        let long = format!("v{}", "1".repeat(120));
+        h.up.put_manifest(&long, OCI_MANIFEST, MANIFEST);
+        h.up.put_manifest("short", OCI_MANIFEST, MANIFEST);
+        let repo = format!("team/{}", "a".repeat(150));
+        for tag in [long.as_str(), "short"] {
+            let p = format!("/v2/{repo}/manifests/{tag}");
+            assert_eq!(
+                fetch(&h, &p, &[ACCEPT_OCI]).await.cache(),
+                CacheStatus::Miss
+            );
+        }
+        let admin = [("authorization", "Bearer s3cret")];
+        let listed = fetch(
+            &h,
+            &format!("/admin/tags?repository=up.test/{repo}"),
+            &admin,
+        )
+        .await;
+        let body = listed.text();
+        assert!(body.contains(&long), "the hashed tag is listed: {body}");
+        assert!(body.contains("\"short\""), "{body}");
+        let purge = request(
+            "POST",
+            &format!("/admin/purge?repository=up.test/{repo}"),
+            &admin,
+        );
+        let purged = collect(h.app.handle(&purge).await).await.text();
+        assert!(purged.contains("\"tag_records\":2"), "{purged}");
+        // Both come from the upstream again.
+        let before = h.up.count("GET", "/manifests/");
+        fetch(&h, &format!("/v2/{repo}/manifests/{long}"), &[ACCEPT_OCI]).await;
+        assert_eq!(h.up.count("GET", "/manifests/"), before + 1);
+    });
+}

@@ -88,7 +88,7 @@ async fn stats(inner: &Inner) -> Response<Body> {
     let tags = inner
         .ports
         .kv
-        .list("tag/", 100_000)
+        .list(keys::TAG, 100_000)
         .await
         .map(|k| k.len())
         .unwrap_or(0);
@@ -132,34 +132,73 @@ async fn tags(inner: &Inner, req: &Request<()>) -> Response<Body> {
         Ok(x) => x,
         Err(r) => return *r,
     };
-    let prefix = format!("tag/{host}/{name}/");
-    let found = inner
-        .ports
-        .kv
-        .list(&prefix, 10_000)
+    let out: Vec<Value> = repository_tags(inner, &host, &name)
         .await
-        .unwrap_or_default();
-    let mut out = Vec::new();
-    for k in found {
-        let Some((class, tag)) = own_tag(&k[prefix.len()..]) else {
-            continue;
-        };
-        let rec = inner
-            .ports
-            .kv
-            .get(&k)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|r| serde_json::from_slice::<TagRecord>(&r).ok());
-        if let Some(rec) = rec {
-            out.push(json!({ "tag": tag, "accept_class": class, "digest": rec.digest, "checked_ms": rec.checked_ms }));
-        }
-    }
+        .into_iter()
+        .map(|t| json!({ "tag": t.tag, "accept_class": t.class, "digest": t.record.digest, "checked_ms": t.record.checked_ms }))
+        .collect();
     reply(
         StatusCode::OK,
         json!({ "repository": format!("{host}/{name}"), "tags": out }),
     )
+}
+
+/// One tag record of a repository.
+struct RepoTag {
+    key: String,
+    class: String,
+    tag: String,
+    record: TagRecord,
+}
+
+/// Every tag record of `host/name` (not of nested repositories): those under the
+/// repository's prefix, and those whose key was hashed (too long), found by the path their
+/// record carries.
+async fn repository_tags(inner: &Inner, host: &str, name: &str) -> Vec<RepoTag> {
+    let kv = &inner.ports.kv;
+    let read = |k: String| async move {
+        let raw = kv.get(&k).await.ok().flatten()?;
+        let record = serde_json::from_slice::<TagRecord>(&raw).ok()?;
+        Some((k, record))
+    };
+    let mut out = Vec::new();
+    let prefix = keys::tag_prefix(host, name);
+    for k in kv.list(&prefix, 100_000).await.unwrap_or_default() {
+        let Some((class, tag)) =
+            own_tag(&k[prefix.len()..]).map(|(c, t)| (c.to_string(), t.to_string()))
+        else {
+            continue;
+        };
+        if let Some((key, record)) = read(k).await {
+            out.push(RepoTag {
+                key,
+                class,
+                tag,
+                record,
+            });
+        }
+    }
+    let own = format!("{host}/{name}/");
+    for k in kv.list(keys::HASHED_TAG, 100_000).await.unwrap_or_default() {
+        let Some((key, record)) = read(k).await else {
+            continue;
+        };
+        let found = record
+            .path
+            .as_deref()
+            .and_then(|p| p.strip_prefix(&own))
+            .and_then(own_tag)
+            .map(|(c, t)| (c.to_string(), t.to_string()));
+        if let Some((class, tag)) = found {
+            out.push(RepoTag {
+                key,
+                class,
+                tag,
+                record,
+            });
+        }
+    }
+    out
 }
 
 /// Purges cached content. Link records (`link/…`, see `links`) are left in place: a dangling
@@ -195,35 +234,20 @@ async fn purge(inner: &Inner, req: &Request<()>) -> Response<Body> {
             Err(r) => return *r,
         };
         let tag = query(req, "tag");
-        let base = format!("tag/{host}/{name}/");
-        for k in kv.list(&base, 100_000).await.unwrap_or_default() {
-            // Keys of nested repositories (`<name>/sub/…`) share the prefix; skip them.
-            let Some((_, t)) = own_tag(&k[base.len()..]) else {
-                continue;
-            };
-            if tag.as_deref().is_some_and(|x| x != t) {
+        for t in repository_tags(inner, &host, &name).await {
+            if tag.as_deref().is_some_and(|x| x != t.tag) {
                 continue;
             }
-            if tag.is_none() {
-                // A whole repository: drop the manifests its tags point at, too.
-                if let Some(rec) = kv
-                    .get(&k)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|r| serde_json::from_slice::<TagRecord>(&r).ok())
-                {
-                    if kv.delete(&keys::manifest(&rec.digest)).await.is_ok() {
-                        bump("manifests");
-                    }
-                }
+            // A whole repository: drop the manifests its tags point at, too.
+            if tag.is_none() && kv.delete(&keys::manifest(&t.record.digest)).await.is_ok() {
+                bump("manifests");
             }
-            if kv.delete(&k).await.is_ok() {
+            if kv.delete(&t.key).await.is_ok() {
                 bump("tag_records");
             }
         }
         for k in kv
-            .list(&format!("tags/{host}/{name}?"), 100_000)
+            .list(&keys::tag_list_prefix(&host, &name), 100_000)
             .await
             .unwrap_or_default()
         {

@@ -23,7 +23,28 @@ pub fn manifest(digest: &str) -> String {
 
 /// A tag record: upstream host, repository, accept class, tag.
 pub fn tag(host: &str, name: &str, class: &str, tag: &str) -> String {
-    bounded("tag/", format!("{host}/{name}/{class}/{tag}"))
+    bounded(TAG, tag_path(host, name, class, tag))
+}
+
+/// Prefix of every tag record key.
+pub const TAG: &str = "tag/";
+/// Prefix of the tag record keys that were too long and are hashed: their records carry their
+/// path (see `records::TagRecord::path`).
+pub const HASHED_TAG: &str = "tag/#";
+
+/// What a tag record's key holds before it is bounded: `<host>/<name>/<class>/<tag>`.
+pub fn tag_path(host: &str, name: &str, class: &str, tag: &str) -> String {
+    format!("{host}/{name}/{class}/{tag}")
+}
+
+/// The prefix of a repository's (unhashed) tag record keys; nested repositories share it.
+pub fn tag_prefix(host: &str, name: &str) -> String {
+    format!("{TAG}{host}/{name}/")
+}
+
+/// The prefix of a repository's cached tag-list keys.
+pub fn tag_list_prefix(host: &str, name: &str) -> String {
+    format!("tags/{host}/{name}?")
 }
 
 /// The cached tag list: only the canonical first page (no `n`, no `last`) is ever stored, so

@@ -62,12 +62,17 @@ async fn load_record(ctx: &Ctx<'_>, key: &str) -> Result<Option<TagRecord>, Regi
 
 /// Writes a tag record, best-effort: on failure the answer stands and the next request
 /// revalidates (or refetches) a little early.
-async fn save_record(ctx: &Ctx<'_>, key: &str, digest: &str, notes: &Notes) {
+async fn save_record(ctx: &Ctx<'_>, key: &TagKey, digest: &str, notes: &Notes) {
     let rec = TagRecord {
         v: TAG_RECORD_VERSION,
         digest: digest.to_string(),
         checked_ms: ctx.inner.ports.clock.now_ms(),
+        path: key
+            .key
+            .starts_with(keys::HASHED_TAG)
+            .then(|| key.path.clone()),
     };
+    let key = key.key.as_str();
     let written = match serde_json::to_vec(&rec) {
         Ok(raw) => ctx
             .inner
@@ -263,20 +268,30 @@ async fn get_digest(
 
 type Served = Result<(Response<Body>, CacheStatus), RegistryError>;
 
+/// A tag record's key, and the path it holds before it is bounded.
+struct TagKey {
+    key: String,
+    path: String,
+}
+
 /// A tag's cached record and manifest, when both exist and this client can take the media
 /// type.
 type Cached = Option<(TagRecord, StoredManifest)>;
 
 async fn get_tag(ctx: &Ctx<'_>, tag: &Tag, accept: &AcceptSet, notes: &Notes) -> Served {
     let inner = ctx.inner;
-    let key = keys::tag(
+    let path = keys::tag_path(
         &ctx.up.host,
         ctx.name.as_str(),
         accept.class().key(),
         tag.as_str(),
     );
+    let key = TagKey {
+        key: keys::bounded(keys::TAG, path.clone()),
+        path,
+    };
     let now = inner.ports.clock.now_ms();
-    let cached = load_cached(ctx, &key, accept).await?;
+    let cached = load_cached(ctx, &key.key, accept).await?;
     if let Some((rec, stored)) = &cached {
         ensure_linked(ctx, &rec.digest, stored, notes).await;
         if inner.settings.freshness().is_fresh(rec.checked_ms, now) {
@@ -337,7 +352,7 @@ async fn revalidate(
     tag: &Tag,
     accept: &AcceptSet,
     notes: &Notes,
-    key: &str,
+    key: &TagKey,
     cached: &Cached,
     now: u64,
 ) -> Result<Option<Served>, RegistryError> {
@@ -362,7 +377,7 @@ async fn revalidate(
     let resp = match head {
         Ok(resp) if resp.status() == StatusCode::OK => resp,
         Ok(resp) if resp.status() == StatusCode::NOT_FOUND => {
-            let _ = ctx.inner.ports.kv.delete(key).await;
+            let _ = ctx.inner.ports.kv.delete(&key.key).await;
             return Ok(Some(Err(unknown(ctx, tag.as_str()))));
         }
         Ok(resp) => {

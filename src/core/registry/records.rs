@@ -53,4 +53,8 @@ pub struct TagRecord {
     pub digest: String,
     /// Last time the upstream confirmed it (ms since epoch).
     pub checked_ms: u64,
+    /// `<host>/<name>/<class>/<tag>`, kept only when the record's key is hashed (too long to
+    /// hold it), so `/admin` can still find the record by repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
