@@ -37,6 +37,7 @@
 //!   so a check holds the isolate's CPU for its duration and counts against the request's CPU
 //!   limit. Robots should use static tokens or pullgate's Bearer tokens on hot paths.
 
+pub mod cron;
 pub mod fetch;
 pub mod gate;
 pub mod kv;
@@ -76,8 +77,8 @@ pub const CLIENT_IP_HEADER: &str = "cf-connecting-ip";
 thread_local! {
     /// The core of this isolate.
     static APP: RefCell<Option<App>> = const { RefCell::new(None) };
-    /// The request whose future is being polled right now (see [`WithRequest`]).
-    static CURRENT: RefCell<Option<(u64, Rc<Context>)>> = const { RefCell::new(None) };
+    /// The request (or event) whose future is being polled right now (see [`WithRequest`]).
+    static CURRENT: RefCell<Option<(u64, Keeper)>> = const { RefCell::new(None) };
     /// Request numbers, the owners of [`Gated`] work.
     static NEXT_REQUEST: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
@@ -117,28 +118,61 @@ impl Clock for DateClock {
     }
 }
 
-/// Deferred work through `waitUntil` of the request that started it, so the runtime keeps the
-/// isolate alive for it after the response (within the platform's 30 s budget).
+/// What keeps an invocation's deferred work alive: the `waitUntil` of a `fetch` request or of
+/// a `scheduled` event.
+#[derive(Clone)]
+pub(crate) enum Keeper {
+    /// A `fetch` request's context.
+    Fetch(Rc<Context>),
+    /// A Cron Trigger's context.
+    Scheduled(Rc<worker::ScheduleContext>),
+}
+
+impl Keeper {
+    fn wait_until(&self, work: impl Future<Output = ()> + 'static) {
+        match self {
+            Keeper::Fetch(ctx) => ctx.wait_until(work),
+            Keeper::Scheduled(ctx) => ctx.wait_until(work),
+        }
+    }
+}
+
+/// A fresh invocation number (the owner of [`Gated`] work).
+pub(crate) fn next_invocation() -> u64 {
+    NEXT_REQUEST.with(|n| {
+        let id = n.get();
+        n.set(id.wrapping_add(1));
+        id
+    })
+}
+
+/// Deferred work through `waitUntil` of the invocation that started it, so the runtime keeps
+/// the isolate alive for it after the response (within the platform's 30 s budget). Work
+/// spawned from deferred work joins the same invocation's `waitUntil`.
 pub struct WaitUntil;
 
 impl Deferred for WaitUntil {
     fn spawn(&self, work: LocalBoxFuture<'static, ()>) {
         match CURRENT.with(|c| c.borrow().clone()) {
-            Some((id, ctx)) => ctx.wait_until(Gated::new(id, work)),
-            // Not inside a request (never expected): still run it.
+            Some((id, keeper)) => keeper.clone().wait_until(WithRequest {
+                id,
+                ctx: keeper,
+                inner: Box::pin(Gated::new(id, work)),
+            }),
+            // Not inside an invocation (never expected): still run it.
             None => worker::wasm_bindgen_futures::spawn_local(work),
         }
     }
 }
 
-/// A request's future, with [`CURRENT`] naming that request while it is polled: the core
-/// spawns deferred work synchronously inside `handle`, so [`WaitUntil`] finds the request that
-/// started the work even when several requests interleave in one isolate.
-/// The inner future is [`Gated`], so it is only ever polled in its own request's context.
-struct WithRequest<F> {
-    id: u64,
-    ctx: Rc<Context>,
-    inner: Pin<Box<Gated<F>>>,
+/// An invocation's future, with [`CURRENT`] naming that invocation while it is polled: the
+/// core spawns deferred work synchronously inside `handle`, so [`WaitUntil`] finds the request
+/// that started the work even when several requests interleave in one isolate.
+/// The inner future is [`Gated`], so it is only ever polled in its own invocation's context.
+pub(crate) struct WithRequest<F> {
+    pub(crate) id: u64,
+    pub(crate) ctx: Keeper,
+    pub(crate) inner: Pin<Box<Gated<F>>>,
 }
 
 impl<F: Future> Future for WithRequest<F> {
@@ -182,7 +216,7 @@ fn build_app(env: &Env) -> Result<App, String> {
 }
 
 /// The isolate's core, built on first use.
-fn app(env: &Env) -> Result<App, String> {
+pub(crate) fn app(env: &Env) -> Result<App, String> {
     if let Some(app) = APP.with(|a| a.borrow().clone()) {
         return Ok(app);
     }
@@ -338,14 +372,10 @@ pub async fn main(
     env: Env,
     ctx: Context,
 ) -> worker::Result<worker::Response> {
-    let id = NEXT_REQUEST.with(|n| {
-        let id = n.get();
-        n.set(id.wrapping_add(1));
-        id
-    });
+    let id = next_invocation();
     WithRequest {
         id,
-        ctx: Rc::new(ctx),
+        ctx: Keeper::Fetch(Rc::new(ctx)),
         inner: Box::pin(Gated::new(id, serve(req, env, id))),
     }
     .await

@@ -28,3 +28,4 @@ pub mod skopeo;
 pub mod spin;
 pub mod token_server;
 pub mod worker;
+pub mod worker_edge;
