@@ -17,11 +17,15 @@ use hmac::{Hmac, Mac};
 use serde_json::json;
 use sha2::Sha256;
 
+use reqwest::{Method, StatusCode};
+
+use support::fixtures::Image;
 use support::http::loopback_client;
 use support::process::{free_port, poll_until};
 use support::receiver::Receiver;
+use support::registry::Registry;
 use support::worker::Worker;
-use support::worker_edge::{access_lines, scheduled_lines, trigger_scheduled};
+use support::worker_edge::{access_lines, access_lines_for, scheduled_lines, trigger_scheduled};
 
 const SECRET: &str = "webhook-secret-for-edge-tests";
 const WAIT: Duration = Duration::from_secs(60);
@@ -144,4 +148,129 @@ target = "ci"
         requests_answered,
         "a request reached the worker's fetch handler"
     );
+}
+
+fn upstream_config(registry: &Registry) -> String {
+    format!(
+        "{}[[upstream]]\nhost = \"reg.test\"\nurl = \"{}\"\n",
+        closed_docker_io(),
+        registry.url()
+    )
+}
+
+/// The cache word of the last access-log line for `path`.
+fn last_cache_word(worker: &Worker, path: &str) -> String {
+    access_lines_for(worker, path)
+        .last()
+        .and_then(|line| {
+            line.split_whitespace()
+                .find_map(|field| field.strip_prefix("cache="))
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+/// Warm pulls in one location are answered by the colo tier (the Cache API) after the first
+/// one: a blob and a manifest by digest pulled again are `cache=edge-hit`, with no R2 read,
+/// whole or as a range; a blob over the colo's size limit stays in R2; and the colo never
+/// answers a repository the core does not entitle (a layer cached for one repository is
+/// still `BLOB_UNKNOWN` under another that does not hold it).
+#[test]
+fn warm_pulls_are_served_from_the_colo_cache_after_the_link_check() {
+    let registry = Registry::start_plain();
+    let image = Image::oci(401, &[64 << 10, 2 << 20]);
+    let other = Image::oci(402, &[8 << 10]);
+    registry.push_image("team/app", "1", &image);
+    registry.push_image("team/other", "1", &other);
+    let worker = Worker::builder()
+        .config(&upstream_config(&registry))
+        // Under the 2 MiB layer, over everything else.
+        .secret("PULLGATE_COLO_MAX_BYTES", "1048576")
+        .start();
+    let client = worker.client();
+    let small = &image.layers[0];
+    let large = &image.layers[1];
+    let small_path = format!("/v2/reg.test/team/app/blobs/{}", small.digest);
+    let large_path = format!("/v2/reg.test/team/app/blobs/{}", large.digest);
+
+    // The image's manifest (by tag) links its layers to team/app; the cold pulls fill R2.
+    let manifest = client.get_manifest("reg.test/team/app", "1");
+    assert!(manifest.is_complete_success(), "{manifest:?}");
+    for (blob, path) in [(small, &small_path), (large, &large_path)] {
+        let got = client.get_blob("reg.test/team/app", &blob.digest);
+        assert!(got.is_complete_success(), "cold {path}: {got:?}");
+        assert_eq!(got.body, blob.bytes);
+        assert_eq!(last_cache_word(&worker, path), "miss");
+    }
+
+    // The copy into the colo runs in the background: pull until a pull is an edge hit.
+    assert!(
+        poll_until(WAIT, || {
+            let got = client.get_blob("reg.test/team/app", &small.digest);
+            assert!(got.is_complete_success(), "{got:?}");
+            assert_eq!(got.body, small.bytes);
+            last_cache_word(&worker, &small_path) == "edge-hit"
+        }),
+        "no edge hit: {:?}",
+        access_lines_for(&worker, &small_path)
+    );
+
+    // From now on the colo answers: no R2 read, whole or a range, with the core's headers.
+    let before = worker.metrics();
+    let got = client.get_blob("reg.test/team/app", &small.digest);
+    assert!(got.is_complete_success(), "{got:?}");
+    assert_eq!(got.body, small.bytes);
+    assert_eq!(got.header("content-length"), small.bytes.len().to_string());
+    assert_eq!(got.header("docker-content-digest"), small.digest);
+    assert_eq!(last_cache_word(&worker, &small_path), "edge-hit");
+    let range = client.raw(
+        Method::GET,
+        &small_path,
+        &[("range", "bytes=100-1123")],
+        Vec::new(),
+    );
+    assert_eq!(range.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(range.body, small.bytes[100..1124]);
+    assert_eq!(last_cache_word(&worker, &small_path), "edge-hit");
+    let after = worker.metrics();
+    assert_eq!(
+        after.total("pullgate_store_reads_total"),
+        before.total("pullgate_store_reads_total"),
+        "an edge hit read R2:\n{}",
+        after.text()
+    );
+    assert_eq!(
+        after.total("pullgate_edge_hits_total") - before.total("pullgate_edge_hits_total"),
+        2.0
+    );
+
+    // The manifest by digest takes the same path.
+    let manifest_path = format!("/v2/reg.test/team/app/manifests/{}", image.digest());
+    assert!(
+        poll_until(WAIT, || {
+            let got = client.get_manifest("reg.test/team/app", image.digest());
+            assert!(got.is_complete_success(), "{got:?}");
+            last_cache_word(&worker, &manifest_path) == "edge-hit"
+        }),
+        "no manifest edge hit: {:?}",
+        access_lines_for(&worker, &manifest_path)
+    );
+
+    // Over the size limit: R2 serves it every time.
+    for _ in 0..3 {
+        let got = client.get_blob("reg.test/team/app", &large.digest);
+        assert!(got.is_complete_success(), "{got:?}");
+        assert_eq!(got.body, large.bytes);
+        assert_eq!(last_cache_word(&worker, &large_path), "hit");
+    }
+
+    // Another repository that does not hold the layer: refused before any store read, though
+    // this location's colo has the bytes.
+    let foreign = client.get_blob("reg.test/team/other", &small.digest);
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND, "{foreign:?}");
+    assert_eq!(foreign.error_code().as_deref(), Some("BLOB_UNKNOWN"));
+    assert!(foreign.body.len() < 1024, "{} bytes", foreign.body.len());
+    let foreign = client.get_manifest("reg.test/team/other", image.digest());
+    assert_eq!(foreign.status, StatusCode::NOT_FOUND, "{foreign:?}");
+    assert_eq!(foreign.error_code().as_deref(), Some("MANIFEST_UNKNOWN"));
 }

@@ -2,7 +2,11 @@
 //! `blobs/sha256/<hex>`, each object exactly the verified bytes of its digest.
 //!
 //! A warm hit hands R2's own `ReadableStream` (a range read when the client asked for one) to
-//! the response as a [`Body::Host`], so large layers never pass through wasm.
+//! the response as a [`Body::Host`], so large layers never pass through wasm. Reads (`stat`,
+//! `serve`, `read`) ask this location's colo tier ([`ColoCache`]) first: the core calls them
+//! only after it decided the request is entitled to the blob, so the colo answers exactly
+//! what R2 would. A blob committed here, or found in R2 but not in the colo, is copied into
+//! the colo in the background.
 //!
 //! A fill is written chunk by chunk through the `BlobWriter` port, and R2 only stores streams of
 //! known length. So the writer buffers up to [`PART`] bytes: a blob that fits is stored by one
@@ -31,6 +35,7 @@ use crate::core::ports::{
     BlobStore, BlobWriter, BodyError, ByteStream, CommitError, StoreError, TailReader,
 };
 use crate::core::registry::reference::Digest;
+use crate::worker::colo::ColoCache;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::rc::Rc;
@@ -47,21 +52,23 @@ pub const PART: usize = 8 << 20;
 /// Key prefix of blobs in the bucket.
 const BLOB_PREFIX: &str = "blobs/sha256/";
 
-/// An R2 object body for the host to hand to the response, without touching its bytes.
+/// A stored blob's body for the host to hand to the response, without touching its bytes:
+/// R2's own stream, or the colo cache's.
 pub struct R2Body {
-    /// R2's own stream of the requested bytes.
+    /// The runtime's stream of the requested bytes.
     pub stream: ReadableStream,
 }
 
-/// The blob port over an R2 bucket.
+/// The blob port over an R2 bucket, with the colo tier in front of its reads.
 pub struct R2BlobStore {
     bucket: Bucket,
+    colo: Rc<ColoCache>,
 }
 
 impl R2BlobStore {
-    /// Wraps the bucket binding.
-    pub fn new(bucket: Bucket) -> R2BlobStore {
-        R2BlobStore { bucket }
+    /// Wraps the bucket binding; reads consult `colo` first.
+    pub fn new(bucket: Bucket, colo: Rc<ColoCache>) -> R2BlobStore {
+        R2BlobStore { bucket, colo }
     }
 }
 
@@ -84,6 +91,7 @@ impl R2BlobStore {
     ) -> Result<Option<ReadableStream>, StoreError> {
         let key = blob_key(digest);
         let length = end.saturating_sub(start);
+        self.colo.tally().r2_read();
         let obj = self
             .bucket
             .get(&key)
@@ -110,12 +118,22 @@ impl R2BlobStore {
 impl BlobStore for R2BlobStore {
     async fn stat(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
         let key = blob_key(digest);
+        if let Some(size) = self.colo.stat(&key).await {
+            return Ok(Some(size));
+        }
+        self.colo.tally().r2_read();
         let obj = self
             .bucket
             .head(&key)
             .await
             .map_err(|e| r2_err("head", &key, e))?;
-        Ok(obj.map(|o| o.size()))
+        let size = obj.map(|o| o.size());
+        if let Some(size) = size {
+            // Stored in R2 but not in this location's colo: copy it in for the next read.
+            self.colo.note_r2();
+            self.colo.copy_from_r2(&self.bucket, &key, &key, size);
+        }
+        Ok(size)
     }
 
     async fn read(
@@ -127,8 +145,12 @@ impl BlobStore for R2BlobStore {
         if start >= end {
             return Ok(Some(futures_util::stream::empty().boxed_local()));
         }
-        let Some(stream) = self.range_stream(digest, start, end).await? else {
-            return Ok(None);
+        let stream = match self.colo.range(&blob_key(digest), start, end).await {
+            Some(stream) => stream,
+            None => match self.range_stream(digest, start, end).await? {
+                Some(stream) => stream,
+                None => return Ok(None),
+            },
         };
         let bytes = worker::ByteStream::from(stream).map(|chunk| {
             chunk
@@ -147,10 +169,14 @@ impl BlobStore for R2BlobStore {
         if start >= end {
             return Ok(Some(Body::Empty));
         }
-        Ok(self
-            .range_stream(digest, start, end)
-            .await?
-            .map(|stream| Body::Host(HostBody(Box::new(R2Body { stream })))))
+        let stream = match self.colo.range(&blob_key(digest), start, end).await {
+            Some(stream) => Some(stream),
+            None => {
+                self.colo.note_r2();
+                self.range_stream(digest, start, end).await?
+            }
+        };
+        Ok(stream.map(|stream| Body::Host(HostBody(Box::new(R2Body { stream })))))
     }
 
     async fn delete(&self, digest: &Digest) -> Result<bool, StoreError> {
@@ -165,6 +191,7 @@ impl BlobStore for R2BlobStore {
             .delete(&key)
             .await
             .map_err(|e| r2_err("delete", &key, e))?;
+        self.colo.delete(&key).await;
         Ok(existed)
     }
 
@@ -177,10 +204,12 @@ impl BlobStore for R2BlobStore {
         let hasher = NativeSha256::new().map_err(|e| r2_err("hash", &key, e))?;
         Ok(Box::new(R2BlobWriter {
             bucket: self.bucket.clone(),
+            colo: self.colo.clone(),
             key,
             expected: digest.clone(),
             hasher,
             buf: Vec::new(),
+            written: 0,
             upload: None,
         }))
     }
@@ -239,11 +268,14 @@ struct Multipart {
 /// found the hash equal to the digest.
 pub struct R2BlobWriter {
     bucket: Bucket,
+    colo: Rc<ColoCache>,
     key: String,
     expected: Digest,
     hasher: NativeSha256,
     /// Bytes not yet uploaded (less than [`PART`] between writes).
     buf: Vec<u8>,
+    /// Bytes written so far.
+    written: u64,
     upload: Option<Multipart>,
 }
 
@@ -280,6 +312,7 @@ impl R2BlobWriter {
 impl BlobWriter for R2BlobWriter {
     async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
         for chunk in chunks {
+            self.written += chunk.len() as u64;
             self.hasher
                 .update(&chunk)
                 .await
@@ -302,6 +335,7 @@ impl BlobWriter for R2BlobWriter {
 
     async fn commit(mut self: Box<Self>) -> Result<(), CommitError> {
         let key = self.key.clone();
+        let size = self.written;
         let actual = self
             .hasher
             .finish()
@@ -341,6 +375,8 @@ impl BlobWriter for R2BlobWriter {
                     .map_err(|e| r2_err("complete multipart upload", &key, e))?;
             }
         }
+        // Verified and visible in R2: this location's colo gets a copy, straight from R2.
+        self.colo.copy_from_r2(&self.bucket, &key, &key, size);
         Ok(())
     }
 
