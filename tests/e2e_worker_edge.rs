@@ -19,13 +19,15 @@ use sha2::Sha256;
 
 use reqwest::{Method, StatusCode};
 
-use support::fixtures::Image;
+use support::fixtures::{sha256_digest, Image};
 use support::http::loopback_client;
 use support::process::{free_port, poll_until};
 use support::receiver::Receiver;
 use support::registry::Registry;
 use support::worker::Worker;
-use support::worker_edge::{access_lines, access_lines_for, scheduled_lines, trigger_scheduled};
+use support::worker_edge::{
+    access_lines, access_lines_for, scheduled_lines, stdout, trigger_scheduled,
+};
 
 const SECRET: &str = "webhook-secret-for-edge-tests";
 const WAIT: Duration = Duration::from_secs(60);
@@ -273,4 +275,91 @@ fn warm_pulls_are_served_from_the_colo_cache_after_the_link_check() {
     let foreign = client.get_manifest("reg.test/team/other", image.digest());
     assert_eq!(foreign.status, StatusCode::NOT_FOUND, "{foreign:?}");
     assert_eq!(foreign.error_code().as_deref(), Some("MANIFEST_UNKNOWN"));
+}
+
+/// The `event=stored` log lines of the blob `digest`.
+fn stored_lines(worker: &Worker, digest: &str) -> Vec<String> {
+    let hex = digest.strip_prefix("sha256:").expect("sha256 digest");
+    let needle = format!("event=stored key=blobs/sha256/{hex} ");
+    stdout(worker)
+        .lines()
+        .filter(|line| line.contains(&needle))
+        .map(str::to_string)
+        .collect()
+}
+
+/// A cold fill whose upstream announced its length is stored by one streamed R2 put (with
+/// R2's own SHA-256 check), above the 8 MiB that used to take a multipart upload too; the
+/// client and later pulls get the intact bytes. A corrupted upstream blob of either size fails
+/// the pull, is stored nowhere (R2, colo cache) and is fetched again on the next pull.
+#[test]
+fn cold_fills_of_known_length_are_one_streamed_put_and_corrupt_blobs_are_never_stored() {
+    let registry = Registry::start_plain();
+    let good = Image::oci(501, &[12 << 20, 300 << 10]);
+    let bad = Image::oci(502, &[12 << 20, 64 << 10]);
+    registry.push_image("team/good", "1", &good);
+    registry.push_image("team/bad", "1", &bad);
+    let worker = Worker::builder()
+        .config(&upstream_config(&registry))
+        .start();
+    let client = worker.client();
+
+    for layer in &good.layers {
+        let got = client.get_blob("reg.test/team/good", &layer.digest);
+        assert!(got.is_complete_success(), "cold {}: {got:?}", layer.digest);
+        assert_eq!(sha256_digest(&got.body), layer.digest);
+        assert_eq!(got.header("content-length"), layer.bytes.len().to_string());
+        let stored = format!("bytes={} put=stream", layer.bytes.len());
+        assert!(
+            poll_until(WAIT, || stored_lines(&worker, &layer.digest)
+                .iter()
+                .any(|l| l.ends_with(&stored))),
+            "not one streamed put: {:?}",
+            stored_lines(&worker, &layer.digest)
+        );
+        let warm = client.get_blob("reg.test/team/good", &layer.digest);
+        assert!(
+            warm.is_complete_success(),
+            "warm {}: {warm:?}",
+            layer.digest
+        );
+        assert_eq!(sha256_digest(&warm.body), layer.digest);
+    }
+
+    for layer in &bad.layers {
+        let corrupted = registry.corrupt_blob(&layer.digest);
+        let path = format!("/v2/reg.test/team/bad/blobs/{}", layer.digest);
+        let fetches_before = registry.count_requests("GET", &layer.digest);
+        let pull = || {
+            let got = client.get_blob("reg.test/team/bad", &layer.digest);
+            assert!(
+                !(got.is_complete_success()
+                    && sha256_digest(&got.body) == corrupted.corrupted_digest),
+                "the corrupted bytes of {} were served in full",
+                layer.digest
+            );
+            let word = last_cache_word(&worker, &path);
+            assert!(
+                word == "miss" || word == "coalesced",
+                "answered from a store ({word})"
+            );
+            word
+        };
+        assert_eq!(pull(), "miss");
+        // A pull may still join the failing fill; once that is gone, the next goes upstream.
+        assert!(poll_until(WAIT, || pull() == "miss"), "no second miss");
+        assert!(
+            registry.count_requests("GET", &layer.digest) - fetches_before >= 2,
+            "the second miss did not go upstream"
+        );
+        assert!(stored_lines(&worker, &layer.digest).is_empty());
+        // A put still failing may hold its bytes for a moment, hence the bounded wait.
+        let leftovers = || worker.state_files_holding(&corrupted.corrupted_digest);
+        poll_until(Duration::from_secs(10), || leftovers().is_empty());
+        assert!(
+            leftovers().is_empty(),
+            "the local R2 or cache kept the corrupted bytes: {:?}",
+            leftovers()
+        );
+    }
 }
