@@ -20,6 +20,11 @@
 //! Every request's futures and streams run [`Gated`]: only in that request's own I/O context,
 //! as workerd requires (see `gate.rs`).
 //!
+//! The worker also has a `scheduled` handler ([`cron`]): the Cron Trigger in `wrangler.toml`
+//! runs the gateway's outbox pump with no request needed. Reads of R2 go through this
+//! location's colo tier ([`colo`], the Cache API) inside the storage adapters; a hit whose
+//! content it served is logged `cache=edge-hit` and counted in `pullgate_edge_hits_total`.
+//!
 //! # Limitations
 //! - Coalescing is per isolate: concurrent cold misses for one blob in the same isolate share
 //!   one upstream transfer (readers in other requests see new bytes within 20 ms); isolates
