@@ -31,6 +31,7 @@ PACKAGES=(
     "docker-registry:docker-registry"
     "skopeo:skopeo"
     "containerd:containerd ctr"
+    "systemd:systemd-analyze"
 )
 
 missing=()

@@ -129,7 +129,7 @@ pub fn route(data: &[u8]) {
                     "{method} routed to a read endpoint"
                 );
             }
-            Endpoint::Base | Endpoint::Health | Endpoint::Metrics => {
+            Endpoint::Base | Endpoint::Health | Endpoint::Ready | Endpoint::Metrics => {
                 assert!(route.upstream.is_none());
             }
         }

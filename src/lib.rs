@@ -6,6 +6,9 @@
 //! [`core::app::App::handle`].
 
 pub mod core;
+/// Test doubles and store contracts: for this crate's unit tests, and for integration tests
+/// through the `test-utils` feature (on in every `cargo test`, see Cargo.toml).
+#[cfg(any(test, feature = "test-utils"))]
 pub mod testing;
 
 #[doc(hidden)]

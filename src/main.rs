@@ -1,4 +1,8 @@
 //! The `pullgate` command line.
+//!
+//! Every `serve` flag can come from a `PULLGATE_*` environment variable (the flag wins).
+//! Exit codes: 0 success; 1 a runtime failure or an invalid configuration (`check-config`);
+//! 2 a usage error (clap's).
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -19,17 +23,34 @@ enum Command {
     /// Serve the registry cache (native host, embedded storage).
     Serve {
         /// Address to listen on [default: 127.0.0.1:5000].
-        #[arg(long, value_name = "ADDR")]
+        #[arg(long, value_name = "ADDR", env = "PULLGATE_LISTEN")]
         listen: Option<String>,
         /// Cache directory [default: ./pullgate-data].
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", env = "PULLGATE_DATA_DIR")]
         data_dir: Option<PathBuf>,
         /// Upstream registry, HOST=URL (repeatable); docker.io=URL replaces Docker Hub's URL.
-        #[arg(long, value_name = "HOST=URL")]
+        /// In the environment, several are separated by commas.
+        #[arg(
+            long,
+            value_name = "HOST=URL",
+            env = "PULLGATE_UPSTREAM",
+            value_delimiter = ','
+        )]
         upstream: Vec<String>,
         /// Configuration file (TOML; the schema every host shares).
-        #[arg(long, value_name = "FILE")]
+        #[arg(long, value_name = "FILE", env = "PULLGATE_CONFIG")]
         config: Option<PathBuf>,
+        /// On SIGTERM/SIGINT, how long in-flight work gets once the listener closes
+        /// [default: 25s, or `[server] drain`].
+        #[arg(long, value_name = "DURATION", env = "PULLGATE_DRAIN")]
+        drain: Option<String>,
+    },
+    /// Check a configuration file: every problem with its key path and line; exit 0 when
+    /// valid, 1 otherwise. Secret references are checked for form, not read.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(value_name = "FILE", env = "PULLGATE_CONFIG")]
+        file: PathBuf,
     },
     /// Read a password on standard input and print its argon2id hash for `[[identity]]`.
     HashPassword,
@@ -43,18 +64,48 @@ fn main() {
             data_dir,
             upstream,
             config,
+            drain,
         } => pullgate::native::serve(pullgate::native::ServeOptions {
             listen,
             data_dir,
             upstreams: upstream,
             config,
+            drain,
         }),
+        Command::CheckConfig { file } => check_config(&file),
         Command::HashPassword => hash_password(),
     };
     if let Err(e) = result {
         eprintln!("pullgate: {e}");
-        std::process::exit(2);
+        std::process::exit(1);
     }
+}
+
+/// `pullgate check-config FILE`: one line per problem on stderr, `FILE:LINE:COLUMN: …`.
+fn check_config(file: &std::path::Path) -> Result<(), String> {
+    let text =
+        std::fs::read_to_string(file).map_err(|e| format!("reading {}: {e}", file.display()))?;
+    let problems = pullgate::native::check::check_config_text(&text);
+    if problems.is_empty() {
+        println!("{}: ok", file.display());
+        return Ok(());
+    }
+    for p in &problems {
+        match p.at {
+            Some((line, column)) => eprint!("{}:{line}:{column}: ", file.display()),
+            None => eprint!("{}: ", file.display()),
+        }
+        if p.path.is_empty() {
+            eprintln!("{}", p.message);
+        } else {
+            eprintln!("{}: {}", p.path, p.message);
+        }
+    }
+    Err(format!(
+        "{} problem(s) in {}",
+        problems.len(),
+        file.display()
+    ))
 }
 
 fn hash_password() -> Result<(), String> {

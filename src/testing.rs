@@ -1,6 +1,20 @@
-//! In-memory ports: the store contract's reference implementation, used by the core tests and
-//! usable by any host's tests. `Mem*` keep everything in memory; `ManualClock` moves only when
-//! told. Not for production: nothing is bounded.
+//! Test doubles and store contracts, in one place for the unit tests (`cfg(test)`) and the
+//! integration tests (the `test-utils` feature, which `cargo test` turns on through the
+//! crate's dev-dependency on itself). Not for production: nothing is bounded.
+//!
+//! - here: in-memory ports, the store contract's reference implementation. `Mem*` keep
+//!   everything in memory; `ManualClock` moves only when told; `FakeOffload` counts jobs.
+//! - [`fakes`]: a closure-driven upstream, a key-value store that fails on request, secrets
+//!   from a table, request/response helpers, a `LocalSet` runner.
+//! - [`contract`]: the blob-store and key-value contracts, as functions any store test calls.
+
+pub mod contract;
+pub mod fakes;
+
+pub use contract::{blob_store_contract, kv_store_contract, Tail};
+#[cfg(feature = "test-utils")]
+pub use fakes::{chunked_response, run_local, SpawnLocal};
+pub use fakes::{collect, request, Collected, FakeSecrets, FakeUpstream, FlakyKv};
 
 use crate::core::digest_check::DigestCheck;
 use crate::core::ports::{

@@ -4,17 +4,18 @@
 //! unverified fill, the fill cap, canonical tag-list pages, best-effort tag-record writes.
 
 use bytes::Bytes;
-use futures_util::future::{join, LocalBoxFuture};
+use futures_util::future::join;
 use futures_util::{FutureExt, StreamExt};
 use http::{Request, Response, StatusCode};
 use pullgate::core::app::App;
-use pullgate::core::body::{Body, CacheStatus, RequestInfo};
-use pullgate::core::config::{parse_config, ConfigError, Secret, SecretResolver};
-use pullgate::core::ports::{
-    BodyError, ByteStream, Deferred, KvStore, Ports, StoreError, Upstream, UpstreamError,
-};
+use pullgate::core::body::{Body, CacheStatus};
+use pullgate::core::config::parse_config;
+use pullgate::core::ports::{ByteStream, KvStore, Ports, UpstreamError};
 use pullgate::core::registry::reference::Digest;
-use pullgate::testing::{ManualClock, MemBlobStore, MemKv};
+use pullgate::testing::{
+    chunked_response, collect, request, run_local, Collected, FakeSecrets, FakeUpstream, FlakyKv,
+    ManualClock, MemBlobStore, SpawnLocal,
+};
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
@@ -153,81 +154,7 @@ fn reply(
     body: Bytes,
     gate: Option<(Rc<Notify>, Rc<Cell<bool>>)>,
 ) -> Response<ByteStream> {
-    let mut b = Response::builder().status(status);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let half = body.len() / 2;
-    let chunks: Vec<(usize, Bytes)> = (0..body.len())
-        .step_by(4096)
-        .map(|i| (i, body.slice(i..(i + 4096).min(body.len()))))
-        .collect();
-    let stream = futures_util::stream::iter(chunks)
-        .then(move |(at, c)| {
-            let gate = gate.clone();
-            async move {
-                if let Some((g, flag)) = gate.filter(|_| at >= half && at < half + 4096) {
-                    flag.set(true);
-                    g.notified().await;
-                    flag.set(false);
-                }
-                tokio::task::yield_now().await;
-                Ok::<_, BodyError>(c)
-            }
-        })
-        .boxed_local();
-    b.body(stream).unwrap()
-}
-
-struct FakeUpstream(Rc<Registry>);
-
-#[async_trait::async_trait(?Send)]
-impl Upstream for FakeUpstream {
-    async fn send(&self, request: Request<Bytes>) -> Result<Response<ByteStream>, UpstreamError> {
-        self.0.respond(&request)
-    }
-}
-
-/// A key-value store whose writes under a prefix can be made to fail.
-#[derive(Default)]
-struct FlakyKv {
-    inner: MemKv,
-    fail_prefix: RefCell<Option<String>>,
-}
-
-#[async_trait::async_trait(?Send)]
-impl KvStore for FlakyKv {
-    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
-        self.inner.get(key).await
-    }
-    async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        if let Some(p) = self.fail_prefix.borrow().as_deref() {
-            if key.starts_with(p) {
-                return Err(StoreError("one write per second per key".into()));
-            }
-        }
-        self.inner.put(key, value).await
-    }
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(key).await
-    }
-    async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
-        self.inner.list(prefix, limit).await
-    }
-}
-
-struct SpawnLocal;
-impl Deferred for SpawnLocal {
-    fn spawn(&self, work: LocalBoxFuture<'static, ()>) {
-        tokio::task::spawn_local(work);
-    }
-}
-
-struct NoSecrets;
-impl SecretResolver for NoSecrets {
-    fn resolve(&self, r: &str) -> Result<Secret, ConfigError> {
-        Err(ConfigError(format!("{r} unset")))
-    }
+    chunked_response(status, headers, body, gate)
 }
 
 struct Harness {
@@ -256,7 +183,10 @@ fn harness(cache: &str) -> Harness {
     ))
     .unwrap();
     let ports = Ports {
-        upstream: Rc::new(FakeUpstream(up.clone())),
+        upstream: Rc::new(FakeUpstream::new({
+            let up = up.clone();
+            move |request| up.respond(request)
+        })),
         kv: kv.clone(),
         blobs: Rc::new(MemBlobStore::default()),
         clock: clock.clone(),
@@ -264,78 +194,19 @@ fn harness(cache: &str) -> Harness {
         offload: Rc::new(pullgate::core::ports::InlineOffload),
     };
     Harness {
-        app: App::new(config.resolve(&NoSecrets).unwrap(), ports),
+        app: App::new(config.resolve(&FakeSecrets::default()).unwrap(), ports),
         up,
         clock,
         kv,
     }
 }
 
-struct Got {
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: Result<Bytes, BodyError>,
-    info: Option<RequestInfo>,
+async fn get(h: &Harness, path: &str, headers: &[(&str, &str)]) -> Collected {
+    collect(h.app.handle(&request("GET", path, headers)).await).await
 }
 
-impl Got {
-    fn code(&self) -> String {
-        String::from_utf8_lossy(self.body.as_deref().unwrap_or_default()).to_string()
-    }
-}
-
-async fn collect(resp: Response<Body>) -> Got {
-    let info = resp.extensions().get::<RequestInfo>().cloned();
-    let (parts, body) = resp.into_parts();
-    let body = match body {
-        Body::Empty => Ok(Bytes::new()),
-        Body::Bytes(b) => Ok(b),
-        Body::Host(_) => panic!("in-memory stores never make host bodies"),
-        Body::Stream(mut s) => {
-            let mut out = Vec::new();
-            let mut res = Ok(());
-            while let Some(c) = s.next().await {
-                match c {
-                    Ok(c) => out.extend_from_slice(&c),
-                    Err(e) => {
-                        res = Err(e);
-                        break;
-                    }
-                }
-            }
-            res.map(|()| Bytes::from(out))
-        }
-    };
-    Got {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-        info,
-    }
-}
-
-fn req(method: &str, path: &str, headers: &[(&str, &str)]) -> Request<()> {
-    let mut b = Request::builder().method(method).uri(path);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(()).unwrap()
-}
-
-async fn get(h: &Harness, path: &str, headers: &[(&str, &str)]) -> Got {
-    collect(h.app.handle(&req("GET", path, headers)).await).await
-}
-
-async fn head(h: &Harness, path: &str) -> Got {
-    collect(h.app.handle(&req("HEAD", path, &[])).await).await
-}
-
-fn local<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tokio::task::LocalSet::new().block_on(&rt, f);
+async fn head(h: &Harness, path: &str) -> Collected {
+    collect(h.app.handle(&request("HEAD", path, &[])).await).await
 }
 
 /// Lets the spawned fill run until its body waits at the gate (bounded).
@@ -369,7 +240,7 @@ fn image_manifest(config: &Digest, layers: &[&Digest], subject: Option<&Digest>)
 
 #[test]
 fn blob_cached_for_one_repository_is_unknown_to_a_repository_the_upstream_does_not_vouch_for() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (d, bytes) = h.up.blob(&["team/private"], data(100_000, 1));
         let g = get(&h, &format!("/v2/team/private/blobs/{d}"), &[]).await;
@@ -378,7 +249,7 @@ fn blob_cached_for_one_repository_is_unknown_to_a_repository_the_upstream_does_n
         let attack = format!("/v2/library/public/blobs/{d}");
         let g = get(&h, &attack, &[]).await;
         assert_eq!(g.status, StatusCode::NOT_FOUND);
-        assert!(g.code().contains("BLOB_UNKNOWN"), "{}", g.code());
+        assert!(g.text().contains("BLOB_UNKNOWN"), "{}", g.text());
         assert!(g.body.unwrap().len() < 1000, "no blob bytes");
         let g = head(&h, &attack).await;
         assert_eq!(g.status, StatusCode::NOT_FOUND);
@@ -398,7 +269,7 @@ fn blob_cached_for_one_repository_is_unknown_to_a_repository_the_upstream_does_n
 
 #[test]
 fn blob_confirmed_by_head_is_served_from_the_cache_with_one_head_and_no_second_get() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (d, bytes) = h.up.blob(&["team/a", "team/b"], data(100_000, 2));
         get(&h, &format!("/v2/team/a/blobs/{d}"), &[]).await;
@@ -420,7 +291,7 @@ fn blob_confirmed_by_head_is_served_from_the_cache_with_one_head_and_no_second_g
 
 #[test]
 fn manifest_by_digest_is_unknown_to_a_repository_that_does_not_hold_it() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (c, _) = h.up.blob(&["team/private"], data(10, 3));
         let (d, _) =
@@ -432,8 +303,8 @@ fn manifest_by_digest_is_unknown_to_a_repository_that_does_not_hold_it() {
         let attack = format!("/v2/library/public/manifests/{d}");
         let g = get(&h, &attack, &[ACCEPT_OCI]).await;
         assert_eq!(g.status, StatusCode::NOT_FOUND);
-        assert!(g.code().contains("MANIFEST_UNKNOWN"), "{}", g.code());
-        assert!(!g.code().contains("schemaVersion"), "no manifest bytes");
+        assert!(g.text().contains("MANIFEST_UNKNOWN"), "{}", g.text());
+        assert!(!g.text().contains("schemaVersion"), "no manifest bytes");
         assert_eq!(head(&h, &attack).await.status, StatusCode::NOT_FOUND);
         // And the config it references is not linked to the attacker's repository either.
         let g = get(&h, &format!("/v2/library/public/blobs/{c}"), &[]).await;
@@ -444,7 +315,7 @@ fn manifest_by_digest_is_unknown_to_a_repository_that_does_not_hold_it() {
 
 #[test]
 fn manifest_confirmed_by_head_is_served_from_the_cache_with_one_head_and_no_second_get() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (c, _) = h.up.blob(&["team/a", "team/b"], data(10, 4));
         let body = image_manifest(&c, &[], None);
@@ -464,7 +335,7 @@ fn manifest_confirmed_by_head_is_served_from_the_cache_with_one_head_and_no_seco
 
 #[test]
 fn unlinked_cached_content_is_503_when_the_upstream_cannot_confirm() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (c, _) = h.up.blob(&["team/a"], data(70_000, 5));
         let (d, _) =
@@ -478,7 +349,7 @@ fn unlinked_cached_content_is_503_when_the_upstream_cannot_confirm() {
         ] {
             let g = get(&h, &p, &[ACCEPT_OCI]).await;
             assert_eq!(g.status, StatusCode::SERVICE_UNAVAILABLE, "{p}");
-            assert!(g.code().contains("UNAVAILABLE"));
+            assert!(g.text().contains("UNAVAILABLE"));
         }
         // The owner is still served from the cache.
         let g = get(&h, &format!("/v2/team/a/blobs/{c}"), &[]).await;
@@ -488,7 +359,7 @@ fn unlinked_cached_content_is_503_when_the_upstream_cannot_confirm() {
 
 #[test]
 fn a_fill_in_progress_is_joined_only_by_repositories_entitled_to_it() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let gate = Rc::new(Notify::new());
         *h.up.gate.borrow_mut() = Some(gate.clone());
@@ -496,7 +367,7 @@ fn a_fill_in_progress_is_joined_only_by_repositories_entitled_to_it() {
             h.up.blob(&["team/private", "team/shared"], data(400_000, 6));
         let owner = h
             .app
-            .handle(&req("GET", &format!("/v2/team/private/blobs/{d}"), &[]))
+            .handle(&request("GET", &format!("/v2/team/private/blobs/{d}"), &[]))
             .await;
         assert_eq!(owner.status(), StatusCode::OK);
         until_at_gate(&h.up).await;
@@ -504,7 +375,7 @@ fn a_fill_in_progress_is_joined_only_by_repositories_entitled_to_it() {
         // Not held upstream: unknown, for GET and HEAD, with no bytes.
         let g = get(&h, &format!("/v2/library/public/blobs/{d}"), &[]).await;
         assert_eq!(g.status, StatusCode::NOT_FOUND);
-        assert!(g.code().contains("BLOB_UNKNOWN"));
+        assert!(g.text().contains("BLOB_UNKNOWN"));
         let g = head(&h, &format!("/v2/library/public/blobs/{d}")).await;
         assert_eq!(g.status, StatusCode::NOT_FOUND);
         // Upstream down: cannot confirm, 503.
@@ -515,7 +386,7 @@ fn a_fill_in_progress_is_joined_only_by_repositories_entitled_to_it() {
         // Held upstream: joins the running fill after one HEAD.
         let shared = h
             .app
-            .handle(&req("GET", &format!("/v2/team/shared/blobs/{d}"), &[]))
+            .handle(&request("GET", &format!("/v2/team/shared/blobs/{d}"), &[]))
             .await;
         assert_eq!(shared.status(), StatusCode::OK);
         gate.notify_one();
@@ -536,7 +407,7 @@ fn a_fill_in_progress_is_joined_only_by_repositories_entitled_to_it() {
 
 #[test]
 fn a_manifest_links_its_layers_so_a_repository_sharing_them_needs_no_request_but_not_its_subject() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (c1, _) = h.up.blob(&["team/a"], data(100, 7));
         let (layer, bytes) = h.up.blob(&["team/a", "team/b"], data(90_000, 8));
@@ -574,18 +445,18 @@ fn a_manifest_links_its_layers_so_a_repository_sharing_them_needs_no_request_but
 
 #[test]
 fn a_range_inside_an_unverified_fill_completes_only_after_the_digest_checks() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let gate = Rc::new(Notify::new());
         *h.up.gate.borrow_mut() = Some(gate.clone());
         let (d, bytes) = h.up.blob(&["app"], data(600_000, 10));
         let p = format!("/v2/app/blobs/{d}");
-        let full = h.app.handle(&req("GET", &p, &[])).await;
+        let full = h.app.handle(&request("GET", &p, &[])).await;
         until_at_gate(&h.up).await;
         // 300 KB received, far past the range, but the digest is not checked yet.
         let ranged = h
             .app
-            .handle(&req("GET", &p, &[("range", "bytes=0-99")]))
+            .handle(&request("GET", &p, &[("range", "bytes=0-99")]))
             .await;
         assert_eq!(ranged.status(), StatusCode::PARTIAL_CONTENT);
         let Body::Stream(mut s) = ranged.into_body() else {
@@ -607,11 +478,11 @@ fn a_range_inside_an_unverified_fill_completes_only_after_the_digest_checks() {
         let (d, _) = h.up.blob(&["app"], data(600_000, 11));
         h.up.corrupt.set(true);
         let p = format!("/v2/app/blobs/{d}");
-        let full = h.app.handle(&req("GET", &p, &[])).await;
+        let full = h.app.handle(&request("GET", &p, &[])).await;
         until_at_gate(&h.up).await;
         let ranged = h
             .app
-            .handle(&req("GET", &p, &[("range", "bytes=0-99")]))
+            .handle(&request("GET", &p, &[("range", "bytes=0-99")]))
             .await;
         let Body::Stream(mut s) = ranged.into_body() else {
             panic!("a fill streams")
@@ -624,7 +495,7 @@ fn a_range_inside_an_unverified_fill_completes_only_after_the_digest_checks() {
 
 #[test]
 fn beyond_max_fills_a_miss_is_503_with_retry_after() {
-    local(async {
+    run_local(async {
         let h = harness("max_fills = 1");
         let gate = Rc::new(Notify::new());
         *h.up.gate.borrow_mut() = Some(gate.clone());
@@ -632,19 +503,19 @@ fn beyond_max_fills_a_miss_is_503_with_retry_after() {
         let (b, bbytes) = h.up.blob(&["app"], data(200_000, 13));
         let first = h
             .app
-            .handle(&req("GET", &format!("/v2/app/blobs/{a}"), &[]))
+            .handle(&request("GET", &format!("/v2/app/blobs/{a}"), &[]))
             .await;
         until_at_gate(&h.up).await;
         let g = get(&h, &format!("/v2/app/blobs/{b}"), &[]).await;
         assert_eq!(g.status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(g.headers["retry-after"], "5");
-        assert!(g.code().contains("UNAVAILABLE"));
+        assert!(g.text().contains("UNAVAILABLE"));
         assert!(g.info.unwrap().error.unwrap().contains("fill cap"));
         assert_eq!(h.up.count("GET", &format!("/blobs/{b}")), 0);
         // Joining the running fill is not a new fill.
         let joined = h
             .app
-            .handle(&req("GET", &format!("/v2/app/blobs/{a}"), &[]))
+            .handle(&request("GET", &format!("/v2/app/blobs/{a}"), &[]))
             .await;
         assert_eq!(joined.status(), StatusCode::OK);
         gate.notify_one();
@@ -658,13 +529,13 @@ fn beyond_max_fills_a_miss_is_503_with_retry_after() {
 
 #[test]
 fn a_failed_tag_record_write_is_noted_and_never_a_500() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (c, _) = h.up.blob(&["app"], data(10, 14));
         let (_, bytes) =
             h.up.manifest(&["app"], Some("v1"), image_manifest(&c, &[], None));
         let p = "/v2/app/manifests/v1";
-        *h.kv.fail_prefix.borrow_mut() = Some("tag/".into());
+        h.kv.fail_writes_under(Some("tag/"));
         // A miss whose record cannot be written is still served.
         let g = get(&h, p, &[ACCEPT_OCI]).await;
         assert_eq!(g.status, StatusCode::OK);
@@ -674,11 +545,11 @@ fn a_failed_tag_record_write_is_noted_and_never_a_500() {
             .error
             .unwrap()
             .contains("tag record not saved"));
-        *h.kv.fail_prefix.borrow_mut() = None;
+        h.kv.fail_writes_under(None);
         get(&h, p, &[ACCEPT_OCI]).await;
         // A revalidation after the TTL, with the write failing: the hit stands.
         h.clock.advance(301_000);
-        *h.kv.fail_prefix.borrow_mut() = Some("tag/".into());
+        h.kv.fail_writes_under(Some("tag/"));
         let g = get(&h, p, &[ACCEPT_OCI]).await;
         assert_eq!(g.status, StatusCode::OK);
         assert_eq!(g.body.unwrap(), bytes);
@@ -687,7 +558,7 @@ fn a_failed_tag_record_write_is_noted_and_never_a_500() {
         assert!(info.error.unwrap().contains("tag record not saved"));
         assert_eq!(h.up.count("HEAD", "/manifests/v1"), 1);
         // Failing link writes cost a HEAD later, never the answer.
-        *h.kv.fail_prefix.borrow_mut() = Some("link/".into());
+        h.kv.fail_writes_under(Some("link/"));
         let (d2, _) = h.up.blob(&["app"], data(70_000, 15));
         let g = get(&h, &format!("/v2/app/blobs/{d2}"), &[]).await;
         assert_eq!(g.status, StatusCode::OK);
@@ -696,7 +567,7 @@ fn a_failed_tag_record_write_is_noted_and_never_a_500() {
 
 #[test]
 fn a_tag_record_from_before_links_links_its_manifest_and_layers_on_the_next_pull() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (c, _) = h.up.blob(&["app"], data(100, 16));
         let (layer, bytes) = h.up.blob(&["app"], data(80_000, 17));

@@ -2,15 +2,18 @@
 //! that counts every call, so each cache behaviour is asserted by what reached the upstream.
 
 use bytes::Bytes;
-use futures_util::future::{join_all, LocalBoxFuture};
+use futures_util::future::join_all;
 use futures_util::StreamExt;
 use http::{Request, Response, StatusCode};
 use pullgate::core::app::App;
-use pullgate::core::body::{Body, CacheStatus, RequestInfo};
-use pullgate::core::config::{parse_config, ConfigError, Secret, SecretResolver};
-use pullgate::core::ports::{BodyError, ByteStream, Deferred, Ports, Upstream, UpstreamError};
+use pullgate::core::body::{Body, CacheStatus};
+use pullgate::core::config::parse_config;
+use pullgate::core::ports::{ByteStream, Ports, UpstreamError};
 use pullgate::core::registry::reference::Digest;
-use pullgate::testing::{ManualClock, MemBlobStore, MemKv};
+use pullgate::testing::{
+    chunked_response, collect, request, run_local, Collected, FakeSecrets, FakeUpstream,
+    ManualClock, MemBlobStore, MemKv, SpawnLocal,
+};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
@@ -181,51 +184,9 @@ impl FakeRegistry {
     }
 }
 
-/// A response whose body arrives in 4 KiB chunks with a yield between them, so concurrent
-/// requests really overlap with a transfer in flight.
+/// A response whose body arrives in 4 KiB chunks with a yield between them.
 fn resp(status: u16, headers: &[(&str, &str)], body: Bytes) -> Response<ByteStream> {
-    let mut b = Response::builder().status(status);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    let chunks: Vec<Bytes> = (0..body.len())
-        .step_by(4096)
-        .map(|i| body.slice(i..(i + 4096).min(body.len())))
-        .collect();
-    let stream = futures_util::stream::iter(chunks)
-        .then(|c| async move {
-            tokio::task::yield_now().await;
-            Ok::<_, BodyError>(c)
-        })
-        .boxed_local();
-    b.body(stream).unwrap()
-}
-
-struct FakeUpstream(Rc<FakeRegistry>);
-
-#[async_trait::async_trait(?Send)]
-impl Upstream for FakeUpstream {
-    async fn send(&self, request: Request<Bytes>) -> Result<Response<ByteStream>, UpstreamError> {
-        self.0.respond(&request)
-    }
-}
-
-struct SpawnLocal;
-impl Deferred for SpawnLocal {
-    fn spawn(&self, work: LocalBoxFuture<'static, ()>) {
-        tokio::task::spawn_local(work);
-    }
-}
-
-struct TestSecrets;
-impl SecretResolver for TestSecrets {
-    fn resolve(&self, r: &str) -> Result<Secret, ConfigError> {
-        match r {
-            "env:U" => Ok(Secret::new("user".into())),
-            "env:P" => Ok(Secret::new("s3cret".into())),
-            _ => Err(ConfigError(format!("{r} unset"))),
-        }
-    }
+    chunked_response(status, headers, body, None)
 }
 
 struct Harness {
@@ -259,9 +220,17 @@ fn harness_with(extra: &str, blobs: MemBlobStore) -> Harness {
         "#
     ))
     .unwrap();
-    let settings = config.resolve(&TestSecrets).unwrap();
+    let settings = config
+        .resolve(&FakeSecrets::with(&[
+            ("env:U", "user"),
+            ("env:P", "s3cret"),
+        ]))
+        .unwrap();
     let ports = Ports {
-        upstream: Rc::new(FakeUpstream(up.clone())),
+        upstream: Rc::new(FakeUpstream::new({
+            let up = up.clone();
+            move |request| up.respond(request)
+        })),
         kv: Rc::new(MemKv::default()),
         blobs: blobs.clone(),
         clock: clock.clone(),
@@ -276,65 +245,12 @@ fn harness_with(extra: &str, blobs: MemBlobStore) -> Harness {
     }
 }
 
-struct Got {
-    status: StatusCode,
-    headers: http::HeaderMap,
-    body: Result<Bytes, BodyError>,
-    cache: CacheStatus,
-}
-
-async fn collect(resp: Response<Body>) -> Got {
-    let cache = resp
-        .extensions()
-        .get::<RequestInfo>()
-        .map(|i| i.cache)
-        .unwrap_or(CacheStatus::None);
-    let (parts, body) = resp.into_parts();
-    let body = match body {
-        Body::Empty => Ok(Bytes::new()),
-        Body::Bytes(b) => Ok(b),
-        Body::Host(_) => panic!("in-memory stores never make host bodies"),
-        Body::Stream(mut s) => {
-            let mut out = Vec::new();
-            let mut res = Ok(());
-            while let Some(c) = s.next().await {
-                match c {
-                    Ok(c) => out.extend_from_slice(&c),
-                    Err(e) => {
-                        res = Err(e);
-                        break;
-                    }
-                }
-            }
-            res.map(|()| Bytes::from(out))
-        }
-    };
-    Got {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-        cache,
-    }
-}
-
 fn get(path: &str, headers: &[(&str, &str)]) -> Request<()> {
-    let mut b = Request::builder().uri(path);
-    for (k, v) in headers {
-        b = b.header(*k, *v);
-    }
-    b.body(()).unwrap()
+    request("GET", path, headers)
 }
 
-async fn fetch(h: &Harness, path: &str, headers: &[(&str, &str)]) -> Got {
+async fn fetch(h: &Harness, path: &str, headers: &[(&str, &str)]) -> Collected {
     collect(h.app.handle(&get(path, headers)).await).await
-}
-
-fn local<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tokio::task::LocalSet::new().block_on(&rt, f);
 }
 
 const MANIFEST: &str = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#;
@@ -342,7 +258,7 @@ const ACCEPT_OCI: (&str, &str) = ("accept", OCI_MANIFEST);
 
 #[test]
 fn eight_concurrent_misses_make_one_upstream_fetch() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (d, bytes) =
             h.up.put_blob((0..300_000u32).map(|i| (i % 251) as u8).collect());
@@ -358,21 +274,21 @@ fn eight_concurrent_misses_make_one_upstream_fetch() {
         assert_eq!(h.up.count("GET", "/blobs/"), 1);
         assert_eq!(
             gots.iter()
-                .filter(|g| g.cache == CacheStatus::Coalesced)
+                .filter(|g| g.cache() == CacheStatus::Coalesced)
                 .count(),
             7
         );
         assert_eq!(h.blobs.get(d.as_str()).unwrap(), bytes);
         // And now it is a hit.
         let again = fetch(&h, &path, &[]).await;
-        assert_eq!(again.cache, CacheStatus::Hit);
+        assert_eq!(again.cache(), CacheStatus::Hit);
         assert_eq!(h.up.count("GET", "/blobs/"), 1);
     });
 }
 
 #[test]
 fn digest_mismatch_is_never_stored_and_the_client_stream_fails() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (d, _) = h.up.put_blob(vec![7u8; 200_000]);
         h.up.corrupt_blobs.set(true);
@@ -395,7 +311,7 @@ fn digest_mismatch_is_never_stored_and_the_client_stream_fails() {
 
 #[test]
 fn small_corrupt_blob_delivers_no_bytes_before_failing() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (d, _) = h.up.put_blob(vec![1u8; 1000]);
         h.up.corrupt_blobs.set(true);
@@ -412,18 +328,18 @@ fn small_corrupt_blob_delivers_no_bytes_before_failing() {
 
 #[test]
 fn tag_is_revalidated_after_ttl_and_not_before() {
-    local(async {
+    run_local(async {
         let h = harness("");
         h.up.put_manifest("v1", OCI_MANIFEST, MANIFEST);
         let p = "/v2/app/manifests/v1";
-        assert_eq!(fetch(&h, p, &[ACCEPT_OCI]).await.cache, CacheStatus::Miss);
+        assert_eq!(fetch(&h, p, &[ACCEPT_OCI]).await.cache(), CacheStatus::Miss);
         h.clock.advance(299_000);
-        assert_eq!(fetch(&h, p, &[ACCEPT_OCI]).await.cache, CacheStatus::Hit);
+        assert_eq!(fetch(&h, p, &[ACCEPT_OCI]).await.cache(), CacheStatus::Hit);
         assert_eq!(h.up.count("HEAD", "/manifests/"), 0);
         assert_eq!(h.up.count("GET", "/manifests/"), 1);
         h.clock.advance(2_000);
         let g = fetch(&h, p, &[ACCEPT_OCI]).await;
-        assert_eq!(g.cache, CacheStatus::Hit);
+        assert_eq!(g.cache(), CacheStatus::Hit);
         assert_eq!(g.body.unwrap(), MANIFEST.as_bytes());
         assert_eq!(
             h.up.count("HEAD", "/manifests/v1"),
@@ -444,7 +360,7 @@ fn tag_is_revalidated_after_ttl_and_not_before() {
 
 #[test]
 fn moved_tag_is_fetched_by_digest() {
-    local(async {
+    run_local(async {
         let h = harness("");
         h.up.put_manifest("v1", OCI_MANIFEST, MANIFEST);
         let p = "/v2/app/manifests/v1";
@@ -462,7 +378,7 @@ fn moved_tag_is_fetched_by_digest() {
 #[test]
 fn stale_tag_is_served_when_upstream_fails() {
     for failure in [Some(503u16), Some(500), Some(429), Some(401), Some(0)] {
-        local(async {
+        run_local(async {
             let h = harness("");
             h.up.put_manifest("v1", OCI_MANIFEST, MANIFEST);
             let p = "/v2/app/manifests/v1";
@@ -471,7 +387,7 @@ fn stale_tag_is_served_when_upstream_fails() {
             h.clock.advance(301_000);
             let g = fetch(&h, p, &[ACCEPT_OCI]).await;
             assert_eq!(g.status, StatusCode::OK, "{failure:?}");
-            assert_eq!(g.cache, CacheStatus::Stale);
+            assert_eq!(g.cache(), CacheStatus::Stale);
             assert_eq!(g.body.unwrap(), MANIFEST.as_bytes());
             // Beyond max_stale (1h): a clear error, not MANIFEST_UNKNOWN.
             h.clock.advance(3_600_000);
@@ -488,7 +404,7 @@ fn stale_tag_is_served_when_upstream_fails() {
 
 #[test]
 fn miss_while_upstream_is_down_is_503_unavailable() {
-    local(async {
+    run_local(async {
         let h = harness("");
         h.up.down.set(Some(0));
         let g = fetch(&h, "/v2/app/manifests/v1", &[ACCEPT_OCI]).await;
@@ -502,7 +418,7 @@ fn miss_while_upstream_is_down_is_503_unavailable() {
 
 #[test]
 fn unknown_manifest_is_404_manifest_unknown() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let g = fetch(&h, "/v2/app/manifests/nope", &[ACCEPT_OCI]).await;
         assert_eq!(g.status, StatusCode::NOT_FOUND);
@@ -512,7 +428,7 @@ fn unknown_manifest_is_404_manifest_unknown() {
 
 #[test]
 fn token_is_fetched_on_401_and_reused_until_expiry() {
-    local(async {
+    run_local(async {
         let h = harness("");
         h.up.require_token.set(true);
         h.up.token_ttl.set(60);
@@ -540,7 +456,7 @@ fn token_is_fetched_on_401_and_reused_until_expiry() {
 
 #[test]
 fn credentials_go_only_to_a_trusted_realm() {
-    local(async {
+    run_local(async {
         let h = harness("username = \"env:U\"\npassword = \"env:P\"");
         h.up.require_token.set(true);
         h.up.put_manifest("v1", OCI_MANIFEST, MANIFEST);
@@ -568,7 +484,7 @@ fn credentials_go_only_to_a_trusted_realm() {
 
 #[test]
 fn redirects_are_followed_without_authorization_and_not_cached() {
-    local(async {
+    run_local(async {
         let h = harness("");
         h.up.require_token.set(true);
         h.up.redirect_blobs.set(true);
@@ -597,7 +513,7 @@ fn redirects_are_followed_without_authorization_and_not_cached() {
 
 #[test]
 fn index_only_goes_to_clients_that_accept_one() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let index = r#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[]}"#;
         h.up.put_manifest("multi", OCI_INDEX, index);
@@ -619,15 +535,18 @@ fn index_only_goes_to_clients_that_accept_one() {
 
 #[test]
 fn manifest_by_digest_is_verified_and_cached_forever() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let d = h.up.put_manifest("v1", OCI_MANIFEST, MANIFEST);
         let p = format!("/v2/app/manifests/{d}");
-        assert_eq!(fetch(&h, &p, &[ACCEPT_OCI]).await.cache, CacheStatus::Miss);
+        assert_eq!(
+            fetch(&h, &p, &[ACCEPT_OCI]).await.cache(),
+            CacheStatus::Miss
+        );
         h.up.down.set(Some(503));
         h.clock.advance(30 * 86_400_000);
         let g = fetch(&h, &p, &[ACCEPT_OCI]).await;
-        assert_eq!((g.status, g.cache), (StatusCode::OK, CacheStatus::Hit));
+        assert_eq!((g.status, g.cache()), (StatusCode::OK, CacheStatus::Hit));
         // HEAD: headers, no body.
         let resp = h.app.handle(&Request::head(&p).body(()).unwrap()).await;
         assert_eq!(
@@ -640,7 +559,7 @@ fn manifest_by_digest_is_verified_and_cached_forever() {
 
 #[test]
 fn ranges_on_cold_and_warm_blobs() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let data: Vec<u8> = (0..200_000u32).map(|i| (i % 241) as u8).collect();
         let (d, bytes) = h.up.put_blob(data);
@@ -661,7 +580,7 @@ fn ranges_on_cold_and_warm_blobs() {
 
 #[test]
 fn unconfigured_ns_is_refused_and_never_dialled() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let g = fetch(&h, "/v2/app/manifests/v1?ns=evil.example", &[]).await;
         assert_eq!(g.status, StatusCode::NOT_FOUND);
@@ -672,7 +591,7 @@ fn unconfigured_ns_is_refused_and_never_dialled() {
 
 #[test]
 fn tags_list_caches_only_the_first_page_and_passes_pagination_through() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let g = fetch(&h, "/v2/app/tags/list?n=2&last=a", &[]).await;
         assert_eq!(g.status, StatusCode::OK);
@@ -684,20 +603,20 @@ fn tags_list_caches_only_the_first_page_and_passes_pagination_through() {
         );
         // A page chosen by `n`/`last` is proxied, never stored.
         assert_eq!(
-            fetch(&h, "/v2/app/tags/list?n=2&last=a", &[]).await.cache,
+            fetch(&h, "/v2/app/tags/list?n=2&last=a", &[]).await.cache(),
             CacheStatus::Miss
         );
         assert_eq!(h.up.count("GET", "/tags/list"), 2);
         // The canonical first page is cached.
         fetch(&h, "/v2/app/tags/list", &[]).await;
         let g = fetch(&h, "/v2/app/tags/list", &[]).await;
-        assert_eq!(g.cache, CacheStatus::Hit);
+        assert_eq!(g.cache(), CacheStatus::Hit);
         assert_eq!(h.up.count("GET", "/tags/list"), 3);
         // After the TTL with the upstream down: stale for the first page, 503 for others.
         h.clock.advance(301_000);
         h.up.down.set(Some(502));
         let g = fetch(&h, "/v2/app/tags/list", &[]).await;
-        assert_eq!((g.status, g.cache), (StatusCode::OK, CacheStatus::Stale));
+        assert_eq!((g.status, g.cache()), (StatusCode::OK, CacheStatus::Stale));
         let g = fetch(&h, "/v2/app/tags/list?n=2&last=a", &[]).await;
         assert_eq!(g.status, StatusCode::SERVICE_UNAVAILABLE);
         // With ns, the Link keeps the client's ns.
@@ -712,7 +631,7 @@ fn tags_list_caches_only_the_first_page_and_passes_pagination_through() {
 
 #[test]
 fn store_without_tail_serves_fast_readers_from_memory_and_slow_ones_after_commit() {
-    local(async {
+    run_local(async {
         let h = harness_with("", MemBlobStore::without_tail());
         // Larger than the in-memory window, so a reader that waits falls behind it.
         let data: Vec<u8> = (0..6_000_000u32).map(|i| (i % 253) as u8).collect();
@@ -731,7 +650,7 @@ fn store_without_tail_serves_fast_readers_from_memory_and_slow_ones_after_commit
 
 #[test]
 fn head_on_a_cold_blob_asks_the_upstream_head_and_transfers_nothing() {
-    local(async {
+    run_local(async {
         let h = harness("");
         let (d, bytes) = h.up.put_blob(vec![5u8; 70_000]);
         let req = Request::head(format!("/v2/app/blobs/{d}"))
@@ -758,7 +677,7 @@ fn head_on_a_cold_blob_asks_the_upstream_head_and_transfers_nothing() {
 }
 
 /// The OCI envelope's first message.
-fn envelope_message(g: &Got) -> String {
+fn envelope_message(g: &Collected) -> String {
     let body = g.body.as_ref().expect("error body");
     let v: serde_json::Value = serde_json::from_slice(body).expect("OCI envelope");
     v["errors"][0]["message"]
@@ -769,7 +688,7 @@ fn envelope_message(g: &Got) -> String {
 
 #[test]
 fn redirects_to_loopback_or_metadata_are_refused_with_502_and_never_dialled() {
-    local(async {
+    run_local(async {
         for (target, class) in [
             ("http://127.0.0.2", "loopback"),
             ("http://169.254.169.254", "cloud metadata"),
@@ -796,7 +715,7 @@ fn redirects_to_loopback_or_metadata_are_refused_with_502_and_never_dialled() {
 
 #[test]
 fn redirect_to_an_allowed_internal_network_is_followed() {
-    local(async {
+    run_local(async {
         let h = harness("[outbound]\nallow = [\"127.0.0.0/8\"]");
         h.up.redirect_blobs.set(true);
         *h.up.cdn.borrow_mut() = Some("http://127.0.0.2".into());
@@ -810,7 +729,7 @@ fn redirect_to_an_allowed_internal_network_is_followed() {
 
 #[test]
 fn token_realm_at_a_private_address_is_refused_and_credentials_never_leave() {
-    local(async {
+    run_local(async {
         let h = harness("username = \"env:U\"\npassword = \"env:P\"");
         h.up.require_token.set(true);
         *h.up.realm.borrow_mut() = "http://10.0.0.1/token".into();
@@ -828,7 +747,7 @@ fn token_realm_at_a_private_address_is_refused_and_credentials_never_leave() {
 
 #[test]
 fn another_upstreams_internal_host_is_no_exemption_for_redirects_or_realms() {
-    local(async {
+    run_local(async {
         // A second upstream lives on an internal address. Being configured for itself does
         // not let the first upstream send pullgate there.
         let second = "[[upstream]]\nhost = \"intern.test\"\nurl = \"http://10.0.0.7\"";
@@ -859,7 +778,7 @@ fn another_upstreams_internal_host_is_no_exemption_for_redirects_or_realms() {
 
 #[test]
 fn redirect_loops_end_after_a_bounded_number_of_hops() {
-    local(async {
+    run_local(async {
         let h = harness("");
         h.up.redirect_loop.set(true);
         let (d, _) = h.up.put_blob(vec![1u8; 1_000]);

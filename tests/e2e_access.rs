@@ -20,7 +20,7 @@ use support::containerd::Containerd;
 use support::fixtures::Image;
 use support::http::loopback_client;
 use support::process::{free_port, poll_until};
-use support::pullgate::Pullgate;
+use support::pullgate::{hash_password as hash, Pullgate};
 use support::registry::Registry;
 use support::skopeo::{skopeo_copy, skopeo_pull, Platforms};
 
@@ -36,23 +36,6 @@ fn upstream() -> (Registry, Image, Image) {
     registry.push_image("library/public", "v1", &public);
     registry.push_image("team/private", "v1", &private);
     (registry, public, private)
-}
-
-fn hash(password: &str) -> String {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pullgate"))
-        .arg("hash-password")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("pullgate hash-password");
-    use std::io::Write;
-    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("write password");
-    let out = child.wait_with_output().expect("hash-password output");
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .expect("utf8")
-        .trim()
-        .to_string()
 }
 
 fn config(port: u16, extra: &str) -> String {

@@ -24,7 +24,7 @@ use serde_json::json;
 use support::fixtures::{sha256_digest, Blob, Image, OCI_MANIFEST};
 use support::http::{loopback_client, RegistryClient};
 use support::process::poll_until;
-use support::pullgate::Pullgate;
+use support::pullgate::{hash_password as hash, Pullgate};
 use support::registry::Registry;
 use support::skopeo::{skopeo_pull, Platforms};
 
@@ -136,22 +136,6 @@ fn pipe_gated(mut from: TcpStream, mut to: TcpStream, gate: Arc<(Mutex<GateState
         }
     }
     let _ = to.shutdown(Shutdown::Write);
-}
-
-fn hash(password: &str) -> String {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_pullgate"))
-        .arg("hash-password")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("pullgate hash-password");
-    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("write password");
-    let out = child.wait_with_output().expect("hash-password output");
-    assert!(out.status.success());
-    String::from_utf8(out.stdout)
-        .expect("utf8")
-        .trim()
-        .to_string()
 }
 
 fn start(upstream_url: &str) -> Pullgate {

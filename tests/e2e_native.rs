@@ -3,6 +3,10 @@
 //! `ctr` as clients. Fixtures are generated and pushed by the tests; every blob a client
 //! stores is checked against its digest.
 //!
+//! The scenarios every host runs (verified pulls, corrupt and token upstreams, stale serving,
+//! coalescing, links) are written once in `support/scenarios.rs`; this file runs them on the
+//! native binary and keeps what only the native host does (containerd, the harness itself).
+//!
 //! Run `scripts/setup.sh` first (installs the tools), then `cargo test --test e2e_native`.
 //! containerd needs root (CI runs as root). `harness_self_check` validates the harness
 //! itself against docker-registry directly, without pullgate.
@@ -20,18 +24,15 @@ use support::containerd::Containerd;
 use support::fixtures::{
     sha256_digest, Image, Index, Platform, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST,
 };
-use support::process::poll_until;
 use support::pullgate::{metric, Pullgate};
 use support::registry::Registry;
+use support::scenarios::{self, TOKEN_PASSWORD, TOKEN_USER};
 use support::skopeo::{skopeo_copy, skopeo_pull, Platforms};
 
 /// Layer sizes (bytes before tar+gzip) of the multi-layer fixture: a few KiB to a few MiB.
 const MULTI_LAYER_SIZES: &[usize] = &[4 << 10, 300 << 10, 3 << 20];
 /// Layer sizes of the smaller fixtures.
 const SMALL_LAYER_SIZES: &[usize] = &[8 << 10, 64 << 10];
-
-const TOKEN_USER: &str = "puller";
-const TOKEN_PASSWORD: &str = "s3cret-pull-password";
 
 // ---------------------------------------------------------------------------------------
 // The harness itself, against docker-registry directly.
@@ -205,220 +206,38 @@ fn harness_self_check() {
 }
 
 // ---------------------------------------------------------------------------------------
-// Acceptance: pullgate between the real clients and the real registry.
+// Acceptance: pullgate between the real clients and the real registry. The scenarios every
+// host runs are in tests/support/scenarios.rs.
 // ---------------------------------------------------------------------------------------
 
-/// One reference to pull and what the copy must hold.
-enum Expect<'a> {
-    Image(&'a Image),
-    Index(&'a Index),
-}
-
-fn pull_and_verify(reference: &str, platforms: Platforms, expect: &Expect) {
-    let copy = skopeo_pull(reference, platforms, None);
-    match expect {
-        Expect::Image(image) => copy.verify_image(image),
-        Expect::Index(index) => copy.verify_index(index),
-    }
-}
-
-/// Every image kind pulls through pullgate with every blob intact: a multi-layer OCI image, a
-/// Docker schema 2 image, a multi-arch index (all platforms and the host's), a nested name, by
-/// tag and by digest; one-segment names on the default (docker.io) upstream get `library/`;
-/// `/v2/reg.test/...` reaches the `reg.test` upstream. A second pull is served from the cache:
-/// hits grow and the upstreams see no new blob request.
 #[test]
-fn skopeo_pulls_every_image_kind_through_pullgate_and_warm_pulls_stay_local() {
-    let hub = Registry::start_plain();
-    let other = Registry::start_plain();
-    let alpine = Image::oci(10, MULTI_LAYER_SIZES);
-    let nested = Image::oci(11, SMALL_LAYER_SIZES);
-    let legacy = Image::docker_schema2(12, SMALL_LAYER_SIZES);
-    let multi = Index::multi_arch(13, SMALL_LAYER_SIZES);
-    let tools = Image::oci(14, SMALL_LAYER_SIZES);
-    hub.push_image("library/alpine", "1", &alpine);
-    hub.push_image("team/sub/app", "v1", &nested);
-    hub.push_image("acme/legacy", "1", &legacy);
-    hub.push_index("library/multi", "1", &multi);
-    other.push_image("tools/app", "2", &tools);
-
-    let pullgate = Pullgate::builder()
-        .upstream("docker.io", &hub.url())
-        .upstream("reg.test", &other.url())
-        .start();
-    let pg = pullgate.host();
-    let host_child = multi.child(&Platform::host());
-    let pulls: Vec<(String, Platforms, Expect)> = vec![
-        (
-            format!("{pg}/alpine:1"),
-            Platforms::Host,
-            Expect::Image(&alpine),
-        ),
-        (
-            format!("{pg}/library/alpine:1"),
-            Platforms::Host,
-            Expect::Image(&alpine),
-        ),
-        (
-            format!("{pg}/alpine@{}", alpine.digest()),
-            Platforms::Host,
-            Expect::Image(&alpine),
-        ),
-        (
-            format!("{pg}/team/sub/app:v1"),
-            Platforms::Host,
-            Expect::Image(&nested),
-        ),
-        (
-            format!("{pg}/acme/legacy:1"),
-            Platforms::Host,
-            Expect::Image(&legacy),
-        ),
-        (
-            format!("{pg}/multi:1"),
-            Platforms::All,
-            Expect::Index(&multi),
-        ),
-        (
-            format!("{pg}/multi:1"),
-            Platforms::Host,
-            Expect::Image(host_child),
-        ),
-        (
-            format!("{pg}/reg.test/tools/app:2"),
-            Platforms::Host,
-            Expect::Image(&tools),
-        ),
-    ];
-
-    // Cold: everything comes from the upstreams.
-    for (reference, platforms, expect) in &pulls {
-        pull_and_verify(reference, platforms.clone(), expect);
-    }
-    assert!(
-        hub.count_requests("GET", "/v2/library/alpine/") > 0,
-        "alpine was not fetched as library/alpine:\n{}",
-        hub.access_log_summary()
-    );
-    assert_eq!(
-        hub.count_requests("GET", "/v2/alpine/") + hub.count_requests("HEAD", "/v2/alpine/"),
-        0,
-        "library/ was not added"
-    );
-    assert!(
-        other.count_requests("GET", "/v2/tools/app/") > 0,
-        "reg.test/ prefix did not reach the reg.test upstream"
-    );
-    assert_eq!(
-        hub.count_requests("GET", "/v2/reg.test/") + hub.count_requests("HEAD", "/v2/reg.test/"),
-        0,
-        "reg.test/ prefix leaked to docker.io"
-    );
-    let cold = pullgate.metrics();
-    assert!(
-        cold.total(metric::CACHE_MISSES) > 0.0,
-        "cold pulls must count misses:\n{}",
-        cold.text()
-    );
-    assert!(
-        cold.total(metric::UPSTREAM_REQUESTS) > 0.0,
-        "cold pulls must count upstream requests:\n{}",
-        cold.text()
-    );
-    assert!(cold.total(metric::BYTES_FETCHED) >= alpine.largest_layer().bytes.len() as f64);
-
-    // Warm: the same pulls again.
-    let upstream_blobs = hub.blob_requests() + other.blob_requests();
-    let upstream_content = hub.content_requests() + other.content_requests();
-    for (reference, platforms, expect) in &pulls {
-        pull_and_verify(reference, platforms.clone(), expect);
-    }
-    let warm = pullgate.metrics();
-    let blobs_pulled: usize = pulls
-        .iter()
-        .map(|(_, _, expect)| match expect {
-            Expect::Image(image) => image.blobs().len(),
-            Expect::Index(index) => index.children.iter().map(|child| child.blobs().len()).sum(),
-        })
-        .sum();
-    assert_eq!(
-        hub.blob_requests() + other.blob_requests(),
-        upstream_blobs,
-        "warm pulls fetched blobs upstream again"
-    );
-    let tag_pulls = pulls
-        .iter()
-        .filter(|(reference, _, _)| !reference.contains('@'))
-        .count();
-    assert!(
-        hub.content_requests() + other.content_requests() <= upstream_content + tag_pulls,
-        "warm pulls went upstream for more than one tag revalidation each"
-    );
-    assert!(
-        warm.total(metric::UPSTREAM_REQUESTS) - cold.total(metric::UPSTREAM_REQUESTS)
-            <= tag_pulls as f64,
-        "upstream requests grew during warm pulls:\ncold:\n{}\nwarm:\n{}",
-        cold.text(),
-        warm.text()
-    );
-    assert!(
-        warm.total(metric::CACHE_HITS) - cold.total(metric::CACHE_HITS) >= blobs_pulled as f64,
-        "expected at least {blobs_pulled} cache hits for the warm blobs:\n{}",
-        warm.text()
-    );
-    assert!(warm.total(metric::BYTES_SERVED) > cold.total(metric::BYTES_SERVED));
+fn verified_pulls_on_native() {
+    scenarios::verified_pulls::<Pullgate>();
 }
 
-/// An upstream that wants bearer tokens, with credentials from the config file's `env:`
-/// references: pulls work, and tokens are reused rather than fetched per request.
 #[test]
-fn token_auth_upstream_pulls_with_configured_credentials_and_reuses_tokens() {
-    let secured = Registry::start_with_token_auth(TOKEN_USER, TOKEN_PASSWORD);
-    let private = Image::oci(20, MULTI_LAYER_SIZES);
-    secured.push_image("team/private", "1", &private);
-    let tokens = secured.token_server();
-    let (requests_before, scopes_before) = (tokens.requests(), tokens.scopes_requested().len());
+fn corrupt_upstream_on_native() {
+    scenarios::corrupt_upstream::<Pullgate>();
+}
 
-    let config = format!(
-        "[[upstream]]\nhost = \"private.test\"\nurl = \"{}\"\nusername = \"env:PULLGATE_E2E_USER\"\npassword = \"env:PULLGATE_E2E_PASSWORD\"\nauth_hosts = [\"{}\"]\n",
-        secured.url(),
-        tokens.authority()
-    );
-    let pullgate = Pullgate::builder()
-        .config(&config)
-        .env("PULLGATE_E2E_USER", TOKEN_USER)
-        .env("PULLGATE_E2E_PASSWORD", TOKEN_PASSWORD)
-        .start();
-    let reference = format!("{}/private.test/team/private:1", pullgate.host());
-    skopeo_pull(&reference, Platforms::Host, None).verify_image(&private);
+#[test]
+fn token_upstream_on_native() {
+    scenarios::token_upstream::<Pullgate>();
+}
 
-    // Manifest + config + 3 layers = 5 upstream fetches; allow one scope-less token for a
-    // `GET /v2/` probe, one for the repository, and one spare.
-    let asked = tokens.requests() - requests_before;
-    assert!(
-        (1..=3).contains(&asked),
-        "token server asked {asked} times for one image pull (expected reuse)"
-    );
-    let scopes = tokens.scopes_requested()[scopes_before..].to_vec();
-    assert!(
-        scopes
-            .iter()
-            .any(|scope| scope == "repository:team/private:pull"),
-        "scopes requested: {scopes:?}"
-    );
-    assert!(
-        scopes.iter().all(|scope| !scope.contains("push")),
-        "a cache must ask for pull only: {scopes:?}"
-    );
+#[test]
+fn stale_after_upstream_stops_on_native() {
+    scenarios::stale_after_upstream_stops::<Pullgate>();
+}
 
-    // Warm pull: served locally, no new token.
-    let asked_cold = tokens.requests();
-    skopeo_pull(&reference, Platforms::Host, None).verify_image(&private);
-    assert_eq!(
-        tokens.requests(),
-        asked_cold,
-        "a warm pull asked for a new token"
-    );
+#[test]
+fn coalescing_on_native() {
+    scenarios::coalescing::<Pullgate>();
+}
+
+#[test]
+fn links_across_repositories_on_native() {
+    scenarios::links_across_repositories::<Pullgate>();
 }
 
 /// containerd pulling through a `hosts.toml` mirror sends `?ns=<registry>`; pullgate routes
@@ -462,132 +281,6 @@ fn containerd_pulls_through_pullgate_as_hosts_toml_mirror() {
         hub.count_requests("GET", "/v2/library/alpine/") > 0,
         "ns=docker.io did not reach the default upstream"
     );
-}
-
-/// With the upstream down, cached tags are served stale (tag_ttl 0s forces a revalidation
-/// attempt on every pull) and digests are served from the cache, also after pullgate restarts
-/// on the same data dir; a tag never pulled answers 503. When the upstream returns, a moved
-/// tag is picked up.
-#[test]
-fn cached_images_are_served_while_upstream_is_down_and_cold_tags_answer_503() {
-    let mut upstream = Registry::start_plain();
-    let app = Image::oci(40, SMALL_LAYER_SIZES);
-    let never_pulled = Image::oci(41, SMALL_LAYER_SIZES);
-    upstream.push_image("team/app", "1", &app);
-    upstream.push_image("team/app", "2", &never_pulled);
-    let config = format!(
-        "[cache]\ntag_ttl = \"0s\"\nmax_stale = \"7d\"\n\n[[upstream]]\nhost = \"reg.test\"\nurl = \"{}\"\n",
-        upstream.url()
-    );
-    let mut pullgate = Pullgate::builder().config(&config).start();
-    let by_tag = |pg: &Pullgate| format!("{}/reg.test/team/app:1", pg.host());
-    let by_digest = |pg: &Pullgate| format!("{}/reg.test/team/app@{}", pg.host(), app.digest());
-
-    skopeo_pull(&by_tag(&pullgate), Platforms::Host, None).verify_image(&app);
-    upstream.stop();
-
-    skopeo_pull(&by_tag(&pullgate), Platforms::Host, None).verify_image(&app);
-    skopeo_pull(&by_digest(&pullgate), Platforms::Host, None).verify_image(&app);
-    let metrics = pullgate.metrics();
-    assert!(
-        metrics.total(metric::STALE_SERVED) >= 1.0,
-        "the tag was not counted as served stale:\n{}",
-        metrics.text()
-    );
-    assert!(
-        metrics.total(metric::UPSTREAM_ERRORS) >= 1.0,
-        "the failed revalidation was not counted:\n{}",
-        metrics.text()
-    );
-
-    pullgate.restart();
-    skopeo_pull(&by_tag(&pullgate), Platforms::Host, None).verify_image(&app);
-    skopeo_pull(&by_digest(&pullgate), Platforms::Host, None).verify_image(&app);
-
-    let cold = pullgate.client().get_manifest("reg.test/team/app", "2");
-    assert_eq!(
-        cold.status,
-        StatusCode::SERVICE_UNAVAILABLE,
-        "a never-pulled tag with the upstream down: {}",
-        String::from_utf8_lossy(&cold.body)
-    );
-
-    // Upstream back, tag moved: with tag_ttl 0s the next pull sees the new manifest.
-    upstream.start();
-    let moved = Image::oci(42, SMALL_LAYER_SIZES);
-    upstream.push_image("team/app", "1", &moved);
-    skopeo_pull(&by_tag(&pullgate), Platforms::Host, None).verify_image(&moved);
-    skopeo_pull(
-        &format!("{}/reg.test/team/app:2", pullgate.host()),
-        Platforms::Host,
-        None,
-    )
-    .verify_image(&never_pulled);
-}
-
-/// An upstream serving a damaged blob (right length, wrong bytes): the pull fails, nothing is
-/// cached under that digest, and once the upstream is fixed the blob is fetched again (a miss,
-/// not a hit) and served intact.
-#[test]
-fn corrupted_upstream_blob_fails_the_pull_and_is_never_cached() {
-    let upstream = Registry::start_plain();
-    let app = Image::oci(50, MULTI_LAYER_SIZES);
-    upstream.push_image("team/app", "1", &app);
-    let pullgate = Pullgate::builder()
-        .upstream("reg.test", &upstream.url())
-        .start();
-    let reference = format!("{}/reg.test/team/app:1", pullgate.host());
-    let layer = app.largest_layer().clone();
-    let corrupted = upstream.corrupt_blob(&layer.digest);
-
-    let failed = skopeo_copy(&reference, Platforms::Host, None);
-    assert!(
-        failed.is_err(),
-        "skopeo accepted an image whose layer was corrupted upstream"
-    );
-
-    // Nothing may stay under that digest (a download still finishing may hold a temp file for
-    // a moment, hence the bounded wait).
-    let leftovers = || pullgate.files_holding(&layer.digest, &corrupted.corrupted_digest);
-    poll_until(Duration::from_secs(10), || leftovers().is_empty());
-    assert!(
-        leftovers().is_empty(),
-        "the data dir kept the corrupted blob: {:?}",
-        leftovers()
-    );
-    let client = pullgate.client();
-    let again = client.get_blob("reg.test/team/app", &layer.digest);
-    assert!(
-        !(again.is_complete_success() && sha256_digest(&again.body) == corrupted.corrupted_digest),
-        "pullgate served the corrupted bytes in full"
-    );
-
-    corrupted.restore();
-    let hits_before = pullgate.metrics().total(metric::CACHE_HITS);
-    let upstream_fetches_before = upstream.count_requests("GET", &layer.digest);
-    let fixed = client.get_blob("reg.test/team/app", &layer.digest);
-    assert!(
-        fixed.is_complete_success(),
-        "blob GET after fixing the upstream: {} {:?}",
-        fixed.status,
-        fixed.body_error
-    );
-    assert_eq!(
-        sha256_digest(&fixed.body),
-        layer.digest,
-        "wrong bytes after the upstream was fixed"
-    );
-    assert_eq!(
-        pullgate.metrics().total(metric::CACHE_HITS),
-        hits_before,
-        "the first GET after the failure was a cache hit"
-    );
-    assert!(
-        upstream.count_requests("GET", &layer.digest) > upstream_fetches_before,
-        "the blob was not fetched upstream again"
-    );
-
-    skopeo_pull(&reference, Platforms::Host, None).verify_image(&app);
 }
 
 /// `ns` is a key into the configured upstreams, never a host to dial: an unknown one is

@@ -6,6 +6,10 @@
 //! `s3_store_*` tests point the S3 blob store at `moto_server` (PyPI `moto[server]`) on
 //! loopback and read its bucket directly.
 //!
+//! The scenarios every host runs are written once in `support/scenarios.rs`; this file runs
+//! them on the component and keeps what only the Spin host has (the WIT check, key-value
+//! chunking and its cap, fills outliving their client, the S3 store).
+//!
 //! What this proves and what only `spin up` would is written down in docs/spin.md.
 //!
 //! Tools: `bash scripts/spin-tools.sh` (pinned wasmtime, wasm-tools and moto, into a cache outside
@@ -21,8 +25,10 @@ use std::collections::BTreeSet;
 
 use reqwest::{Method, StatusCode};
 
-use support::fixtures::{sha256_digest, Image};
+use support::fixtures::Image;
+use support::host::Host;
 use support::registry::Registry;
+use support::scenarios;
 use support::skopeo::{skopeo_copy, skopeo_pull, Platforms};
 use support::spin::{built_component, component_wit, Moto, SpinApp, MOTO_SECRET_ACCESS_KEY};
 
@@ -38,7 +44,7 @@ const BUCKET: &str = "pullgate-blobs";
 /// The S3 store's multipart part size (src/spin/s3.rs `PART_SIZE`).
 const S3_PART: usize = 8 << 20;
 /// Layer sizes: one within a key-value chunk, one spanning four chunks.
-const LAYER_SIZES: &[usize] = &[64 << 10, 3 << 20];
+const LAYER_SIZES: &[usize] = <SpinApp as Host>::LAYER_SIZES;
 
 /// `import`/`export` lines of the world `world` in a WIT text (`wasm-tools component wit`):
 /// (imports, exports).
@@ -179,86 +185,59 @@ fn pull_and_verify(app: &SpinApp, pulls: &[(String, &Image)], when: &str) {
     }
 }
 
-/// Keys of the key-value store that hold (or stage) bytes of `digest`. Link records
-/// (`link/<host>/<repository>/<digest>`) name the digest but hold none of its bytes: a
-/// manifest fetch links every layer it references before any of them is fetched, so a blob
-/// that was refused or never stored may still have one.
-fn blob_keys(app: &SpinApp, digest: &str) -> Vec<String> {
-    let hex = digest.trim_start_matches("sha256:");
-    app.kv_keys("default")
-        .into_iter()
-        .filter(|k| k.contains(hex) && !k.starts_with("link/"))
-        .collect()
+#[test]
+fn verified_pulls_on_spin() {
+    scenarios::verified_pulls::<SpinApp>();
 }
 
-/// skopeo pulls a multi-layer OCI image (one layer spanning several key-value chunks) and a
-/// Docker schema 2 image through the component with every blob intact; blob responses carry
-/// Content-Length and the digest, cold and warm, on HEAD and for a range; a blob above the cap
-/// is verified and served but leaves nothing in the store. Then the upstream stops: warm pulls
-/// (tags revalidated on every pull, so served stale) still succeed from the key-value store.
 #[test]
-fn skopeo_pulls_through_the_spin_component_and_warm_pulls_survive_the_upstream_stopping() {
-    let mut hub = Registry::start_plain();
+fn corrupt_upstream_on_spin() {
+    scenarios::corrupt_upstream::<SpinApp>();
+}
+
+#[test]
+fn token_upstream_on_spin() {
+    scenarios::token_upstream::<SpinApp>();
+}
+
+#[test]
+fn stale_after_upstream_stops_on_spin() {
+    scenarios::stale_after_upstream_stops::<SpinApp>();
+}
+
+#[test]
+fn coalescing_on_spin() {
+    scenarios::coalescing::<SpinApp>();
+}
+
+#[test]
+fn links_across_repositories_on_spin() {
+    scenarios::links_across_repositories::<SpinApp>();
+}
+
+/// Every blob of a pulled image has a head record in the key-value store (a multi-layer OCI
+/// image, one layer spanning several chunks, and a Docker schema 2 image); a blob above the
+/// cap is verified and served but leaves nothing in the store, not even staged chunks.
+#[test]
+fn pulled_blobs_are_kept_in_the_key_value_store_and_one_above_the_cap_is_not() {
+    let hub = Registry::start_plain();
     let app_image = Image::oci(210, LAYER_SIZES);
     let legacy = Image::docker_schema2(211, &[8 << 10, 32 << 10]);
     let big = Image::oci(212, &[12 << 20]);
     hub.push_image("library/alpine", "1", &app_image);
     hub.push_image("acme/legacy", "1", &legacy);
     hub.push_image("team/big", "1", &big);
-
-    let mut app = SpinApp::builder()
-        .config(&upstream_config(
-            &[("docker.io", &hub)],
-            "[cache]\ntag_ttl = \"0s\"\n",
-        ))
+    let app = SpinApp::builder()
+        .config(&upstream_config(&[("docker.io", &hub)], ""))
         .variable("pullgate_kv_blob_max_size", &KV_BLOB_MAX.to_string())
         .start();
     let host = app.host();
-
-    // Blob responses, cold (through the fill) and warm (from the store).
-    let client = app.client();
-    let layer = &app_image.layers[1];
-    for pass in ["cold", "warm"] {
-        let got = client.get_blob("library/alpine", &layer.digest);
-        assert!(
-            got.is_complete_success(),
-            "{pass} blob GET: {got:?}\n{}",
-            app.log()
-        );
-        assert_eq!(got.body, layer.bytes, "{pass} blob bytes");
-        assert_eq!(
-            got.header("content-length"),
-            layer.bytes.len().to_string(),
-            "{pass}: {:?}",
-            got.headers
-        );
-        assert_eq!(got.header("docker-content-digest"), layer.digest);
-    }
-    let path = format!("/v2/library/alpine/blobs/{}", layer.digest);
-    let head = client.raw(Method::HEAD, &path, &[], Vec::new());
-    assert_eq!(head.status, StatusCode::OK, "{}", app.log());
-    assert_eq!(head.header("content-length"), layer.bytes.len().to_string());
-    let range = client.raw(
-        Method::GET,
-        &path,
-        &[("range", "bytes=1000000-1001023")],
-        Vec::new(),
-    );
-    assert_eq!(range.status, StatusCode::PARTIAL_CONTENT);
-    assert_eq!(range.header("content-length"), "1024");
-    assert_eq!(range.body, layer.bytes[1_000_000..1_001_024]);
-
     let pulls = [
         (format!("{host}/alpine:1"), &app_image),
-        (
-            format!("{host}/library/alpine@{}", app_image.digest()),
-            &app_image,
-        ),
         (format!("{host}/acme/legacy:1"), &legacy),
     ];
     pull_and_verify(&app, &pulls, "cold");
 
-    // Every blob of the cached images has a head record in the store.
     for image in [&app_image, &legacy] {
         for blob in image.blobs() {
             let hex = blob.digest.trim_start_matches("sha256:");
@@ -274,98 +253,9 @@ fn skopeo_pulls_through_the_spin_component_and_warm_pulls_survive_the_upstream_s
     let copy = skopeo_pull(&format!("{host}/team/big:1"), Platforms::Host, None);
     copy.verify_image(&big);
     assert!(
-        blob_keys(&app, &big.layers[0].digest).is_empty(),
+        app.blob_keys(&big.layers[0].digest).is_empty(),
         "a blob above the cap left keys behind: {:?}",
-        blob_keys(&app, &big.layers[0].digest)
-    );
-
-    // Upstream gone, fresh instances (a restart changes nothing on Spin: every request gets
-    // a new instance anyway): everything cached is still served.
-    let before = hub.blob_requests();
-    hub.stop();
-    app.restart();
-    pull_and_verify(&app, &pulls, "upstream stopped");
-    assert_eq!(hub.blob_requests(), before);
-    hub.start();
-}
-
-/// A blob whose upstream bytes do not match its digest is refused (the pull fails) and nothing
-/// of it stays in the key-value store; once the upstream is fixed, the pull succeeds and the
-/// blob is stored.
-#[test]
-fn corrupted_upstream_blob_is_refused_and_never_stored() {
-    let hub = Registry::start_plain();
-    let image = Image::oci(220, &[2 << 20]);
-    hub.push_image("library/victim", "1", &image);
-    let layer = &image.layers[0];
-    let corrupted = hub.corrupt_blob(&layer.digest);
-    let app = SpinApp::builder()
-        .config(&upstream_config(&[("docker.io", &hub)], ""))
-        .start();
-
-    let got = app.client().get_blob("library/victim", &layer.digest);
-    assert!(
-        !got.is_complete_success(),
-        "a corrupted blob was served as complete: {got:?}"
-    );
-    assert!(
-        skopeo_copy(&format!("{}/victim:1", app.host()), Platforms::Host, None).is_err(),
-        "skopeo pulled an image with a corrupted layer"
-    );
-    assert!(
-        blob_keys(&app, &layer.digest).is_empty(),
-        "corrupted blob left keys: {:?}",
-        blob_keys(&app, &layer.digest)
-    );
-    assert!(
-        !app.kv_keys("default")
-            .iter()
-            .any(|k| k.contains(corrupted.corrupted_digest.trim_start_matches("sha256:"))),
-        "the corrupted bytes were stored"
-    );
-
-    corrupted.restore();
-    let copy = skopeo_pull(&format!("{}/victim:1", app.host()), Platforms::Host, None);
-    copy.verify_image(&image);
-    let hex = layer.digest.trim_start_matches("sha256:");
-    assert!(app.kv_keys("default").contains(&format!("~blob/{hex}")));
-}
-
-/// An upstream that wants bearer tokens, with credentials from Spin variables referenced as
-/// `variable:name` and `env:NAME` (the variable `name`) in `pullgate_config`: pulls work and
-/// the credentials reach the token realm.
-#[test]
-fn token_auth_upstream_pulls_with_credentials_from_spin_variables() {
-    let secured = Registry::start_with_token_auth("puller", "s3cret-pull-password");
-    let private = Image::oci(230, &[16 << 10]);
-    secured.push_image("team/private", "1", &private);
-    let tokens = secured.token_server();
-    let before = tokens.requests();
-    let config = format!(
-        "{}[[upstream]]\nhost = \"private.test\"\nurl = \"{}\"\n\
-         username = \"variable:dockerhub_user\"\npassword = \"env:DOCKERHUB_TOKEN\"\n\
-         auth_hosts = [\"{}\"]\n",
-        upstream_config(&[], ""),
-        secured.url(),
-        tokens.authority()
-    );
-    let app = SpinApp::builder()
-        .config(&config)
-        .variable("dockerhub_user", "puller")
-        .variable("dockerhub_token", "s3cret-pull-password")
-        .start();
-    let reference = format!("{}/private.test/team/private:1", app.host());
-    skopeo_copy(&reference, Platforms::Host, None)
-        .unwrap_or_else(|e| panic!("{e}\n{}", app.log()))
-        .verify_image(&private);
-    assert!(tokens.requests() > before, "no token was fetched");
-    assert!(tokens
-        .scopes_requested()
-        .iter()
-        .any(|scope| scope == "repository:team/private:pull"));
-    assert!(
-        !app.log().contains("s3cret-pull-password"),
-        "a secret reached the log"
+        app.blob_keys(&big.layers[0].digest)
     );
 }
 
@@ -491,7 +381,7 @@ fn s3_store_keeps_pulled_blobs_in_the_bucket_and_serves_warm_pulls_from_it() {
             "object {key}"
         );
         assert!(
-            blob_keys(&app, &blob.digest).is_empty(),
+            app.blob_keys(&blob.digest).is_empty(),
             "blob {} also went to the key-value store",
             blob.digest
         );
@@ -627,134 +517,4 @@ fn s3_store_streams_a_blob_larger_than_one_part_both_ways() {
     assert!(range.body == layer.bytes[from..=to]);
     skopeo_pull(&format!("{}/s3big:1", app.host()), Platforms::Host, None).verify_image(&image);
     assert!(moto.pending_uploads(BUCKET).is_empty());
-}
-
-/// The signing key of the component's own tokens.
-const TOKEN_SECRET: &str = "spin-token-signing-key-for-link-tests";
-/// The robot identity's static token, its password at `/token`.
-const ROBOT_TOKEN: &str = "robot-static-token-for-link-tests";
-
-/// Issue 9, item 1, on the Spin host: a caller may pull repository B only (an anonymous rule
-/// limited to `reg.test/team/b`); a robot that may pull everything pulls A through the
-/// component, so A's blobs and manifest sit in the key-value store. Asking for A's layers,
-/// config and manifest under B's name then answers 404 BLOB_UNKNOWN / MANIFEST_UNKNOWN with
-/// none of the bytes — the component asked the upstream under B's name (`HEAD`) and
-/// transferred nothing. A layer B really holds upstream (uploaded there too) is served to the
-/// anonymous caller from the store after one confirming `HEAD`, without a second transfer; B's
-/// own image pulls.
-///
-/// The two secrets are the secret variables `spin.toml` declares for `[auth]`.
-#[test]
-fn content_cached_for_one_repository_is_refused_under_another_unless_it_holds_it_upstream() {
-    let upstream = Registry::start_plain();
-    let a = Image::oci(260, &[8 << 10, 64 << 10]);
-    let b = Image::oci(261, &[8 << 10, 64 << 10]);
-    upstream.push_image("team/a", "1", &a);
-    upstream.push_image("team/b", "1", &b);
-    let shared = a.layers[0].clone();
-    upstream.client().push_blob("team/b", &shared);
-
-    let port = support::process::free_port();
-    let access = format!(
-        "[auth]\nenabled = true\ntoken_secret = \"variable:pullgate_token_secret\"\n\
-                  public_url = \"http://127.0.0.1:{port}\"\n\n\
-                  [[identity]]\nname = \"robot\"\ntoken = \"variable:pullgate_robot_token\"\n\n\
-                  [[access]]\nwho = [\"anonymous\"]\nupstreams = [\"reg.test\"]\n\
-                  repositories = [\"team/b\"]\nactions = [\"pull\"]\n\n\
-                  [[access]]\nwho = [\"robot\"]\nactions = [\"pull\"]\n"
-    );
-    let app = SpinApp::builder()
-        .port(port)
-        .config(&upstream_config(&[("reg.test", &upstream)], &access))
-        .variable("pullgate_token_secret", TOKEN_SECRET)
-        .variable("pullgate_robot_token", ROBOT_TOKEN)
-        .start();
-    let host = app.host();
-    let anonymous = app.client();
-
-    // The rules themselves: anonymous may not pull A.
-    let direct = anonymous.get_manifest("reg.test/team/a", "1");
-    assert!(
-        matches!(direct.status.as_u16(), 401 | 403),
-        "anonymous read A's manifest: {}\n{}",
-        direct.status,
-        app.log()
-    );
-
-    skopeo_copy(
-        &format!("{host}/reg.test/team/a:1"),
-        Platforms::Host,
-        Some(("robot", ROBOT_TOKEN)),
-    )
-    .unwrap_or_else(|e| panic!("robot pull of A: {e}\n{}", app.log()))
-    .verify_image(&a);
-    let blob_gets = upstream.count_requests("GET", "/blobs/sha256:");
-    let manifest_gets = upstream.count_requests("GET", "/manifests/");
-
-    for blob in [&a.config, &a.layers[1]] {
-        let got = anonymous.get_blob("reg.test/team/b", &blob.digest);
-        assert_eq!(
-            (got.status.as_u16(), got.error_code().as_deref()),
-            (404, Some("BLOB_UNKNOWN")),
-            "A's blob {} under B: {}\n{}",
-            blob.digest,
-            String::from_utf8_lossy(&got.body),
-            app.log()
-        );
-        assert!(
-            got.body.len() < 1024 && sha256_digest(&got.body) != blob.digest,
-            "A's blob bytes reached B's caller"
-        );
-    }
-    let got = anonymous.get_manifest("reg.test/team/b", &a.manifest.digest);
-    assert_eq!(
-        (got.status.as_u16(), got.error_code().as_deref()),
-        (404, Some("MANIFEST_UNKNOWN")),
-        "A's manifest under B: {}",
-        String::from_utf8_lossy(&got.body)
-    );
-    assert!(
-        !String::from_utf8_lossy(&got.body).contains("schemaVersion"),
-        "A's manifest bytes reached B's caller"
-    );
-    let log = upstream.access_log_summary();
-    assert_eq!(
-        upstream.count_requests("GET", "/blobs/sha256:"),
-        blob_gets,
-        "the refusals transferred blobs:\n{log}"
-    );
-    assert_eq!(
-        upstream.count_requests("GET", "/manifests/"),
-        manifest_gets,
-        "the refusal fetched a manifest:\n{log}"
-    );
-    assert!(
-        upstream.count_requests("HEAD", &format!("/v2/team/b/blobs/{}", a.layers[1].digest)) >= 1,
-        "the component refused without asking the upstream under B's name:\n{log}"
-    );
-
-    // B really holds the shared layer: served from the store after a confirming HEAD, no
-    // second GET.
-    let got = anonymous.get_blob("reg.test/team/b", &shared.digest);
-    assert!(
-        got.is_complete_success(),
-        "the shared layer under B: {:?}\n{}",
-        got.status,
-        app.log()
-    );
-    assert_eq!(sha256_digest(&got.body), shared.digest);
-    let log = upstream.access_log_summary();
-    assert_eq!(
-        upstream.count_requests("GET", &format!("/blobs/{}", shared.digest)),
-        1,
-        "the shared layer was transferred twice:\n{log}"
-    );
-    assert_eq!(
-        upstream.count_requests("HEAD", &format!("/v2/team/b/blobs/{}", shared.digest)),
-        1,
-        "{log}"
-    );
-    skopeo_copy(&format!("{host}/reg.test/team/b:1"), Platforms::Host, None)
-        .unwrap_or_else(|e| panic!("anonymous pull of B: {e}\n{}", app.log()))
-        .verify_image(&b);
 }

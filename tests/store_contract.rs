@@ -1,103 +1,30 @@
-//! The blob-store contract, run against every backend: staged bytes are readable while they
-//! are written, nothing is visible before commit, a commit whose bytes do not hash to the
-//! digest stores nothing, and a committed blob reads back by range.
+//! The store contracts (`pullgate::testing::contract`), run against every backend that runs
+//! here: the in-memory stores and the native file store and redb. The blob contract: staged
+//! bytes are readable while they are written, nothing is visible before commit, a commit whose
+//! bytes do not hash to the digest stores nothing, and a committed blob reads back by range.
+//! Then the file store's own promises: usage, eviction, recovery at startup.
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use pullgate::core::ports::{BlobStore, CommitError};
+use pullgate::core::ports::BlobStore;
 use pullgate::core::registry::reference::Digest;
-use pullgate::native::store::FsBlobStore;
-use pullgate::testing::MemBlobStore;
-
-async fn read_all(store: &dyn BlobStore, digest: &Digest, start: u64, end: u64) -> Vec<u8> {
-    let mut s = store
-        .read(digest, start, end)
-        .await
-        .unwrap()
-        .expect("stored");
-    let mut out = Vec::new();
-    while let Some(c) = s.next().await {
-        out.extend_from_slice(&c.unwrap());
-    }
-    out
-}
-
-async fn contract(store: &dyn BlobStore) {
-    let data: Vec<u8> = (0..1_000_000u32).map(|i| (i * 7 % 256) as u8).collect();
-    let digest = Digest::of(&data);
-    let d = &digest;
-    let halves = [
-        Bytes::copy_from_slice(&data[..400_000]),
-        Bytes::copy_from_slice(&data[400_000..]),
-    ];
-
-    // A mismatch stores nothing.
-    let mut w = store.create(d, None).await.unwrap();
-    w.write(vec![Bytes::from_static(b"not the blob")])
-        .await
-        .unwrap();
-    assert!(matches!(
-        w.commit().await,
-        Err(CommitError::DigestMismatch { .. })
-    ));
-    assert_eq!(store.stat(d).await.unwrap(), None);
-
-    // Staged bytes are readable while written, invisible until commit (the size hint is the
-    // upstream's Content-Length).
-    let mut w = store.create(d, Some(1_000_000)).await.unwrap();
-    let tail = w.tail().expect("this backend reads writes in progress");
-    w.write(vec![halves[0].clone()]).await.unwrap();
-    assert_eq!(
-        &tail.read_at(1000, 100).await.unwrap()[..],
-        &data[1000..1100]
-    );
-    assert_eq!(store.stat(d).await.unwrap(), None);
-    w.write(vec![halves[1].clone()]).await.unwrap();
-    w.commit().await.unwrap();
-    // The tail stays readable after commit (readers that joined late).
-    assert_eq!(
-        &tail.read_at(999_990, 10).await.unwrap()[..],
-        &data[999_990..]
-    );
-    assert_eq!(store.stat(d).await.unwrap(), Some(1_000_000));
-    assert_eq!(read_all(store, d, 0, 1_000_000).await, data);
-    assert_eq!(
-        read_all(store, d, 123_456, 654_321).await,
-        &data[123_456..654_321]
-    );
-
-    // An aborted write leaves nothing.
-    let other = Digest::of(b"abc");
-    let mut w = store.create(&other, None).await.unwrap();
-    w.write(vec![Bytes::from_static(b"abc")]).await.unwrap();
-    w.abort().await;
-    assert_eq!(store.stat(&other).await.unwrap(), None);
-    assert!(store.read(&other, 0, 3).await.unwrap().is_none());
-
-    // A size hint is only a hint: a wrong one may fail the commit, but what becomes visible
-    // is exactly the bytes written, or nothing.
-    let mut w = store.create(&other, Some(1)).await.unwrap();
-    w.write(vec![Bytes::from_static(b"abc")]).await.unwrap();
-    match w.commit().await {
-        Ok(()) => {
-            assert_eq!(read_all(store, &other, 0, 3).await, b"abc");
-            assert!(store.delete(&other).await.unwrap());
-        }
-        Err(_) => assert_eq!(store.stat(&other).await.unwrap(), None),
-    }
-}
-
-fn run<F: std::future::Future<Output = ()>>(f: F) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    tokio::task::LocalSet::new().block_on(&rt, f);
-}
+use pullgate::native::store::{FsBlobStore, RedbKv};
+use pullgate::testing::contract::blob_store_counts_a_blob_committed_twice_once as commit_twice;
+use pullgate::testing::{
+    blob_store_contract as contract, kv_store_contract, run_local as run, MemBlobStore, MemKv, Tail,
+};
 
 #[test]
 fn mem_blob_store_keeps_the_contract() {
-    run(contract(&MemBlobStore::default()));
+    run(contract(&MemBlobStore::default(), Tail::Readable));
+}
+
+/// A store without a tail (like R2) keeps the rest of the contract.
+#[test]
+fn mem_blob_store_without_tail_keeps_the_contract() {
+    run(async {
+        contract(&MemBlobStore::without_tail(), Tail::Absent).await;
+        commit_twice(&MemBlobStore::without_tail()).await;
+    });
 }
 
 #[test]
@@ -105,7 +32,7 @@ fn fs_blob_store_keeps_the_contract_and_survives_reopen() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
         let store = FsBlobStore::open(dir.path(), 1 << 30).unwrap();
-        contract(&store).await;
+        contract(&store, Tail::Readable).await;
         assert_eq!(store.total_bytes(), 1_000_000);
     });
     // Reopened: the blob is still there, and staged leftovers are gone.
@@ -113,28 +40,6 @@ fn fs_blob_store_keeps_the_contract_and_survives_reopen() {
     let store = FsBlobStore::open(dir.path(), 1 << 30).unwrap();
     assert_eq!(store.total_bytes(), 1_000_000);
     assert!(!dir.path().join("tmp").join("leftover").exists());
-}
-
-/// The same digest committed twice (two fills racing, or a fill of a blob already stored)
-/// counts once: usage stays exact, and eviction does not chase phantom bytes.
-async fn commit_twice(store: &dyn BlobStore) {
-    let data = vec![7u8; 1000];
-    let d = Digest::of(&data);
-    let mut first = store.create(&d, None).await.unwrap();
-    let mut second = store.create(&d, None).await.unwrap();
-    first.write(vec![Bytes::from(data.clone())]).await.unwrap();
-    second.write(vec![Bytes::from(data.clone())]).await.unwrap();
-    first.commit().await.unwrap();
-    second.commit().await.unwrap();
-    // And once more after the fact.
-    let mut third = store.create(&d, None).await.unwrap();
-    third.write(vec![Bytes::from(data.clone())]).await.unwrap();
-    third.commit().await.unwrap();
-    assert_eq!(store.stat(&d).await.unwrap(), Some(1000));
-    assert_eq!(read_all(store, &d, 0, 1000).await, data);
-    assert_eq!(store.usage().await.unwrap(), Some((1, 1000)));
-    assert!(store.delete(&d).await.unwrap());
-    assert_eq!(store.usage().await.unwrap(), Some((0, 0)));
 }
 
 #[test]
@@ -285,34 +190,11 @@ fn fs_blob_store_evicts_over_its_cap() {
     });
 }
 
-async fn kv_contract(kv: &dyn pullgate::core::ports::KvStore) {
-    for k in ["outbox/2", "outbox/1", "outboy/1", "outbox/3", "other"] {
-        kv.put(k, k.as_bytes()).await.unwrap();
-    }
-    assert_eq!(kv.get("outbox/1").await.unwrap().unwrap(), b"outbox/1");
-    assert_eq!(
-        kv.list("outbox/", 10).await.unwrap(),
-        ["outbox/1", "outbox/2", "outbox/3"]
-    );
-    assert_eq!(
-        kv.list("outbox/", 2).await.unwrap(),
-        ["outbox/1", "outbox/2"]
-    );
-    kv.delete("outbox/2").await.unwrap();
-    kv.delete("absent").await.unwrap();
-    assert_eq!(
-        kv.list("outbox/", 10).await.unwrap(),
-        ["outbox/1", "outbox/3"]
-    );
-    assert_eq!(kv.get("outbox/2").await.unwrap(), None);
-}
-
 #[test]
 fn kv_stores_keep_the_contract() {
     let dir = tempfile::tempdir().unwrap();
     run(async {
-        kv_contract(&pullgate::testing::MemKv::default()).await;
-        kv_contract(&pullgate::native::store::RedbKv::open(&dir.path().join("m.redb")).unwrap())
-            .await;
+        kv_store_contract(&MemKv::default()).await;
+        kv_store_contract(&RedbKv::open(&dir.path().join("m.redb")).unwrap()).await;
     });
 }

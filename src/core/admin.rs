@@ -5,10 +5,10 @@
 use crate::core::access::caller::{is_admin, Caller};
 use crate::core::body::Body;
 use crate::core::context::Inner;
-use crate::core::gateway::outbox::DEAD;
+use crate::core::gateway::keys::DEAD;
 use crate::core::http::{json_error as err, json_response as reply, query_param};
 use crate::core::registry::keys;
-use crate::core::registry::manifests::TagRecord;
+use crate::core::registry::records::TagRecord;
 use crate::core::registry::route::resolve_upstream;
 use http::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};

@@ -12,11 +12,12 @@ use crate::core::context::{Ctx, Inner, ResponseNote};
 use crate::core::error::RegistryError;
 use crate::core::http::{error_response, text};
 use crate::core::metrics::{inc, Metrics};
-use crate::core::ports::{ByteStream, Ports};
+use crate::core::ports::{ByteStream, Ports, Readiness};
 use crate::core::registry::media::parse_accept;
 use crate::core::registry::range::parse_range;
 use crate::core::registry::route::{parse_route, Endpoint, Route};
 use crate::core::registry::{blobs, manifests, tags};
+use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use http::{header, Method, Request, Response, StatusCode};
 use std::rc::Rc;
@@ -31,12 +32,8 @@ impl App {
     /// Builds the core over its settings and ports.
     pub fn new(settings: Settings, ports: Ports) -> App {
         App {
-            inner: Rc::new(Inner::new(settings, ports)),
+            inner: Rc::new(Inner::new(settings, ports, internal_dispatch)),
         }
-    }
-
-    pub(crate) fn from_inner(inner: Rc<Inner>) -> App {
-        App { inner }
     }
 
     /// Runs the gateway's due deliveries once. Hosts call it from a timer (native), a cron
@@ -193,6 +190,14 @@ impl App {
         let (Some(index), Some(name)) = (route.upstream, route.name.as_ref()) else {
             return match route.endpoint {
                 Endpoint::Health => plain(text(StatusCode::OK, "text/plain", "ok\n".into())),
+                Endpoint::Ready => plain(match req.extensions().get::<Readiness>() {
+                    Some(Readiness::NotReady(why)) => text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "text/plain",
+                        format!("not ready: {why}\n"),
+                    ),
+                    _ => text(StatusCode::OK, "text/plain", "ready\n".into()),
+                }),
                 Endpoint::Metrics => plain(text(
                     StatusCode::OK,
                     "text/plain; version=0.0.4",
@@ -255,4 +260,12 @@ fn info(route: &'static str, identity: Option<String>) -> RequestInfo {
 fn with_info(mut resp: Response<Body>, info: RequestInfo) -> Response<Body> {
     resp.extensions_mut().insert(info);
     resp
+}
+
+/// The dispatch requests pullgate makes to itself go through (see `Inner::dispatch`).
+fn internal_dispatch(
+    inner: Rc<Inner>,
+    req: Request<()>,
+) -> LocalBoxFuture<'static, Response<Body>> {
+    Box::pin(async move { App { inner }.handle(&req).await })
 }

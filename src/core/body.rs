@@ -1,7 +1,15 @@
 //! The response body the core hands a host, and the per-request facts a host logs.
 
-use crate::core::ports::ByteStream;
 use bytes::Bytes;
+use futures_util::stream::LocalBoxStream;
+
+/// An error while a body streams.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BodyError(pub String);
+
+/// A streaming body: chunks of bytes, never the whole thing at once.
+pub type ByteStream = LocalBoxStream<'static, Result<Bytes, BodyError>>;
 
 /// A response body.
 pub enum Body {

@@ -3,6 +3,7 @@
 //! it and never on `app`.
 
 use crate::core::access::limit::Limiter;
+use crate::core::body::Body;
 use crate::core::config::{Settings, UpstreamSpec};
 use crate::core::gateway::state::GatewayState;
 use crate::core::metrics::Metrics;
@@ -10,6 +11,8 @@ use crate::core::ports::Ports;
 use crate::core::registry::fill::Fill;
 use crate::core::registry::reference::Name;
 use crate::core::registry::upstream::UpstreamClient;
+use futures_util::future::LocalBoxFuture;
+use http::{Request, Response};
 use std::any::{Any, TypeId};
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -37,11 +40,17 @@ pub(crate) struct Inner {
     pub run_lock: futures_util::lock::Mutex<()>,
     /// The gateway's in-memory state (webhook bodies held, index checks).
     pub gateway: GatewayState,
+    /// The core's own dispatch, for requests pullgate makes to itself (the gateway's
+    /// pre-warm pulls through the cache); set by `app`, so no feature imports it.
+    pub dispatch: Dispatch,
 }
+
+/// A request handled by the whole core, as `App::handle` would.
+pub(crate) type Dispatch = fn(Rc<Inner>, Request<()>) -> LocalBoxFuture<'static, Response<Body>>;
 
 impl Inner {
     /// A fresh instance over its settings and ports.
-    pub fn new(settings: Settings, ports: Ports) -> Inner {
+    pub fn new(settings: Settings, ports: Ports, dispatch: Dispatch) -> Inner {
         let metrics = Rc::new(Metrics::default());
         let client =
             UpstreamClient::new(ports.upstream.clone(), ports.clock.clone(), metrics.clone())
@@ -58,6 +67,7 @@ impl Inner {
             limiter: RefCell::new(Default::default()),
             run_lock: futures_util::lock::Mutex::new(()),
             gateway: Default::default(),
+            dispatch,
         }
     }
 }

@@ -28,7 +28,7 @@
 //! pullgate a DNS oracle) and never anything of an answer.
 
 use crate::core::cidr::{parse_cidr, Cidr};
-use crate::core::config::ConfigError;
+use crate::core::config::value::ConfigError;
 use crate::core::ports::UpstreamError;
 use serde::Deserialize;
 use std::fmt;

@@ -4,20 +4,12 @@
 //! registry errors.
 
 use crate::core::body::Body;
+pub use crate::core::body::{BodyError, ByteStream};
 use crate::core::registry::reference::Digest;
 use bytes::Bytes;
 use futures_util::future::LocalBoxFuture;
-use futures_util::stream::LocalBoxStream;
 use http::{Request, Response};
 use std::rc::Rc;
-
-/// An error while a body streams.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct BodyError(pub String);
-
-/// A streaming body: chunks of bytes, never the whole thing at once.
-pub type ByteStream = LocalBoxStream<'static, Result<Bytes, BodyError>>;
 
 /// Why an upstream exchange failed before a response arrived.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -43,6 +35,23 @@ pub enum UpstreamError {
 pub trait Upstream {
     /// Sends a request and returns the response with a streaming body.
     async fn send(&self, request: Request<Bytes>) -> Result<Response<ByteStream>, UpstreamError>;
+}
+
+/// A request extension: trust this private CA (a PEM file, the `ca_file` of the `[[upstream]]`,
+/// `[[helm]]` or `[[target]]` entry the request is for) in addition to the host's roots. Only the
+/// native host honours it; the edge hosts refuse `ca_file` when the configuration loads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TrustedCa(pub std::sync::Arc<str>);
+
+/// A request extension a host puts on `/readyz`: whether it can take traffic (native: not
+/// draining, storage writable). Without one, `/readyz` answers ready: the configuration
+/// loaded and the core is serving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Ready.
+    Ready,
+    /// Not ready, and why (shown in the probe's answer; never a secret).
+    NotReady(String),
 }
 
 /// A storage failure.

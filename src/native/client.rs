@@ -11,17 +11,25 @@
 //! between a check and the connection (DNS rebinding), is refused. Its connections are pooled
 //! apart from the operator-configured upstreams'.
 //!
+//! TLS trusts the system store (rustls-native-certs: `/etc/ssl/certs`, `SSL_CERT_FILE`,
+//! `SSL_CERT_DIR`) and the bundled web roots. A request carrying a [`TrustedCa`] (the
+//! `ca_file` of its `[[upstream]]`, `[[helm]]` or `[[target]]` entry) goes through a client that
+//! also trusts that file's certificates: one client per distinct CA file (and per resolver), built
+//! on first use or by [`ReqwestUpstream::load_cas`] at startup, so a bad file fails the start.
+//!
 //! # Limitations
 //! - With `HTTP_PROXY`/`HTTPS_PROXY` set, the proxy resolves upstream-chosen names, not
 //!   pullgate: the filtering resolver then sees only the proxy's own name, which must itself
 //!   pass the policy (allow its network in `[outbound] allow` when it is internal).
 
+use crate::core::config::Settings;
 use crate::core::outbound::{ChosenByUpstream, OutboundPolicy, Refused};
-use crate::core::ports::{BodyError, ByteStream, Upstream, UpstreamError};
+use crate::core::ports::{BodyError, ByteStream, TrustedCa, Upstream, UpstreamError};
 use futures_util::{StreamExt, TryStreamExt};
 use http::{Request, Response};
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 /// The upstream port over reqwest.
@@ -32,6 +40,42 @@ pub struct ReqwestUpstream {
     /// The policy the filtering resolver applies (the one the marked requests carry).
     policy: Arc<RwLock<Arc<OutboundPolicy>>>,
     timeout: Duration,
+    /// Clients that also trust a `ca_file`, by (file, filtering resolver or not).
+    with_ca: Mutex<HashMap<(TrustedCa, bool), reqwest::Client>>,
+}
+
+/// The certificates of a `ca_file` (PEM, one or more); why not, naming the file.
+pub fn load_ca(path: &str) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("ca_file {path}: {e}"))?;
+    let certs = reqwest::Certificate::from_pem_bundle(&pem)
+        .map_err(|e| format!("ca_file {path}: not a PEM certificate bundle: {e}"))?;
+    if certs.is_empty() {
+        return Err(format!("ca_file {path}: holds no PEM certificate"));
+    }
+    Ok(certs)
+}
+
+/// Every distinct `ca_file` of the configuration: upstreams, Helm repositories, targets.
+pub fn ca_files(settings: &Settings) -> Vec<TrustedCa> {
+    let mut all: Vec<TrustedCa> = Vec::new();
+    let found = settings
+        .upstreams
+        .iter()
+        .filter_map(|u| u.ca.as_ref())
+        .chain(settings.helm.iter().filter_map(|h| h.ca.as_ref()))
+        .chain(
+            settings
+                .gateway
+                .targets
+                .iter()
+                .filter_map(|t| t.ca.as_ref()),
+        );
+    for ca in found {
+        if !all.contains(ca) {
+            all.push(ca.clone());
+        }
+    }
+    all
 }
 
 /// A resolver that drops every resolved address the outbound policy refuses, and fails when
@@ -99,44 +143,86 @@ impl reqwest::dns::Resolve for FilteringResolver {
 impl ReqwestUpstream {
     /// A client with the given timeout.
     pub fn new(timeout: Duration) -> Result<ReqwestUpstream, String> {
-        let builder = || {
-            reqwest::Client::builder()
-                .redirect(reqwest::redirect::Policy::none())
-                .connect_timeout(timeout)
-                .read_timeout(timeout)
-                .pool_idle_timeout(Duration::from_secs(60))
-        };
-        let client = builder()
-            .build()
-            .map_err(|e| format!("building the HTTP client: {e}"))?;
         let policy = Arc::new(RwLock::new(Arc::new(OutboundPolicy::default())));
-        let chosen = builder()
-            .dns_resolver(Arc::new(FilteringResolver {
-                policy: policy.clone(),
-            }))
-            .build()
-            .map_err(|e| format!("building the HTTP client: {e}"))?;
         Ok(ReqwestUpstream {
-            client,
-            chosen,
+            client: Self::build(timeout, None, &[])?,
+            chosen: Self::build(timeout, Some(&policy), &[])?,
             policy,
             timeout,
+            with_ca: Mutex::new(HashMap::new()),
         })
     }
 
-    /// The client for a request: the filtering one, with the marker's policy in force, when
-    /// the upstream chose the URL.
-    fn client_for(&self, marker: Option<&ChosenByUpstream>) -> &reqwest::Client {
-        let Some(ChosenByUpstream(wanted)) = marker else {
-            return &self.client;
+    /// A reqwest client: the filtering resolver when `policy` is given, and `extra` roots.
+    fn build(
+        timeout: Duration,
+        policy: Option<&Arc<RwLock<Arc<OutboundPolicy>>>>,
+        extra: &[reqwest::Certificate],
+    ) -> Result<reqwest::Client, String> {
+        let mut b = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(timeout)
+            .read_timeout(timeout)
+            .pool_idle_timeout(Duration::from_secs(60));
+        if let Some(policy) = policy {
+            b = b.dns_resolver(Arc::new(FilteringResolver {
+                policy: policy.clone(),
+            }));
+        }
+        for cert in extra {
+            b = b.add_root_certificate(cert.clone());
+        }
+        b.build()
+            .map_err(|e| format!("building the HTTP client: {e}"))
+    }
+
+    /// Reads every `ca_file` now and builds its clients, so a missing or malformed file stops
+    /// the start instead of failing pulls later.
+    pub fn load_cas(&self, cas: &[TrustedCa]) -> Result<(), String> {
+        for ca in cas {
+            self.ca_client(ca, false)?;
+            self.ca_client(ca, true)?;
+        }
+        Ok(())
+    }
+
+    /// The client trusting `ca` too (with the filtering resolver when `chosen`), built once.
+    fn ca_client(&self, ca: &TrustedCa, chosen: bool) -> Result<reqwest::Client, String> {
+        let key = (ca.clone(), chosen);
+        let mut clients = match self.with_ca.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
         };
-        if !Arc::ptr_eq(&read_policy(&self.policy), wanted) {
-            match self.policy.write() {
-                Ok(mut p) => *p = wanted.clone(),
-                Err(poisoned) => *poisoned.into_inner() = wanted.clone(),
+        if let Some(c) = clients.get(&key) {
+            return Ok(c.clone());
+        }
+        let certs = load_ca(&ca.0)?;
+        let policy = chosen.then_some(&self.policy);
+        let client = Self::build(self.timeout, policy, &certs)?;
+        clients.insert(key, client.clone());
+        Ok(client)
+    }
+
+    /// The client for a request: the filtering one, with the marker's policy in force, when
+    /// the upstream chose the URL; one that also trusts the request's `ca_file` when it has one.
+    fn client_for(
+        &self,
+        marker: Option<&ChosenByUpstream>,
+        ca: Option<&TrustedCa>,
+    ) -> Result<reqwest::Client, UpstreamError> {
+        if let Some(ChosenByUpstream(wanted)) = marker {
+            if !Arc::ptr_eq(&read_policy(&self.policy), wanted) {
+                match self.policy.write() {
+                    Ok(mut p) => *p = wanted.clone(),
+                    Err(poisoned) => *poisoned.into_inner() = wanted.clone(),
+                }
             }
         }
-        &self.chosen
+        match (ca, marker.is_some()) {
+            (Some(ca), chosen) => self.ca_client(ca, chosen).map_err(UpstreamError::Connect),
+            (None, true) => Ok(self.chosen.clone()),
+            (None, false) => Ok(self.client.clone()),
+        }
     }
 }
 
@@ -150,7 +236,18 @@ fn classify(e: reqwest::Error) -> UpstreamError {
     }
     // reqwest's messages carry the URL, which holds no secret (tokens travel in headers).
     let (timeout, connect) = (e.is_timeout(), e.is_connect());
-    let msg = e.without_url().to_string();
+    // The causes say what failed (a refused connection, an unknown certificate issuer).
+    let e = e.without_url();
+    let mut msg = e.to_string();
+    let mut cause = std::error::Error::source(&e);
+    while let Some(c) = cause {
+        let text = c.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        cause = c.source();
+    }
     if timeout {
         UpstreamError::Timeout(msg)
     } else if connect {
@@ -168,7 +265,10 @@ impl Upstream for ReqwestUpstream {
     ) -> Result<Response<ByteStream>, UpstreamError> {
         let (parts, body) = request.into_parts();
         let url = parts.uri.to_string();
-        let client = self.client_for(parts.extensions.get::<ChosenByUpstream>());
+        let client = self.client_for(
+            parts.extensions.get::<ChosenByUpstream>(),
+            parts.extensions.get::<TrustedCa>(),
+        )?;
         let mut req = client.request(parts.method, url).headers(parts.headers);
         if !body.is_empty() {
             req = req.body(body);

@@ -451,6 +451,7 @@ mod tests {
             idle_timeout: idle.map(str::to_string),
             max_connections: max,
             body_timeout: None,
+            ..ServerConfig::default()
         }
     }
 

@@ -4,7 +4,8 @@
 //!
 //! This module is the only place that names tokio, hyper, reqwest and redb. It builds the
 //! ports, calls [`App::handle`], writes one log line per request, and shuts down gracefully on
-//! SIGTERM/SIGINT (stop accepting, let in-flight requests and fills finish, up to 30 s).
+//! SIGTERM/SIGINT (`/readyz` turns unready, then stop accepting and let in-flight requests and
+//! fills finish, up to `[server] drain`; see [`probes`]).
 //! [`listener`] bounds the connections themselves: header and idle timeouts, a connection
 //! cap, back-off on failed `accept`s, and a lingering read after an answer that left the
 //! request body unread.
@@ -13,14 +14,17 @@
 #![allow(clippy::disallowed_methods)]
 
 pub mod audit;
+pub mod check;
 pub mod client;
 pub mod listener;
 pub mod offload;
+pub mod probes;
+pub mod secrets;
 pub mod store;
 
 use crate::core::app::App;
 use crate::core::body::{AccessLog, Body, RequestInfo};
-use crate::core::config::{parse_config, Config, ConfigError, Secret, SecretResolver, Settings};
+use crate::core::config::{self, Settings};
 use crate::core::metrics::{add, Metrics};
 use crate::core::ports::{BodyError, Clock, Deferred, Ports};
 use bytes::Bytes;
@@ -43,8 +47,6 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
 pub const DEFAULT_DATA_DIR: &str = "./pullgate-data";
 /// How often the gateway's outbox is checked for due deliveries.
 const PUMP_EVERY: Duration = Duration::from_millis(500);
-/// How long shutdown waits for in-flight work.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 /// `pullgate serve` options (flags override the config file).
 #[derive(Debug, Clone, Default)]
@@ -57,24 +59,8 @@ pub struct ServeOptions {
     pub upstreams: Vec<String>,
     /// `--config FILE`.
     pub config: Option<PathBuf>,
-}
-
-/// Resolves `env:NAME` from the process environment.
-pub struct EnvSecrets;
-
-impl SecretResolver for EnvSecrets {
-    fn resolve(&self, reference: &str) -> Result<Secret, ConfigError> {
-        let name = reference.strip_prefix("env:").ok_or_else(|| {
-            ConfigError(format!(
-                "secret reference {reference:?}: the native host reads env:NAME"
-            ))
-        })?;
-        std::env::var(name).map(Secret::new).map_err(|_| {
-            ConfigError(format!(
-                "environment variable {name} (a secret reference) is not set"
-            ))
-        })
-    }
+    /// `--drain DURATION`: overrides `[server] drain`.
+    pub drain: Option<String>,
 }
 
 /// The system clock.
@@ -134,23 +120,32 @@ pub struct Prepared {
     pub audit_log: PathBuf,
     /// `[server]`: listener timeouts and connection cap.
     pub limits: ServerLimits,
+    /// `[server] drain`, `unready_delay`, `--drain`: the shutdown timings.
+    pub drain: probes::DrainPlan,
 }
 
 /// Reads the config file and flags into settings.
 pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
-    let mut config = match &opts.config {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("reading {}: {e}", path.display()))?;
-            parse_config(&text).map_err(|e| format!("{}: {e}", path.display()))?
-        }
-        None => Config::default(),
+    let text = match &opts.config {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("reading {}: {e}", path.display()))?,
+        ),
+        None => None,
     };
-    for u in &opts.upstreams {
-        config.apply_upstream_flag(u).map_err(|e| e.to_string())?;
-    }
-    let settings = config.resolve(&EnvSecrets).map_err(|e| e.to_string())?;
+    let source = opts
+        .config
+        .as_ref()
+        .map_or_else(|| "defaults".to_string(), |p| p.display().to_string());
+    let (config, settings) = config::load(
+        &source,
+        text.as_deref(),
+        &opts.upstreams,
+        &secrets::HostSecrets,
+    )
+    .map_err(|e| e.to_string())?;
     let limits = ServerLimits::parse(&config.server)?;
+    let drain = probes::DrainPlan::parse(&config.server, opts.drain.as_deref())?;
     let listen = opts
         .listen
         .clone()
@@ -172,6 +167,7 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
         settings,
         audit_log,
         limits,
+        drain,
     })
 }
 
@@ -331,6 +327,7 @@ struct ConnContext {
     state: Rc<ConnState>,
     storage: Rc<store::StorageReport>,
     body_timeout: std::time::Duration,
+    probes: std::sync::Arc<probes::Probes>,
 }
 
 async fn handle(
@@ -344,6 +341,7 @@ async fn handle(
         state,
         storage,
         body_timeout,
+        probes,
     } = cx;
     let in_flight = InFlight::start(&state);
     let started = Instant::now();
@@ -352,6 +350,9 @@ async fn handle(
     // The socket's address is the only one the native host can vouch for.
     req.extensions_mut()
         .insert(crate::core::access::ClientAddr(peer));
+    if req.uri().path() == "/readyz" {
+        req.extensions_mut().insert(probes.check().await);
+    }
     let log = LogLine {
         ip: Some(peer),
         digest: None,
@@ -423,6 +424,8 @@ async fn run(p: Prepared) -> Result<(), String> {
     let storage = Rc::new(store::StorageReport::new(blobs.clone(), kv.clone()));
     let upstream =
         client::ReqwestUpstream::new(Duration::from_millis(p.settings.upstream_timeout_ms))?;
+    upstream.load_cas(&client::ca_files(&p.settings))?;
+    let probes = probes::Probes::new(&p.data_dir);
     let fills = Rc::new(Cell::new(0usize));
     let ports = Ports {
         upstream: Rc::new(upstream),
@@ -467,7 +470,7 @@ async fn run(p: Prepared) -> Result<(), String> {
     // the kernel's backlog until one closes.
     let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
     let mut backoff = AcceptBackoff::default();
-    let stop = shutdown_signal();
+    let stop = probes::drain_signal(shutdown_signal, probes.clone(), p.drain);
     tokio::pin!(stop);
     loop {
         let permit = tokio::select! {
@@ -509,6 +512,7 @@ async fn run(p: Prepared) -> Result<(), String> {
             state: state.clone(),
             storage: storage.clone(),
             body_timeout: limits.body_timeout,
+            probes: probes.clone(),
         };
         let service = hyper::service::service_fn(move |req| handle(cx.clone(), req));
         let io = listener::WatchedIo::new(stream, state.clone());
@@ -533,8 +537,8 @@ async fn run(p: Prepared) -> Result<(), String> {
         fills.get()
     );
     drop(listener);
-    let deadline = Instant::now() + SHUTDOWN_GRACE;
-    let _ = tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await;
+    let deadline = Instant::now() + p.drain.drain;
+    let _ = tokio::time::timeout(p.drain.drain, graceful.shutdown()).await;
     while fills.get() > 0 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

@@ -41,6 +41,8 @@
 //!   [`crate::stores::s3`]). Either way there is no eviction and `max_size` is ignored.
 //! - `list` reads every key of the store (Spin has no prefix scan), so admin listings cost
 //!   O(keys).
+//! - `ca_file` (`[[upstream]]`, `[[helm]]`, `[[target]]`) is refused when the configuration
+//!   loads: outbound HTTP goes through the Spin runtime, which trusts only its own roots.
 //! - `listen`, `data_dir` and `audit_log` are ignored. The client address for network rules is
 //!   Spin's `spin-client-addr` header.
 
@@ -58,7 +60,7 @@ pub use reactor::SpinDeferred;
 use crate::core::access::ClientAddr;
 use crate::core::app::App;
 use crate::core::body::{AccessLog, Body, RequestInfo};
-use crate::core::config::{parse_config, parse_size, Config, ConfigError, Secret, SecretResolver};
+use crate::core::config::{self, parse_size, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
 use crate::core::http::error_response;
 use crate::core::ports::{BlobStore, ByteStream, Clock, InlineOffload, Ports};
@@ -181,12 +183,11 @@ fn s3_settings() -> Result<Option<S3Settings>, String> {
 
 /// Builds the core from the variables and the key-value store.
 fn build_app() -> Result<(App, Option<Rc<KvBlobStore>>), String> {
-    let config = match variable(CONFIG_VAR).map_err(|e| e.to_string())? {
-        Some(text) => parse_config(&text).map_err(|e| format!("{CONFIG_VAR}: {e}"))?,
-        None => Config::default(),
-    };
-    let settings = config
-        .resolve(&SpinSecrets)
+    let text = variable(CONFIG_VAR).map_err(|e| e.to_string())?;
+    let (_, settings) =
+        config::load(CONFIG_VAR, text.as_deref(), &[], &SpinSecrets).map_err(|e| e.to_string())?;
+    settings
+        .refuse_ca_files()
         .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
     let store = Rc::new(
         Store::open(KV_STORE)

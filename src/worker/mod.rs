@@ -38,6 +38,8 @@
 //! - The client address the core sees (network allowlists, rate limits) is `CF-Connecting-IP`;
 //!   rate-limit counters and login-failure lockouts are per isolate, so they are approximate
 //!   (an attacker spread over isolates and locations gets more attempts).
+//! - `ca_file` (`[[upstream]]`, `[[helm]]`, `[[target]]`) is refused when the configuration
+//!   loads: `fetch` trusts only Cloudflare's public roots, so a private CA cannot be added.
 //! - Password verification (argon2) runs inline ([`InlineOffload`]): an isolate has no threads,
 //!   so a check holds the isolate's CPU for its duration and counts against the request's CPU
 //!   limit. Robots should use static tokens or pullgate's Bearer tokens on hot paths.
@@ -58,7 +60,7 @@ pub use r2::R2BlobStore;
 use crate::core::access::ClientAddr;
 use crate::core::app::App;
 use crate::core::body::{AccessLog, Body, CacheStatus, RequestInfo};
-use crate::core::config::{parse_config, Config, ConfigError, Secret, SecretResolver};
+use crate::core::config::{self, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
 use crate::core::http::error_response;
 use crate::core::metrics::{inc, Metrics};
@@ -211,12 +213,11 @@ impl<F: Future> Future for WithRequest<F> {
 
 /// Builds the core from the configuration and bindings.
 fn build_app(env: &Env) -> Result<App, String> {
-    let config = match env.var(CONFIG_VAR) {
-        Ok(text) => parse_config(&text.to_string()).map_err(|e| format!("{CONFIG_VAR}: {e}"))?,
-        Err(_) => Config::default(),
-    };
-    let settings = config
-        .resolve(&WorkerSecrets { env })
+    let text = env.var(CONFIG_VAR).ok().map(|t| t.to_string());
+    let (_, settings) = config::load(CONFIG_VAR, text.as_deref(), &[], &WorkerSecrets { env })
+        .map_err(|e| e.to_string())?;
+    settings
+        .refuse_ca_files()
         .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
     let kv = env
         .kv(KV_BINDING)

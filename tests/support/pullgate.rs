@@ -280,6 +280,24 @@ impl Pullgate {
     }
 }
 
+/// `pullgate hash-password`: the PHC string of `password`, for `[[identity]] password_hash`.
+pub fn hash_password(password: &str) -> String {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_pullgate"))
+        .arg("hash-password")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("pullgate hash-password");
+    writeln!(child.stdin.take().expect("stdin"), "{password}").expect("write password");
+    let out = child.wait_with_output().expect("hash-password output");
+    assert!(out.status.success());
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
+}
+
 /// A parsed Prometheus text exposition.
 #[derive(Clone, Debug)]
 pub struct Metrics {

@@ -372,6 +372,18 @@ impl SpinApp {
         keys
     }
 
+    /// Keys of the key-value store that hold (or stage) bytes of `digest`. Link records
+    /// (`link/<host>/<repository>/<digest>`) name the digest but hold none of its bytes: a
+    /// manifest fetch links every layer it references before any of them is fetched, so a blob
+    /// that was refused or never stored may still have one.
+    pub fn blob_keys(&self, digest: &str) -> Vec<String> {
+        let hex = digest.trim_start_matches("sha256:");
+        self.kv_keys("default")
+            .into_iter()
+            .filter(|k| k.contains(hex) && !k.starts_with("link/"))
+            .collect()
+    }
+
     /// The component's log (guest stderr is prefixed by wasmtime with the request id).
     pub fn log(&self) -> String {
         self.process

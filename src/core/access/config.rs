@@ -122,7 +122,7 @@ pub enum RouteFamily {
     Hooks,
     /// `/admin/…`, `/chain…`.
     Admin,
-    /// `/metrics`, `/healthz`.
+    /// `/metrics` and the probes `/healthz`, `/livez`, `/readyz`.
     Metrics,
 }
 
@@ -134,7 +134,7 @@ pub fn route_family(path: &str) -> RouteFamily {
         RouteFamily::Admin
     } else if path.starts_with("/charts/") {
         RouteFamily::Charts
-    } else if path == "/metrics" || path == "/healthz" {
+    } else if matches!(path, "/metrics" | "/healthz" | "/livez" | "/readyz") {
         RouteFamily::Metrics
     } else {
         RouteFamily::Registry
@@ -273,88 +273,22 @@ pub fn resolve(i: AccessInput<'_>, r: &dyn SecretResolver) -> Result<AccessSetti
         }
         None => None,
     };
-    let mut identities = Vec::new();
+    let mut identities: Vec<Identity> = Vec::new();
     for id in i.identities {
-        if identities.iter().any(|x: &Identity| x.name == id.name)
-            || id.name == "anonymous"
-            || id.name.is_empty()
-        {
+        if identities.iter().any(|x| x.name == id.name) {
             return Err(ConfigError(format!(
                 "identity name {:?} is reserved, empty or repeated",
                 id.name
             )));
         }
-        if let Some(h) = &id.password_hash {
-            PasswordHash::new(h).map_err(|_| {
-                ConfigError(format!(
-                    "identity {}: password_hash is not a PHC string",
-                    id.name
-                ))
-            })?;
-        }
-        let token = match &id.token {
-            Some(x) if x.contains(':') => Some(r.resolve(x)?),
-            Some(_) => {
-                return Err(ConfigError(format!(
-                    "identity {}: token must be a secret reference",
-                    id.name
-                )))
-            }
-            None => None,
-        };
-        if id.password_hash.is_none() && token.is_none() {
-            return Err(ConfigError(format!(
-                "identity {}: needs password_hash or token",
-                id.name
-            )));
-        }
-        identities.push(Identity {
-            name: id.name.clone(),
-            password_hash: id.password_hash.clone(),
-            token,
-            groups: id.groups.clone(),
-        });
+        identities.push(resolve_identity(id, r)?);
     }
-    let mut rules = Vec::new();
-    for rule in i.rules {
-        for a in &rule.actions {
-            if !matches!(a.as_str(), "pull" | "trigger" | "admin") {
-                return Err(ConfigError(format!(
-                    "access: action {a:?} is not pull, trigger or admin"
-                )));
-            }
-        }
-        let or_all = |v: &Vec<String>| {
-            if v.is_empty() {
-                vec!["*".to_string()]
-            } else {
-                v.clone()
-            }
-        };
-        rules.push(AccessRule {
-            who: rule.who.clone(),
-            upstreams: or_all(&rule.upstreams),
-            repositories: or_all(&rule.repositories),
-            actions: rule.actions.clone(),
-        });
-    }
-    let mut networks = Vec::new();
-    for n in i.networks {
-        let fams = n
-            .routes
-            .iter()
-            .map(|f| family(f))
-            .collect::<Result<Vec<_>, _>>()?;
-        let cidrs = n
-            .allow
-            .iter()
-            .map(|c| {
-                parse_cidr(c)
-                    .ok_or_else(|| ConfigError(format!("network: {c:?} is not an address or CIDR")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        networks.push((fams, cidrs));
-    }
+    let rules = i.rules.iter().map(resolve_rule).collect::<Result<_, _>>()?;
+    let networks = i
+        .networks
+        .iter()
+        .map(resolve_network)
+        .collect::<Result<_, _>>()?;
     let rate = |v: &Option<String>| {
         v.as_deref()
             .map(|s| {
@@ -363,19 +297,6 @@ pub fn resolve(i: AccessInput<'_>, r: &dyn SecretResolver) -> Result<AccessSetti
             })
             .transpose()
     };
-    let login = LoginPolicy {
-        failures: i
-            .rate_limit
-            .login_failures
-            .unwrap_or(LoginPolicy::default().failures),
-        lockout_ms: parse_duration_ms(i.rate_limit.lockout.as_deref().unwrap_or("1s"))?,
-        max_lockout_ms: parse_duration_ms(i.rate_limit.max_lockout.as_deref().unwrap_or("5m"))?,
-    };
-    if login.lockout_ms == 0 || login.max_lockout_ms < login.lockout_ms {
-        return Err(ConfigError(
-            "[rate_limit] lockout must be more than 0 and at most max_lockout".into(),
-        ));
-    }
     let dummy_hash = identities
         .iter()
         .find_map(|id| id.password_hash.as_deref().and_then(dummy_like));
@@ -391,7 +312,104 @@ pub fn resolve(i: AccessInput<'_>, r: &dyn SecretResolver) -> Result<AccessSetti
         per_identity: rate(&i.rate_limit.per_identity)?,
         per_ip: rate(&i.rate_limit.per_ip)?,
         burst: i.rate_limit.burst,
-        login,
+        login: resolve_login(i.rate_limit)?,
         dummy_hash,
     })
+}
+
+/// One `[[identity]]`: a name that is not reserved, a PHC hash and/or a token reference.
+fn resolve_identity(id: &IdentityConfig, r: &dyn SecretResolver) -> Result<Identity, ConfigError> {
+    if id.name == "anonymous" || id.name.is_empty() {
+        return Err(ConfigError(format!(
+            "identity name {:?} is reserved, empty or repeated",
+            id.name
+        )));
+    }
+    if let Some(h) = &id.password_hash {
+        PasswordHash::new(h).map_err(|_| {
+            ConfigError(format!(
+                "identity {}: password_hash is not a PHC string",
+                id.name
+            ))
+        })?;
+    }
+    let token = match &id.token {
+        Some(x) if x.contains(':') => Some(r.resolve(x)?),
+        Some(_) => {
+            return Err(ConfigError(format!(
+                "identity {}: token must be a secret reference",
+                id.name
+            )))
+        }
+        None => None,
+    };
+    if id.password_hash.is_none() && token.is_none() {
+        return Err(ConfigError(format!(
+            "identity {}: needs password_hash or token",
+            id.name
+        )));
+    }
+    Ok(Identity {
+        name: id.name.clone(),
+        password_hash: id.password_hash.clone(),
+        token,
+        groups: id.groups.clone(),
+    })
+}
+
+/// One `[[access]]` rule; empty upstream or repository lists mean all.
+fn resolve_rule(rule: &AccessRuleConfig) -> Result<AccessRule, ConfigError> {
+    for a in &rule.actions {
+        if !matches!(a.as_str(), "pull" | "trigger" | "admin") {
+            return Err(ConfigError(format!(
+                "access: action {a:?} is not pull, trigger or admin"
+            )));
+        }
+    }
+    let or_all = |v: &Vec<String>| {
+        if v.is_empty() {
+            vec!["*".to_string()]
+        } else {
+            v.clone()
+        }
+    };
+    Ok(AccessRule {
+        who: rule.who.clone(),
+        upstreams: or_all(&rule.upstreams),
+        repositories: or_all(&rule.repositories),
+        actions: rule.actions.clone(),
+    })
+}
+
+/// One `[[network]]` rule: route families and the addresses allowed for them.
+fn resolve_network(n: &NetworkRuleConfig) -> Result<(Vec<RouteFamily>, Vec<Cidr>), ConfigError> {
+    let fams = n
+        .routes
+        .iter()
+        .map(|f| family(f))
+        .collect::<Result<Vec<_>, _>>()?;
+    let cidrs = n
+        .allow
+        .iter()
+        .map(|c| {
+            parse_cidr(c)
+                .ok_or_else(|| ConfigError(format!("network: {c:?} is not an address or CIDR")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((fams, cidrs))
+}
+
+/// The failed-login lockout policy of `[rate_limit]`.
+fn resolve_login(r: &RateLimitConfig) -> Result<LoginPolicy, ConfigError> {
+    let login = LoginPolicy {
+        failures: r.login_failures.unwrap_or(LoginPolicy::default().failures),
+        lockout_ms: parse_duration_ms(r.lockout.as_deref().unwrap_or("1s"))?,
+        max_lockout_ms: parse_duration_ms(r.max_lockout.as_deref().unwrap_or("5m"))?,
+    };
+    if login.lockout_ms == 0 || login.max_lockout_ms < login.lockout_ms {
+        return Err(ConfigError(
+            "[rate_limit] lockout must be more than 0 and at most max_lockout".into(),
+        ));
+    }
+    Ok(login)
 }

@@ -24,14 +24,13 @@ use crate::core::access::{
 use crate::core::body::Body;
 use crate::core::context::Inner;
 use crate::core::error::RegistryError;
-use crate::core::http::{error_response, json_error, json_response};
+use crate::core::http::{error_response, json_error, json_response, read_capped, ReadError};
 use crate::core::metrics::inc;
 use crate::core::ports::{ByteStream, Offload};
 use crate::core::registry::reference::Digest;
 use crate::core::registry::route::resolve_upstream;
 use crate::core::time::rfc3339;
 use futures_util::future::LocalBoxFuture;
-use futures_util::StreamExt;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::json;
 use std::cell::RefCell;
@@ -342,120 +341,37 @@ pub(crate) async fn token_endpoint(
             "authentication is not enabled on this mirror",
         );
     };
-    let mut params: Vec<(String, String)> = req
-        .uri()
-        .query()
-        .map(|q| {
-            url::form_urlencoded::parse(q.as_bytes())
-                .into_owned()
-                .collect()
-        })
-        .unwrap_or_default();
+    let mut scopes: Vec<String> =
+        url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
+            .filter(|(k, _)| k == "scope")
+            .map(|(_, v)| v.into_owned())
+            .collect();
     let mut creds = match basic_credentials(req.headers()) {
         Some(Ok(c)) => Some(c),
-        Some(Err(_)) => {
-            // Malformed Basic costs nothing to refuse, but it still counts for the address.
-            let ip = req.extensions().get::<ClientAddr>().map(|c| c.0);
-            let bad = std::future::ready(Err(AuthError::Invalid));
-            return match checked_login(inner, ip, None, bad).await {
-                Err(wait_ms) => *too_many(
-                    RouteFamily::Admin,
-                    false,
-                    wait_ms,
-                    "too many failed logins; retry later",
-                ),
-                Ok(_) => json_error(StatusCode::UNAUTHORIZED, "invalid credentials"),
-            };
-        }
+        Some(Err(_)) => return malformed_basic(inner, req).await,
         None => None,
     };
     if req.method() == Method::POST {
-        let mut raw = Vec::new();
-        let mut body = body;
-        while let Some(c) = body.next().await {
-            let Ok(c) = c else {
-                return json_error(StatusCode::BAD_REQUEST, "unreadable body");
-            };
-            if raw.len() + c.len() > 64 * 1024 {
-                return json_error(StatusCode::PAYLOAD_TOO_LARGE, "token request too large");
-            }
-            raw.extend_from_slice(&c);
-        }
-        let form: Vec<(String, String)> = url::form_urlencoded::parse(&raw).into_owned().collect();
-        let get = |k: &str| form.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone());
-        match get("grant_type").as_deref() {
-            Some("password") => {
-                if let (Some(u), Some(p)) = (get("username"), get("password")) {
-                    creds = Some((u, p));
+        match read_form(body).await {
+            Ok(form) => {
+                if let Some(c) = form.credentials {
+                    creds = Some(c);
                 }
+                scopes.extend(form.scope);
             }
-            Some(other) => {
-                return json_error(
-                    StatusCode::BAD_REQUEST,
-                    format!("grant_type {other:?} is not supported"),
-                )
-            }
-            None => {}
-        }
-        if let Some(scope) = get("scope") {
-            params.extend(
-                scope
-                    .split(' ')
-                    .map(|s| ("scope".to_string(), s.to_string())),
-            );
+            Err(resp) => return *resp,
         }
     } else if req.method() != Method::GET {
         return json_error(StatusCode::METHOD_NOT_ALLOWED, "use GET or POST");
     }
     let principal = match creds {
-        Some((u, p)) => {
-            let ip = req.extensions().get::<ClientAddr>().map(|c| c.0);
-            let counted = CountedOffload(inner);
-            let check = check_password(s, &counted, &u, &p);
-            match checked_login(inner, ip, Some(&u), check).await {
-                Ok(Ok(p)) => p,
-                Ok(Err(_)) => {
-                    inc(&inner.metrics.denied);
-                    return json_error(StatusCode::UNAUTHORIZED, "invalid credentials");
-                }
-                Err(wait_ms) => {
-                    inc(&inner.metrics.denied);
-                    // /token answers JSON, as its other errors do.
-                    return *too_many(
-                        RouteFamily::Admin,
-                        false,
-                        wait_ms,
-                        "too many failed logins; retry later",
-                    );
-                }
-            }
-        }
+        Some((u, p)) => match login(inner, req, &u, &p).await {
+            Ok(p) => p,
+            Err(resp) => return *resp,
+        },
         None => Principal::anonymous(),
     };
-    let mut access: Vec<Grant> = Vec::new();
-    for (k, v) in &params {
-        if k != "scope" {
-            continue;
-        }
-        for scope in v.split(' ') {
-            let Some((name, actions)) = token::parse_scope(scope) else {
-                continue;
-            };
-            let Ok((i, repo)) = resolve_upstream(&inner.settings, &name, None) else {
-                continue;
-            };
-            let host = &inner.settings.upstreams[i].host;
-            let granted: Vec<String> = actions
-                .into_iter()
-                .filter(|a| a == "pull" && is_allowed(s, &principal, "pull", host, repo.as_str()))
-                .collect();
-            access.push(Grant {
-                kind: "repository".into(),
-                name: format!("{host}/{repo}"),
-                actions: granted,
-            });
-        }
-    }
+    let access = grants(inner, &principal, &scopes);
     let now = inner.ports.clock.now_ms();
     let claims = Claims {
         sub: principal.name.clone(),
@@ -472,4 +388,110 @@ pub(crate) async fn token_endpoint(
             "issued_at": rfc3339(now),
         }),
     )
+}
+
+/// A malformed Basic header costs nothing to refuse, but it still counts for the address.
+async fn malformed_basic(inner: &Inner, req: &Request<()>) -> Response<Body> {
+    let ip = req.extensions().get::<ClientAddr>().map(|c| c.0);
+    let bad = std::future::ready(Err(AuthError::Invalid));
+    match checked_login(inner, ip, None, bad).await {
+        Err(wait_ms) => *too_many(
+            RouteFamily::Admin,
+            false,
+            wait_ms,
+            "too many failed logins; retry later",
+        ),
+        Ok(_) => json_error(StatusCode::UNAUTHORIZED, "invalid credentials"),
+    }
+}
+
+/// What the OAuth2 `POST /token` form (containerd) carries.
+struct TokenForm {
+    credentials: Option<(String, String)>,
+    scope: Vec<String>,
+}
+
+async fn read_form(body: ByteStream) -> Result<TokenForm, Box<Response<Body>>> {
+    let raw = read_capped(body, 64 * 1024).await.map_err(|e| {
+        Box::new(match e {
+            ReadError::TooLarge(_) => {
+                json_error(StatusCode::PAYLOAD_TOO_LARGE, "token request too large")
+            }
+            ReadError::Failed(_) => json_error(StatusCode::BAD_REQUEST, "unreadable body"),
+        })
+    })?;
+    let form: Vec<(String, String)> = url::form_urlencoded::parse(&raw).into_owned().collect();
+    let get = |k: &str| form.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone());
+    let credentials = match get("grant_type").as_deref() {
+        Some("password") => get("username").zip(get("password")),
+        Some(other) => {
+            return Err(Box::new(json_error(
+                StatusCode::BAD_REQUEST,
+                format!("grant_type {other:?} is not supported"),
+            )))
+        }
+        None => None,
+    };
+    Ok(TokenForm {
+        credentials,
+        scope: get("scope").into_iter().collect(),
+    })
+}
+
+/// Checks a password login through the lockout; the refusal is JSON, as `/token`'s other
+/// errors are.
+async fn login(
+    inner: &Inner,
+    req: &Request<()>,
+    user: &str,
+    password: &str,
+) -> Result<Principal, Box<Response<Body>>> {
+    let ip = req.extensions().get::<ClientAddr>().map(|c| c.0);
+    let counted = CountedOffload(inner);
+    let check = check_password(&inner.settings.access, &counted, user, password);
+    match checked_login(inner, ip, Some(user), check).await {
+        Ok(Ok(p)) => Ok(p),
+        Ok(Err(_)) => {
+            inc(&inner.metrics.denied);
+            Err(Box::new(json_error(
+                StatusCode::UNAUTHORIZED,
+                "invalid credentials",
+            )))
+        }
+        Err(wait_ms) => {
+            inc(&inner.metrics.denied);
+            Err(too_many(
+                RouteFamily::Admin,
+                false,
+                wait_ms,
+                "too many failed logins; retry later",
+            ))
+        }
+    }
+}
+
+/// The repository grants for the requested scopes (space-separated lists): `pull` where the
+/// rules allow it, nothing otherwise; scopes that name no known repository are skipped.
+fn grants(inner: &Inner, principal: &Principal, scopes: &[String]) -> Vec<Grant> {
+    let s = &inner.settings.access;
+    let mut access = Vec::new();
+    for scope in scopes.iter().flat_map(|v| v.split(' ')) {
+        let Some((name, actions)) = token::parse_scope(scope) else {
+            continue;
+        };
+        let Ok((i, repo)) = resolve_upstream(&inner.settings, &name, None) else {
+            continue;
+        };
+        let host = &inner.settings.upstreams[i].host;
+        let granted: Vec<String> = actions
+            .into_iter()
+            .filter(|a| a == "pull" && is_allowed(s, principal, "pull", host, repo.as_str()))
+            .collect();
+        access.push(Grant {
+            kind: "repository".into(),
+            name: format!("{host}/{repo}"),
+            actions: granted,
+        });
+    }
+    access
 }

@@ -7,8 +7,10 @@
 
 pub mod value;
 
+pub use crate::core::registry::config::{
+    check_upstream, Credentials, UpstreamConfig, UpstreamSpec, DOCKER_HUB,
+};
 use crate::core::registry::config::{resolve_upstreams, upstream_flag};
-pub use crate::core::registry::config::{Credentials, UpstreamConfig, UpstreamSpec, DOCKER_HUB};
 pub use value::{
     normalize_host, parse_duration_ms, parse_size, ConfigError, Secret, SecretResolver,
 };
@@ -52,7 +54,7 @@ pub struct Config {
     pub gateway: crate::core::gateway::config::GatewayConfig,
     /// Classic Helm chart repositories.
     #[serde(default)]
-    pub helm: Vec<crate::core::helm::HelmConfig>,
+    pub helm: Vec<crate::core::helm::config::HelmConfig>,
     /// Native only: where the audit log goes (default `<data_dir>/audit.log`; `-` for stderr).
     pub audit_log: Option<String>,
     /// Authentication on the mirror.
@@ -96,6 +98,13 @@ pub struct ServerConfig {
     /// within this long (default `60s`), so a body trickled a byte at a time cannot hold a
     /// connection.
     pub body_timeout: Option<String>,
+    /// On SIGTERM/SIGINT, after the listener closes, how long in-flight requests and fills get
+    /// to finish (default `25s`, below Kubernetes' 30 s grace period; `--drain` overrides).
+    pub drain: Option<String>,
+    /// On SIGTERM/SIGINT, how long the listener keeps accepting with `/readyz` answering 503
+    /// before it closes (default `0s`; a second signal ends it), for load balancers that poll
+    /// `/readyz`.
+    pub unready_delay: Option<String>,
 }
 
 /// `[cache]`.
@@ -139,12 +148,34 @@ pub struct Settings {
     /// The build-trigger gateway.
     pub gateway: crate::core::gateway::config::GatewaySettings,
     /// Classic Helm chart repositories.
-    pub helm: Vec<crate::core::helm::HelmRepo>,
+    pub helm: Vec<crate::core::helm::config::HelmRepo>,
     /// Access control, network rules and rate limits.
     pub access: crate::core::access::AccessSettings,
     /// The outbound address policy for upstream-chosen URLs (shared with the requests that
     /// carry it to the host, see `outbound::ChosenByUpstream`).
     pub outbound: std::sync::Arc<crate::core::outbound::OutboundPolicy>,
+}
+
+/// The one configuration bootstrap every host runs: the text (None: the defaults) from
+/// `source` (a file path, a variable name), the `--upstream HOST=URL` overrides, then
+/// resolution with the host's secrets. Every error is prefixed with `source`. Returns the
+/// parsed file too, for the host's own sections (`[server]`, `listen`, `data_dir`).
+pub fn load(
+    source: &str,
+    text: Option<&str>,
+    upstream_flags: &[String],
+    secrets: &dyn SecretResolver,
+) -> Result<(Config, Settings), ConfigError> {
+    let at = |e: ConfigError| ConfigError(format!("{source}: {}", e.0));
+    let mut config = match text {
+        Some(t) => parse_config(t).map_err(at)?,
+        None => Config::default(),
+    };
+    for u in upstream_flags {
+        config.apply_upstream_flag(u)?;
+    }
+    let settings = config.resolve(secrets).map_err(at)?;
+    Ok((config, settings))
 }
 
 /// Parses the TOML configuration text.
@@ -153,6 +184,37 @@ pub fn parse_config(text: &str) -> Result<Config, ConfigError> {
 }
 
 impl Settings {
+    /// Refuses `ca_file` (on `[[upstream]]`, `[[helm]]`, `[[target]]`) for a host whose
+    /// outbound HTTP cannot add trust roots (Workers, Spin): the entries that set one.
+    pub fn refuse_ca_files(&self) -> Result<(), ConfigError> {
+        let users: Vec<String> = self
+            .upstreams
+            .iter()
+            .filter(|u| u.ca.is_some())
+            .map(|u| format!("upstream {}", u.host))
+            .chain(
+                self.helm
+                    .iter()
+                    .filter(|h| h.ca.is_some())
+                    .map(|h| format!("helm {}", h.name)),
+            )
+            .chain(
+                self.gateway
+                    .targets
+                    .iter()
+                    .filter(|t| t.ca.is_some())
+                    .map(|t| format!("target {}", t.name)),
+            )
+            .collect();
+        if users.is_empty() {
+            return Ok(());
+        }
+        Err(ConfigError(format!(
+            "ca_file is not supported on this host (its outbound HTTP trusts only the platform's roots): {}",
+            users.join(", ")
+        )))
+    }
+
     /// The freshness rule of tag records, tag lists and chart indexes.
     pub fn freshness(&self) -> crate::core::freshness::Freshness {
         crate::core::freshness::Freshness {
@@ -200,7 +262,7 @@ impl Config {
                 },
                 secrets,
             )?,
-            helm: crate::core::helm::resolve(&self.helm)?,
+            helm: crate::core::helm::config::resolve(&self.helm)?,
             access: crate::core::access::resolve(
                 crate::core::access::AccessInput {
                     auth: &self.auth,
@@ -312,6 +374,31 @@ mod tests {
         )
         .unwrap();
         assert!(twice.resolve(&MapSecrets).is_err());
+    }
+
+    #[test]
+    fn ca_files_are_named_when_a_host_refuses_them() {
+        let none = Config::default().resolve(&MapSecrets).unwrap();
+        assert!(none.refuse_ca_files().is_ok());
+        let c = parse_config(
+            "[[upstream]]\nhost = \"r.example\"\nurl = \"https://r.example\"\nca_file = \"/ca.pem\"\n[[helm]]\nname = \"h\"\nurl = \"https://h.example\"\nca_file = \"/ca.pem\"\n",
+        )
+        .unwrap();
+        let e = c
+            .resolve(&MapSecrets)
+            .unwrap()
+            .refuse_ca_files()
+            .unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("not supported on this host"), "{e}");
+        assert!(
+            e.contains("upstream r.example") && e.contains("helm h"),
+            "{e}"
+        );
+        let empty =
+            parse_config("[[helm]]\nname = \"h\"\nurl = \"https://h.example\"\nca_file = \"\"\n")
+                .unwrap();
+        assert!(empty.resolve(&MapSecrets).is_err());
     }
 
     #[test]

@@ -444,6 +444,7 @@ mod tests {
             token: Some(Secret::new("tok".into())),
             secret: None,
             git_ref: None,
+            ca: None,
         }
     }
 

@@ -3,7 +3,9 @@
 //! admin token. Same TOML and same keys on every host; secrets are references resolved by the
 //! host, held as [`Secret`]s.
 
-use crate::core::config::{parse_duration_ms, parse_size, ConfigError, Secret, SecretResolver};
+use crate::core::config::value::{
+    parse_duration_ms, parse_size, ConfigError, Secret, SecretResolver,
+};
 use serde::Deserialize;
 use url::Url;
 
@@ -39,6 +41,9 @@ pub struct TargetConfig {
     /// `github-workflow` / `gitlab-pipeline`: the ref to run on (default: the event's branch).
     #[serde(rename = "ref")]
     pub git_ref: Option<String>,
+    /// A PEM file of private CA certificates trusted for this target's URL, in addition to the
+    /// system store and the bundled roots. Native only.
+    pub ca_file: Option<String>,
 }
 
 /// `[[rule]]`.
@@ -50,10 +55,10 @@ pub struct RuleConfig {
     /// Event kinds: `push`, `tag`.
     #[serde(default)]
     pub on: Vec<String>,
-    /// Branch globs (`*` matches anything).
+    /// Branch globs: `*` stops at `/`, `**` crosses it (as GitHub Actions filters).
     #[serde(default)]
     pub branches: Vec<String>,
-    /// Tag globs.
+    /// Tag globs, as `branches`.
     #[serde(default)]
     pub tags: Vec<String>,
     /// Repository globs (URL or `owner/name`); empty matches all.
@@ -189,6 +194,8 @@ pub struct Target {
     pub secret: Option<Secret>,
     /// Ref override.
     pub git_ref: Option<String>,
+    /// `ca_file`: the private CA its deliveries carry.
+    pub ca: Option<crate::core::ports::TrustedCa>,
 }
 
 /// Resolved gateway settings.
@@ -434,6 +441,10 @@ fn resolve_targets(
             token,
             secret: key,
             git_ref: t.git_ref.clone(),
+            ca: crate::core::registry::config::parse_ca_file(
+                &format!("target {}", t.name),
+                t.ca_file.as_deref(),
+            )?,
         });
     }
     Ok(targets)

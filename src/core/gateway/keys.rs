@@ -6,6 +6,13 @@
 use crate::core::registry::route::looks_like_host;
 use sha2::{Digest as _, Sha256};
 
+/// Key prefix of pending deliveries.
+pub const PENDING: &str = "outbox/pending/";
+/// Key prefix of dead letters.
+pub const DEAD: &str = "outbox/dead/";
+/// Key prefix of the due-time index.
+pub const DUE: &str = "outbox/due/";
+
 /// sha256 over `parts`, each followed by a NUL, in hex.
 pub(crate) fn hash_hex(parts: &[&[u8]]) -> String {
     let mut h = Sha256::new();
@@ -46,6 +53,20 @@ pub(crate) fn commit_index(repository: &str, commit: &str) -> String {
 /// Prefix of the by-image index entries of the runs that build image `key` ([`image_key`]).
 pub(crate) fn image_index(key: &str) -> String {
     format!("run-by-image/{}/", &hash_hex(&[key.as_bytes()])[..32])
+}
+
+/// The index entry of a delivery due at `next_ms`.
+pub fn due_key(next_ms: u64, id: &str) -> String {
+    format!("{DUE}{next_ms:016}/{id}")
+}
+
+/// (due ms, delivery id) of an index entry.
+pub fn parse_due_key(key: &str) -> Option<(u64, &str)> {
+    let (ms, id) = key.strip_prefix(DUE)?.split_once('/')?;
+    if ms.len() != 16 || id.is_empty() {
+        return None;
+    }
+    Some((ms.parse().ok()?, id))
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ pub mod chain;
 pub mod config;
 pub mod event;
 mod hook;
-mod keys;
+pub mod keys;
 pub mod outbox;
 mod prewarm;
 pub mod pump;

@@ -20,10 +20,7 @@ use sha2::{Digest as _, Sha256};
 
 /// Version of the delivery record format.
 pub const DELIVERY_VERSION: u32 = 1;
-/// Key prefix of pending deliveries.
-pub const PENDING: &str = "outbox/pending/";
-/// Key prefix of dead letters.
-pub const DEAD: &str = "outbox/dead/";
+pub use crate::core::gateway::keys::{DEAD, PENDING};
 
 /// What a delivery does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,10 +137,14 @@ fn stage_payload(c: &StageCall<'_>) -> Value {
 }
 
 fn base(method: Method, t: &Target) -> http::request::Builder {
-    Request::builder()
+    let b = Request::builder()
         .method(method)
         .uri(t.url.as_str())
-        .header(header::USER_AGENT, crate::core::http::USER_AGENT)
+        .header(header::USER_AGENT, crate::core::http::USER_AGENT);
+    match &t.ca {
+        Some(ca) => b.extension(ca.clone()),
+        None => b,
+    }
 }
 
 fn bearer(b: http::request::Builder, t: &Target) -> http::request::Builder {
@@ -328,6 +329,7 @@ mod request_tests {
             token: Some(Secret::new("tok".into())),
             secret: Some(Secret::new("key".into())),
             git_ref: None,
+            ca: None,
         }
     }
 
@@ -338,6 +340,28 @@ mod request_tests {
             delivery: "d1",
             run_token: "rt",
             callback: "/chain/run1/build".into(),
+        }
+    }
+
+    #[test]
+    fn a_target_ca_file_travels_with_every_request_kind() {
+        let r = run();
+        let ca = crate::core::ports::TrustedCa("/ca.pem".into());
+        for kind in [
+            TargetKind::GitHubDispatch,
+            TargetKind::GitLabPipeline,
+            TargetKind::CloudEvents,
+            TargetKind::Http,
+        ] {
+            let mut t = target(kind, "https://ci.corp.test/hook");
+            let plain = dispatch_request(&t, &call(&r)).unwrap();
+            assert!(plain
+                .extensions()
+                .get::<crate::core::ports::TrustedCa>()
+                .is_none());
+            t.ca = Some(ca.clone());
+            let req = dispatch_request(&t, &call(&r)).unwrap();
+            assert_eq!(req.extensions().get(), Some(&ca), "{kind:?}");
         }
     }
 

@@ -11,7 +11,6 @@
 //! The one registry pull is [`pull_through`], the only place this module reaches back into the
 //! dispatch.
 
-use crate::core::app::App;
 use crate::core::body::Body;
 use crate::core::context::Inner;
 use crate::core::gateway::keys::image_key;
@@ -30,7 +29,6 @@ async fn pull_through(
     path: &str,
     accept: Option<&str>,
 ) -> Result<(u64, Bytes), String> {
-    let app = App::from_inner(inner.clone());
     let mut b = Request::builder().method(Method::GET).uri(path);
     if let Some(a) = accept {
         b = b.header(header::ACCEPT, a);
@@ -38,8 +36,9 @@ async fn pull_through(
     let mut req = b.body(()).map_err(|e| e.to_string())?;
     req.extensions_mut()
         .insert(crate::core::access::caller::InternalCall);
-    // Boxed: pre-warming goes back through App::handle, which can reach the pump again.
-    let resp = Box::pin(app.handle(&req)).await;
+    // Boxed by the dispatch: pre-warming goes back through the whole core, which can reach
+    // the pump again.
+    let resp = (inner.dispatch)(inner.clone(), req).await;
     let status = resp.status();
     if status != StatusCode::OK {
         return Err(format!("GET {path}: {status}"));

@@ -15,9 +15,13 @@
 
 use crate::core::context::Inner;
 use crate::core::gateway::chain::Run;
+pub use crate::core::gateway::keys::DUE;
+use crate::core::gateway::keys::{due_key, parse_due_key};
 use crate::core::gateway::outbox::StageCall;
 use crate::core::gateway::outbox::{Delivery, DeliveryKind, DEAD, PENDING};
-use crate::core::gateway::records::{enqueue, load_delivery, load_run, save_delivery, save_run};
+use crate::core::gateway::records::{
+    enqueue, load_delivery, load_run, remove_pending, save_delivery, save_pending, save_run,
+};
 use crate::core::gateway::settle::{settle, RetryPolicy, Settlement};
 use crate::core::gateway::{callback, outbox, prewarm, replay, PumpReport};
 use crate::core::metrics::inc;
@@ -25,8 +29,6 @@ use crate::core::ports::StoreError;
 use std::collections::HashMap;
 use std::rc::Rc;
 
-/// Key prefix of the due-time index.
-pub const DUE: &str = "outbox/due/";
 /// Deliveries attempted per pass at most.
 pub const PUMP_BATCH: usize = 100;
 /// Deliveries to one target attempted per pass at most: a target with a long queue cannot
@@ -38,41 +40,6 @@ pub const SCAN: usize = 4 * PUMP_BATCH;
 const INDEXED_MARKER: &str = "gateway/indexed/v1";
 /// Most legacy records indexed (a one-time pass over an older store).
 const LEGACY_LIMIT: usize = 100_000;
-
-/// The index entry of a delivery due at `next_ms`.
-pub fn due_key(next_ms: u64, id: &str) -> String {
-    format!("{DUE}{next_ms:016}/{id}")
-}
-
-/// (due ms, delivery id) of an index entry.
-pub fn parse_due_key(key: &str) -> Option<(u64, &str)> {
-    let (ms, id) = key.strip_prefix(DUE)?.split_once('/')?;
-    if ms.len() != 16 || id.is_empty() {
-        return None;
-    }
-    Some((ms.parse().ok()?, id))
-}
-
-/// Persists a pending delivery and its index entry; `previous` is the `next_ms` it was
-/// indexed under before, whose entry is removed once the new one and the record are stored.
-pub(crate) async fn save_pending(
-    inner: &Inner,
-    d: &Delivery,
-    previous: Option<u64>,
-) -> Result<(), StoreError> {
-    inner.ports.kv.put(&due_key(d.next_ms, &d.id), b"").await?;
-    save_delivery(inner, PENDING, d).await?;
-    if let Some(p) = previous.filter(|&p| p != d.next_ms) {
-        inner.ports.kv.delete(&due_key(p, &d.id)).await?;
-    }
-    Ok(())
-}
-
-/// Removes a pending delivery and its index entry.
-async fn remove_pending(inner: &Inner, d: &Delivery, indexed_at: u64) {
-    let _ = inner.ports.kv.delete(&format!("{PENDING}{}", d.id)).await;
-    let _ = inner.ports.kv.delete(&due_key(indexed_at, &d.id)).await;
-}
 
 /// What a delivery is fair-shared by.
 fn lane(d: &Delivery) -> &str {

@@ -4,9 +4,9 @@
 
 use crate::core::context::Inner;
 use crate::core::gateway::chain::{Action, Run};
+use crate::core::gateway::keys::due_key;
 use crate::core::gateway::keys::run_key;
 use crate::core::gateway::outbox::{self, Delivery, DeliveryKind, DELIVERY_VERSION, PENDING};
-use crate::core::gateway::pump;
 use crate::core::ports::StoreError;
 
 /// Run `id`, if stored.
@@ -101,7 +101,28 @@ pub(crate) async fn enqueue(
             created_ms: now,
             last_error: None,
         };
-        pump::save_pending(inner, &d, None).await?;
+        save_pending(inner, &d, None).await?;
     }
     Ok(())
+}
+
+/// Persists a pending delivery and its index entry; `previous` is the `next_ms` it was
+/// indexed under before, whose entry is removed once the new one and the record are stored.
+pub(crate) async fn save_pending(
+    inner: &Inner,
+    d: &Delivery,
+    previous: Option<u64>,
+) -> Result<(), StoreError> {
+    inner.ports.kv.put(&due_key(d.next_ms, &d.id), b"").await?;
+    save_delivery(inner, PENDING, d).await?;
+    if let Some(p) = previous.filter(|&p| p != d.next_ms) {
+        inner.ports.kv.delete(&due_key(p, &d.id)).await?;
+    }
+    Ok(())
+}
+
+/// Removes a pending delivery and its index entry.
+pub(crate) async fn remove_pending(inner: &Inner, d: &Delivery, indexed_at: u64) {
+    let _ = inner.ports.kv.delete(&format!("{PENDING}{}", d.id)).await;
+    let _ = inner.ports.kv.delete(&due_key(indexed_at, &d.id)).await;
 }

@@ -123,7 +123,7 @@ async fn replay_dead_letter(inner: &Rc<Inner>, id: &str) -> Response<Body> {
     d.next_ms = now;
     d.last_error = None;
     let r = async {
-        pump::save_pending(inner, &d, None).await?;
+        crate::core::gateway::records::save_pending(inner, &d, None).await?;
         inner.ports.kv.delete(&key).await?;
         let _guard = inner.run_lock.lock().await;
         if let (Some(stage), Some(mut run)) = (d.stage(), load_run(inner, &d.run).await?) {

@@ -1,11 +1,20 @@
 //! Matching normalised events against `[[rule]]`s and rendering a rule's image template. Pure.
+//!
+//! Branch and tag patterns are path globs ([`path_glob_match`]: `*` stops at `/`, `**` crosses
+//! it, as in GitHub Actions filters); repository patterns keep [`glob_match`], where `*` also
+//! matches `/`.
 
 use crate::core::gateway::config::RuleConfig;
 use crate::core::gateway::event::SourceEvent;
-use crate::core::glob::glob_match;
+use crate::core::glob::{glob_match, path_glob_match};
 
 fn any_match(patterns: &[String], text: &str) -> bool {
     patterns.iter().any(|p| glob_match(p, text))
+}
+
+/// Branch and tag patterns: `*` stops at `/`, `**` crosses it.
+fn any_ref_match(patterns: &[String], text: &str) -> bool {
+    patterns.iter().any(|p| path_glob_match(p, text))
 }
 
 /// The repository's short name (`owner/name`) from a clone or web URL.
@@ -37,12 +46,14 @@ pub fn rule_matches(rule: &RuleConfig, webhook: &str, event: &SourceEvent) -> bo
         } => {
             on("push")
                 && repo_ok(repository)
-                && (rule.branches.is_empty() || any_match(&rule.branches, branch))
+                && (rule.branches.is_empty() || any_ref_match(&rule.branches, branch))
         }
         SourceEvent::Tag {
             tag, repository, ..
         } => {
-            on("tag") && repo_ok(repository) && (rule.tags.is_empty() || any_match(&rule.tags, tag))
+            on("tag")
+                && repo_ok(repository)
+                && (rule.tags.is_empty() || any_ref_match(&rule.tags, tag))
         }
         SourceEvent::Artifact { .. } => false,
     }
@@ -149,8 +160,18 @@ mod tests {
         };
         assert!(rule_matches(&r, "app", &tag));
         assert!(!rule_matches(&rule(&["main"], &[], &["push"]), "app", &tag));
+        // Branch and tag patterns stop at `/` as GitHub Actions filters do; `**` crosses it.
+        assert!(!rule_matches(&r, "app", &push("release/2/hotfix")));
+        let deep = rule(&["release/**"], &[], &["push"]);
+        assert!(rule_matches(&deep, "app", &push("release/2/hotfix")));
+        let star = rule(&["*"], &[], &["push"]);
+        assert!(rule_matches(&star, "app", &push("main")));
+        assert!(!rule_matches(&star, "app", &push("feature/x")));
         let mut repo_rule = rule(&[], &[], &[]);
         repo_rule.repositories = vec!["acme/*".into()];
+        assert!(rule_matches(&repo_rule, "app", &push("any")));
+        // Repository patterns keep `*` across `/`.
+        repo_rule.repositories = vec!["*".into()];
         assert!(rule_matches(&repo_rule, "app", &push("any")));
         repo_rule.repositories = vec!["other/*".into()];
         assert!(!rule_matches(&repo_rule, "app", &push("any")));

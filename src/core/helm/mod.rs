@@ -44,6 +44,7 @@
 
 pub(crate) mod chart_fill;
 pub mod chart_path;
+pub mod config;
 pub mod entry;
 pub(crate) mod flight;
 pub mod holdings;
@@ -55,84 +56,12 @@ mod tests;
 mod yaml;
 
 use crate::core::body::{Body, CacheStatus};
-use crate::core::config::ConfigError;
 use crate::core::context::Inner;
 use crate::core::metrics::inc;
+pub use config::{resolve, HelmConfig, HelmRepo};
 use http::{header, Method, Request, Response, StatusCode};
-use serde::Deserialize;
 use std::rc::Rc;
 use store::{Fetch, IndexRecord};
-use url::Url;
-
-/// `[[helm]]`.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HelmConfig {
-    /// The name clients use: `/charts/<name>/index.yaml`.
-    pub name: String,
-    /// The upstream chart repository (the directory holding `index.yaml`).
-    pub url: String,
-    /// Hosts (`host` or `host:port`; no port means the scheme's default) besides the index's
-    /// own that its chart URLs may point at. Empty by default: only the index's host.
-    #[serde(default)]
-    pub chart_hosts: Vec<String>,
-}
-
-/// A resolved chart repository.
-#[derive(Debug, Clone)]
-pub struct HelmRepo {
-    /// Name.
-    pub name: String,
-    /// Upstream base URL, ending in `/`.
-    pub url: Url,
-    /// Hosts besides the index's own that chart URLs may point at.
-    pub chart_hosts: Vec<hosts::ChartHost>,
-}
-
-/// Resolves and checks the `[[helm]]` entries.
-pub fn resolve(entries: &[HelmConfig]) -> Result<Vec<HelmRepo>, ConfigError> {
-    let mut out: Vec<HelmRepo> = Vec::new();
-    for e in entries {
-        if e.name.is_empty()
-            || !e
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        {
-            return Err(ConfigError(format!(
-                "helm repository name {:?} must be [A-Za-z0-9._-]+",
-                e.name
-            )));
-        }
-        if out.iter().any(|r| r.name == e.name) {
-            return Err(ConfigError(format!(
-                "helm repository {:?} is configured twice",
-                e.name
-            )));
-        }
-        let base = format!("{}/", e.url.trim_end_matches('/'));
-        let url = Url::parse(&base)
-            .map_err(|err| ConfigError(format!("helm repository {}: url: {err}", e.name)))?;
-        if !matches!(url.scheme(), "http" | "https") {
-            return Err(ConfigError(format!(
-                "helm repository {}: url must be http(s)",
-                e.name
-            )));
-        }
-        let chart_hosts = e
-            .chart_hosts
-            .iter()
-            .map(|h| hosts::parse_chart_host(h))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|err| ConfigError(format!("helm repository {}: {err}", e.name)))?;
-        out.push(HelmRepo {
-            name: e.name.clone(),
-            url,
-            chart_hosts,
-        });
-    }
-    Ok(out)
-}
 
 /// An error on a `/charts/` route; each variant has one status.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -144,6 +144,9 @@ pub(crate) async fn get(
         // trusted as written; anything else (a redirect elsewhere) meets the address policy.
         let trusted = is_allowed_chart_url(&repo.url, &repo.chart_hosts, &current);
         b = crate::core::outbound::guard_hop(&inner.settings.outbound, url, &current, trusted, b)?;
+        if let Some(ca) = &repo.ca {
+            b = b.extension(ca.clone());
+        }
         for (name, value) in conditional {
             if let Ok(v) = HeaderValue::from_str(value) {
                 b = b.header(name, v);

@@ -2,6 +2,7 @@
 //! into [`UpstreamSpec`]s (names normalised, one default, credentials resolved).
 
 use crate::core::config::value::{normalize_host, secret_ref, ConfigError, Secret, SecretResolver};
+use crate::core::ports::TrustedCa;
 use serde::Deserialize;
 use url::Url;
 
@@ -28,6 +29,9 @@ pub struct UpstreamConfig {
     /// Extra token-realm hosts trusted with this upstream's credentials.
     #[serde(default)]
     pub auth_hosts: Vec<String>,
+    /// A PEM file of private CA certificates trusted for this upstream (its registry, token
+    /// realm and redirects), in addition to the system store and the bundled roots. Native only.
+    pub ca_file: Option<String>,
 }
 
 /// Upstream credentials.
@@ -56,6 +60,8 @@ pub struct UpstreamSpec {
     pub credentials: Option<Credentials>,
     /// Extra trusted realm hosts.
     pub auth_hosts: Vec<String>,
+    /// `ca_file`: the private CA every request for this upstream carries.
+    pub ca: Option<TrustedCa>,
 }
 
 /// Docker Hub's client-facing name.
@@ -115,6 +121,7 @@ impl UpstreamConfig {
             password: None,
             library_prefix: None,
             auth_hosts: vec![],
+            ca_file: None,
         }
     }
 }
@@ -210,6 +217,52 @@ fn resolve_one(
         default: u.default,
         credentials,
         auth_hosts: u.auth_hosts.iter().map(|h| normalize_host(h)).collect(),
+        ca: parse_ca_file(&format!("upstream {}", u.host), u.ca_file.as_deref())?,
         host: u.host,
     })
+}
+
+/// A `ca_file` value: a path, not empty. `what` names the entry. Whether the file holds
+/// certificates is the host's check (only the native host reads it).
+pub fn parse_ca_file(what: &str, ca_file: Option<&str>) -> Result<Option<TrustedCa>, ConfigError> {
+    match ca_file {
+        None => Ok(None),
+        Some(p) if p.trim().is_empty() => Err(ConfigError(format!(
+            "{what}: ca_file is empty (leave it out to trust only the usual roots)"
+        ))),
+        Some(p) => Ok(Some(TrustedCa(p.into()))),
+    }
+}
+
+/// Every problem of one `[[upstream]]` entry, each with the key at fault (`check-config`
+/// reports them all; [`resolve_upstreams`] stops at the first).
+pub fn check_upstream(
+    u: &UpstreamConfig,
+    secrets: &dyn SecretResolver,
+) -> Vec<(&'static str, ConfigError)> {
+    let mut problems = Vec::new();
+    if let Err(e) = parse_upstream_url(&u.host, &u.url) {
+        problems.push(("url", e));
+    }
+    let what = |key: &str| format!("upstream {}: {key}", u.host);
+    let together = ConfigError(format!(
+        "upstream {}: username and password go together",
+        u.host
+    ));
+    match (&u.username, &u.password) {
+        (Some(user), Some(pass)) => {
+            for (key, r) in [("username", user), ("password", pass)] {
+                if let Err(e) = secret_ref(secrets, &what(key), r) {
+                    problems.push((key, e));
+                }
+            }
+        }
+        (None, None) => {}
+        (Some(_), None) => problems.push(("password", together)),
+        (None, Some(_)) => problems.push(("username", together)),
+    }
+    if let Err(e) = parse_ca_file(&format!("upstream {}", u.host), u.ca_file.as_deref()) {
+        problems.push(("ca_file", e));
+    }
+    problems
 }

@@ -3,6 +3,10 @@
 //! The upstream picks an index or a single manifest from the client's `Accept`; the cache keeps
 //! tag records per *accept class* (index-capable or not) so an index is only served to a client
 //! that accepts one (OCI distribution spec, "Pulling manifests").
+//!
+//! An `Accept` entry with `q=0` means "not acceptable" (RFC 9110 §12.4.2): it is left out, and
+//! it excludes its media type even when a wildcard (`*/*`) would take it. Other weights do not
+//! change the choice: pullgate takes whatever the upstream picked among the acceptable types.
 
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -31,6 +35,8 @@ pub mod header {
 pub struct AcceptSet {
     any: bool,
     types: Vec<String>,
+    /// Media types listed with `q=0`.
+    refused: Vec<String>,
     raw: Option<String>,
 }
 
@@ -56,16 +62,17 @@ impl AcceptClass {
 /// Parses all `Accept` header values of a request (joined with `,`).
 pub fn parse_accept(values: &[&str]) -> AcceptSet {
     let mut types = Vec::new();
+    let mut refused = Vec::new();
     let mut any = values.is_empty();
     for v in values {
         for item in v.split(',') {
-            let t = item
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
+            let mut parts = item.split(';');
+            let t = parts.next().unwrap_or("").trim().to_ascii_lowercase();
             if t.is_empty() {
+                continue;
+            }
+            if parts.any(is_zero_weight) {
+                refused.push(t);
                 continue;
             }
             if t == "*/*" || t == "application/*" {
@@ -74,12 +81,14 @@ pub fn parse_accept(values: &[&str]) -> AcceptSet {
             types.push(t);
         }
     }
-    if types.is_empty() {
+    // No usable entry at all is "no preference"; entries that were all refused are not.
+    if types.is_empty() && refused.is_empty() {
         any = true;
     }
     AcceptSet {
         any,
         types,
+        refused,
         raw: if values.is_empty() {
             None
         } else {
@@ -88,9 +97,25 @@ pub fn parse_accept(values: &[&str]) -> AcceptSet {
     }
 }
 
+/// Is this `Accept` parameter a weight of zero (`q=0`, `q=0.0`, `Q=0.000`)?
+fn is_zero_weight(param: &str) -> bool {
+    let Some((name, value)) = param.split_once('=') else {
+        return false;
+    };
+    if !name.trim().eq_ignore_ascii_case("q") {
+        return false;
+    }
+    let value = value.trim();
+    let (int, frac) = value.split_once('.').unwrap_or((value, ""));
+    int == "0" && frac.chars().all(|c| c == '0')
+}
+
 impl AcceptSet {
     /// Does the client take `media_type`?
     pub fn accepts(&self, media_type: &str) -> bool {
+        if self.refused.iter().any(|t| t == media_type) {
+            return false;
+        }
         self.any || self.types.iter().any(|t| t == media_type)
     }
 
@@ -107,7 +132,11 @@ impl AcceptSet {
     pub fn upstream_value(&self) -> String {
         match &self.raw {
             Some(r) if !self.any => r.clone(),
-            _ => DEFAULT_ACCEPT.to_string(),
+            _ => DEFAULT_ACCEPT
+                .split(", ")
+                .filter(|t| !self.refused.iter().any(|r| r == t))
+                .collect::<Vec<_>>()
+                .join(", "),
         }
     }
 }
@@ -157,6 +186,40 @@ mod tests {
             a.upstream_value(),
             "application/vnd.oci.image.manifest.v1+json"
         );
+    }
+
+    #[test]
+    fn q_zero_entries_are_not_accepted() {
+        let a = parse_accept(&[
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.oci.image.index.v1+json; q=0",
+        ]);
+        assert!(!a.accepts(OCI_INDEX));
+        assert_eq!(a.class(), AcceptClass::Single);
+        for zero in ["q=0", "q=0.0", "Q=0.000", " q = 0 "] {
+            let set = parse_accept(&[&format!("{OCI_INDEX};{zero}"), OCI_MANIFEST]);
+            assert!(!set.accepts(OCI_INDEX), "{zero}");
+            assert!(set.accepts(OCI_MANIFEST), "{zero}");
+        }
+        let low = parse_accept(&[&format!("{OCI_INDEX};q=0.001")]);
+        assert!(low.accepts(OCI_INDEX));
+        // A refusal beats a wildcard.
+        let wild = parse_accept(&[
+            "*/*",
+            &format!("{DOCKER_LIST};q=0"),
+            &format!("{OCI_INDEX};q=0"),
+        ]);
+        assert!(wild.accepts(OCI_MANIFEST));
+        assert_eq!(wild.class(), AcceptClass::Single);
+        assert_eq!(
+            wild.upstream_value(),
+            format!("{OCI_MANIFEST}, {DOCKER_MANIFEST}")
+        );
+        // Refusing everything listed is not "no preference".
+        let none = parse_accept(&[&format!("{OCI_INDEX};q=0")]);
+        assert!(!none.accepts(OCI_INDEX) && !none.accepts(OCI_MANIFEST));
+        let star_refused = parse_accept(&["*/*;q=0", OCI_MANIFEST]);
+        assert!(star_refused.accepts(OCI_MANIFEST) && !star_refused.accepts(OCI_INDEX));
     }
 
     #[test]

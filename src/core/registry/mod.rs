@@ -15,6 +15,7 @@ pub mod links;
 pub mod manifests;
 pub mod media;
 pub mod range;
+pub mod records;
 pub mod reference;
 pub mod route;
 pub(crate) mod tags;

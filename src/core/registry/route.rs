@@ -32,8 +32,12 @@ pub enum Endpoint {
         /// `last`.
         last: Option<String>,
     },
-    /// `GET /healthz`.
+    /// `GET /livez` (and its alias `/healthz`): the process serves.
     Health,
+    /// `GET /readyz`: the instance takes traffic (the host's [`Readiness`] on the request).
+    ///
+    /// [`Readiness`]: crate::core::ports::Readiness
+    Ready,
     /// `GET /metrics`.
     Metrics,
 }
@@ -47,6 +51,7 @@ impl Endpoint {
             Endpoint::Blob(_) => "blob",
             Endpoint::TagsList { .. } => "tags",
             Endpoint::Health => "healthz",
+            Endpoint::Ready => "readyz",
             Endpoint::Metrics => "metrics",
         }
     }
@@ -152,10 +157,11 @@ pub fn parse_route(
         ns: None,
     };
     match path {
-        "/healthz" if read => return Ok(plain(Endpoint::Health)),
+        "/healthz" | "/livez" if read => return Ok(plain(Endpoint::Health)),
+        "/readyz" if read => return Ok(plain(Endpoint::Ready)),
         "/metrics" if read => return Ok(plain(Endpoint::Metrics)),
         "/v2" | "/v2/" if read => return Ok(plain(Endpoint::Base)),
-        "/v2" | "/v2/" | "/healthz" | "/metrics" => {
+        "/v2" | "/v2/" | "/healthz" | "/livez" | "/readyz" | "/metrics" => {
             return Err(RegistryError::Unsupported(format!(
                 "{method} is not allowed here"
             )))
@@ -329,6 +335,18 @@ mod tests {
             route(Method::GET, "/metrics").unwrap().endpoint,
             Endpoint::Metrics
         );
+        assert_eq!(
+            route(Method::GET, "/livez").unwrap().endpoint,
+            Endpoint::Health
+        );
+        assert_eq!(
+            route(Method::HEAD, "/readyz").unwrap().endpoint,
+            Endpoint::Ready
+        );
+        for path in ["/livez", "/readyz", "/healthz"] {
+            let e = route(Method::POST, path).unwrap_err();
+            assert_eq!(e.code(), "UNSUPPORTED", "{path}");
+        }
     }
 
     #[test]

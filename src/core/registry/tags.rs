@@ -99,26 +99,57 @@ pub(crate) async fn list(
             .filter(|p| p.v == PAGE_VERSION),
         None => None,
     };
-    if let Some(p) = &cached {
-        if inner.settings.freshness().is_fresh(p.fetched_ms, now) {
-            m.hit(&ctx.up.host);
-            return Ok((serve(p, client_name, ns)?, CacheStatus::Hit));
-        }
+    let freshness = inner.settings.freshness();
+    if let Some(p) = cached
+        .as_ref()
+        .filter(|p| freshness.is_fresh(p.fetched_ms, now))
+    {
+        m.hit(&ctx.up.host);
+        return Ok((serve(p, client_name, ns)?, CacheStatus::Hit));
     }
     m.miss(&ctx.up.host);
-    let stale_or = |e: RegistryError| match &cached {
-        Some(p)
-            if inner
-                .settings
-                .freshness()
-                .may_serve_stale(p.fetched_ms, now) =>
-        {
-            inc(&m.upstream_errors);
-            inc(&m.stale_served);
-            Ok((serve(p, client_name, ns)?, CacheStatus::Stale))
+    let page = match fetch_page(ctx, n, last, now).await {
+        Ok(page) => page,
+        Err(PageError::Unknown(e)) => return Err(e),
+        Err(PageError::Failed(e)) => {
+            return match &cached {
+                Some(p) if freshness.may_serve_stale(p.fetched_ms, now) => {
+                    inc(&m.upstream_errors);
+                    inc(&m.stale_served);
+                    Ok((serve(p, client_name, ns)?, CacheStatus::Stale))
+                }
+                _ => Err(e),
+            }
         }
-        _ => Err(e),
     };
+    let mut note = None;
+    if let (Some(key), Ok(raw)) = (&key, serde_json::to_vec(&page)) {
+        if let Err(e) = inner.ports.kv.put(key, &raw).await {
+            note = Some(ResponseNote(format!("tag list not cached: {e}")));
+        }
+    }
+    let mut resp = serve(&page, client_name, ns)?;
+    if let Some(n) = note {
+        resp.extensions_mut().insert(n);
+    }
+    Ok((resp, CacheStatus::Miss))
+}
+
+/// Why no page came from the upstream.
+enum PageError {
+    /// The repository is not known upstream (never answered stale).
+    Unknown(RegistryError),
+    /// Anything else: a stale page may answer instead.
+    Failed(RegistryError),
+}
+
+/// One page of the upstream's tag list, checked to be JSON within [`MAX_TAG_LIST`].
+async fn fetch_page(
+    ctx: &Ctx<'_>,
+    n: Option<u32>,
+    last: Option<&str>,
+    now: u64,
+) -> Result<CachedPage, PageError> {
     let mut path = format!("/v2/{}/tags/list", ctx.name);
     let mut q = url::form_urlencoded::Serializer::new(String::new());
     if let Some(n) = n {
@@ -132,7 +163,9 @@ pub(crate) async fn list(
         path = format!("{path}?{q}");
     }
     let what = format!("tags of {}", ctx.name);
-    let resp = match inner
+    let failed = |e| PageError::Failed(e);
+    let resp = ctx
+        .inner
         .client
         .request(
             ctx.up,
@@ -143,54 +176,39 @@ pub(crate) async fn list(
             false,
         )
         .await
-    {
-        Ok(r) => r,
-        Err(e) => return stale_or(crate::core::registry::upstream::registry_error(e)),
-    };
+        .map_err(|e| failed(crate::core::registry::upstream::registry_error(e)))?;
     match resp.status() {
         StatusCode::OK => {}
         StatusCode::NOT_FOUND => {
-            return Err(RegistryError::NameUnknown(format!(
+            return Err(PageError::Unknown(RegistryError::NameUnknown(format!(
                 "repository {} is not known upstream",
                 ctx.name
-            )))
+            ))))
         }
-        s => return stale_or(status_failure(s, &what)),
+        s => return Err(failed(status_failure(s, &what))),
     }
     let link = resp
         .headers()
         .get(header::LINK)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = match read_capped(resp.into_body(), MAX_TAG_LIST).await {
-        Ok(b) => b,
-        Err(e) => return stale_or(RegistryError::BadUpstream(format!("{what}: {e}"))),
-    };
+    let body = read_capped(resp.into_body(), MAX_TAG_LIST)
+        .await
+        .map_err(|e| failed(RegistryError::BadUpstream(format!("{what}: {e}"))))?;
     let body = match String::from_utf8(body) {
         Ok(b) if serde_json::from_str::<serde_json::Value>(&b).is_ok() => b,
         _ => {
-            return stale_or(RegistryError::BadUpstream(format!(
+            return Err(failed(RegistryError::BadUpstream(format!(
                 "{what}: upstream sent invalid JSON"
-            )))
+            ))))
         }
     };
-    let page = CachedPage {
+    Ok(CachedPage {
         v: PAGE_VERSION,
         fetched_ms: now,
         body,
         link,
-    };
-    let mut note = None;
-    if let (Some(key), Ok(raw)) = (&key, serde_json::to_vec(&page)) {
-        if let Err(e) = inner.ports.kv.put(key, &raw).await {
-            note = Some(ResponseNote(format!("tag list not cached: {e}")));
-        }
-    }
-    let mut resp = serve(&page, client_name, ns)?;
-    if let Some(n) = note {
-        resp.extensions_mut().insert(n);
-    }
-    Ok((resp, CacheStatus::Miss))
+    })
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use crate::core::error::RegistryError;
 use crate::core::http::{read_capped, redirect_target, USER_AGENT};
 use crate::core::metrics::{inc, Metrics};
 use crate::core::outbound::{guard, same_origin, OutboundPolicy, Purpose};
-use crate::core::ports::{ByteStream, Clock, Upstream, UpstreamError};
+use crate::core::ports::{ByteStream, Clock, TrustedCa, Upstream, UpstreamError};
 use crate::core::registry::auth::{
     is_auth_host, is_trusted_realm, parse_challenge, parse_token_response, pull_scope,
     token_lifetime_ms, Challenge,
@@ -161,6 +161,7 @@ impl UpstreamClient {
     /// the outbound policy applies to it.
     async fn send_raw(
         &self,
+        ca: Option<&TrustedCa>,
         method: &Method,
         url: &Url,
         accept: Option<&str>,
@@ -171,6 +172,9 @@ impl UpstreamClient {
             .method(method.clone())
             .uri(url.as_str())
             .header(header::USER_AGENT, USER_AGENT);
+        if let Some(ca) = ca {
+            b = b.extension(ca.clone());
+        }
         if let Some((purpose, trusted)) = chosen {
             b = guard(&self.outbound, purpose, url, trusted, b)?;
         }
@@ -229,6 +233,7 @@ impl UpstreamClient {
         };
         let resp = self
             .send_raw(
+                spec.ca.as_ref(),
                 &Method::GET,
                 &url,
                 None,
@@ -274,7 +279,14 @@ impl UpstreamClient {
         let scope = pull_scope(name);
         let auth = self.cached_authorization(spec, &scope);
         let mut resp = self
-            .send_raw(&method, &url, accept, auth.as_deref(), None)
+            .send_raw(
+                spec.ca.as_ref(),
+                &method,
+                &url,
+                accept,
+                auth.as_deref(),
+                None,
+            )
             .await?;
         if resp.status() == StatusCode::UNAUTHORIZED {
             let challenge = resp
@@ -299,14 +311,21 @@ impl UpstreamClient {
                         .borrow_mut()
                         .insert((spec.host.clone(), scope.clone()), token, now);
                     resp = self
-                        .send_raw(&method, &url, accept, Some(&value), None)
+                        .send_raw(spec.ca.as_ref(), &method, &url, accept, Some(&value), None)
                         .await?;
                 }
                 Some(Challenge::Basic) if spec.credentials.is_some() && auth.is_none() => {
                     self.basic_hosts.borrow_mut().push(spec.host.clone());
                     let value = basic_value(spec);
                     resp = self
-                        .send_raw(&method, &url, accept, value.as_deref(), None)
+                        .send_raw(
+                            spec.ca.as_ref(),
+                            &method,
+                            &url,
+                            accept,
+                            value.as_deref(),
+                            None,
+                        )
                         .await?;
                 }
                 _ => {}
@@ -320,6 +339,7 @@ impl UpstreamClient {
                 };
                 resp = self
                     .send_raw(
+                        spec.ca.as_ref(),
                         &method,
                         &next,
                         None,
@@ -397,6 +417,104 @@ mod tests {
         assert_eq!(c.len(), MAX_TOKENS);
         assert!(c.get(&key(MAX_TOKENS * 3 - 1), 0).is_some());
         assert!(c.get(&key(0), 0).is_none());
+    }
+
+    /// Answers a Bearer challenge, the token, a redirect and the content, recording whether
+    /// each request carried the upstream's `ca_file`.
+    struct CaRecorder {
+        seen: RefCell<Vec<(String, Option<TrustedCa>)>>,
+    }
+
+    #[async_trait::async_trait(?Send)]
+    impl Upstream for CaRecorder {
+        async fn send(
+            &self,
+            request: Request<bytes::Bytes>,
+        ) -> Result<Response<ByteStream>, UpstreamError> {
+            use futures_util::StreamExt;
+            let url = request.uri().to_string();
+            let ca = request.extensions().get::<TrustedCa>().cloned();
+            self.seen.borrow_mut().push((url.clone(), ca));
+            let authorized = request.headers().contains_key(header::AUTHORIZATION);
+            let b = Response::builder();
+            let (b, body) = if url.starts_with("https://auth.corp.test/") {
+                (b.status(200), r#"{"token":"t"}"#)
+            } else if url.starts_with("https://blobs.corp.test/") {
+                (b.status(200), "content")
+            } else if !authorized {
+                (
+                    b.status(401).header(
+                        header::WWW_AUTHENTICATE,
+                        r#"Bearer realm="https://auth.corp.test/token",service="reg""#,
+                    ),
+                    "",
+                )
+            } else {
+                (
+                    b.status(307)
+                        .header(header::LOCATION, "https://blobs.corp.test/b/1"),
+                    "",
+                )
+            };
+            let stream = futures_util::stream::iter([Ok(bytes::Bytes::from(body))]).boxed_local();
+            Ok(b.body(stream).unwrap())
+        }
+    }
+
+    struct Zero;
+    impl Clock for Zero {
+        fn now_ms(&self) -> u64 {
+            0
+        }
+    }
+
+    #[test]
+    fn every_request_for_an_upstream_carries_its_ca_file() {
+        let recorder = Rc::new(CaRecorder {
+            seen: RefCell::new(Vec::new()),
+        });
+        let client =
+            UpstreamClient::new(recorder.clone(), Rc::new(Zero), Rc::new(Metrics::default()));
+        let ca = TrustedCa("/etc/pullgate/corp-ca.pem".into());
+        let spec = UpstreamSpec {
+            host: "reg.corp.test".into(),
+            aliases: vec![],
+            url: Url::parse("https://reg.corp.test").unwrap(),
+            default: false,
+            library_prefix: false,
+            credentials: None,
+            auth_hosts: vec!["auth.corp.test".into()],
+            ca: Some(ca.clone()),
+        };
+        let resp = futures_util::FutureExt::now_or_never(client.request(
+            &spec,
+            Method::GET,
+            "/v2/app/blobs/sha256:00",
+            None,
+            "app",
+            true,
+        ))
+        .expect("no real IO")
+        .unwrap();
+        assert_eq!(resp.status(), 200);
+        let seen = recorder.seen.borrow();
+        let hosts: Vec<&str> = seen
+            .iter()
+            .map(|(u, _)| u.split('/').nth(2).unwrap_or(""))
+            .collect();
+        assert_eq!(
+            hosts,
+            [
+                "reg.corp.test",
+                "auth.corp.test",
+                "reg.corp.test",
+                "blobs.corp.test"
+            ]
+        );
+        assert!(
+            seen.iter().all(|(_, c)| c.as_ref() == Some(&ca)),
+            "{seen:?}"
+        );
     }
 
     #[test]
