@@ -52,6 +52,9 @@ pub enum CacheStatus {
     Stale,
     /// Not a cacheable route.
     None,
+    /// From the cache, fresh, and its content from the host's colo tier (the Cache API on
+    /// Workers) rather than its shared store. Only hosts set it (the core reports `Hit`).
+    EdgeHit,
 }
 
 impl CacheStatus {
@@ -63,6 +66,7 @@ impl CacheStatus {
             CacheStatus::Coalesced => "coalesced",
             CacheStatus::Stale => "stale",
             CacheStatus::None => "-",
+            CacheStatus::EdgeHit => "edge-hit",
         }
     }
 }

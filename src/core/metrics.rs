@@ -32,6 +32,12 @@ pub struct Metrics {
     pub denied: AtomicU64,
     /// Password verifications run (argon2): known and unknown names alike.
     pub password_checks: AtomicU64,
+    /// Hits whose content the host's colo tier served (the Cache API on Workers); each is
+    /// counted in `hits` too. Only hosts with such a tier count it.
+    pub edge_hits: AtomicU64,
+    /// Reads the host made of its shared blob store's objects (R2 HEAD and GET on Workers).
+    /// Only hosts that report them count it.
+    pub store_reads: AtomicU64,
     /// (hits, misses) by upstream host.
     pub by_upstream: Mutex<BTreeMap<String, [u64; 2]>>,
 }
@@ -75,7 +81,7 @@ impl Metrics {
 
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 11] = [
+        let rows: [(&str, &str, &AtomicU64); 13] = [
             (
                 "pullgate_requests_total",
                 "Requests handled.",
@@ -95,6 +101,16 @@ impl Metrics {
                 "pullgate_cache_misses_total",
                 "Requests that needed the upstream.",
                 &self.misses,
+            ),
+            (
+                "pullgate_edge_hits_total",
+                "Hits served from the host's colo tier (also counted as hits).",
+                &self.edge_hits,
+            ),
+            (
+                "pullgate_store_reads_total",
+                "Reads of the shared blob store's objects reported by the host.",
+                &self.store_reads,
             ),
             (
                 "pullgate_stale_served_total",

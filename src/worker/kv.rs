@@ -6,8 +6,15 @@
 //! and must be there as soon as a tag record that names them is read; R2 is strongly
 //! consistent, so they go to R2 under the same key (`manifest/sha256:…`). Nothing outside this
 //! file knows about the split.
+//!
+//! Manifests by digest are content addressed and verified before the core stores them, so
+//! reads ask this location's colo tier ([`ColoCache`]) before R2, and a manifest written or
+//! read from R2 is copied into it. The core reads a manifest only for a request it entitles
+//! (or before its own link check decides), exactly as it would read R2.
 
 use crate::core::ports::{KvStore, StoreError};
+use crate::worker::colo::ColoCache;
+use std::rc::Rc;
 use worker::{Bucket, KvStore as KvNamespace};
 
 /// Key prefix of the records kept in R2 (see [`crate::core::registry::keys::manifest`]).
@@ -17,12 +24,13 @@ const R2_PREFIX: &str = "manifest/";
 pub struct WorkerKv {
     kv: KvNamespace,
     bucket: Bucket,
+    colo: Rc<ColoCache>,
 }
 
 impl WorkerKv {
-    /// Wraps the bindings.
-    pub fn new(kv: KvNamespace, bucket: Bucket) -> WorkerKv {
-        WorkerKv { kv, bucket }
+    /// Wraps the bindings; manifest reads consult `colo` first.
+    pub fn new(kv: KvNamespace, bucket: Bucket, colo: Rc<ColoCache>) -> WorkerKv {
+        WorkerKv { kv, bucket, colo }
     }
 }
 
@@ -88,6 +96,11 @@ impl WorkerKv {
 impl KvStore for WorkerKv {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
         if in_r2(key) {
+            if let Some(bytes) = self.colo.bytes(key).await {
+                return Ok(Some(bytes));
+            }
+            self.colo.note_r2();
+            self.colo.tally().r2_read();
             let Some(obj) = self
                 .bucket
                 .get(key)
@@ -100,11 +113,9 @@ impl KvStore for WorkerKv {
             let Some(body) = obj.body() else {
                 return Ok(None);
             };
-            return body
-                .bytes()
-                .await
-                .map(Some)
-                .map_err(|e| r2_err("read", key, e));
+            let bytes = body.bytes().await.map_err(|e| r2_err("read", key, e))?;
+            self.colo.put_bytes(key, &bytes);
+            return Ok(Some(bytes));
         }
         self.kv
             .get(key)
@@ -115,13 +126,13 @@ impl KvStore for WorkerKv {
 
     async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         if in_r2(key) {
-            return self
-                .bucket
+            self.bucket
                 .put(key, value.to_vec())
                 .execute()
                 .await
-                .map(|_| ())
-                .map_err(|e| r2_err("put", key, e));
+                .map_err(|e| r2_err("put", key, e))?;
+            self.colo.put_bytes(key, value);
+            return Ok(());
         }
         self.kv
             .put_bytes(key, value)
@@ -133,11 +144,12 @@ impl KvStore for WorkerKv {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         if in_r2(key) {
-            return self
-                .bucket
+            self.bucket
                 .delete(key)
                 .await
-                .map_err(|e| r2_err("delete", key, e));
+                .map_err(|e| r2_err("delete", key, e))?;
+            self.colo.delete(key).await;
+            return Ok(());
         }
         self.kv
             .delete(key)

@@ -20,6 +20,11 @@
 //! Every request's futures and streams run [`Gated`]: only in that request's own I/O context,
 //! as workerd requires (see `gate.rs`).
 //!
+//! The worker also has a `scheduled` handler ([`cron`]): the Cron Trigger in `wrangler.toml`
+//! runs the gateway's outbox pump with no request needed. Reads of R2 go through this
+//! location's colo tier ([`colo`], the Cache API) inside the storage adapters; a hit whose
+//! content it served is logged `cache=edge-hit` and counted in `pullgate_edge_hits_total`.
+//!
 //! # Limitations
 //! - Coalescing is per isolate: concurrent cold misses for one blob in the same isolate share
 //!   one upstream transfer (readers in other requests see new bytes within 20 ms); isolates
@@ -39,11 +44,14 @@
 //!   so a check holds the isolate's CPU for its duration and counts against the request's CPU
 //!   limit. Robots should use static tokens or pullgate's Bearer tokens on hot paths.
 
+pub mod colo;
+pub mod cron;
 pub mod fetch;
 pub mod gate;
 pub mod kv;
 pub mod r2;
 
+pub use colo::ColoCache;
 pub use fetch::FetchUpstream;
 pub use gate::Gated;
 pub use kv::WorkerKv;
@@ -51,10 +59,11 @@ pub use r2::R2BlobStore;
 
 use crate::core::access::ClientAddr;
 use crate::core::app::App;
-use crate::core::body::{AccessLog, Body, RequestInfo};
+use crate::core::body::{AccessLog, Body, CacheStatus, RequestInfo};
 use crate::core::config::{self, ConfigError, Secret, SecretResolver};
 use crate::core::error::RegistryError;
 use crate::core::http::error_response;
+use crate::core::metrics::{inc, Metrics};
 use crate::core::ports::{BodyError, ByteStream, Clock, Deferred, InlineOffload, Ports};
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
@@ -78,8 +87,8 @@ pub const CLIENT_IP_HEADER: &str = "cf-connecting-ip";
 thread_local! {
     /// The core of this isolate.
     static APP: RefCell<Option<App>> = const { RefCell::new(None) };
-    /// The request whose future is being polled right now (see [`WithRequest`]).
-    static CURRENT: RefCell<Option<(u64, Rc<Context>)>> = const { RefCell::new(None) };
+    /// The request (or event) whose future is being polled right now (see [`WithRequest`]).
+    static CURRENT: RefCell<Option<(u64, Keeper)>> = const { RefCell::new(None) };
     /// Request numbers, the owners of [`Gated`] work.
     static NEXT_REQUEST: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
@@ -119,28 +128,75 @@ impl Clock for DateClock {
     }
 }
 
-/// Deferred work through `waitUntil` of the request that started it, so the runtime keeps the
-/// isolate alive for it after the response (within the platform's 30 s budget).
+/// What keeps an invocation's deferred work alive: the `waitUntil` of a `fetch` request or of
+/// a `scheduled` event.
+#[derive(Clone)]
+pub(crate) enum Keeper {
+    /// A `fetch` request's context, and the origin (`scheme://host`) it was sent to.
+    Fetch(Rc<Context>, Rc<str>),
+    /// A Cron Trigger's context.
+    Scheduled(Rc<worker::ScheduleContext>),
+}
+
+impl Keeper {
+    fn wait_until(&self, work: impl Future<Output = ()> + 'static) {
+        match self {
+            Keeper::Fetch(ctx, _) => ctx.wait_until(work),
+            Keeper::Scheduled(ctx) => ctx.wait_until(work),
+        }
+    }
+}
+
+/// A fresh invocation number (the owner of [`Gated`] work).
+pub(crate) fn next_invocation() -> u64 {
+    NEXT_REQUEST.with(|n| {
+        let id = n.get();
+        n.set(id.wrapping_add(1));
+        id
+    })
+}
+
+/// The number of the invocation whose code runs right now, if any.
+pub(crate) fn current_invocation() -> Option<u64> {
+    CURRENT.with(|c| c.borrow().as_ref().map(|(id, _)| *id))
+}
+
+/// The origin the current `fetch` request was sent to; None outside one (Cron Triggers).
+pub(crate) fn current_origin() -> Option<Rc<str>> {
+    CURRENT.with(|c| match c.borrow().as_ref() {
+        Some((_, Keeper::Fetch(_, origin))) => Some(origin.clone()),
+        _ => None,
+    })
+}
+
+/// Deferred work through `waitUntil` of the invocation that started it, so the runtime keeps
+/// the isolate alive for it after the response (within the platform's 30 s budget). Work
+/// spawned from deferred work (a blob fill that, once committed, copies the blob into the
+/// colo cache) joins the same invocation's `waitUntil`.
 pub struct WaitUntil;
 
 impl Deferred for WaitUntil {
     fn spawn(&self, work: LocalBoxFuture<'static, ()>) {
         match CURRENT.with(|c| c.borrow().clone()) {
-            Some((id, ctx)) => ctx.wait_until(Gated::new(id, work)),
-            // Not inside a request (never expected): still run it.
+            Some((id, keeper)) => keeper.clone().wait_until(WithRequest {
+                id,
+                ctx: keeper,
+                inner: Box::pin(Gated::new(id, work)),
+            }),
+            // Not inside an invocation (never expected): still run it.
             None => worker::wasm_bindgen_futures::spawn_local(work),
         }
     }
 }
 
-/// A request's future, with [`CURRENT`] naming that request while it is polled: the core
-/// spawns deferred work synchronously inside `handle`, so [`WaitUntil`] finds the request that
-/// started the work even when several requests interleave in one isolate.
-/// The inner future is [`Gated`], so it is only ever polled in its own request's context.
-struct WithRequest<F> {
-    id: u64,
-    ctx: Rc<Context>,
-    inner: Pin<Box<Gated<F>>>,
+/// An invocation's future, with [`CURRENT`] naming that invocation while it is polled: the
+/// core spawns deferred work synchronously inside `handle`, so [`WaitUntil`] finds the request
+/// that started the work even when several requests interleave in one isolate.
+/// The inner future is [`Gated`], so it is only ever polled in its own invocation's context.
+pub(crate) struct WithRequest<F> {
+    pub(crate) id: u64,
+    pub(crate) ctx: Keeper,
+    pub(crate) inner: Pin<Box<Gated<F>>>,
 }
 
 impl<F: Future> Future for WithRequest<F> {
@@ -169,21 +225,37 @@ fn build_app(env: &Env) -> Result<App, String> {
     let bucket = env
         .bucket(R2_BINDING)
         .map_err(|e| format!("R2 bucket binding {R2_BINDING}: {e}"))?;
+    let colo_max = match env
+        .var(colo::MAX_BYTES_VAR)
+        .or_else(|_| env.secret(colo::MAX_BYTES_VAR))
+    {
+        Ok(v) => v.to_string().trim().parse::<u64>().map_err(|_| {
+            format!(
+                "{}: a number of bytes (0 turns the colo tier off)",
+                colo::MAX_BYTES_VAR
+            )
+        })?,
+        Err(_) => colo::DEFAULT_MAX_BYTES,
+    };
+    let tally = Rc::new(colo::Tally::default());
+    let colo = Rc::new(ColoCache::new(colo_max, Rc::new(WaitUntil), tally.clone()));
     let ports = Ports {
         upstream: Rc::new(FetchUpstream::new(Duration::from_millis(
             settings.upstream_timeout_ms,
         ))),
-        kv: Rc::new(WorkerKv::new(kv, bucket.clone())),
-        blobs: Rc::new(R2BlobStore::new(bucket)),
+        kv: Rc::new(WorkerKv::new(kv, bucket.clone(), colo.clone())),
+        blobs: Rc::new(R2BlobStore::new(bucket, colo)),
         clock: Rc::new(DateClock),
         deferred: Rc::new(WaitUntil),
         offload: Rc::new(InlineOffload),
     };
-    Ok(App::new(settings, ports))
+    let app = App::new(settings, ports);
+    tally.attach(app.metrics());
+    Ok(app)
 }
 
 /// The isolate's core, built on first use.
-fn app(env: &Env) -> Result<App, String> {
+pub(crate) fn app(env: &Env) -> Result<App, String> {
     if let Some(app) = APP.with(|a| a.borrow().clone()) {
         return Ok(app);
     }
@@ -244,16 +316,28 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
-/// Converts the core's response; logs one line for it.
+/// Converts the core's response; logs one line for it. A hit whose content the colo tier
+/// served (see [`colo`]) is logged as `cache=edge-hit` and counted in `metrics`.
 fn to_worker(
     resp: http::Response<Body>,
     id: u64,
     method: &str,
     path: &str,
+    metrics: Option<&Metrics>,
 ) -> worker::Result<worker::Response> {
     let (parts, body) = resp.into_parts();
     let status = parts.status.as_u16();
-    let info = parts.extensions.get::<RequestInfo>().cloned();
+    let mut info = parts.extensions.get::<RequestInfo>().cloned();
+    let edge = colo::take_edge_served(id);
+    if let Some(i) = info
+        .as_mut()
+        .filter(|i| edge && i.cache == CacheStatus::Hit)
+    {
+        i.cache = CacheStatus::EdgeHit;
+        if let Some(m) = metrics {
+            inc(&m.edge_hits);
+        }
+    }
     let headers = Headers::new();
     for (name, value) in &parts.headers {
         if let Ok(v) = value.to_str() {
@@ -325,11 +409,11 @@ async fn serve(mut req: worker::Request, env: Env, id: u64) -> worker::Result<wo
                 &RegistryError::Internal("pullgate is misconfigured; see the worker log".into()),
                 request.method() == http::Method::HEAD,
             );
-            return to_worker(resp, id, &method, &path);
+            return to_worker(resp, id, &method, &path, None);
         }
     };
     let resp = app.handle_with_body(&request, body).await;
-    to_worker(resp, id, &method, &path)
+    to_worker(resp, id, &method, &path, Some(&app.metrics()))
 }
 
 /// The worker's `fetch` handler.
@@ -339,14 +423,11 @@ pub async fn main(
     env: Env,
     ctx: Context,
 ) -> worker::Result<worker::Response> {
-    let id = NEXT_REQUEST.with(|n| {
-        let id = n.get();
-        n.set(id.wrapping_add(1));
-        id
-    });
+    let id = next_invocation();
+    let origin: Rc<str> = req.url()?.origin().ascii_serialization().into();
     WithRequest {
         id,
-        ctx: Rc::new(ctx),
+        ctx: Keeper::Fetch(Rc::new(ctx), origin),
         inner: Box::pin(Gated::new(id, serve(req, env, id))),
     }
     .await

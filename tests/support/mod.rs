@@ -35,3 +35,4 @@ pub mod spin;
 pub mod tls_proxy;
 pub mod token_server;
 pub mod worker;
+pub mod worker_edge;
