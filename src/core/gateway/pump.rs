@@ -69,6 +69,15 @@ async fn index_legacy(inner: &Inner) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Clears the "a pass is running" flag when dropped.
+struct Pumping(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for Pumping {
+    fn drop(&mut self) {
+        self.0.store(false, std::sync::atomic::Ordering::Release);
+    }
+}
+
 /// Runs due deliveries once; see [`crate::core::app::App::pump_outbox`].
 pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
     let mut report = PumpReport::default();
@@ -78,6 +87,9 @@ pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
     {
         return report;
     }
+    // Cleared however the pass ends, also when its future is dropped mid-way (a host that
+    // cancels deferred work), so a cut pass never stops the later ones.
+    let _pumping = Pumping(inner.pumping.clone());
     let _ = index_legacy(inner).await;
     let keys = inner.ports.kv.list(DUE, SCAN).await.unwrap_or_default();
     let mut per_lane: HashMap<String, usize> = HashMap::new();
@@ -114,9 +126,6 @@ pub(crate) async fn pump(inner: &Rc<Inner>) -> PumpReport {
         attempt(inner, d, run, &mut report).await;
     }
     replay::sweep(inner).await;
-    inner
-        .pumping
-        .store(false, std::sync::atomic::Ordering::Release);
     report
 }
 
