@@ -167,28 +167,28 @@ pub fn strict_query_param(
     }) else {
         return Ok(None);
     };
-    let b = raw.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'%' => {
-                let hex = b.get(i + 1..i + 3).ok_or(MalformedQuery)?;
-                let hex = std::str::from_utf8(hex).map_err(|_| MalformedQuery)?;
-                out.push(u8::from_str_radix(hex, 16).map_err(|_| MalformedQuery)?);
-                i += 3;
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            c => {
-                out.push(c);
-                i += 1;
-            }
-        }
+    // `+` is a space in a query; a `%2B` decodes to `+` after that.
+    percent_decode_strict(&raw.replace('+', " "))
+        .map(Some)
+        .ok_or(MalformedQuery)
+}
+
+/// Percent-decodes `s` into UTF-8, refusing what the `percent-encoding` crate would pass
+/// through: a `%` not followed by two hex digits. None also for bytes that are not UTF-8.
+pub fn percent_decode_strict(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let well_formed = b.iter().enumerate().all(|(i, c)| {
+        *c != b'%'
+            || b.get(i + 1..i + 3)
+                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
+    });
+    if !well_formed {
+        return None;
     }
-    String::from_utf8(out).map(Some).map_err(|_| MalformedQuery)
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8()
+        .ok()
+        .map(|c| c.into_owned())
 }
 
 #[cfg(test)]

@@ -23,19 +23,7 @@ const CHART_PATH: &AsciiSet = &NON_ALPHANUMERIC
 
 /// Decodes `%XX` escapes; None for a malformed escape or a non-UTF-8 result.
 pub fn percent_decode(s: &str) -> Option<String> {
-    let b = s.as_bytes();
-    let well_formed = b.iter().enumerate().all(|(i, c)| {
-        *c != b'%'
-            || b.get(i + 1..i + 3)
-                .is_some_and(|h| h.iter().all(u8::is_ascii_hexdigit))
-    });
-    if !well_formed {
-        return None;
-    }
-    percent_encoding::percent_decode_str(s)
-        .decode_utf8()
-        .ok()
-        .map(|c| c.into_owned())
+    crate::core::http::percent_decode_strict(s)
 }
 
 /// Percent-encodes a chart path for the index: unreserved characters, `+` and `/` stay.
