@@ -700,3 +700,77 @@ fn a_webhook_delivered_twice_starts_one_run_and_one_dispatch() {
         assert_eq!(h.keys("run/"), 1);
     });
 }
+
+/// An upstream that holds every request until released, then hands it to the targets.
+struct Held {
+    targets: Rc<FakeTarget>,
+    released: std::cell::Cell<bool>,
+    waiting: std::cell::RefCell<Vec<std::task::Waker>>,
+}
+
+impl Held {
+    fn release(&self) {
+        self.released.set(true);
+        self.waiting.borrow_mut().drain(..).for_each(|w| w.wake());
+    }
+}
+
+#[async_trait::async_trait(?Send)]
+impl pullgate::core::ports::Upstream for Held {
+    async fn send(
+        &self,
+        req: Request<Bytes>,
+    ) -> Result<Response<ByteStream>, pullgate::core::ports::UpstreamError> {
+        futures_util::future::poll_fn(|cx| {
+            if self.released.get() {
+                std::task::Poll::Ready(())
+            } else {
+                self.waiting.borrow_mut().push(cx.waker().clone());
+                std::task::Poll::Pending
+            }
+        })
+        .await;
+        self.targets.send(req).await
+    }
+}
+
+#[test]
+fn instances_sharing_a_gateway_share_never_run_two_outbox_passes_at_once() {
+    use pullgate::core::app::GatewayShare;
+    run(async {
+        let h = harness("");
+        let body = push_body("main", &commit(1), &commit(0));
+        let (status, v) = h.github("d-1", &body).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{v}");
+        // Two instances over one store (as the native host's threads are), one share; the
+        // first one's delivery is held in flight.
+        let (settings, ports) = h.rebuild.clone();
+        let held = Rc::new(Held {
+            targets: h.targets.clone(),
+            released: Default::default(),
+            waiting: Default::default(),
+        });
+        let share = GatewayShare::default();
+        let first_ports = Ports {
+            upstream: held.clone(),
+            ..ports.clone()
+        };
+        let first = App::sharing(settings.clone(), first_ports, &share);
+        let second = App::sharing(settings.clone(), ports.clone(), &share);
+        let mut pass = Box::pin(first.pump_outbox());
+        assert!(futures_util::FutureExt::now_or_never(&mut pass).is_none());
+        // The other instance's pass sees one running and sends nothing.
+        let r = second.pump_outbox().await;
+        assert_eq!(r.attempted, 0, "{r:?}");
+        assert_eq!(h.targets.count("a.test"), 0);
+        // An instance with its own share would have sent the same delivery again: the share
+        // is what prevents it.
+        let unshared = App::new(settings, ports);
+        let r = unshared.pump_outbox().await;
+        assert_eq!(r.attempted, 1, "{r:?}");
+        held.release();
+        let r = pass.await;
+        assert_eq!(r.attempted, 1, "{r:?}");
+        assert_eq!(h.targets.count("a.test"), 2, "one from each share");
+    });
+}
