@@ -11,6 +11,7 @@ use crate::core::config::Settings;
 pub use crate::core::context::GatewayShare;
 use crate::core::context::{Ctx, Inner, ResponseNote};
 use crate::core::error::RegistryError;
+pub use crate::core::gateway::{warm, WarmReport, WarmStep};
 use crate::core::http::{error_response, text};
 use crate::core::metrics::{inc, Metrics};
 use crate::core::ports::{ByteStream, Ports, Readiness};
@@ -71,6 +72,18 @@ impl App {
     /// When the next pending delivery is due (ms since the epoch), if any.
     pub async fn next_delivery_due(&self) -> Option<u64> {
         crate::core::gateway::next_due(&self.inner).await
+    }
+
+    /// Pulls `image` (the `platforms`' manifests, all when empty) through this instance's
+    /// cache as an internal caller, reporting each step: the `warm` command over a local
+    /// cache. The same walk as the gateway's `distribute` stage.
+    pub async fn warm(
+        &self,
+        image: &str,
+        platforms: &[String],
+        progress: &mut dyn FnMut(WarmStep),
+    ) -> Result<WarmReport, String> {
+        crate::core::gateway::warm_local(&self.inner, image, platforms, progress).await
     }
 
     /// The counters.

@@ -25,6 +25,7 @@ pub mod offload;
 pub mod probes;
 pub mod secrets;
 pub mod store;
+pub mod warm;
 pub mod workers;
 
 use crate::core::app::App;
