@@ -63,6 +63,24 @@ impl App {
         self
     }
 
+    /// Keeps the rate-limit buckets in `store` instead of this instance's memory, so limits
+    /// hold across instances that share the store (Spin: one instance per request).
+    pub fn with_rate_limits(self, store: Rc<dyn crate::core::ports::RateLimitStore>) -> App {
+        let port = self
+            .inner
+            .slots
+            .get::<crate::core::access::limit::RateLimitPort>();
+        *port.0.borrow_mut() = Some(store);
+        self
+    }
+
+    /// Shares upstream bearer tokens through `store` (besides this instance's memory), so a
+    /// token fetched by one instance is reused by the others until it expires.
+    pub fn with_token_store(self, store: Rc<dyn crate::core::ports::TokenStore>) -> App {
+        self.inner.client.set_token_store(store);
+        self
+    }
+
     /// Runs the gateway's due deliveries once. Hosts call it from a timer (native), a cron
     /// trigger or queue consumer (Workers), or on requests (Spin); webhooks also start it.
     pub async fn pump_outbox(&self) -> crate::core::gateway::PumpReport {
