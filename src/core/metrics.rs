@@ -38,6 +38,8 @@ pub struct Metrics {
     /// Reads the host made of its shared blob store's objects (R2 HEAD and GET on Workers).
     /// Only hosts that report them count it.
     pub store_reads: AtomicU64,
+    /// Blob fills whose upstream transfer this instance runs now (a gauge).
+    pub fills_in_flight: AtomicU64,
     /// (hits, misses) by upstream host.
     pub by_upstream: Mutex<BTreeMap<String, [u64; 2]>>,
 }

@@ -20,6 +20,7 @@ pub mod check;
 pub mod client;
 pub mod fills;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod offload;
 pub mod probes;
@@ -241,6 +242,8 @@ struct LogLine {
     ip: Option<std::net::IpAddr>,
     digest: Option<String>,
     audit: Rc<audit::AuditSink>,
+    /// `[log] access`: emit the access event.
+    access: bool,
 }
 
 impl LogLine {
@@ -255,17 +258,18 @@ impl LogLine {
 impl Drop for LogLine {
     fn drop(&mut self) {
         add(&self.metrics.bytes_served, self.bytes);
-        let line = AccessLog {
-            method: &self.method,
-            path: &self.path,
-            status: self.status,
-            info: self.info.as_ref(),
-            bytes: Some(self.bytes),
-            ms: Some(self.started.elapsed().as_millis()),
-            aborted: self.failed,
+        if self.access {
+            AccessLog {
+                method: &self.method,
+                path: &self.path,
+                status: self.status,
+                info: self.info.as_ref(),
+                bytes: Some(self.bytes),
+                ms: Some(self.started.elapsed().as_millis()),
+                aborted: self.failed,
+            }
+            .emit();
         }
-        .line();
-        eprintln!("{line}");
         let route = self.info.as_ref().map_or("-", |i| i.route);
         let upstream = self.info.as_ref().and_then(|i| i.upstream.as_deref());
         let cache = self.info.as_ref().map_or("-", |i| i.cache.as_str());
@@ -383,6 +387,7 @@ pub(crate) async fn handle(
         started,
         metrics: app.metrics(),
         failed: false,
+        access: app.settings().log.access,
     };
     let body = SharedBody::new(body);
     let mut resp = app.handle_with_body(&req, body.stream(body_timeout)).await;
@@ -426,5 +431,8 @@ pub(crate) async fn shutdown_signal() {
 
 /// Runs `pullgate serve` until SIGTERM/SIGINT.
 pub fn serve(opts: ServeOptions) -> Result<(), String> {
-    workers::serve(prepare(&opts)?)
+    let prepared = prepare(&opts)?;
+    // Kept to the end: dropping it flushes the lines still queued.
+    let _log = logging::init(&prepared.settings.log)?;
+    workers::serve(prepared)
 }

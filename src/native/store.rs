@@ -174,8 +174,15 @@ impl Usage {
         }
         let usage = self.clone();
         tokio::task::spawn_blocking(move || {
-            let (_, files) = evict(&usage.blobs, &usage.total, target);
+            let (bytes, files) = evict(&usage.blobs, &usage.total, target);
             usage.count.fetch_sub(files, Ordering::Relaxed);
+            tracing::info!(
+                evicted_blobs = files,
+                evicted_bytes = bytes,
+                total = usage.total.load(Ordering::Relaxed),
+                max_size = usage.max_size,
+                "evicted least recently used blobs"
+            );
             usage.evicting.store(false, Ordering::Release);
         });
     }
