@@ -1,6 +1,7 @@
-//! End-to-end tests of the native host's logs (issue #12): a cold fill logs its start,
-//! progress and end under `RUST_LOG=debug`; with `PULLGATE_LOG_FORMAT=json` every stderr line
-//! is a JSON object; the audit log is reopened after a move and SIGHUP.
+//! End-to-end tests of the native host's logs and metrics (issue #12): a cold fill logs its
+//! start, progress and end under `RUST_LOG=debug`; with `PULLGATE_LOG_FORMAT=json` every
+//! stderr line is a JSON object; the audit log is reopened after a move and SIGHUP; `/metrics`
+//! (summed over worker threads) parses, with labels and cumulative histograms.
 //!
 //! Logs are written by a writer thread, so every check polls the log with a bound.
 
@@ -8,6 +9,9 @@
 #![allow(clippy::disallowed_methods)]
 
 mod support;
+
+#[path = "support/exposition.rs"]
+mod exposition;
 
 use std::time::Duration;
 
@@ -167,4 +171,78 @@ fn the_audit_log_is_reopened_after_a_move_and_sighup() {
     for line in std::fs::read_to_string(&audit).expect("audit").lines() {
         serde_json::from_str::<serde_json::Value>(line).expect("an audit record is JSON");
     }
+}
+
+#[test]
+fn metrics_summed_over_threads_parse_with_labels_histograms_and_cache_gauges() {
+    let registry = Registry::start_plain();
+    let image = Image::oci(74, &[2048, 4096]);
+    registry.push_image("team/app", "1", &image);
+    let pullgate = Pullgate::builder()
+        .upstream("reg.test", &registry.url())
+        .config("[server]\nworkers = 2\n")
+        .start();
+    let client = pullgate.client();
+    // Several connections, so both threads answer some of them.
+    for _ in 0..4 {
+        assert_eq!(client.get_manifest("reg.test/team/app", "1").status, 200);
+        for layer in &image.layers {
+            assert_eq!(
+                client.get_blob("reg.test/team/app", &layer.digest).status,
+                200
+            );
+        }
+        assert_eq!(client.get_manifest("reg.test/team/nope", "1").status, 404);
+    }
+    // A request is counted when its body ends: read until the last one is in.
+    let text = wait_for("every request counted", BOUND, || {
+        let text = reqwest::blocking::get(format!("{}/metrics", pullgate.url()))
+            .ok()?
+            .text()
+            .ok()?;
+        let e = exposition::parse(&text).unwrap_or_else(|err| panic!("{err}\n{text}"));
+        let blobs: f64 = e
+            .of("pullgate_requests_total")
+            .iter()
+            .filter(|s| s.label("route") == Some("blob") && s.label("status") == Some("200"))
+            .map(|s| s.value)
+            .sum();
+        (blobs == 8.0).then_some(text)
+    });
+    let e = exposition::parse(&text).unwrap();
+    let manifest = e
+        .of("pullgate_requests_total")
+        .into_iter()
+        .find(|s| s.label("route") == Some("manifest") && s.label("status") == Some("200"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(manifest.label("method"), Some("GET"));
+    assert_eq!(manifest.label("upstream"), Some("reg.test"));
+    assert_eq!(manifest.value, 4.0);
+    let blob_count = e
+        .of("pullgate_request_duration_seconds_count")
+        .into_iter()
+        .find(|s| s.label("route") == Some("blob"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert_eq!(blob_count.value, 8.0);
+    // Summed over two threads, the build info is still one series worth 1.
+    assert_eq!(e.of("pullgate_build_info").len(), 1);
+    assert_eq!(e.total("pullgate_build_info"), 1.0);
+    let cache = |name: &str, kind: &str| {
+        e.of(name)
+            .into_iter()
+            .find(|s| s.label("kind") == Some(kind))
+            .map_or(-1.0, |s| s.value)
+    };
+    // The layers were pulled; the config blob was not.
+    assert_eq!(cache("pullgate_cache_objects", "blob"), 2.0, "{text}");
+    assert_eq!(cache("pullgate_cache_objects", "manifest"), 1.0, "{text}");
+    let blob_bytes: usize = image.layers.iter().map(|b| b.bytes.len()).sum();
+    assert_eq!(
+        cache("pullgate_cache_bytes", "blob"),
+        blob_bytes as f64,
+        "{text}"
+    );
+    assert_eq!(e.total("pullgate_fills_in_flight"), 0.0);
+    assert_eq!(e.total("pullgate_audit_dropped_total"), 0.0);
+    assert_eq!(e.total("pullgate_gateway_requests_total"), 0.0);
 }

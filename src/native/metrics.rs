@@ -2,7 +2,12 @@
 //! `Metrics` lives in the instance, which is `!Send`); a `/metrics` request asks every worker
 //! for its rendering over a channel and sums the samples, so the answer is the process's
 //! total whichever thread serves it. It adds `pullgate_worker_requests_total{worker="i"}`,
-//! the requests each thread handled, to show how the load spreads.
+//! the requests each thread handled, to show how the load spreads, and the process's own
+//! counters ([`render_process`]: audit records and log lines dropped).
+//!
+//! Counters, gauges and histogram series are summed over the threads (each thread's in-flight
+//! fills are its own, so their sum is the process's); `*_info` series are the same on every
+//! thread and are kept once.
 
 use crate::core::app::App;
 use std::collections::HashMap;
@@ -78,8 +83,30 @@ pub fn render(all: &[(usize, WorkerMetrics)]) -> String {
     out
 }
 
+/// The process-wide counters only the native host has.
+pub fn render_process(audit: &crate::native::audit::AuditSink) -> String {
+    format!(
+        "# HELP pullgate_audit_dropped_total Audit records dropped because the writer fell behind.\n\
+         # TYPE pullgate_audit_dropped_total counter\n\
+         pullgate_audit_dropped_total {}\n\
+         # HELP pullgate_log_dropped_total Log lines dropped because the writer fell behind.\n\
+         # TYPE pullgate_log_dropped_total counter\n\
+         pullgate_log_dropped_total {}\n",
+        audit.dropped(),
+        crate::native::logging::dropped_lines()
+    )
+}
+
+/// Is this sample (`name{labels}`) an info series, the same on every thread?
+fn is_info(key: &str) -> bool {
+    key.split('{')
+        .next()
+        .is_some_and(|name| name.ends_with("_info"))
+}
+
 /// Sums Prometheus text expositions of the same counters: comment lines are kept once, and
-/// each sample (`name{labels} value`) is the sum of its values, in first-seen order.
+/// each sample (`name{labels} value`) is the sum of its values, in first-seen order (an
+/// `*_info` sample keeps its first value).
 pub fn sum_expositions(texts: &[&str]) -> String {
     let mut lines: Vec<(String, Option<f64>)> = Vec::new();
     let mut index: HashMap<String, usize> = HashMap::new();
@@ -97,6 +124,7 @@ pub fn sum_expositions(texts: &[&str]) -> String {
                 None => (line.to_string(), None),
             };
             match index.get(&key) {
+                Some(_) if is_info(&key) => {}
                 Some(&i) => {
                     if let (Some(total), Some(v)) = (lines[i].1.as_mut(), value) {
                         *total += v;
@@ -137,6 +165,16 @@ mod tests {
         assert_eq!(
             sum_expositions(&[a, b]),
             "# HELP x_total X.\n# TYPE x_total counter\nx_total 5\ny{host=\"a\"} 1\ny{host=\"b\"} 4\n"
+        );
+    }
+
+    #[test]
+    fn info_series_are_kept_once_and_histograms_summed() {
+        let a = "pullgate_build_info{version=\"1\"} 1\nh_bucket{le=\"0.5\"} 2\nh_sum 0.25\n";
+        let b = "pullgate_build_info{version=\"1\"} 1\nh_bucket{le=\"0.5\"} 3\nh_sum 0.5\n";
+        assert_eq!(
+            sum_expositions(&[a, b]),
+            "pullgate_build_info{version=\"1\"} 1\nh_bucket{le=\"0.5\"} 5\nh_sum 0.75\n"
         );
     }
 

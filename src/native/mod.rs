@@ -258,6 +258,15 @@ impl LogLine {
 impl Drop for LogLine {
     fn drop(&mut self) {
         add(&self.metrics.bytes_served, self.bytes);
+        let route = self.info.as_ref().map_or("-", |i| i.route);
+        let upstream = self.info.as_ref().and_then(|i| i.upstream.as_deref());
+        self.metrics.observe(
+            &self.method,
+            route,
+            upstream,
+            self.status,
+            self.started.elapsed().as_secs_f64(),
+        );
         if self.access {
             AccessLog {
                 method: &self.method,
@@ -270,8 +279,6 @@ impl Drop for LogLine {
             }
             .emit();
         }
-        let route = self.info.as_ref().map_or("-", |i| i.route);
-        let upstream = self.info.as_ref().and_then(|i| i.upstream.as_deref());
         let cache = self.info.as_ref().map_or("-", |i| i.cache.as_str());
         if audit::is_audited(route) {
             self.audit.record(&audit::to_json(&audit::Entry {
@@ -378,7 +385,7 @@ pub(crate) async fn handle(
     let log = LogLine {
         ip: Some(peer),
         digest: None,
-        audit,
+        audit: audit.clone(),
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
         status: 0,
@@ -402,7 +409,8 @@ pub(crate) async fn handle(
     }
     if req.uri().path() == "/metrics" && resp.status() == ::http::StatusCode::OK {
         if let Body::Bytes(_) = resp.body() {
-            let text = metrics::render(&hub.gather().await);
+            let mut text = metrics::render(&hub.gather().await);
+            text.push_str(&metrics::render_process(&audit));
             *resp.body_mut() = Body::Bytes(Bytes::from(text));
         }
         storage.append_metrics(&mut resp);

@@ -304,11 +304,26 @@ struct Access {
     info: Option<RequestInfo>,
     /// `[log] access` (an aborted response is logged regardless).
     enabled: bool,
+    /// The instance's counters and when the request came in (ms), for
+    /// `pullgate_requests_total` and the latency histogram.
+    metrics: Option<(Rc<crate::core::metrics::Metrics>, u64)>,
 }
 
 impl Access {
     /// Emits the access event; an `error` marks the body aborted.
     fn emit(&self, status: u16, error: Option<String>) {
+        if let Some((m, started)) = &self.metrics {
+            let seconds = WasiClock.now_ms().saturating_sub(*started) as f64 / 1000.0;
+            let info = self.info.as_ref();
+            let upstream = info.and_then(|i| i.upstream.as_deref());
+            m.observe(
+                &self.method,
+                info.map_or("-", |i| i.route),
+                upstream,
+                status,
+                seconds,
+            );
+        }
         if error.is_none() && !self.enabled {
             return;
         }
@@ -406,11 +421,13 @@ async fn serve(req: IncomingRequest, out: ResponseOutparam) {
                 path: "-".into(),
                 info: Some(info),
                 enabled: true,
+                metrics: None,
             };
             respond(out, resp, false, log).await;
             return;
         }
     };
+    let started = WasiClock.now_ms();
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
     let head = request.method() == ::http::Method::HEAD;
@@ -427,6 +444,7 @@ async fn serve(req: IncomingRequest, out: ResponseOutparam) {
                 path,
                 info: None,
                 enabled: true,
+                metrics: None,
             };
             respond(out, resp, head, log).await;
             return;
@@ -439,6 +457,7 @@ async fn serve(req: IncomingRequest, out: ResponseOutparam) {
             path,
             info: resp.extensions().get::<RequestInfo>().cloned(),
             enabled: app.settings().log.access,
+            metrics: Some((app.metrics(), started)),
         };
         respond(out, resp, head, log).await;
     })

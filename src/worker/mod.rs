@@ -336,7 +336,7 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 /// served (see [`colo`]) is logged as `cache=edge-hit` and counted in `metrics`.
 fn to_worker(
     resp: http::Response<Body>,
-    id: u64,
+    (id, started_ms): (u64, f64),
     method: &str,
     path: &str,
     metrics: Option<&Metrics>,
@@ -359,6 +359,13 @@ fn to_worker(
         if let Ok(v) = value.to_str() {
             headers.append(name.as_str(), v)?;
         }
+    }
+    if let Some(m) = metrics {
+        // To the response head: the body streams after this handler returned.
+        let seconds = (worker::js_sys::Date::now() - started_ms).max(0.0) / 1000.0;
+        let route = info.as_ref().map_or("-", |i| i.route);
+        let upstream = info.as_ref().and_then(|i| i.upstream.as_deref());
+        m.observe(method, route, upstream, status, seconds);
     }
     let length = content_length(&parts.headers);
     let access = logs_access();
@@ -430,6 +437,7 @@ fn log_access(method: &str, path: &str, status: u16, info: Option<&RequestInfo>,
 }
 
 async fn serve(mut req: worker::Request, env: Env, id: u64) -> worker::Result<worker::Response> {
+    let started = worker::js_sys::Date::now();
     let request = to_http(&req)?;
     let body = body_stream(&mut req);
     let method = request.method().to_string();
@@ -442,11 +450,11 @@ async fn serve(mut req: worker::Request, env: Env, id: u64) -> worker::Result<wo
                 &RegistryError::Internal("pullgate is misconfigured; see the worker log".into()),
                 request.method() == http::Method::HEAD,
             );
-            return to_worker(resp, id, &method, &path, None);
+            return to_worker(resp, (id, started), &method, &path, None);
         }
     };
     let resp = app.handle_with_body(&request, body).await;
-    to_worker(resp, id, &method, &path, Some(&app.metrics()))
+    to_worker(resp, (id, started), &method, &path, Some(&app.metrics()))
 }
 
 /// The worker's `fetch` handler.

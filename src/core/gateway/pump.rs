@@ -148,16 +148,17 @@ async fn attempt(inner: &Rc<Inner>, d: Delivery, run: Run, report: &mut PumpRepo
     let record = settlement.record(&d);
     match &settlement {
         Settlement::Done { .. } => {
+            inner.metrics.delivery("delivered");
             report.delivered += 1;
             remove_pending(inner, &d, due).await;
         }
         Settlement::Retry { .. } => {
-            inc(&inner.metrics.upstream_errors);
+            inner.metrics.delivery("retry");
             report.retrying += 1;
             let _ = save_pending(inner, &record, Some(due)).await;
         }
         Settlement::Dead { .. } => {
-            inc(&inner.metrics.upstream_errors);
+            inner.metrics.delivery("dead");
             report.dead += 1;
             let _ = save_delivery(inner, DEAD, &record).await;
             remove_pending(inner, &d, due).await;
@@ -245,7 +246,7 @@ async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, S
             outbox::event_request(t, run, &d.id, event_type, stage.as_deref(), None, now)?
         }
     };
-    inc(&inner.metrics.upstream_requests);
+    inc(&inner.metrics.gateway_requests);
     let resp = inner
         .ports
         .upstream
