@@ -129,3 +129,101 @@ impl Drop for FillLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::config::Config;
+    use crate::core::config::{ConfigError, Secret, SecretResolver};
+    use crate::core::ports::{InlineOffload, Ports};
+    use crate::logline::LineSubscriber;
+    use crate::testing::{DroppedDeferred, FakeTarget, ManualClock, MemBlobStore, MemKv};
+    use std::sync::{Arc, Mutex};
+
+    struct NoSecrets;
+    impl SecretResolver for NoSecrets {
+        fn resolve(&self, r: &str) -> Result<Secret, ConfigError> {
+            Err(ConfigError(format!("{r} unset")))
+        }
+    }
+
+    fn no_dispatch(
+        _: Rc<Inner>,
+        _: http::Request<()>,
+    ) -> futures_util::future::LocalBoxFuture<'static, http::Response<crate::core::body::Body>>
+    {
+        Box::pin(async { http::Response::new(crate::core::body::Body::Empty) })
+    }
+
+    #[test]
+    fn progress_is_logged_by_bytes_or_by_clock_time_and_the_gauge_follows_the_fill() {
+        let config: Config =
+            toml::from_str("[log]\nprogress_bytes = \"1MiB\"\nprogress_interval = \"10s\"\n")
+                .unwrap();
+        let settings = config.resolve(&NoSecrets).unwrap();
+        let clock = Rc::new(ManualClock::at(1_700_000_000_000));
+        let ports = Ports {
+            upstream: Rc::new(FakeTarget::default()),
+            kv: Rc::new(MemKv::default()),
+            blobs: Rc::new(MemBlobStore::default()),
+            clock: clock.clone(),
+            deferred: Rc::new(DroppedDeferred),
+            offload: Rc::new(InlineOffload),
+        };
+        let inner = Inner::new(settings.clone(), ports, no_dispatch);
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let sink = lines.clone();
+        let sub = LineSubscriber::new(
+            &settings.log,
+            || 0,
+            Box::new(move |_, l| sink.lock().unwrap().push(l.to_string())),
+        )
+        .unwrap();
+        let digest =
+            crate::core::registry::reference::parse_digest(&format!("sha256:{}", "ab".repeat(32)))
+                .unwrap();
+        let name = crate::core::registry::reference::parse_name("team/app").unwrap();
+        tracing::subscriber::with_default(sub, || {
+            let log = FillLog::begin(&inner, 0, &name, &digest);
+            assert_eq!(inner.metrics.fills_in_flight.load(Ordering::Relaxed), 1);
+            log.started(Some(10 << 20));
+            log.progress(100 << 10); // neither 1 MiB nor 10 s yet
+            clock.advance(10_000);
+            log.progress(200 << 10); // 10 s passed
+            log.progress(300 << 10); // neither
+            log.progress(1_300 << 10); // 1.1 MiB since the last line
+            clock.advance(30_000);
+            log.end(10 << 20, &Ok(()));
+            drop(log);
+        });
+        assert_eq!(inner.metrics.fills_in_flight.load(Ordering::Relaxed), 0);
+        let lines = lines.lock().unwrap();
+        let messages: Vec<&str> = lines
+            .iter()
+            .map(|l| {
+                ["fill started", "fill progress", "fill finished"]
+                    .into_iter()
+                    .find(|m| l.contains(m))
+                    .unwrap_or(l)
+            })
+            .collect();
+        assert_eq!(
+            messages,
+            [
+                "fill started",
+                "fill progress",
+                "fill progress",
+                "fill finished"
+            ],
+            "{lines:?}"
+        );
+        assert!(lines[1].contains("bytes=204800") && lines[1].contains("ms=10000"));
+        assert!(lines[2].contains("bytes=1331200"));
+        assert!(
+            lines[3].contains("bytes=10485760") && lines[3].contains("ms=40000"),
+            "{}",
+            lines[3]
+        );
+        assert!(lines[3].contains("outcome=\"verified\""));
+    }
+}
