@@ -197,6 +197,10 @@ fn the_exposition_parses_with_labels_and_cumulative_histograms() {
         )
         .is_err());
         assert!(exposition::parse("x 1\n").is_err());
+        assert!(exposition::parse(
+            "# TYPE x counter\nx{a=\"1\"} 1\n# TYPE y counter\ny 1\nx{a=\"2\"} 1\n"
+        )
+        .is_err());
         assert!(exposition::parse("# TYPE x counter\nx{a=\"1} 1\n").is_err());
     });
 }

@@ -85,6 +85,9 @@ fn family_of<'a>(name: &'a str, types: &HashMap<String, String>) -> &'a str {
 pub fn parse(text: &str) -> Result<Exposition, String> {
     let mut e = Exposition::default();
     let mut seen = HashSet::new();
+    // Each family's lines come together: once another family starts, it is closed.
+    let mut closed: HashSet<String> = HashSet::new();
+    let mut current = String::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         if let Some(rest) = line.strip_prefix("# TYPE ") {
             let (name, kind) = rest.split_once(' ').ok_or(format!("TYPE line {line:?}"))?;
@@ -115,8 +118,15 @@ pub fn parse(text: &str) -> Result<Exposition, String> {
         if !is_name(name) {
             return Err(format!("metric name {name:?}"));
         }
-        if !e.types.contains_key(family_of(name, &e.types)) {
+        let family = family_of(name, &e.types);
+        if !e.types.contains_key(family) {
             return Err(format!("{name} has no # TYPE before it"));
+        }
+        if family != current {
+            if closed.contains(family) {
+                return Err(format!("{series}: family {family} is split in two groups"));
+            }
+            closed.insert(std::mem::replace(&mut current, family.to_string()));
         }
         if !seen.insert(series.to_string()) {
             return Err(format!("{series} appears twice"));
