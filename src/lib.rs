@@ -6,6 +6,8 @@
 //! [`core::app::App::handle`].
 
 pub mod core;
+/// Log lines for the hosts without `tracing-subscriber` (Workers, Spin).
+pub mod logline;
 /// Test doubles and store contracts: for this crate's unit tests, and for integration tests
 /// through the `test-utils` feature (on in every `cargo test`, see Cargo.toml).
 #[cfg(any(test, feature = "test-utils"))]

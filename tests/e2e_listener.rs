@@ -175,9 +175,11 @@ fn connection_cap_holds_new_connections_until_one_closes() {
     assert_eq!(get_healthz(&mut b), 200);
 }
 
+/// The messages of the accept reports (a log line is `time LEVEL target: message`).
 fn accept_lines(log: &str) -> Vec<String> {
     log.lines()
-        .filter(|l| l.starts_with("accept "))
+        .filter_map(|l| l.split_once(": ").map(|(_, message)| message))
+        .filter(|m| m.starts_with("accept "))
         .map(str::to_string)
         .collect()
 }

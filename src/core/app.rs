@@ -229,6 +229,13 @@ impl App {
                     RegistryError::Unavailable(_) | RegistryError::BadUpstream(_)
                 ) {
                     inc(&self.inner.metrics.upstream_errors);
+                    tracing::warn!(
+                        route = i.route,
+                        upstream = i.upstream.as_deref().unwrap_or("-"),
+                        path = req.uri().path(),
+                        error = %e,
+                        "upstream failed"
+                    );
                 }
                 i.error = Some(e.to_string());
                 error_response(&e, head)

@@ -1,4 +1,6 @@
-//! The response body the core hands a host, and the per-request facts a host logs.
+//! The response body the core hands a host, and the per-request facts a host logs: the access
+//! event ([`AccessLog::emit`], a `tracing` event on the [`ACCESS_TARGET`] target, whichever
+//! subscriber the host installed).
 
 use bytes::Bytes;
 use futures_util::stream::LocalBoxStream;
@@ -86,6 +88,23 @@ pub struct RequestInfo {
     pub identity: Option<String>,
 }
 
+/// The `tracing` target of the per-request access events (`RUST_LOG=pullgate::access=off`
+/// silences them; so does `[log] access = false`).
+pub const ACCESS_TARGET: &str = "pullgate::access";
+
+impl RequestInfo {
+    /// Facts for a response the core did not make (a host's own error): route `-`.
+    pub fn none() -> RequestInfo {
+        RequestInfo {
+            route: "-",
+            upstream: None,
+            cache: CacheStatus::None,
+            error: None,
+            identity: None,
+        }
+    }
+}
+
 /// The one access-log line every host writes, `key=value` pairs in a fixed order:
 /// `method path route upstream cache identity status [bytes] [ms] [aborted] [error]`. Hosts
 /// add what they measure (bytes sent, duration, an aborted body); the rest comes from the
@@ -109,6 +128,29 @@ pub struct AccessLog<'a> {
 }
 
 impl AccessLog<'_> {
+    /// Emits the access event: the fields of [`line`](Self::line), in the same order and
+    /// with the same words (`-` for an absent route, upstream, cache or identity), as a
+    /// `tracing` event at INFO on [`ACCESS_TARGET`]. Text subscribers print
+    /// `method=GET path=/v2/… route=… status=200 …`, JSON ones an object. Nothing is
+    /// formatted when the subscriber filters the event out.
+    pub fn emit(&self) {
+        let i = self.info;
+        tracing::info!(
+            target: ACCESS_TARGET,
+            method = %self.method,
+            path = %self.path,
+            route = %i.map_or("-", |i| i.route),
+            upstream = %i.and_then(|i| i.upstream.as_deref()).unwrap_or("-"),
+            cache = %i.map_or("-", |i| i.cache.as_str()),
+            identity = %i.and_then(|i| i.identity.as_deref()).unwrap_or("-"),
+            status = self.status,
+            bytes = self.bytes,
+            ms = self.ms.map(|ms| u64::try_from(ms).unwrap_or(u64::MAX)),
+            aborted = self.aborted.then_some(true),
+            error = i.and_then(|i| i.error.as_deref()),
+        );
+    }
+
     /// The line.
     pub fn line(&self) -> String {
         let i = self.info;

@@ -2,43 +2,220 @@
 //! token request, admin action and refusal, appended to `<data_dir>/audit.log` (or the
 //! configured `audit_log`; `-` for stderr). Records carry identity, client address,
 //! repository, reference, digest, bytes and cache outcome; never a credential.
+//!
+//! Records are queued for a writer thread ([`AuditSink`]): a full queue drops records and
+//! counts them rather than blocking a request, and SIGHUP reopens the file (rotation).
 
 use crate::core::time::rfc3339;
 use serde_json::{json, Value};
-use std::cell::RefCell;
-use std::io::Write;
-use std::path::Path;
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
-/// Where audit records go.
+/// Records queued for the writer thread; when it is full, new records are dropped and
+/// counted ([`AuditSink::dropped`], `pullgate_audit_dropped_total`), never waited for.
+pub const QUEUED_RECORDS: usize = 16 * 1024;
+
+enum Msg {
+    Line(String),
+    /// Wakes the writer to look at the reopen flag.
+    Wake,
+    /// Flush, then answer.
+    Sync(std::sync::mpsc::Sender<()>),
+    /// Flush and stop.
+    Stop,
+}
+
+struct Shared {
+    tx: SyncSender<Msg>,
+    dropped: AtomicU64,
+    reopen: Arc<AtomicBool>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Where audit records go: a bounded queue in front of a writer thread, so a request never
+/// waits on the disk. Clones share the queue (one per worker thread, one writer per
+/// process). On SIGHUP ([`watch_hangup`](AuditSink::watch_hangup)) the writer reopens the
+/// file by its path, so `logrotate`'s move-then-signal works without `copytruncate`.
+#[derive(Clone)]
 pub struct AuditSink {
-    out: RefCell<Box<dyn Write>>,
+    shared: Arc<Shared>,
+}
+
+/// The destination: a file opened for appending, or stderr (`-`).
+enum Out {
+    File(PathBuf, BufWriter<File>),
+    Stderr(std::io::Stderr),
+}
+
+impl Out {
+    fn open(path: &Path) -> Result<Out, String> {
+        if path.as_os_str() == "-" {
+            return Ok(Out::Stderr(std::io::stderr()));
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+            .map_err(|e| format!("opening the audit log {}: {e}", path.display()))?;
+        Ok(Out::File(path.to_path_buf(), BufWriter::new(file)))
+    }
+
+    fn write(&mut self, line: &str) -> std::io::Result<()> {
+        match self {
+            Out::File(_, w) => w.write_all(line.as_bytes()),
+            // One write call per record, so lines never interleave with the log's.
+            Out::Stderr(e) => e.write_all(line.as_bytes()),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            Out::File(_, w) => w.flush(),
+            Out::Stderr(e) => e.flush(),
+        }
+    }
+
+    /// Reopens the file by its path (after a rotation moved it away).
+    fn reopen(&mut self) {
+        let Out::File(path, w) = self else { return };
+        let _ = w.flush();
+        match Out::open(path) {
+            Ok(fresh) => {
+                *self = fresh;
+                tracing::info!(path = %path_of(self), "audit log reopened");
+            }
+            Err(e) => tracing::warn!("{e}; still writing to the old file"),
+        }
+    }
+}
+
+fn path_of(out: &Out) -> String {
+    match out {
+        Out::File(p, _) => p.display().to_string(),
+        Out::Stderr(_) => "-".into(),
+    }
+}
+
+/// The writer thread: writes what is queued, flushes whenever the queue is empty.
+fn write_loop(mut out: Out, rx: Receiver<Msg>, reopen: Arc<AtomicBool>) {
+    let mut failed = false;
+    let mut handle = |out: &mut Out, msg: Msg| -> bool {
+        if reopen.swap(false, Ordering::AcqRel) {
+            out.reopen();
+        }
+        match msg {
+            Msg::Line(line) => match out.write(&line) {
+                Ok(()) => failed = false,
+                Err(e) if !failed => {
+                    // Once per run of failures, not once per record.
+                    failed = true;
+                    tracing::warn!("audit log write failed: {e}");
+                }
+                Err(_) => {}
+            },
+            Msg::Wake => {}
+            Msg::Sync(done) => {
+                let _ = out.flush();
+                let _ = done.send(());
+            }
+            Msg::Stop => return false,
+        }
+        true
+    };
+    while let Ok(msg) = rx.recv() {
+        let mut go_on = handle(&mut out, msg);
+        while go_on {
+            match rx.try_recv() {
+                Ok(msg) => go_on = handle(&mut out, msg),
+                Err(TryRecvError::Empty) | Err(TryRecvError::Disconnected) => break,
+            }
+        }
+        let _ = out.flush();
+        if !go_on {
+            return;
+        }
+    }
+    let _ = out.flush();
 }
 
 impl AuditSink {
-    /// Opens `path` for appending (`-`: stderr).
+    /// Opens `path` for appending (`-`: stderr) and starts the writer thread.
     pub fn open(path: &Path) -> Result<AuditSink, String> {
-        let out: Box<dyn Write> = if path.as_os_str() == "-" {
-            Box::new(std::io::stderr())
-        } else {
-            Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| format!("opening the audit log {}: {e}", path.display()))?,
-            )
-        };
+        let out = Out::open(path)?;
+        let (tx, rx) = sync_channel(QUEUED_RECORDS);
+        let reopen = Arc::new(AtomicBool::new(false));
+        let flag = reopen.clone();
+        let writer = std::thread::Builder::new()
+            .name("pullgate-audit".into())
+            .spawn(move || write_loop(out, rx, flag))
+            .map_err(|e| format!("starting the audit log writer: {e}"))?;
         Ok(AuditSink {
-            out: RefCell::new(out),
+            shared: Arc::new(Shared {
+                tx,
+                dropped: AtomicU64::new(0),
+                reopen,
+                writer: Mutex::new(Some(writer)),
+            }),
         })
     }
 
-    /// Writes one record as a line (one write call, so lines never interleave).
+    /// Queues one record as a line; drops (and counts) it when the queue is full.
     pub fn record(&self, v: &Value) {
         let mut line = v.to_string();
         line.push('\n');
-        if let Err(e) = self.out.borrow_mut().write_all(line.as_bytes()) {
-            eprintln!("audit log write failed: {e}");
+        match self.shared.tx.try_send(Msg::Line(line)) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Records dropped because the queue was full.
+    pub fn dropped(&self) -> u64 {
+        self.shared.dropped.load(Ordering::Relaxed)
+    }
+
+    /// Asks the writer to reopen the file before its next write.
+    pub fn reopen(&self) {
+        self.shared.reopen.store(true, Ordering::Release);
+        // A full queue will wake the writer anyway; it checks the flag on every record.
+        let _ = self.shared.tx.try_send(Msg::Wake);
+    }
+
+    /// Registers for SIGHUP now (call it on a runtime, before serving: an unhandled SIGHUP
+    /// ends the process) and returns the task that reopens the file on each one. Other
+    /// listeners for SIGHUP (TLS reload) get the signal too.
+    pub fn watch_hangup(&self) -> Result<impl std::future::Future<Output = ()>, String> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).map_err(|e| format!("SIGHUP: {e}"))?;
+        let sink = self.clone();
+        Ok(async move {
+            while hup.recv().await.is_some() {
+                sink.reopen();
+            }
+        })
+    }
+
+    /// Waits until every record queued before this call is written and flushed.
+    pub fn sync(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.shared.tx.send(Msg::Sync(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+
+    /// Writes what is queued and stops the writer (at shutdown).
+    pub fn close(&self) {
+        let _ = self.shared.tx.send(Msg::Stop);
+        let writer = self.shared.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(w) = writer {
+            let _ = w.join();
         }
     }
 }
@@ -132,5 +309,33 @@ mod tests {
             (Some("x"), None)
         );
         assert_eq!(repository_and_reference("/hooks/app"), (None, None));
+    }
+
+    #[test]
+    fn records_are_written_by_the_writer_and_the_file_is_reopened_after_a_move() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let sink = AuditSink::open(&path).unwrap();
+        sink.record(&json!({"n": 1}));
+        let moved = dir.path().join("audit.log.1");
+        // Flushes and stops the writer, so the first record is on disk before the move.
+        let second = sink.clone();
+        sink.close();
+        std::fs::rename(&path, &moved).unwrap();
+        assert_eq!(std::fs::read_to_string(&moved).unwrap(), "{\"n\":1}\n");
+        // A closed writer drops (and counts) what comes after.
+        second.record(&json!({"n": 2}));
+        assert_eq!(second.dropped(), 1);
+
+        let sink = AuditSink::open(&path).unwrap();
+        sink.record(&json!({"n": 3}));
+        sink.sync();
+        let moved2 = dir.path().join("audit.log.2");
+        std::fs::rename(&path, &moved2).unwrap();
+        sink.reopen();
+        sink.record(&json!({"n": 4}));
+        sink.close();
+        assert_eq!(std::fs::read_to_string(&moved2).unwrap(), "{\"n\":3}\n");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "{\"n\":4}\n");
     }
 }

@@ -20,6 +20,7 @@ pub mod check;
 pub mod client;
 pub mod fills;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod offload;
 pub mod probes;
@@ -242,6 +243,8 @@ struct LogLine {
     ip: Option<std::net::IpAddr>,
     digest: Option<String>,
     audit: Rc<audit::AuditSink>,
+    /// `[log] access`: emit the access event.
+    access: bool,
 }
 
 impl LogLine {
@@ -256,19 +259,27 @@ impl LogLine {
 impl Drop for LogLine {
     fn drop(&mut self) {
         add(&self.metrics.bytes_served, self.bytes);
-        let line = AccessLog {
-            method: &self.method,
-            path: &self.path,
-            status: self.status,
-            info: self.info.as_ref(),
-            bytes: Some(self.bytes),
-            ms: Some(self.started.elapsed().as_millis()),
-            aborted: self.failed,
-        }
-        .line();
-        eprintln!("{line}");
         let route = self.info.as_ref().map_or("-", |i| i.route);
         let upstream = self.info.as_ref().and_then(|i| i.upstream.as_deref());
+        self.metrics.observe(
+            &self.method,
+            route,
+            upstream,
+            self.status,
+            self.started.elapsed().as_secs_f64(),
+        );
+        if self.access {
+            AccessLog {
+                method: &self.method,
+                path: &self.path,
+                status: self.status,
+                info: self.info.as_ref(),
+                bytes: Some(self.bytes),
+                ms: Some(self.started.elapsed().as_millis()),
+                aborted: self.failed,
+            }
+            .emit();
+        }
         let cache = self.info.as_ref().map_or("-", |i| i.cache.as_str());
         if audit::is_audited(route) {
             self.audit.record(&audit::to_json(&audit::Entry {
@@ -375,7 +386,7 @@ pub(crate) async fn handle(
     let log = LogLine {
         ip: Some(peer),
         digest: None,
-        audit,
+        audit: audit.clone(),
         method: req.method().to_string(),
         path: req.uri().path().to_string(),
         status: 0,
@@ -384,6 +395,7 @@ pub(crate) async fn handle(
         started,
         metrics: app.metrics(),
         failed: false,
+        access: app.settings().log.access,
     };
     let body = SharedBody::new(body);
     let mut resp = app.handle_with_body(&req, body.stream(body_timeout)).await;
@@ -398,7 +410,8 @@ pub(crate) async fn handle(
     }
     if req.uri().path() == "/metrics" && resp.status() == ::http::StatusCode::OK {
         if let Body::Bytes(_) = resp.body() {
-            let text = metrics::render(&hub.gather().await);
+            let mut text = metrics::render(&hub.gather().await);
+            text.push_str(&metrics::render_process(&audit));
             *resp.body_mut() = Body::Bytes(Bytes::from(text));
         }
         storage.append_metrics(&mut resp);
@@ -427,5 +440,8 @@ pub(crate) async fn shutdown_signal() {
 
 /// Runs `pullgate serve` until SIGTERM/SIGINT.
 pub fn serve(opts: ServeOptions) -> Result<(), String> {
-    workers::serve(prepare(&opts)?)
+    let prepared = prepare(&opts)?;
+    // Kept to the end: dropping it flushes the lines still queued.
+    let _log = logging::init(&prepared.settings.log)?;
+    workers::serve(prepared)
 }

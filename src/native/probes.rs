@@ -161,7 +161,7 @@ where
     tokio::pin!(again);
     let cut_short = futures_util::FutureExt::now_or_never(again.as_mut()).is_some();
     probes.start_drain();
-    eprintln!(
+    tracing::info!(
         "pullgate draining: /readyz answers 503; closing the listener in {} ms, then up to {} ms for work in flight",
         plan.unready_delay.as_millis(),
         plan.drain.as_millis()

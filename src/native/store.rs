@@ -76,6 +76,23 @@ impl RedbKv {
         })
     }
 
+    /// (records, value bytes) under `prefix`: one read transaction over that key range
+    /// (`/metrics`: manifests by digest).
+    pub fn prefix_usage(&self, prefix: &str) -> Result<(u64, u64), StoreError> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(KV).map_err(store_err)?;
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for entry in table.range(prefix..).map_err(store_err)? {
+            let (k, v) = entry.map_err(store_err)?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            n += 1;
+            bytes += v.value().len() as u64;
+        }
+        Ok((n, bytes))
+    }
+
     /// Size of the database file (live records, free pages and redb's own overhead).
     pub fn file_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
@@ -174,8 +191,15 @@ impl Usage {
         }
         let usage = self.clone();
         tokio::task::spawn_blocking(move || {
-            let (_, files) = evict(&usage.blobs, &usage.total, target);
+            let (bytes, files) = evict(&usage.blobs, &usage.total, target);
             usage.count.fetch_sub(files, Ordering::Relaxed);
+            tracing::info!(
+                evicted_blobs = files,
+                evicted_bytes = bytes,
+                total = usage.total.load(Ordering::Relaxed),
+                max_size = usage.max_size,
+                "evicted least recently used blobs"
+            );
             usage.evicting.store(false, Ordering::Release);
         });
     }
@@ -540,10 +564,29 @@ impl StorageReport {
         StorageReport { blobs, kv }
     }
 
-    /// Prometheus gauges, appended to the core's counters on `/metrics`.
+    /// Prometheus gauges, appended to the core's counters on `/metrics`: what is on disk,
+    /// and the cache's content by kind (`pullgate_cache_bytes`, `pullgate_cache_objects`;
+    /// manifests are counted by one scan of their key range).
     pub fn render(&self) -> String {
-        format!(
-            "# HELP pullgate_store_bytes Bytes on disk by kind (native host).\n\
+        let (manifests, manifest_bytes) = self
+            .kv
+            .prefix_usage(crate::core::registry::keys::MANIFEST_PREFIX)
+            .unwrap_or((0, 0));
+        let cache = format!(
+            "# HELP pullgate_cache_bytes Bytes cached, by kind.\n\
+             # TYPE pullgate_cache_bytes gauge\n\
+             pullgate_cache_bytes{{kind=\"blob\"}} {}\n\
+             pullgate_cache_bytes{{kind=\"manifest\"}} {manifest_bytes}\n\
+             # HELP pullgate_cache_objects Objects cached, by kind.\n\
+             # TYPE pullgate_cache_objects gauge\n\
+             pullgate_cache_objects{{kind=\"blob\"}} {}\n\
+             pullgate_cache_objects{{kind=\"manifest\"}} {manifests}\n",
+            self.blobs.total_bytes(),
+            self.blobs.blob_count(),
+        );
+        cache
+            + &format!(
+                "# HELP pullgate_store_bytes Bytes on disk by kind (native host).\n\
              # TYPE pullgate_store_bytes gauge\n\
              pullgate_store_bytes{{kind=\"blobs\"}} {}\n\
              pullgate_store_bytes{{kind=\"staging\"}} {}\n\
@@ -551,11 +594,11 @@ impl StorageReport {
              # HELP pullgate_store_blobs Blobs stored (native host).\n\
              # TYPE pullgate_store_blobs gauge\n\
              pullgate_store_blobs {}\n",
-            self.blobs.total_bytes(),
-            self.blobs.staging_bytes(),
-            self.kv.file_bytes(),
-            self.blobs.blob_count(),
-        )
+                self.blobs.total_bytes(),
+                self.blobs.staging_bytes(),
+                self.kv.file_bytes(),
+                self.blobs.blob_count(),
+            )
     }
 
     /// One line for the log.

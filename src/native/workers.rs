@@ -52,7 +52,8 @@ struct Shared {
     kv: store::RedbKv,
     blobs: store::FsBlobStore,
     fills: SharedFills,
-    audit_log: std::path::PathBuf,
+    /// The audit log's queue (one writer thread per process).
+    audit: audit::AuditSink,
     limits: ServerLimits,
     hub: Arc<MetricsHub>,
     offload: offload::BlockingOffload,
@@ -101,13 +102,13 @@ pub fn serve(p: Prepared) -> Result<(), String> {
     let upstreams: Vec<String> = (p.settings.upstreams.iter())
         .map(|u| format!("{}={}", u.host, u.url))
         .collect();
-    eprintln!(
+    tracing::info!(
         "pullgate listening on http://{addr} data_dir={} upstreams={} workers={n}",
         p.data_dir.display(),
         upstreams.join(",")
     );
     let report = store::StorageReport::new(Rc::new(blobs.clone()), Rc::new(kv.clone()));
-    eprintln!("{}", report.summary());
+    tracing::info!("{}", report.summary());
     drop(report);
     let (hub, asks) = MetricsHub::new(n);
     let shared = Shared {
@@ -115,7 +116,7 @@ pub fn serve(p: Prepared) -> Result<(), String> {
         fills: SharedFills::new(blobs.clone()),
         kv,
         blobs,
-        audit_log: p.audit_log,
+        audit: audit::AuditSink::open(&p.audit_log)?,
         limits: p.limits,
         hub: Arc::new(hub),
         offload: offload::BlockingOffload::for_this_machine(),
@@ -148,16 +149,17 @@ pub fn serve(p: Prepared) -> Result<(), String> {
     let result = on_own_runtime(0, shared.clone(), conns, asks.next(), Some(acceptor));
     for t in threads {
         if let Ok(Err(e)) = t.join() {
-            eprintln!("pullgate: {e}");
+            tracing::error!("pullgate: {e}");
         }
     }
     if shared.fills.in_flight() > 0 {
-        eprintln!(
+        tracing::warn!(
             "pullgate: {} fills left unfinished",
             shared.fills.in_flight()
         );
     }
-    eprintln!("pullgate stopped");
+    shared.audit.close();
+    tracing::info!("pullgate stopped");
     result
 }
 
@@ -224,7 +226,7 @@ async fn accept_loop(
                 // is freed, so pause (doubling up to 1 s) and log at most once per interval.
                 let (pause, line) = backoff.failed(Instant::now(), &e.to_string());
                 if let Some(line) = line {
-                    eprintln!("{line}");
+                    tracing::warn!("{line}");
                 }
                 drop(permit);
                 tokio::select! {
@@ -234,7 +236,7 @@ async fn accept_loop(
             }
         };
         if let Some(line) = backoff.succeeded(Instant::now()) {
-            eprintln!("{line}");
+            tracing::info!("{line}");
         }
         let _ = stream.set_nodelay(true);
         let Ok(stream) = stream.into_std() else {
@@ -272,11 +274,13 @@ async fn worker(
         Rc::new(shared.blobs.clone()),
         Rc::new(shared.kv.clone()),
     ));
-    let audit = Rc::new(audit::AuditSink::open(&shared.audit_log)?);
+    let audit = Rc::new(shared.audit.clone());
     if let Some(ask) = ask {
         tokio::task::spawn_local(metrics::answer(ask, app.clone()));
     }
     if i == 0 {
+        // Registered before the first connection is served: SIGHUP reopens the audit log.
+        tokio::task::spawn_local(shared.audit.watch_hangup()?);
         // The gateway's outbox: deliveries persisted before a restart go out now, retries
         // when due. One thread's timer is enough: the outbox is in the shared metadata.
         let pump_app = app.clone();
@@ -322,7 +326,7 @@ async fn worker(
             drop(permit);
         });
     }
-    eprintln!(
+    tracing::info!(
         "pullgate worker {i} shutting down: {} connections, {} fills in flight",
         connections.get(),
         fills.get()

@@ -201,6 +201,7 @@ fn build_app() -> Result<(App, Option<Rc<KvBlobStore>>), String> {
     settings
         .refuse_ca_files()
         .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
+    install_logging(&settings.log)?;
     let store = Rc::new(
         Store::open(KV_STORE)
             .map_err(|e| format!("key-value store {KV_STORE:?} (key_value_stores): {e}"))?,
@@ -320,35 +321,82 @@ struct RequestBody {
     _request: IncomingRequest,
 }
 
-fn log_line(method: &str, path: &str, status: u16, info: Option<&RequestInfo>) -> String {
-    AccessLog {
-        method,
-        path,
-        status,
-        info,
-        ..Default::default()
+/// What the access event of a request says besides the status.
+struct Access {
+    method: String,
+    path: String,
+    info: Option<RequestInfo>,
+    /// `[log] access` (an aborted response is logged regardless).
+    enabled: bool,
+    /// The instance's counters and when the request came in (ms), for
+    /// `pullgate_requests_total` and the latency histogram.
+    metrics: Option<(Rc<crate::core::metrics::Metrics>, u64)>,
+}
+
+impl Access {
+    /// Emits the access event; an `error` marks the body aborted.
+    fn emit(&self, status: u16, error: Option<String>) {
+        if let Some((m, started)) = &self.metrics {
+            let seconds = WasiClock.now_ms().saturating_sub(*started) as f64 / 1000.0;
+            let info = self.info.as_ref();
+            let upstream = info.and_then(|i| i.upstream.as_deref());
+            m.observe(
+                &self.method,
+                info.map_or("-", |i| i.route),
+                upstream,
+                status,
+                seconds,
+            );
+        }
+        if error.is_none() && !self.enabled {
+            return;
+        }
+        let aborted = error.is_some();
+        let mut info = self.info.clone();
+        if let Some(e) = error {
+            info.get_or_insert_with(RequestInfo::none).error = Some(e);
+        }
+        AccessLog {
+            method: &self.method,
+            path: &self.path,
+            status,
+            info: info.as_ref(),
+            aborted,
+            ..Default::default()
+        }
+        .emit();
     }
-    .line()
+}
+
+/// Sends the core's `tracing` events and the access events to stderr, one line each, in
+/// `[log] format`, filtered by `[log] level`.
+fn install_logging(log: &config::LogSettings) -> Result<(), String> {
+    let now: fn() -> u64 = || WasiClock.now_ms();
+    crate::logline::LineSubscriber::new(log, now, Box::new(|_, line| eprintln!("{line}")))
+        .map_err(|e| format!("{CONFIG_VAR}: {e}"))?
+        .install();
+    Ok(())
 }
 
 /// Sends the core's response: headers, then the body streamed into the runtime. A body stream
 /// that fails (a digest mismatch) drops the outgoing body unfinished, which the runtime turns
 /// into an aborted response, so a client never takes a short body for a whole one.
-async fn respond(out: ResponseOutparam, resp: ::http::Response<Body>, head: bool, line: String) {
+async fn respond(out: ResponseOutparam, resp: ::http::Response<Body>, head: bool, log: Access) {
     let (parts, body) = resp.into_parts();
     let headers = Fields::new();
     for (name, value) in &parts.headers {
         if let Err(e) = headers.append(name.as_str(), value.as_bytes()) {
-            eprintln!("{line} dropped_header={name} reason={e:?}");
+            tracing::warn!(path = %log.path, header = %name, reason = ?e, "response header dropped");
         }
     }
     let response = OutgoingResponse::new(headers);
     let _ = response.set_status_code(parts.status.as_u16());
     let Ok(outgoing) = response.body() else {
-        eprintln!("{line} error=\"response body taken\"");
+        log.emit(parts.status.as_u16(), Some("response body taken".into()));
         return;
     };
     spin_sdk::wit::wasi::http0_2_0::types::ResponseOutparam::set(out.into_inner(), Ok(response));
+    let status = parts.status.as_u16();
     let result = match body {
         Body::Empty => Ok(()),
         Body::Bytes(b) => write_body(&outgoing, futures_util::stream::iter([Ok(b)]).boxed_local())
@@ -361,13 +409,13 @@ async fn respond(out: ResponseOutparam, resp: ::http::Response<Body>, head: bool
         Ok(()) => match OutgoingBody::finish(outgoing, None) {
             // A HEAD response announces a Content-Length its empty body cannot match; the
             // runtime says so, but the client got what it asked for.
-            Ok(()) | Err(ErrorCode::HttpResponseBodySize(_)) if head => eprintln!("{line}"),
-            Ok(()) => eprintln!("{line}"),
-            Err(e) => eprintln!("{line} aborted=true error={:?}", format!("{e:?}")),
+            Ok(()) | Err(ErrorCode::HttpResponseBodySize(_)) if head => log.emit(status, None),
+            Ok(()) => log.emit(status, None),
+            Err(e) => log.emit(status, Some(format!("{e:?}"))),
         },
         Err(e) => {
             drop(outgoing);
-            eprintln!("{line} aborted=true error={e:?}");
+            log.emit(status, Some(e));
         }
     }
 }
@@ -390,10 +438,20 @@ async fn serve(req: IncomingRequest, out: ResponseOutparam) {
         Ok(r) => r,
         Err(e) => {
             let resp = error_response(&RegistryError::Internal(e.clone()), false);
-            respond(out, resp, false, format!("error={e:?}")).await;
+            let mut info = RequestInfo::none();
+            info.error = Some(e);
+            let log = Access {
+                method: "-".into(),
+                path: "-".into(),
+                info: Some(info),
+                enabled: true,
+                metrics: None,
+            };
+            respond(out, resp, false, log).await;
             return;
         }
     };
+    let started = WasiClock.now_ms();
     let method = request.method().to_string();
     let path = request.uri().path().to_string();
     let head = request.method() == ::http::Method::HEAD;
@@ -405,16 +463,27 @@ async fn serve(req: IncomingRequest, out: ResponseOutparam) {
                 &RegistryError::Internal("pullgate is misconfigured; see the component log".into()),
                 head,
             );
-            let line = log_line(&method, &path, resp.status().as_u16(), None);
-            respond(out, resp, head, line).await;
+            let log = Access {
+                method,
+                path,
+                info: None,
+                enabled: true,
+                metrics: None,
+            };
+            respond(out, resp, head, log).await;
             return;
         }
     };
     reactor::run_with_deferred(async {
         let resp = app.handle_with_body(&request, body).await;
-        let info = resp.extensions().get::<RequestInfo>().cloned();
-        let line = log_line(&method, &path, resp.status().as_u16(), info.as_ref());
-        respond(out, resp, head, line).await;
+        let log = Access {
+            method,
+            path,
+            info: resp.extensions().get::<RequestInfo>().cloned(),
+            enabled: app.settings().log.access,
+            metrics: Some((app.metrics(), started)),
+        };
+        respond(out, resp, head, log).await;
     })
     .await;
     if let Some(blobs) = blobs {

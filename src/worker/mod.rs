@@ -219,6 +219,7 @@ fn build_app(env: &Env) -> Result<App, String> {
     settings
         .refuse_ca_files()
         .map_err(|e| format!("{CONFIG_VAR}: {e}"))?;
+    install_logging(&settings.log)?;
     let kv = env
         .kv(KV_BINDING)
         .map_err(|e| format!("KV namespace binding {KV_BINDING}: {e}"))?;
@@ -252,6 +253,21 @@ fn build_app(env: &Env) -> Result<App, String> {
     let app = App::new(settings, ports);
     tally.attach(app.metrics());
     Ok(app)
+}
+
+/// Sends the core's `tracing` events (and the access events) to the console, one line each
+/// (`[log] format`: text or JSON, which Workers Logs indexes), filtered by `[log] level`.
+fn install_logging(log: &config::LogSettings) -> Result<(), String> {
+    let sink: crate::logline::Sink = Box::new(|level, line| match level {
+        tracing::Level::ERROR => worker::console_error!("{line}"),
+        tracing::Level::WARN => worker::console_warn!("{line}"),
+        _ => worker::console_log!("{line}"),
+    });
+    let now: fn() -> u64 = || worker::js_sys::Date::now() as u64;
+    crate::logline::LineSubscriber::new(log, now, sink)
+        .map_err(|e| format!("{CONFIG_VAR}: {e}"))?
+        .install();
+    Ok(())
 }
 
 /// The isolate's core, built on first use.
@@ -320,7 +336,7 @@ fn content_length(headers: &http::HeaderMap) -> Option<u64> {
 /// served (see [`colo`]) is logged as `cache=edge-hit` and counted in `metrics`.
 fn to_worker(
     resp: http::Response<Body>,
-    id: u64,
+    (id, started_ms): (u64, f64),
     method: &str,
     path: &str,
     metrics: Option<&Metrics>,
@@ -344,8 +360,15 @@ fn to_worker(
             headers.append(name.as_str(), v)?;
         }
     }
+    if let Some(m) = metrics {
+        // To the response head: the body streams after this handler returned.
+        let seconds = (worker::js_sys::Date::now() - started_ms).max(0.0) / 1000.0;
+        let route = info.as_ref().map_or("-", |i| i.route);
+        let upstream = info.as_ref().and_then(|i| i.upstream.as_deref());
+        m.observe(method, route, upstream, status, seconds);
+    }
     let length = content_length(&parts.headers);
-    let line = log_line(method, path, status, info.as_ref());
+    let access = logs_access();
     let builder = ResponseBuilder::new()
         .with_status(status)
         .with_headers(headers);
@@ -355,19 +378,23 @@ fn to_worker(
         Body::Host(host) => match host.0.downcast::<r2::R2Body>() {
             Ok(r2) => builder.stream(r2.stream),
             Err(_) => {
-                worker::console_error!("{line} error=\"unknown host body\"");
+                let mut info = info.unwrap_or_else(RequestInfo::none);
+                info.error = Some("unknown host body".into());
+                log_access(method, path, 500, Some(&info), true);
                 return worker::Response::error("unknown host body", 500);
             }
         },
         Body::Stream(stream) => {
-            let logged = line.clone();
+            let (m, p, mut i) = (method.to_string(), path.to_string(), info.clone());
             // Gated: a coalesced reader is woken by the fill of another request.
             let chunks = Gated::new(id, stream).map(move |chunk| match chunk {
                 Ok(b) => Ok(Vec::from(b)),
                 Err(e) => {
                     // Erroring the stream makes the runtime reset the client connection, so
                     // a client never takes a short or unverified body for a whole one.
-                    worker::console_error!("{logged} aborted=true error={:?}", e.0);
+                    let mut info = i.take().unwrap_or_else(RequestInfo::none);
+                    info.error = Some(e.0.clone());
+                    log_access(&m, &p, status, Some(&info), true);
                     Err(worker::Error::RustError(e.0))
                 }
             });
@@ -381,22 +408,36 @@ fn to_worker(
             }
         }
     };
-    worker::console_log!("{line}");
+    if access {
+        log_access(method, path, status, info.as_ref(), false);
+    }
     Ok(resp)
 }
 
-fn log_line(method: &str, path: &str, status: u16, info: Option<&RequestInfo>) -> String {
+/// `[log] access` of the isolate's core (true until it is built).
+fn logs_access() -> bool {
+    APP.with(|a| {
+        a.borrow()
+            .as_ref()
+            .is_none_or(|app| app.settings().log.access)
+    })
+}
+
+/// The access event for a response (an aborted body logs a second one, with the error).
+fn log_access(method: &str, path: &str, status: u16, info: Option<&RequestInfo>, aborted: bool) {
     AccessLog {
         method,
         path,
         status,
         info,
+        aborted,
         ..Default::default()
     }
-    .line()
+    .emit();
 }
 
 async fn serve(mut req: worker::Request, env: Env, id: u64) -> worker::Result<worker::Response> {
+    let started = worker::js_sys::Date::now();
     let request = to_http(&req)?;
     let body = body_stream(&mut req);
     let method = request.method().to_string();
@@ -409,11 +450,11 @@ async fn serve(mut req: worker::Request, env: Env, id: u64) -> worker::Result<wo
                 &RegistryError::Internal("pullgate is misconfigured; see the worker log".into()),
                 request.method() == http::Method::HEAD,
             );
-            return to_worker(resp, id, &method, &path, None);
+            return to_worker(resp, (id, started), &method, &path, None);
         }
     };
     let resp = app.handle_with_body(&request, body).await;
-    to_worker(resp, id, &method, &path, Some(&app.metrics()))
+    to_worker(resp, (id, started), &method, &path, Some(&app.metrics()))
 }
 
 /// The worker's `fetch` handler.

@@ -164,6 +164,14 @@ impl ChildProcess {
         None
     }
 
+    /// Sends `signal` to the process itself (SIGHUP to reopen logs, …).
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on the process we spawned.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, signal);
+        }
+    }
+
     /// Kills the process group with SIGKILL and reaps the process.
     pub fn kill(&mut self) {
         self.signal_group(libc::SIGKILL);

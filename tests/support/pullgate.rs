@@ -222,6 +222,14 @@ impl Pullgate {
         self.start();
     }
 
+    /// Sends `signal` to the running process.
+    pub fn signal(&self, signal: libc::c_int) {
+        self.process
+            .as_ref()
+            .expect("pullgate is not running")
+            .signal(signal);
+    }
+
     /// Reads `GET /metrics`.
     pub fn metrics(&self) -> Metrics {
         Metrics::fetch(&self.url())

@@ -187,6 +187,7 @@ async fn take_rate(
     };
     taken.map_err(|wait_ms| {
         inc(&inner.metrics.denied);
+        tracing::info!(reason = "rate_limit", key, wait_ms, "request refused");
         too_many(fam, head, wait_ms, "rate limit exceeded; retry later")
     })
 }
@@ -212,6 +213,7 @@ pub(crate) async fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Bo
     let ip = req.extensions().get::<ClientAddr>().map(|c| c.0);
     if !is_network_allowed(s, fam, ip) {
         inc(&inner.metrics.denied);
+        tracing::info!(reason = "network", ip = ?ip, path, "request refused");
         return Err(Box::new(refuse(
             fam,
             StatusCode::FORBIDDEN,
@@ -241,6 +243,7 @@ pub(crate) async fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Bo
                 Ok(r) => r,
                 Err(wait_ms) => {
                     inc(&inner.metrics.denied);
+                    tracing::info!(reason = "lockout", ip = ?ip, path, wait_ms, "request refused");
                     return Err(too_many(
                         fam,
                         head,
@@ -256,6 +259,7 @@ pub(crate) async fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Bo
             Ok(p) => p,
             Err(e) if s.enabled && ours => {
                 inc(&inner.metrics.denied);
+                tracing::info!(reason = "auth", ip = ?ip, path, error = %e, "request refused");
                 return Err(Box::new(if fam == RouteFamily::Registry {
                     challenge(inner, req, None, &e.to_string())
                 } else {
@@ -302,6 +306,12 @@ pub(crate) fn authorize_pull(
         return Ok(());
     }
     inc(&inner.metrics.denied);
+    tracing::info!(
+        reason = "forbidden",
+        identity = %p.name,
+        repository = %canonical,
+        "request refused"
+    );
     let scope = format!("repository:{canonical}:pull");
     if p.is_anonymous() || (p.grants.is_some() && by_rules) {
         return Err(Box::new(challenge(
@@ -464,6 +474,7 @@ async fn login(
         Ok(Ok(p)) => Ok(p),
         Ok(Err(_)) => {
             inc(&inner.metrics.denied);
+            tracing::info!(reason = "auth", ip = ?ip, path = "/token", "request refused");
             Err(Box::new(json_error(
                 StatusCode::UNAUTHORIZED,
                 "invalid credentials",
@@ -471,6 +482,7 @@ async fn login(
         }
         Err(wait_ms) => {
             inc(&inner.metrics.denied);
+            tracing::info!(reason = "lockout", ip = ?ip, path = "/token", wait_ms, "request refused");
             Err(too_many(
                 RouteFamily::Admin,
                 false,

@@ -5,12 +5,14 @@
 //! (`env:NAME` on the native host) that the host's [`SecretResolver`] turns into values; a
 //! resolved secret is a [`Secret`], whose `Debug` prints nothing of it.
 
+pub mod log;
 pub mod value;
 
 pub use crate::core::registry::config::{
     check_upstream, Credentials, UpstreamConfig, UpstreamSpec, DOCKER_HUB,
 };
 use crate::core::registry::config::{resolve_upstreams, upstream_flag};
+pub use log::{LogConfig, LogFormat, LogSettings};
 pub use value::{
     normalize_host, parse_duration_ms, parse_size, ConfigError, Secret, SecretResolver,
 };
@@ -79,6 +81,9 @@ pub struct Config {
     /// may reach.
     #[serde(default)]
     pub outbound: crate::core::outbound::OutboundConfig,
+    /// Logging: filter, format, access events, fill progress.
+    #[serde(default)]
+    pub log: LogConfig,
 }
 
 /// `[server]`: native only (the edge platforms run their own listeners).
@@ -157,6 +162,8 @@ pub struct Settings {
     /// The outbound address policy for upstream-chosen URLs (shared with the requests that
     /// carry it to the host, see `outbound::ChosenByUpstream`).
     pub outbound: std::sync::Arc<crate::core::outbound::OutboundPolicy>,
+    /// `[log]`.
+    pub log: LogSettings,
 }
 
 /// The one configuration bootstrap every host runs: the text (None: the defaults) from
@@ -277,6 +284,7 @@ impl Config {
                 secrets,
             )?,
             outbound: crate::core::outbound::resolve(&self.outbound)?,
+            log: self.log.resolve()?,
         })
     }
 }

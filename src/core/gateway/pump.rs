@@ -136,6 +136,7 @@ async fn attempt(inner: &Rc<Inner>, d: Delivery, run: Run, report: &mut PumpRepo
     let result = execute(inner, &d, &run).await;
     let now = inner.ports.clock.now_ms();
     let settlement = settle(&d, result, now, &RetryPolicy::of(&inner.settings.gateway));
+    log_attempt(&d, &settlement);
     // Reload under the run lock: a result may have been posted while the request was in
     // flight, and must not be overwritten by this pass's stale copy.
     let _guard = inner.run_lock.lock().await;
@@ -147,16 +148,17 @@ async fn attempt(inner: &Rc<Inner>, d: Delivery, run: Run, report: &mut PumpRepo
     let record = settlement.record(&d);
     match &settlement {
         Settlement::Done { .. } => {
+            inner.metrics.delivery("delivered");
             report.delivered += 1;
             remove_pending(inner, &d, due).await;
         }
         Settlement::Retry { .. } => {
-            inc(&inner.metrics.upstream_errors);
+            inner.metrics.delivery("retry");
             report.retrying += 1;
             let _ = save_pending(inner, &record, Some(due)).await;
         }
         Settlement::Dead { .. } => {
-            inc(&inner.metrics.upstream_errors);
+            inner.metrics.delivery("dead");
             report.dead += 1;
             let _ = save_delivery(inner, DEAD, &record).await;
             remove_pending(inner, &d, due).await;
@@ -164,6 +166,33 @@ async fn attempt(inner: &Rc<Inner>, d: Delivery, run: Run, report: &mut PumpRepo
     }
     let _ = save_run(inner, &run).await;
     let _ = enqueue(inner, &run, actions).await;
+}
+
+/// One line per delivery attempt: the target (or pre-warm), the attempt number, the outcome
+/// and, for a retry, when it is due (errors name statuses and addresses, never a secret).
+fn log_attempt(d: &Delivery, s: &Settlement) {
+    let (kind, target) = match &d.kind {
+        DeliveryKind::Dispatch { target, .. } => ("dispatch", target.as_str()),
+        DeliveryKind::Event { target, .. } => ("event", target.as_str()),
+        DeliveryKind::Prewarm { .. } => ("prewarm", "-"),
+    };
+    let attempt = d.attempts + 1;
+    let (delivery, run, stage) = (&d.id, &d.run, d.stage().unwrap_or("-"));
+    match s {
+        Settlement::Done { detail } => tracing::info!(
+            delivery = %delivery, run = %run, stage = %stage, kind, target = %target, attempt,
+            outcome = "delivered", detail = %detail, "outbox attempt"
+        ),
+        Settlement::Retry { at_ms, error } => tracing::warn!(
+            delivery = %delivery, run = %run, stage = %stage, kind, target = %target, attempt,
+            outcome = "retry", next_due = %crate::core::time::rfc3339(*at_ms), error = %error,
+            "outbox attempt"
+        ),
+        Settlement::Dead { reason, error } => tracing::warn!(
+            delivery = %delivery, run = %run, stage = %stage, kind, target = %target, attempt,
+            outcome = "dead", reason = %reason, error = %error, "outbox attempt"
+        ),
+    }
 }
 
 /// The earliest `next_ms` among pending deliveries (hosts with timers sleep until then). A
@@ -217,7 +246,7 @@ async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, S
             outbox::event_request(t, run, &d.id, event_type, stage.as_deref(), None, now)?
         }
     };
-    inc(&inner.metrics.upstream_requests);
+    inc(&inner.metrics.gateway_requests);
     let resp = inner
         .ports
         .upstream

@@ -150,6 +150,7 @@ pub(crate) async fn handle(inner: &Rc<Inner>, req: &Request<()>) -> Option<Respo
         Err(e) => {
             if e.is_upstream() {
                 inc(&inner.metrics.upstream_errors);
+                tracing::warn!(path = req.uri().path(), error = %e, "chart upstream failed");
             }
             (
                 e.response(head),

@@ -16,9 +16,12 @@ pub fn bounded(prefix: &str, rest: String) -> String {
     }
 }
 
+/// The prefix of manifests by digest.
+pub const MANIFEST_PREFIX: &str = "manifest/";
+
 /// A manifest by digest.
 pub fn manifest(digest: &str) -> String {
-    bounded("manifest/", digest.to_string())
+    bounded(MANIFEST_PREFIX, digest.to_string())
 }
 
 /// A tag record: upstream host, repository, accept class, tag.

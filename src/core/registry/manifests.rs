@@ -339,6 +339,13 @@ fn stale_or(ctx: &Ctx<'_>, cached: &Cached, now: u64, e: RegistryError) -> Serve
         {
             inc(&ctx.inner.metrics.upstream_errors);
             inc(&ctx.inner.metrics.stale_served);
+            tracing::warn!(
+                upstream = %ctx.up.host,
+                repository = %ctx.name,
+                digest = %rec.digest,
+                error = %e,
+                "upstream failed; serving the stale tag"
+            );
             Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Stale))
         }
         _ => Err(e),

@@ -10,6 +10,7 @@ pub mod auth;
 pub(crate) mod blobs;
 pub mod config;
 pub(crate) mod fill;
+mod fill_log;
 pub mod keys;
 pub mod links;
 pub mod manifests;

@@ -11,6 +11,7 @@ use crate::core::ports::{
     BlobWriter, ByteStream, CommitError, FillLease, FillProgress, FillWatch, StoreError,
 };
 use crate::core::registry::fill::{follow, Fill, Phase, MAX_UNPERSISTED};
+use crate::core::registry::fill_log::FillLog;
 use crate::core::registry::links::{self, Via};
 use crate::core::registry::reference::{Digest, Name};
 use futures_util::future::join;
@@ -31,11 +32,14 @@ pub(super) async fn drive(
     lease: Box<dyn FillLease>,
     (up, name, digest): (usize, Name, Digest),
 ) {
+    let log = FillLog::begin(&inner, up, &name, &digest);
     let reporting = Reporting {
         fill: &fill,
         lease: &*lease,
+        log: &log,
     };
     let result = transfer(&inner, &reporting, up, &name, &digest).await;
+    log.end(fill.state.borrow().received, &result);
     if result.is_ok() {
         let host = &inner.settings.upstreams[up].host;
         let _ = links::record(&inner, host, &name, &[&digest], Via::Fetched).await;
@@ -66,6 +70,7 @@ pub(super) async fn drive_follower(
 struct Reporting<'a> {
     fill: &'a Fill,
     lease: &'a dyn FillLease,
+    log: &'a FillLog,
 }
 
 impl Reporting<'_> {
@@ -80,6 +85,9 @@ impl Reporting<'_> {
                 outcome,
             }
         };
+        if progress.outcome.is_none() {
+            self.log.progress(progress.persisted);
+        }
         self.lease.report(&progress);
     }
 }
@@ -106,6 +114,7 @@ async fn transfer(
         s.size = size;
         s.tail = tail;
     });
+    reporting.log.started(size);
     reporting.report(None);
     // The receiver and the writer run concurrently and meet in the fill's state.
     let received_all: RefCell<Option<Result<(), RegistryError>>> = RefCell::new(None);

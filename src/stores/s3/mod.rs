@@ -337,7 +337,7 @@ impl S3BlobWriter {
     async fn discard(&mut self) {
         if let Some(upload) = self.upload.take() {
             if let Err(e) = self.client.abort(&self.key, &upload.id).await {
-                eprintln!("pullgate: s3 abort of {} failed: {e}", self.key);
+                tracing::warn!(key = %self.key, "s3 abort of a multipart upload failed: {e}");
             }
         }
         self.buf = Vec::new();

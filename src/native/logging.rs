@@ -1,0 +1,103 @@
+//! The native host's log subscriber: `tracing-subscriber`'s formatter over a non-blocking
+//! writer. The filter is `RUST_LOG` when set, else `[log] level` (both take `RUST_LOG`'s
+//! directive syntax, e.g. `info,pullgate::access=off`); the format is `PULLGATE_LOG_FORMAT`
+//! when set, else `[log] format` (`text`, the default, or `json`: one object per line, the
+//! event's fields at the top level).
+//!
+//! Lines go to stderr through `tracing-appender`'s writer thread: a request formats its line
+//! into a buffer and queues it, and never waits on stderr. When the queue is full
+//! ([`QUEUED_LINES`]), lines are dropped and counted (`pullgate_log_dropped_total`) rather than
+//! slowing the event loops down.
+
+use crate::core::config::{LogFormat, LogSettings};
+use std::sync::OnceLock;
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
+use tracing_subscriber::EnvFilter;
+
+/// Lines queued for the writer thread before new ones are dropped.
+pub const QUEUED_LINES: usize = 64 * 1024;
+/// The environment variable that overrides `[log] format`.
+pub const FORMAT_VAR: &str = "PULLGATE_LOG_FORMAT";
+
+static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
+
+/// Keeps the writer thread; dropping it flushes the queued lines.
+pub struct LogGuard(Option<WorkerGuard>);
+
+/// The filter directives in force: `RUST_LOG` if set (and not empty), else `[log] level`.
+pub fn directives(log: &LogSettings, rust_log: Option<String>) -> String {
+    rust_log
+        .filter(|v| !v.trim().is_empty())
+        .unwrap_or_else(|| log.level.clone())
+}
+
+/// The format in force: `PULLGATE_LOG_FORMAT` if set (and not empty), else `[log] format`.
+pub fn format(log: &LogSettings, var: Option<String>) -> Result<LogFormat, String> {
+    match var.filter(|v| !v.trim().is_empty()) {
+        Some(v) => LogFormat::parse(&v).map_err(|e| format!("{FORMAT_VAR}: {e}")),
+        None => Ok(log.format),
+    }
+}
+
+/// Installs the process's subscriber. A subscriber installed already (tests that run the
+/// host in-process) is left in place.
+pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
+    let directives = directives(log, std::env::var("RUST_LOG").ok());
+    let filter = EnvFilter::try_new(&directives)
+        .map_err(|e| format!("log filter {directives:?} (RUST_LOG or [log] level): {e}"))?;
+    let format = format(log, std::env::var(FORMAT_VAR).ok())?;
+    let (writer, guard) = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("pullgate-log")
+        .finish(std::io::stderr());
+    let counter = writer.error_counter();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer)
+        .with_ansi(false);
+    let installed = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .try_init(),
+    };
+    if installed.is_err() {
+        return Ok(LogGuard(None));
+    }
+    let _ = DROPPED.set(counter);
+    Ok(LogGuard(Some(guard)))
+}
+
+/// Log lines dropped because the writer thread fell behind.
+pub fn dropped_lines() -> u64 {
+    DROPPED.get().map_or(0, |c| c.dropped_lines() as u64)
+}
+
+impl Drop for LogGuard {
+    fn drop(&mut self) {
+        // The WorkerGuard flushes on drop; this only names the order (it goes last).
+        self.0.take();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let log = LogSettings::default();
+        assert_eq!(directives(&log, None), "info");
+        assert_eq!(directives(&log, Some(" ".into())), "info");
+        assert_eq!(directives(&log, Some("debug".into())), "debug");
+        assert_eq!(format(&log, None).unwrap(), LogFormat::Text);
+        assert_eq!(format(&log, Some("json".into())).unwrap(), LogFormat::Json);
+        assert!(format(&log, Some("xml".into()))
+            .unwrap_err()
+            .contains(FORMAT_VAR));
+    }
+}
