@@ -18,13 +18,16 @@
 pub mod audit;
 pub mod check;
 pub mod client;
+pub mod connection;
 pub mod fills;
 pub mod listener;
 pub mod metrics;
 pub mod offload;
 pub mod probes;
+pub mod proxy_protocol;
 pub mod secrets;
 pub mod store;
+pub mod tls;
 pub mod workers;
 
 use crate::core::app::App;
@@ -67,6 +70,10 @@ pub struct ServeOptions {
     pub drain: Option<String>,
     /// `--workers N`: serving threads (default: `[server] workers`, else the cores).
     pub workers: Option<usize>,
+    /// `--tls-cert FILE`: overrides `[tls] cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key FILE`: overrides `[tls] key`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The system clock.
@@ -130,6 +137,10 @@ pub struct Prepared {
     pub drain: probes::DrainPlan,
     /// Serving threads (`--workers`, `[server] workers`, else the cores).
     pub workers: usize,
+    /// `[tls]`, `--tls-cert`, `--tls-key`: TLS on the listener.
+    pub tls: Option<tls::TlsFiles>,
+    /// `[server] proxy_protocol`.
+    pub proxy_protocol: bool,
 }
 
 /// Reads the config file and flags into settings.
@@ -174,7 +185,14 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
         Some(n) => n,
         None => workers::default_workers(),
     };
+    let tls = tls::TlsFiles::resolve(
+        opts.tls_cert.as_deref(),
+        opts.tls_key.as_deref(),
+        &config.tls,
+    )?;
     Ok(Prepared {
+        tls,
+        proxy_protocol: config.server.proxy_protocol.unwrap_or(false),
         workers,
         listen,
         data_dir,
@@ -343,6 +361,8 @@ pub(crate) struct ConnContext {
     pub hub: std::sync::Arc<metrics::MetricsHub>,
     pub body_timeout: std::time::Duration,
     pub probes: std::sync::Arc<probes::Probes>,
+    /// `trusted_proxies`: whose forwarding header names the client.
+    pub trusted: Rc<crate::core::forwarded::TrustedProxies>,
 }
 
 /// Serves one request on a worker: the core answers; the host logs, and sums `/metrics` over
@@ -360,19 +380,22 @@ pub(crate) async fn handle(
         hub,
         body_timeout,
         probes,
+        trusted,
     } = cx;
     let in_flight = InFlight::start(&state);
     let started = Instant::now();
     let (parts, body) = req.into_parts();
+    // The socket's address (or a trusted PROXY header's), unless a trusted proxy forwarded
+    // the request for someone else.
+    let client = trusted.client_addr(peer, &parts.headers);
     let mut req = ::http::Request::from_parts(parts, ());
-    // The socket's address is the only one the native host can vouch for.
     req.extensions_mut()
-        .insert(crate::core::access::ClientAddr(peer));
+        .insert(crate::core::access::ClientAddr(client));
     if req.uri().path() == "/readyz" {
         req.extensions_mut().insert(probes.check().await);
     }
     let log = LogLine {
-        ip: Some(peer),
+        ip: Some(client),
         digest: None,
         audit,
         method: req.method().to_string(),

@@ -189,6 +189,14 @@ impl ChildProcess {
         )
     }
 
+    /// Sends `signal` to the process itself (not its group), e.g. SIGHUP to reload.
+    pub fn signal(&self, signal: libc::c_int) {
+        // SAFETY: kill(2) on the process we spawned.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, signal);
+        }
+    }
+
     fn signal_group(&self, signal: libc::c_int) {
         let pgid = self.child.id() as libc::pid_t;
         // SAFETY: kill(2) with a negative pid signals the group we created in `spawn`.
