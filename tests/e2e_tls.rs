@@ -80,11 +80,18 @@ fn skopeo_and_containerd_pull_a_verified_image_over_tls() {
 }
 
 #[test]
-fn http2_is_negotiated_by_alpn_and_streams_a_blob() {
+fn http2_is_negotiated_by_alpn_and_streams_a_blob_with_tls_from_the_environment() {
     let (registry, image) = upstream();
     let ca = TestCa::generate();
-    let dir = tempfile::tempdir().expect("tempdir");
-    let pg = start(&registry, &ca, dir.path());
+    // Configured through the environment this time, as PULLGATE_TLS_CERT / _KEY.
+    let cert = ca.server_cert().display().to_string();
+    let key = ca.server_key().display().to_string();
+    let pg = Pullgate::builder()
+        .env("PULLGATE_TLS_CERT", &cert)
+        .env("PULLGATE_TLS_KEY", &key)
+        .upstream("reg.test", &registry.url())
+        .tls_ca(&ca.ca_file())
+        .start();
     let blob = image.largest_layer();
     let url = format!("{}/v2/reg.test/team/app/blobs/{}", pg.url(), blob.digest);
     let h2 = client_trusting(&ca.ca_file());

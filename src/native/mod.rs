@@ -277,6 +277,7 @@ impl Drop for LogLine {
             method: &self.method,
             path: &self.path,
             status: self.status,
+            client: self.ip,
             info: self.info.as_ref(),
             bytes: Some(self.bytes),
             ms: Some(self.started.elapsed().as_millis()),
