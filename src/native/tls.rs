@@ -198,10 +198,30 @@ impl ListenerTls {
 }
 
 /// Reloads the certificate on SIGHUP and whenever its files change, until the runtime stops.
-pub async fn watch(tls: ListenerTls) {
-    let mut seen = tls.files.stamp();
+/// Call it inside the runtime: the SIGHUP handler is installed before this returns, so a
+/// SIGHUP from then on reloads (and never falls to the default action, which ends the
+/// process).
+pub fn watch(tls: ListenerTls) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    #[cfg(unix)]
+    if let Err(e) = &hangup {
+        eprintln!("tls: no SIGHUP reloads ({e}); file changes still reload");
+    }
+    #[cfg(unix)]
+    let hangup = hangup.ok();
+    reload_loop(
+        tls,
+        #[cfg(unix)]
+        hangup,
+    )
+}
+
+async fn reload_loop(
+    tls: ListenerTls,
+    #[cfg(unix)] mut hangup: Option<tokio::signal::unix::Signal>,
+) {
+    let mut seen = tls.files.stamp();
     let mut poll = tokio::time::interval(POLL_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
