@@ -211,6 +211,11 @@ impl<'i> Doc<'_, 'i> {
             problems.push(self.problem_for(path.into(), &message));
         }
         problems.extend(self.trusted_proxy_problems(c));
+        if c.server.proxy_protocol == Some(true) && c.trusted_proxies.is_empty() {
+            let message = crate::native::PROXY_PROTOCOL_ALONE.trim_start_matches("configuration: ");
+            let message = message.trim_start_matches("server.proxy_protocol ");
+            problems.push(self.problem_for("server.proxy_protocol".into(), message));
+        }
         if problems.is_empty() {
             if let Err(e) = c.resolve(&FormOnly) {
                 problems.push(self.problem_for(String::new(), &e.0));
@@ -489,6 +494,10 @@ mod tests {
             "trusted_proxies = [\"127.0.0.1\", \"::1\"]\nforwarded_header = \"forwarded\"\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[server]\nproxy_protocol = true\n"
         )
         .is_empty());
+        let alone = check_config_text("[server]\nproxy_protocol = true\n");
+        assert_eq!(alone.len(), 1, "{alone:?}");
+        assert_eq!(alone[0].path, "server.proxy_protocol");
+        assert_eq!(alone[0].at, Some((2, 1)));
         let typo = check_config_text("[tls]\ncert = \"c\"\nkey = \"k\"\nchain = \"x\"\n");
         assert_eq!(typo[0].path, "tls.chain", "{typo:?}");
     }

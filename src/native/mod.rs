@@ -143,6 +143,10 @@ pub struct Prepared {
     pub proxy_protocol: bool,
 }
 
+/// `[server] proxy_protocol` with nobody to believe it from: every header would be refused.
+pub(crate) const PROXY_PROTOCOL_ALONE: &str =
+    "configuration: server.proxy_protocol needs trusted_proxies (the load balancers' addresses)";
+
 /// Reads the config file and flags into settings.
 pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
     let text = match &opts.config {
@@ -190,9 +194,13 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
         opts.tls_key.as_deref(),
         &config.tls,
     )?;
+    let proxy_protocol = config.server.proxy_protocol.unwrap_or(false);
+    if proxy_protocol && settings.trusted_proxies.nets.is_empty() {
+        return Err(PROXY_PROTOCOL_ALONE.into());
+    }
     Ok(Prepared {
         tls,
-        proxy_protocol: config.server.proxy_protocol.unwrap_or(false),
+        proxy_protocol,
         workers,
         listen,
         data_dir,

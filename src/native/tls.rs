@@ -176,12 +176,16 @@ pub struct ListenerTls {
     pub slot: Arc<CertSlot>,
     /// Where it comes from.
     pub files: TlsFiles,
+    /// The files' stamp taken before the current pair was read.
+    loaded: [Option<(SystemTime, u64)>; 2],
 }
 
 impl ListenerTls {
     /// Loads `files` (an error stops the start) and builds the server configuration: TLS 1.2
     /// and 1.3, no client certificates, ALPN `h2` then `http/1.1`.
     pub fn start(files: TlsFiles) -> Result<ListenerTls, String> {
+        // Stamp first: a change while the files are read is then seen as a change.
+        let loaded = files.stamp();
         let slot = CertSlot::new(load(&files)?);
         let mut config = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
@@ -193,6 +197,7 @@ impl ListenerTls {
             acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(config)),
             slot,
             files,
+            loaded,
         })
     }
 }
@@ -221,7 +226,7 @@ async fn reload_loop(
     tls: ListenerTls,
     #[cfg(unix)] mut hangup: Option<tokio::signal::unix::Signal>,
 ) {
-    let mut seen = tls.files.stamp();
+    let mut seen = tls.loaded;
     let mut poll = tokio::time::interval(POLL_EVERY);
     poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     poll.tick().await;
