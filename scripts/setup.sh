@@ -32,6 +32,8 @@ PACKAGES=(
     "skopeo:skopeo"
     "containerd:containerd ctr"
     "systemd:systemd-analyze"
+    "buildah:buildah"
+    "umoci:umoci"
 )
 
 missing=()

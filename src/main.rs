@@ -62,6 +62,36 @@ enum Command {
         #[arg(value_name = "FILE", env = "PULLGATE_CONFIG")]
         file: PathBuf,
     },
+    /// Pre-warm a cache: pull images (index, platforms' manifests, configs, layers) through a
+    /// running pullgate (`--server`) or into the local cache, printing each step.
+    Warm {
+        /// Images, as clients name them: `[host/]repository[:tag][@digest]`.
+        #[arg(value_name = "REF", required = true)]
+        images: Vec<String>,
+        /// `os/arch[/variant]` to warm from a multi-platform index (repeatable) [default: all].
+        #[arg(long = "platform", value_name = "PLATFORM")]
+        platforms: Vec<String>,
+        /// A running pullgate's URL (e.g. http://127.0.0.1:5000) [default: the local cache].
+        #[arg(long, value_name = "URL", env = "PULLGATE_SERVER")]
+        server: Option<String>,
+        /// User name for `--server` (Basic); the password is read from `PULLGATE_PASSWORD`.
+        #[arg(long, value_name = "NAME")]
+        user: Option<String>,
+        /// Local cache directory (without `--server`) [default: as `serve`].
+        #[arg(long, value_name = "DIR", env = "PULLGATE_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+        /// Upstream registry, HOST=URL (without `--server`), as `serve` takes it.
+        #[arg(
+            long,
+            value_name = "HOST=URL",
+            env = "PULLGATE_UPSTREAM",
+            value_delimiter = ','
+        )]
+        upstream: Vec<String>,
+        /// Configuration file (without `--server`), as `serve` takes it.
+        #[arg(long, value_name = "FILE", env = "PULLGATE_CONFIG")]
+        config: Option<PathBuf>,
+    },
     /// Read a password on standard input and print its argon2id hash for `[[identity]]`.
     HashPassword,
 }
@@ -89,6 +119,15 @@ fn main() {
             tls_key,
         }),
         Command::CheckConfig { file } => check_config(&file),
+        Command::Warm {
+            images,
+            platforms,
+            server,
+            user,
+            data_dir,
+            upstream,
+            config,
+        } => warm(images, platforms, server, user, data_dir, upstream, config),
         Command::HashPassword => hash_password(),
     };
     if let Err(e) = result {
@@ -122,6 +161,41 @@ fn check_config(file: &std::path::Path) -> Result<(), String> {
         problems.len(),
         file.display()
     ))
+}
+
+fn warm(
+    images: Vec<String>,
+    platforms: Vec<String>,
+    server: Option<String>,
+    user: Option<String>,
+    data_dir: Option<PathBuf>,
+    upstreams: Vec<String>,
+    config: Option<PathBuf>,
+) -> Result<(), String> {
+    let credentials = match user {
+        Some(user) => {
+            let password = std::env::var("PULLGATE_PASSWORD")
+                .map_err(|_| "--user needs the password in PULLGATE_PASSWORD".to_string())?;
+            Some((user, password))
+        }
+        None => None,
+    };
+    pullgate::native::warm::run(pullgate::native::warm::WarmOptions {
+        images,
+        platforms,
+        server,
+        credentials,
+        local: pullgate::native::ServeOptions {
+            listen: None,
+            data_dir,
+            upstreams,
+            config,
+            drain: None,
+            workers: None,
+            tls_cert: None,
+            tls_key: None,
+        },
+    })
 }
 
 fn hash_password() -> Result<(), String> {

@@ -246,12 +246,15 @@ fn readiness_follows_storage_and_turns_off_before_the_listener_closes() {
     let data = served.data_dir();
     let moved = served.dir.path().join("data-moved");
     std::fs::rename(&data, &moved).expect("move the data dir away");
-    let (status, body) = served.status("/readyz");
-    assert_eq!(status, 503, "{body}");
+    // (One storage check answers for a second: poll.)
+    let unwritable = poll_until(BOUND, || served.status("/readyz").0 == 503);
+    assert!(unwritable, "/readyz stayed ready:\n{}", served.log());
+    let (_, body) = served.status("/readyz");
     assert!(body.contains("storage is not writable"), "{body}");
     assert_eq!(served.status("/livez").0, 200);
     std::fs::rename(&moved, &data).expect("move the data dir back");
-    assert_eq!(served.status("/readyz").0, 200);
+    let writable = poll_until(BOUND, || served.status("/readyz").0 == 200);
+    assert!(writable, "/readyz stayed unready:\n{}", served.log());
 
     served.signal(libc::SIGTERM);
     let unready = poll_until(BOUND, || served.status("/readyz").0 == 503);

@@ -11,6 +11,7 @@ use crate::core::config::Settings;
 pub use crate::core::context::GatewayShare;
 use crate::core::context::{Ctx, Inner, ResponseNote};
 use crate::core::error::RegistryError;
+pub use crate::core::gateway::{warm, WarmReport, WarmStep};
 use crate::core::http::{error_response, text};
 use crate::core::metrics::{inc, Metrics};
 use crate::core::ports::{ByteStream, Ports, Readiness};
@@ -62,6 +63,24 @@ impl App {
         self
     }
 
+    /// Keeps the rate-limit buckets in `store` instead of this instance's memory, so limits
+    /// hold across instances that share the store (Spin: one instance per request).
+    pub fn with_rate_limits(self, store: Rc<dyn crate::core::ports::RateLimitStore>) -> App {
+        let port = self
+            .inner
+            .slots
+            .get::<crate::core::access::limit::RateLimitPort>();
+        *port.0.borrow_mut() = Some(store);
+        self
+    }
+
+    /// Shares upstream bearer tokens through `store` (besides this instance's memory), so a
+    /// token fetched by one instance is reused by the others until it expires.
+    pub fn with_token_store(self, store: Rc<dyn crate::core::ports::TokenStore>) -> App {
+        self.inner.client.set_token_store(store);
+        self
+    }
+
     /// Runs the gateway's due deliveries once. Hosts call it from a timer (native), a cron
     /// trigger or queue consumer (Workers), or on requests (Spin); webhooks also start it.
     pub async fn pump_outbox(&self) -> crate::core::gateway::PumpReport {
@@ -71,6 +90,18 @@ impl App {
     /// When the next pending delivery is due (ms since the epoch), if any.
     pub async fn next_delivery_due(&self) -> Option<u64> {
         crate::core::gateway::next_due(&self.inner).await
+    }
+
+    /// Pulls `image` (the `platforms`' manifests, all when empty) through this instance's
+    /// cache as an internal caller, reporting each step: the `warm` command over a local
+    /// cache. The same walk as the gateway's `distribute` stage.
+    pub async fn warm(
+        &self,
+        image: &str,
+        platforms: &[String],
+        progress: &mut dyn FnMut(WarmStep),
+    ) -> Result<WarmReport, String> {
+        crate::core::gateway::warm_local(&self.inner, image, platforms, progress).await
     }
 
     /// The counters.

@@ -224,6 +224,116 @@ pub async fn offload<T: Send + 'static>(
     v.ok_or(OffloadError)
 }
 
+/// A token bucket's limit: `n` tokens per `per_ms` milliseconds, holding at most `burst`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BucketLimit {
+    /// Tokens added per `per_ms`.
+    pub n: u32,
+    /// The refill period in ms.
+    pub per_ms: u64,
+    /// The most tokens the bucket holds (a new bucket starts full); 0 counts as 1.
+    pub burst: u32,
+}
+
+/// A bucket's state: what a [`RateLimitStore`] keeps per key. The refill rule lives here so
+/// that every store (in memory, a key-value record, a Durable Object) applies the same one.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BucketState {
+    /// Tokens left (fractional: refills are continuous).
+    pub tokens: f64,
+    /// When `tokens` was computed (ms since the epoch).
+    pub at_ms: u64,
+}
+
+/// The answer of [`RateLimitStore::take`] (and of [`BucketState::take`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BucketTake {
+    /// A token was taken: admit.
+    Taken,
+    /// The bucket is empty: refuse; a token is available again after this many ms.
+    Empty {
+        /// Milliseconds until the next token.
+        retry_after_ms: u64,
+    },
+}
+
+impl BucketState {
+    /// A new bucket for `limit` at `now_ms`: full.
+    pub fn full(limit: BucketLimit, now_ms: u64) -> BucketState {
+        BucketState {
+            tokens: f64::from(limit.burst.max(1)),
+            at_ms: now_ms,
+        }
+    }
+
+    /// Refills the bucket up to `now_ms` (never back in time: a clock behind `at_ms` refills
+    /// nothing) and takes one token if there is one.
+    pub fn take(&mut self, limit: BucketLimit, now_ms: u64) -> BucketTake {
+        let per_ms = f64::from(limit.n) / limit.per_ms.max(1) as f64;
+        let cap = f64::from(limit.burst.max(1));
+        let elapsed = now_ms.saturating_sub(self.at_ms) as f64;
+        self.tokens = (self.tokens + elapsed * per_ms).min(cap);
+        self.at_ms = self.at_ms.max(now_ms);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            BucketTake::Taken
+        } else {
+            BucketTake::Empty {
+                retry_after_ms: ((1.0 - self.tokens) / per_ms).ceil() as u64,
+            }
+        }
+    }
+}
+
+/// Rate-limit buckets kept outside the core instance, so a limit holds across instances (Spin
+/// runs one instance per request; Workers one per isolate). Without one the core keeps its
+/// buckets in memory, per instance (the native host's default).
+///
+/// The contract: [`take`](Self::take) applies [`BucketState::take`] to the bucket stored
+/// under `key` (a missing bucket is [`BucketState::full`]) and stores the result. How exact
+/// that is under concurrent takes of one key is the store's to document (a read-modify-write
+/// without compare-and-swap may admit a few extra requests; it must never refuse one a serial
+/// bucket would admit). A store that fails answers `Err`; the core then admits the request (a
+/// rate limit protects capacity, it is not an access rule).
+#[async_trait::async_trait(?Send)]
+pub trait RateLimitStore {
+    /// Takes one token from the bucket `key` (`ip:…`, `id:…`; any length, any bytes a header
+    /// may carry: a store hashes it into its own key) under `limit` at `now_ms`.
+    async fn take(
+        &self,
+        key: &str,
+        limit: BucketLimit,
+        now_ms: u64,
+    ) -> Result<BucketTake, StoreError>;
+}
+
+/// An upstream bearer token kept in a [`TokenStore`].
+#[derive(Debug, Clone)]
+pub struct StoredToken {
+    /// The token (a secret: its `Debug` is redacted).
+    pub token: crate::core::config::value::Secret,
+    /// When the core stops using it (ms since the epoch; already shortened for clock skew).
+    pub valid_until_ms: u64,
+}
+
+/// Upstream bearer tokens kept outside the core instance, so a token fetched by one instance
+/// (one Spin request) is reused by the next until it expires. Without one the core caches
+/// tokens in memory per instance. Tokens are secrets: a store keeps them only in the host's
+/// own storage and never puts them in an error or a log line.
+#[async_trait::async_trait(?Send)]
+pub trait TokenStore {
+    /// The token for (`upstream`, `scope`), if one is stored and valid at `now_ms`.
+    async fn get(
+        &self,
+        upstream: &str,
+        scope: &str,
+        now_ms: u64,
+    ) -> Result<Option<StoredToken>, StoreError>;
+    /// Stores the token for (`upstream`, `scope`), replacing any other.
+    async fn put(&self, upstream: &str, scope: &str, token: &StoredToken)
+        -> Result<(), StoreError>;
+}
+
 /// All the ports a core instance runs on.
 #[derive(Clone)]
 pub struct Ports {

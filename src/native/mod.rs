@@ -28,6 +28,7 @@ pub mod proxy_protocol;
 pub mod secrets;
 pub mod store;
 pub mod tls;
+pub mod warm;
 pub mod workers;
 
 use crate::core::app::App;

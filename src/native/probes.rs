@@ -66,15 +66,31 @@ pub struct Probes {
     draining: AtomicBool,
     /// Numbers probe files, so overlapping probes never share one.
     next: AtomicU64,
+    /// The last storage check and when it ran: reused for [`STORAGE_CHECK_EVERY`], so a flood
+    /// of `/readyz` requests (the probe is answered before `[[network]]` rules see the request)
+    /// costs at most one file write per interval.
+    last: std::sync::Mutex<Option<(std::time::Instant, Readiness)>>,
+    /// [`STORAGE_CHECK_EVERY`], or another interval in tests.
+    every: std::time::Duration,
 }
+
+/// How long one storage check answers `/readyz` for.
+const STORAGE_CHECK_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl Probes {
     /// Probes for a host storing under `data_dir`.
     pub fn new(data_dir: &Path) -> Arc<Probes> {
+        Probes::checking_every(data_dir, STORAGE_CHECK_EVERY)
+    }
+
+    /// Probes whose storage check answers for `every`.
+    fn checking_every(data_dir: &Path, every: std::time::Duration) -> Arc<Probes> {
         Arc::new(Probes {
             data_dir: data_dir.to_path_buf(),
             draining: AtomicBool::new(false),
             next: AtomicU64::new(0),
+            last: std::sync::Mutex::new(None),
+            every,
         })
     }
 
@@ -89,11 +105,28 @@ impl Probes {
     }
 
     /// Readiness now: not draining, and a probe file can be written and deleted under the
-    /// data directory.
+    /// data directory (checked at most once per [`STORAGE_CHECK_EVERY`]).
     pub async fn check(&self) -> Readiness {
         if self.is_draining() {
             return Readiness::NotReady("draining".into());
         }
+        let now = std::time::Instant::now();
+        if let Ok(last) = self.last.lock() {
+            if let Some((at, readiness)) = last.as_ref() {
+                if now.duration_since(*at) < self.every {
+                    return readiness.clone();
+                }
+            }
+        }
+        let readiness = self.check_storage().await;
+        if let Ok(mut last) = self.last.lock() {
+            *last = Some((now, readiness.clone()));
+        }
+        readiness
+    }
+
+    /// Writes and deletes a probe file under the data directory.
+    async fn check_storage(&self) -> Readiness {
         let n = self.next.fetch_add(1, Ordering::Relaxed);
         let probe = self
             .data_dir
@@ -228,5 +261,27 @@ mod tests {
             // The second signal cuts the unready window short.
             assert!(poll());
         });
+    }
+
+    #[test]
+    fn a_storage_check_answers_for_its_interval_then_runs_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        std::fs::create_dir(&data).unwrap();
+        let cached = Probes::checking_every(&data, Duration::from_secs(3600));
+        let fresh = Probes::checking_every(&data, Duration::ZERO);
+        let rt = rt();
+        assert_eq!(rt.block_on(cached.check()), Readiness::Ready);
+        assert_eq!(rt.block_on(fresh.check()), Readiness::Ready);
+        std::fs::remove_dir(&data).unwrap();
+        // Within the interval no file is written: the last answer stands.
+        assert_eq!(rt.block_on(cached.check()), Readiness::Ready);
+        assert!(matches!(rt.block_on(fresh.check()), Readiness::NotReady(_)));
+        // A drain is never cached.
+        cached.start_drain();
+        assert_eq!(
+            rt.block_on(cached.check()),
+            Readiness::NotReady("draining".into())
+        );
     }
 }

@@ -23,18 +23,24 @@
 //! left, an outbox pass) runs in the same handler call after the response is complete, and the
 //! handler returns when it is done.
 //!
+//! Spin runs one request per component instance and drops the instance afterwards, so what
+//! must outlive a request is kept in the key-value store: rate-limit buckets
+//! ([`SpinRateLimits`]), upstream bearer tokens ([`SpinTokens`]) and fill leases
+//! ([`SpinFills`]: a second cold pull of a blob waits for the first one's commit instead of
+//! fetching again). Each module documents how exact it is under concurrency.
+//!
 //! # Limitations
-//! - Spin runs one request per component instance and drops the instance afterwards: the
-//!   core's in-memory state lives for one request. Concurrent misses for one blob are not
-//!   coalesced across requests (each fetches; the key-value store keeps one copy), the token
-//!   cache, rate-limit buckets and login-failure counters start empty on every request (so
-//!   per-address limits and lockouts do not hold across requests), and `/metrics` shows only
-//!   the request that reads it.
+//! - The core's in-memory state lives for one request: login-failure counters start empty on
+//!   every request (lockouts do not hold across requests), and `/metrics` shows only the
+//!   request that reads it. Rate limits, tokens and fill coalescing go through the key-value
+//!   store (above), best effort under concurrency: no compare-and-swap.
 //! - Password verification (argon2) runs inline ([`InlineOffload`]): a component instance has
 //!   no threads, and it serves one request anyway.
 //! - No timers and no background tasks: deferred work finishes before the handler returns
 //!   (within Spin's request timeout, if one is set); gateway retries happen when a later
-//!   request finds the outbox idle (`pump_if_idle`) or on `POST /chain/outbox/pump` from a cron.
+//!   request finds the outbox idle (`pump_if_idle`) or on `POST /chain/outbox/pump` with the
+//!   gateway's admin token, from an external scheduler (a Kubernetes CronJob, a `spin-cron`
+//!   component, any cron with `curl`): Spin has no timers of its own.
 //! - Without an S3 endpoint, blobs live in the key-value store, chunked, up to
 //!   `pullgate_kv_blob_max_size` each; larger ones are verified and streamed through, not
 //!   cached (see [`blobs`]). With one, every blob goes to the bucket (see
@@ -48,14 +54,20 @@
 
 pub mod blobs;
 pub mod kv;
+pub mod leases;
+pub mod limits;
 pub mod outbound;
 pub mod reactor;
+pub mod tokens;
 
 pub use crate::stores::s3::{S3BlobStore, S3Settings};
 pub use blobs::KvBlobStore;
 pub use kv::SpinKv;
+pub use leases::SpinFills;
+pub use limits::SpinRateLimits;
 pub use outbound::SpinUpstream;
 pub use reactor::SpinDeferred;
+pub use tokens::SpinTokens;
 
 use crate::core::access::ClientAddr;
 use crate::core::app::App;
@@ -208,15 +220,27 @@ fn build_app() -> Result<(App, Option<Rc<KvBlobStore>>), String> {
             (blobs.clone(), Some(blobs))
         }
     };
+    let fills = SpinFills::new(
+        store.clone(),
+        blobs.clone(),
+        clock.clone(),
+        settings.upstream_timeout_ms,
+    );
     let ports = Ports {
         upstream: Rc::new(SpinUpstream::new(timeout)),
-        kv: Rc::new(SpinKv::new(store)),
+        kv: Rc::new(SpinKv::new(store.clone())),
         blobs,
         clock,
         deferred: Rc::new(SpinDeferred),
         offload: Rc::new(InlineOffload),
     };
-    Ok((App::new(settings, ports), kv_blobs))
+    // Shared through the key-value store, as each request is a fresh instance: rate-limit
+    // buckets, upstream tokens and fill leases.
+    let app = App::new(settings, ports)
+        .with_rate_limits(Rc::new(SpinRateLimits::new(store.clone())))
+        .with_token_store(Rc::new(SpinTokens::new(store.clone())))
+        .with_fill_coordinator(Rc::new(fills));
+    Ok((app, kv_blobs))
 }
 
 /// The instance's core, built on first use.

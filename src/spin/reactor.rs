@@ -110,6 +110,15 @@ pub async fn ready(pollable: Pollable) {
     .await
 }
 
+/// Resolves after `ms` milliseconds (a `wasi:clocks/monotonic-clock` pollable): the host's
+/// own waits, such as a fill follower polling its lead's lease.
+pub async fn sleep_ms(ms: u64) {
+    ready(wasi::clocks::monotonic_clock::subscribe_duration(
+        ms.saturating_mul(1_000_000),
+    ))
+    .await
+}
+
 /// The deferred-work port on Spin: work joins the current request's [`run_with_deferred`],
 /// which keeps the handler (and so the instance) alive until it finishes. Spin has no
 /// background tasks beyond the handler: nothing runs after the handler returns.

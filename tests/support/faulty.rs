@@ -64,6 +64,9 @@ pub enum Fault {
     /// Sends a blob's headers and half its bytes, then sends nothing until the fault changes;
     /// then it closes the connection without the rest.
     StallMidBlob,
+    /// Sends a blob's headers and half its bytes, then sends nothing until the fault changes;
+    /// then it sends the rest: a transfer that stays in flight until the test lets it finish.
+    PauseMidBlob,
     /// Redirects every blob request to `/redirect/<n+1>/...` on itself, forever.
     RedirectLoop,
     /// Redirects every blob request to `<location>` (the blob's path is appended).
@@ -473,6 +476,15 @@ fn handle(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
             stall(shared);
             let _ = stream.shutdown(Shutdown::Both);
             Ok(())
+        }
+        Fault::PauseMidBlob if is_blob && method == "GET" => {
+            stream.write_all(&head(200, &headers, body.len()))?;
+            let half = body.len() / 2;
+            stream.write_all(&body[..half])?;
+            stream.flush()?;
+            stall(shared);
+            stream.write_all(&body[half..])?;
+            stream.flush()
         }
         Fault::Slow {
             delay,

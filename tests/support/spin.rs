@@ -372,6 +372,39 @@ impl SpinApp {
         keys
     }
 
+    /// The file the shim keeps `key` of store `store` in (the key in hex, in directories of
+    /// 200 characters, the last with `.v`; see `tests/spin-shim`).
+    fn kv_file(&self, store: &str, key: &str) -> PathBuf {
+        let hex: String = key.bytes().map(|b| format!("{b:02x}")).collect();
+        let mut path = self.kv_dir().join(store);
+        let parts: Vec<&str> = hex
+            .as_bytes()
+            .chunks(200)
+            .map(|c| std::str::from_utf8(c).expect("hex"))
+            .collect();
+        for (i, part) in parts.iter().enumerate() {
+            if i + 1 == parts.len() {
+                path.push(format!("{part}.v"));
+            } else {
+                path.push(part);
+            }
+        }
+        path
+    }
+
+    /// The raw value of `key` in store `store`, as the component wrote it.
+    pub fn kv_get(&self, store: &str, key: &str) -> Option<Vec<u8>> {
+        std::fs::read(self.kv_file(store, key)).ok()
+    }
+
+    /// Writes `value` under `key` in store `store`, as another instance would (for a record
+    /// a test plants, such as a dead instance's fill lease).
+    pub fn kv_put(&self, store: &str, key: &str, value: &[u8]) {
+        let path = self.kv_file(store, key);
+        std::fs::create_dir_all(path.parent().expect("parent")).expect("create kv dirs");
+        std::fs::write(&path, value).expect("write kv value");
+    }
+
     /// Keys of the key-value store that hold (or stage) bytes of `digest`. Link records
     /// (`link/<host>/<repository>/<digest>`) name the digest but hold none of its bytes: a
     /// manifest fetch links every layer it references before any of them is fetched, so a blob

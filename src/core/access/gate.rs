@@ -15,7 +15,7 @@
 //! [`limit`]: crate::core::access::limit
 
 use crate::core::access::caller::{Caller, InternalCall};
-use crate::core::access::limit::{Limiter, Rate};
+use crate::core::access::limit::{Limiter, Rate, RateLimitPort};
 use crate::core::access::token::{self, Claims, Grant};
 use crate::core::access::{
     authenticate, basic_credentials, check_password, is_allowed, is_network_allowed, presented,
@@ -26,7 +26,7 @@ use crate::core::context::Inner;
 use crate::core::error::RegistryError;
 use crate::core::http::{error_response, json_error, json_response, read_capped, ReadError};
 use crate::core::metrics::inc;
-use crate::core::ports::{ByteStream, Offload};
+use crate::core::ports::{BucketTake, ByteStream, Offload};
 use crate::core::registry::reference::Digest;
 use crate::core::registry::route::resolve_upstream;
 use crate::core::time::rfc3339;
@@ -165,8 +165,11 @@ fn burst(rate: Rate, configured: Option<u32>) -> u32 {
 }
 
 /// Takes one token from the `key` bucket at `rate`; a 429 (counted as a refusal) when it is
-/// empty. The per-address and per-identity limits both go through here.
-fn take_rate(
+/// empty. The per-address and per-identity limits both go through here: the buckets are the
+/// instance's own, or the host's shared [`RateLimitStore`](crate::core::ports::RateLimitStore)
+/// when it set one. A shared store that fails admits the request: a rate limit protects
+/// capacity, it is not an access rule (the store's adapter logs the failure).
+async fn take_rate(
     inner: &Inner,
     key: &str,
     rate: Rate,
@@ -174,7 +177,14 @@ fn take_rate(
     now: u64,
 ) -> Result<(), Box<Response<Body>>> {
     let burst = burst(rate, inner.settings.access.burst);
-    let taken = inner.limiter.borrow_mut().take(key, rate, burst, now);
+    let shared = inner.slots.get::<RateLimitPort>().0.borrow().clone();
+    let taken = match shared {
+        None => inner.limiter.borrow_mut().take(key, rate, burst, now),
+        Some(store) => match store.take(key, rate.limit(burst), now).await {
+            Ok(BucketTake::Empty { retry_after_ms }) => Err(retry_after_ms),
+            Ok(BucketTake::Taken) | Err(_) => Ok(()),
+        },
+    };
     taken.map_err(|wait_ms| {
         inc(&inner.metrics.denied);
         too_many(fam, head, wait_ms, "rate limit exceeded; retry later")
@@ -214,7 +224,7 @@ pub(crate) async fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Bo
     let limited = fam != RouteFamily::Metrics;
     let now = inner.ports.clock.now_ms();
     if let (Some(rate), Some(addr), true) = (s.per_ip, ip, limited) {
-        take_rate(inner, &format!("ip:{addr}"), rate, (fam, head), now)?;
+        take_rate(inner, &format!("ip:{addr}"), rate, (fam, head), now).await?;
     }
     // Webhooks authenticate by signature (Harbor's Authorization header is not ours), and
     // /token checks its own credentials. Elsewhere, credentials that are not an identity's may
@@ -263,7 +273,8 @@ pub(crate) async fn admit(inner: &Inner, req: &Request<()>) -> Result<Caller, Bo
             rate,
             (fam, head),
             now,
-        )?;
+        )
+        .await?;
     }
     Ok(Caller {
         principal,

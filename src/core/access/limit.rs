@@ -1,7 +1,8 @@
 //! Token-bucket rate limits per key (identity or client IP), and failed-login lockouts per
-//! key (client IP, user name), decided from the clock port's time. Per core instance: on the
-//! edge hosts each isolate or instance counts on its own, so limits there are approximate
-//! (documented in the README and in each host's `# Limitations`).
+//! key (client IP, user name), decided from the clock port's time. Per core instance, unless
+//! the host hands the core a [`RateLimitStore`] (Spin: its key-value store), which then keeps
+//! the buckets (the refill rule is [`BucketState::take`] either way). Lockouts stay per
+//! instance. How exact a shared store is under concurrency is documented by each host.
 //!
 //! Lockouts: after [`LoginPolicy::failures`] failed logins for a key, the key is locked for
 //! [`LoginPolicy::lockout_ms`], doubled by each further failure up to
@@ -10,7 +11,10 @@
 //! against the budget, so a burst of concurrent logins cannot all be checked before the first
 //! failure is recorded: at most `failures` checks (one, once locked before) run per key.
 
+use crate::core::ports::{BucketLimit, BucketState, BucketTake, RateLimitStore};
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::rc::Rc;
 
 /// Most keys tracked; the stalest are dropped beyond it.
 const MAX_KEYS: usize = 10_000;
@@ -24,6 +28,23 @@ pub struct Rate {
     pub per_ms: u64,
 }
 
+impl Rate {
+    /// This rate as a bucket limit holding at most `burst` tokens.
+    pub fn limit(self, burst: u32) -> BucketLimit {
+        BucketLimit {
+            n: self.n,
+            per_ms: self.per_ms,
+            burst,
+        }
+    }
+}
+
+/// The instance's shared bucket store, kept in a typed slot: a host whose instances share
+/// nothing in memory (Spin) sets one (`App::with_rate_limits`); without one the buckets are
+/// the [`Limiter`]'s, in memory.
+#[derive(Default)]
+pub(crate) struct RateLimitPort(pub RefCell<Option<Rc<dyn RateLimitStore>>>);
+
 /// Parses `20/s`, `600/m`, `10000/h`.
 pub fn parse_rate(s: &str) -> Option<Rate> {
     let (n, unit) = s.trim().split_once('/')?;
@@ -35,12 +56,6 @@ pub fn parse_rate(s: &str) -> Option<Rate> {
         _ => return None,
     };
     Some(Rate { n, per_ms })
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at_ms: u64,
 }
 
 /// When failed logins lock a key (an address, a user name) out.
@@ -100,15 +115,14 @@ impl Failures {
 /// Buckets and login failures by key.
 #[derive(Debug, Default)]
 pub struct Limiter {
-    buckets: HashMap<String, Bucket>,
+    buckets: HashMap<String, BucketState>,
     failures: HashMap<String, Failures>,
 }
 
 impl Limiter {
     /// Takes one token for `key`; Err(ms until one is available) when empty.
     pub fn take(&mut self, key: &str, rate: Rate, burst: u32, now_ms: u64) -> Result<(), u64> {
-        let per_ms = f64::from(rate.n) / rate.per_ms as f64;
-        let cap = f64::from(burst.max(1));
+        let limit = rate.limit(burst);
         if self.buckets.len() >= MAX_KEYS && !self.buckets.contains_key(key) {
             if let Some(oldest) = self
                 .buckets
@@ -119,18 +133,13 @@ impl Limiter {
                 self.buckets.remove(&oldest);
             }
         }
-        let b = self.buckets.entry(key.to_string()).or_insert(Bucket {
-            tokens: cap,
-            at_ms: now_ms,
-        });
-        let elapsed = now_ms.saturating_sub(b.at_ms) as f64;
-        b.tokens = (b.tokens + elapsed * per_ms).min(cap);
-        b.at_ms = now_ms;
-        if b.tokens >= 1.0 {
-            b.tokens -= 1.0;
-            Ok(())
-        } else {
-            Err(((1.0 - b.tokens) / per_ms).ceil() as u64)
+        let b = self
+            .buckets
+            .entry(key.to_string())
+            .or_insert(BucketState::full(limit, now_ms));
+        match b.take(limit, now_ms) {
+            BucketTake::Taken => Ok(()),
+            BucketTake::Empty { retry_after_ms } => Err(retry_after_ms),
         }
     }
 }
@@ -250,6 +259,24 @@ mod tests {
             })
         );
         assert!(parse_rate("0/s").is_none() && parse_rate("5/d").is_none());
+    }
+
+    #[test]
+    fn a_clock_behind_the_bucket_refills_nothing_and_does_not_move_it_back() {
+        // Shared buckets (one record read by instances on several machines) see clocks that
+        // disagree: a clock behind the record's time must not earn tokens later.
+        let limit = parse_rate("1/s").unwrap().limit(1);
+        let mut b = BucketState::full(limit, 10_000);
+        assert_eq!(b.take(limit, 10_000), BucketTake::Taken);
+        assert_eq!(
+            b.take(limit, 9_000),
+            BucketTake::Empty {
+                retry_after_ms: 1_000
+            }
+        );
+        assert_eq!(b.at_ms, 10_000, "not moved back");
+        assert!(matches!(b.take(limit, 10_500), BucketTake::Empty { .. }));
+        assert_eq!(b.take(limit, 11_000), BucketTake::Taken);
     }
 
     fn keys(k: &[&str]) -> Vec<String> {

@@ -39,6 +39,8 @@ pub(crate) mod state;
 pub mod verify;
 
 pub use keys::image_key;
+pub(crate) use prewarm::warm_local;
+pub use prewarm::{warm, WarmReport, WarmStep};
 pub(crate) use pump::{next_due, pump};
 
 use crate::core::body::Body;

@@ -126,14 +126,75 @@ fn platform_wanted(wanted: &[String], platform: Option<&Value>) -> bool {
 
 /// Pulls `image` through the cache: the index, the configured platforms' manifests, their
 /// configs and layers; so the first regional pull is warm.
-pub(super) async fn prewarm(inner: &Rc<Inner>, image: &str) -> Result<String, String> {
+/// One step of a warm, reported as it completes (the `warm` command prints them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WarmStep {
+    /// A manifest or index was pulled.
+    Manifest {
+        /// Its `/v2/` path.
+        path: String,
+        /// Its size.
+        bytes: u64,
+    },
+    /// A blob (config or layer) was pulled: the `done`th of the `total` the manifests list.
+    Blob {
+        /// Its digest.
+        digest: String,
+        /// Its size.
+        bytes: u64,
+        /// How many blobs are done, this one included.
+        done: u32,
+        /// How many blobs the chosen manifests list.
+        total: u32,
+    },
+}
+
+/// What a warm pulled.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WarmReport {
+    /// Manifests pulled (an index counts apart from its children: not included).
+    pub manifests: usize,
+    /// Blobs pulled.
+    pub blobs: u32,
+    /// Blob bytes pulled.
+    pub bytes: u64,
+}
+
+impl std::fmt::Display for WarmReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pre-warmed {} manifest(s) and {} blob(s), {} bytes",
+            self.manifests, self.blobs, self.bytes
+        )
+    }
+}
+
+/// Pulls `image` (index, the `platforms`' manifests — all when empty —, configs and layers)
+/// through `get`, which GETs a `/v2/` path with an optional `Accept` and returns (bytes read,
+/// the body when it is a manifest). The `distribute` stage passes the core's own dispatch;
+/// the `warm` command passes the core's dispatch over a local cache, or HTTP to a running
+/// pullgate.
+pub async fn warm<G, F>(
+    get: G,
+    image: &str,
+    platforms: &[String],
+    progress: &mut dyn FnMut(WarmStep),
+) -> Result<WarmReport, String>
+where
+    G: Fn(String, Option<&'static str>) -> F,
+    F: std::future::Future<Output = Result<(u64, Bytes), String>>,
+{
     let image = parse_image(image)?;
     let base = format!("/v2/{}", image.path_name);
     let top_path = format!("{base}/manifests/{}", image.reference);
-    let (_, top) = pull_through(inner, &top_path, Some(DEFAULT_ACCEPT)).await?;
+    let (n, top) = get(top_path.clone(), Some(DEFAULT_ACCEPT)).await?;
+    progress(WarmStep::Manifest {
+        path: top_path,
+        bytes: n,
+    });
     let top: Value =
         serde_json::from_slice(&top).map_err(|e| format!("manifest is not JSON: {e}"))?;
-    let platforms = &inner.settings.gateway.chain.platforms;
     let mut manifests = Vec::new();
     if let Some(children) = top.get("manifests").and_then(|m| m.as_array()) {
         for c in children {
@@ -146,26 +207,67 @@ pub(super) async fn prewarm(inner: &Rc<Inner>, image: &str) -> Result<String, St
                 .ok_or("index entry without a digest")?;
             let d = parse_digest(d).map_err(|e| e.to_string())?;
             let path = format!("{base}/manifests/{d}");
-            let (_, m) = pull_through(inner, &path, Some(DEFAULT_ACCEPT)).await?;
+            let (n, m) = get(path.clone(), Some(DEFAULT_ACCEPT)).await?;
+            progress(WarmStep::Manifest { path, bytes: n });
             manifests.push(serde_json::from_slice::<Value>(&m).map_err(|e| e.to_string())?);
+        }
+        if manifests.is_empty() {
+            return Err(format!(
+                "no manifest in the index matches the platforms {platforms:?}"
+            ));
         }
     } else {
         manifests.push(top);
     }
-    let (blobs, bytes) = pull_blobs(inner, &base, &manifests).await?;
-    Ok(format!(
-        "pre-warmed {} manifest(s) and {blobs} blob(s), {bytes} bytes",
-        manifests.len()
-    ))
+    let digests = blob_digests(&manifests)?;
+    let total = u32::try_from(digests.len()).unwrap_or(u32::MAX);
+    let mut report = WarmReport {
+        manifests: manifests.len(),
+        ..WarmReport::default()
+    };
+    for d in digests {
+        let (n, _) = get(format!("{base}/blobs/{d}"), None).await?;
+        report.blobs += 1;
+        report.bytes += n;
+        progress(WarmStep::Blob {
+            digest: d,
+            bytes: n,
+            done: report.blobs,
+            total,
+        });
+    }
+    Ok(report)
 }
 
-/// Pulls every manifest's config and layers: (blobs, bytes).
-async fn pull_blobs(
+/// The `distribute` stage: [`warm`] through the core's own dispatch with `[chain] platforms`.
+pub(super) async fn prewarm(inner: &Rc<Inner>, image: &str) -> Result<String, String> {
+    let get = |path: String, accept: Option<&'static str>| {
+        let inner = inner.clone();
+        async move { pull_through(&inner, &path, accept).await }
+    };
+    let platforms = &inner.settings.gateway.chain.platforms;
+    let report = warm(get, image, platforms, &mut |_| {}).await?;
+    Ok(report.to_string())
+}
+
+/// [`warm`] through the core's own dispatch, as an internal caller (the `warm` command's
+/// local mode).
+pub(crate) async fn warm_local(
     inner: &Rc<Inner>,
-    base: &str,
-    manifests: &[Value],
-) -> Result<(u32, u64), String> {
-    let (mut blobs, mut bytes) = (0u32, 0u64);
+    image: &str,
+    platforms: &[String],
+    progress: &mut dyn FnMut(WarmStep),
+) -> Result<WarmReport, String> {
+    let get = |path: String, accept: Option<&'static str>| {
+        let inner = inner.clone();
+        async move { pull_through(&inner, &path, accept).await }
+    };
+    warm(get, image, platforms, progress).await
+}
+
+/// The config and layer digests of `manifests`, each once, in order.
+fn blob_digests(manifests: &[Value]) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = Vec::new();
     for m in manifests {
         let config = m.pointer("/config/digest").and_then(|d| d.as_str());
         let layers = m
@@ -175,13 +277,13 @@ async fn pull_blobs(
             .flatten()
             .filter_map(|l| l.get("digest").and_then(|d| d.as_str()));
         for d in config.into_iter().chain(layers) {
-            let d = parse_digest(d).map_err(|e| e.to_string())?;
-            let (n, _) = pull_through(inner, &format!("{base}/blobs/{d}"), None).await?;
-            blobs += 1;
-            bytes += n;
+            let d = parse_digest(d).map_err(|e| e.to_string())?.to_string();
+            if !out.contains(&d) {
+                out.push(d);
+            }
         }
     }
-    Ok((blobs, bytes))
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -5,19 +5,25 @@
 //! lifetime) are pure functions in `auth`. Redirects (307/302 to a CDN or bucket) are followed
 //! here, never by the port, so that `Authorization` is never sent to the redirect host and the
 //! redirect URL is never cached. Tokens are cached in memory per core instance, at most
-//! [`MAX_TOKENS`] of them (expired ones are dropped first, then the least recently used).
+//! [`MAX_TOKENS`] of them (expired ones are dropped first, then the least recently used), and,
+//! when the host set a [`TokenStore`] (Spin: its key-value store), shared through it: a token
+//! missing here is looked up there before a token request, and a fetched one is stored there
+//! too. A store that fails costs a token request, never the request itself.
 //!
 //! Every URL the upstream chose — each redirect `Location` and each Bearer `realm` — passes
 //! the outbound address policy (`core::outbound`) before anything is sent to it, and carries
 //! the policy to the host, which checks resolved addresses where it can. A refusal is
 //! [`UpstreamError::Refused`], which registry routes answer 502 ([`registry_error`]).
 
+use crate::core::config::Secret;
 use crate::core::config::UpstreamSpec;
 use crate::core::error::RegistryError;
 use crate::core::http::{read_capped, redirect_target, USER_AGENT};
 use crate::core::metrics::{inc, Metrics};
 use crate::core::outbound::{guard, same_origin, OutboundPolicy, Purpose};
-use crate::core::ports::{ByteStream, Clock, TrustedCa, Upstream, UpstreamError};
+use crate::core::ports::{
+    ByteStream, Clock, StoredToken, TokenStore, TrustedCa, Upstream, UpstreamError,
+};
 use crate::core::registry::auth::{
     is_auth_host, is_trusted_realm, parse_challenge, parse_token_response, pull_scope,
     token_lifetime_ms, Challenge,
@@ -109,6 +115,8 @@ pub struct UpstreamClient {
     clock: Rc<dyn Clock>,
     metrics: Rc<Metrics>,
     tokens: RefCell<TokenCache>,
+    /// Tokens shared with other instances, when the host keeps them.
+    shared_tokens: RefCell<Option<Rc<dyn TokenStore>>>,
     basic_hosts: RefCell<Vec<String>>,
     outbound: Arc<OutboundPolicy>,
 }
@@ -145,9 +153,48 @@ impl UpstreamClient {
             clock,
             metrics,
             tokens: RefCell::new(TokenCache::new(MAX_TOKENS)),
+            shared_tokens: RefCell::new(None),
             basic_hosts: RefCell::new(Vec::new()),
             outbound: Arc::new(OutboundPolicy::default()),
         }
+    }
+
+    /// Shares bearer tokens through `store` as well as this instance's memory.
+    pub fn set_token_store(&self, store: Rc<dyn TokenStore>) {
+        *self.shared_tokens.borrow_mut() = Some(store);
+    }
+
+    /// The shared store's token for (`spec`, `scope`), copied into the instance's cache; None
+    /// when there is none, it expired, or the store failed (then a token is fetched).
+    async fn shared_token(&self, spec: &UpstreamSpec, scope: &str) -> Option<String> {
+        let store = self.shared_tokens.borrow().clone()?;
+        let now = self.clock.now_ms();
+        let stored = store.get(&spec.host, scope, now).await.ok().flatten()?;
+        if stored.valid_until_ms <= now {
+            return None;
+        }
+        let token = stored.token.expose().to_string();
+        self.tokens.borrow_mut().insert(
+            (spec.host.clone(), scope.to_string()),
+            CachedToken {
+                token: token.clone(),
+                valid_until_ms: stored.valid_until_ms,
+            },
+            now,
+        );
+        Some(token)
+    }
+
+    /// Stores a fetched token in the shared store, if there is one (best effort).
+    async fn share_token(&self, spec: &UpstreamSpec, scope: &str, token: &CachedToken) {
+        let Some(store) = self.shared_tokens.borrow().clone() else {
+            return;
+        };
+        let stored = StoredToken {
+            token: Secret::new(token.token.clone()),
+            valid_until_ms: token.valid_until_ms,
+        };
+        let _ = store.put(&spec.host, scope, &stored).await;
     }
 
     /// The outbound address policy applied to redirects and token realms.
@@ -277,7 +324,13 @@ impl UpstreamClient {
         let url = Url::parse(&format!("{base}{path}"))
             .map_err(|e| UpstreamError::Other(format!("bad upstream url: {e}")))?;
         let scope = pull_scope(name);
-        let auth = self.cached_authorization(spec, &scope);
+        let mut auth = self.cached_authorization(spec, &scope);
+        if auth.is_none() {
+            auth = self
+                .shared_token(spec, &scope)
+                .await
+                .map(|t| format!("Bearer {t}"));
+        }
         let mut resp = self
             .send_raw(
                 spec.ca.as_ref(),
@@ -306,6 +359,7 @@ impl UpstreamClient {
                         .fetch_token(spec, &realm, service.as_deref(), &want)
                         .await?;
                     let value = format!("Bearer {}", token.token);
+                    self.share_token(spec, &scope, &token).await;
                     let now = self.clock.now_ms();
                     self.tokens
                         .borrow_mut()
