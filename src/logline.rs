@@ -248,6 +248,7 @@ mod tests {
             method: "GET",
             path: "/v2/a/blobs/sha256:00",
             status: 200,
+            client: None,
             info: Some(&info),
             bytes: Some(12),
             ms: Some(3),

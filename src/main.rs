@@ -47,6 +47,13 @@ enum Command {
         /// [default: 25s, or `[server] drain`].
         #[arg(long, value_name = "DURATION", env = "PULLGATE_DRAIN")]
         drain: Option<String>,
+        /// TLS certificate chain (PEM), with --tls-key [default: `[tls] cert`]. Reloaded on
+        /// SIGHUP and when the file changes.
+        #[arg(long, value_name = "FILE", env = "PULLGATE_TLS_CERT")]
+        tls_cert: Option<PathBuf>,
+        /// TLS private key (PEM), with --tls-cert [default: `[tls] key`].
+        #[arg(long, value_name = "FILE", env = "PULLGATE_TLS_KEY")]
+        tls_key: Option<PathBuf>,
     },
     /// Check a configuration file: every problem with its key path and line; exit 0 when
     /// valid, 1 otherwise. Secret references are checked for form, not read.
@@ -99,6 +106,8 @@ fn main() {
             config,
             drain,
             workers,
+            tls_cert,
+            tls_key,
         } => pullgate::native::serve(pullgate::native::ServeOptions {
             listen,
             data_dir,
@@ -106,6 +115,8 @@ fn main() {
             config,
             drain,
             workers,
+            tls_cert,
+            tls_key,
         }),
         Command::CheckConfig { file } => check_config(&file),
         Command::Warm {
@@ -181,6 +192,8 @@ fn warm(
             config,
             drain: None,
             workers: None,
+            tls_cert: None,
+            tls_key: None,
         },
     })
 }

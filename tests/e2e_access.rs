@@ -182,22 +182,33 @@ fn skopeo_pulls_follow_the_allow_and_deny_rules() {
     assert!(String::from_utf8_lossy(&r.bytes().unwrap()).contains("DENIED"));
 
     // The audit log has each case, and no secret.
+    // (Its own thread writes it: wait until every case is there.)
+    let complete = |records: &[Value]| {
+        records.iter().any(|r| {
+            r["identity"] == "alice"
+                && r["route"] == "blob"
+                && r["status"] == 200
+                && r["digest"].is_string()
+        }) && records.iter().any(|r| {
+            r["identity"] == "anonymous"
+                && r["repository"] == "reg.test/library/public"
+                && r["route"] == "manifest"
+        }) && records
+            .iter()
+            .any(|r| r["status"] == 401 && r["repository"] == "reg.test/team/private")
+            && records.iter().any(|r| r["status"] == 403)
+    };
+    let read_records = || -> Vec<Value> {
+        std::fs::read_to_string(pg.data_dir().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json line"))
+            .collect()
+    };
+    let written = poll_until(Duration::from_secs(30), || complete(&read_records()));
     let audit = std::fs::read_to_string(pg.data_dir().join("audit.log")).expect("audit.log");
-    let records: Vec<Value> = audit
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect();
-    assert!(records.iter().any(|r| r["identity"] == "alice"
-        && r["route"] == "blob"
-        && r["status"] == 200
-        && r["digest"].is_string()));
-    assert!(records.iter().any(|r| r["identity"] == "anonymous"
-        && r["repository"] == "reg.test/library/public"
-        && r["route"] == "manifest"));
-    assert!(records
-        .iter()
-        .any(|r| r["status"] == 401 && r["repository"] == "reg.test/team/private"));
-    assert!(records.iter().any(|r| r["status"] == 403));
+    assert!(written, "the audit log lacks a case:\n{audit}");
+    let records = read_records();
     assert!(records.iter().all(|r| r["ip"] == "127.0.0.1"));
     for secret in [PASSWORD, ROBOT_TOKEN, TOKEN_SECRET, token] {
         assert!(

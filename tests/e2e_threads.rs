@@ -100,9 +100,8 @@ fn workers_flag_and_config_key_set_the_thread_count() {
         .config("[server]\nworkers = 3\n")
         .start();
     assert_eq!(per_worker(&pullgate).len(), 3);
-    assert!(
-        pullgate.stderr().contains("workers=3"),
-        "{}",
-        pullgate.log_tail()
-    );
+    let started = support::process::poll_until(std::time::Duration::from_secs(30), || {
+        pullgate.stderr().contains("workers=3")
+    });
+    assert!(started, "{}", pullgate.log_tail());
 }

@@ -29,6 +29,7 @@ const LEAVES: &[&str] = &[
     "glob",
     "ct",
     "cidr",
+    "forwarded",
     "freshness",
     "http",
     "digest_check",

@@ -106,7 +106,7 @@ impl RequestInfo {
 }
 
 /// The one access-log line every host writes, `key=value` pairs in a fixed order:
-/// `method path route upstream cache identity status [bytes] [ms] [aborted] [error]`. Hosts
+/// `method path route upstream cache identity status [client] [bytes] [ms] [aborted] [error]`. Hosts
 /// add what they measure (bytes sent, duration, an aborted body); the rest comes from the
 /// core's [`RequestInfo`]. The error text never carries secrets (see [`RequestInfo::error`]).
 #[derive(Debug, Clone, Default)]
@@ -117,6 +117,9 @@ pub struct AccessLog<'a> {
     pub path: &'a str,
     /// Response status.
     pub status: u16,
+    /// The client's address as the host resolved it (the socket's, or what a trusted proxy
+    /// said), when the host knows one.
+    pub client: Option<std::net::IpAddr>,
     /// What the core said about the request.
     pub info: Option<&'a RequestInfo>,
     /// Body bytes sent, when the host counts them.
@@ -144,6 +147,7 @@ impl AccessLog<'_> {
             cache = %i.map_or("-", |i| i.cache.as_str()),
             identity = %i.and_then(|i| i.identity.as_deref()).unwrap_or("-"),
             status = self.status,
+            client = self.client.map(tracing::field::display),
             bytes = self.bytes,
             ms = self.ms.map(|ms| u64::try_from(ms).unwrap_or(u64::MAX)),
             aborted = self.aborted.then_some(true),
@@ -162,6 +166,9 @@ impl AccessLog<'_> {
             "method={} path={} route={route} upstream={upstream} cache={cache} identity={identity} status={}",
             self.method, self.path, self.status
         );
+        if let Some(c) = self.client {
+            line.push_str(&format!(" client={c}"));
+        }
         if let Some(b) = self.bytes {
             line.push_str(&format!(" bytes={b}"));
         }
@@ -196,6 +203,7 @@ mod tests {
             path: "/v2/a/blobs/sha256:00",
             status: 200,
             info: Some(&info),
+            client: Some("203.0.113.7".parse().unwrap()),
             bytes: Some(12),
             ms: Some(3),
             aborted: true,
@@ -204,7 +212,7 @@ mod tests {
         assert_eq!(
             line,
             "method=GET path=/v2/a/blobs/sha256:00 route=blob upstream=docker.io cache=miss \
-             identity=ci status=200 bytes=12 ms=3 aborted=true error=\"upstream \\\"x\\\" failed\""
+             identity=ci status=200 client=203.0.113.7 bytes=12 ms=3 aborted=true error=\"upstream \\\"x\\\" failed\""
         );
         let bare = AccessLog {
             method: "GET",

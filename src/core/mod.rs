@@ -17,6 +17,7 @@ pub(crate) mod context;
 pub mod ct;
 pub mod digest_check;
 pub mod error;
+pub mod forwarded;
 pub mod freshness;
 pub mod gateway;
 pub mod glob;

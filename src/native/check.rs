@@ -207,10 +207,36 @@ impl<'i> Doc<'_, 'i> {
         if let Err(e) = crate::native::probes::DrainPlan::parse(&c.server, None) {
             problems.push(self.problem_for("server".into(), &e));
         }
+        for (path, message) in crate::native::tls::check_config(&c.tls) {
+            problems.push(self.problem_for(path.into(), &message));
+        }
+        problems.extend(self.trusted_proxy_problems(c));
+        if c.server.proxy_protocol == Some(true) && c.trusted_proxies.is_empty() {
+            let message = crate::native::PROXY_PROTOCOL_ALONE.trim_start_matches("configuration: ");
+            let message = message.trim_start_matches("server.proxy_protocol ");
+            problems.push(self.problem_for("server.proxy_protocol".into(), message));
+        }
         if problems.is_empty() {
             if let Err(e) = c.resolve(&FormOnly) {
                 problems.push(self.problem_for(String::new(), &e.0));
             }
+        }
+        problems
+    }
+
+    /// `trusted_proxies` entry by entry, and `forwarded_header`.
+    fn trusted_proxy_problems(&self, c: &Config) -> Vec<Problem> {
+        use crate::core::forwarded::parse_trusted_proxies;
+        let mut problems = Vec::new();
+        for (i, net) in c.trusted_proxies.iter().enumerate() {
+            if let Err(e) = parse_trusted_proxies(std::slice::from_ref(net), None) {
+                let message = e.trim_start_matches("trusted_proxies: ");
+                problems.push(self.problem_for(format!("trusted_proxies[{i}]"), message));
+            }
+        }
+        if let Err(e) = parse_trusted_proxies(&[], c.forwarded_header.as_deref()) {
+            let message = e.trim_start_matches("forwarded_header ");
+            problems.push(self.problem_for("forwarded_header".into(), message));
         }
         problems
     }
@@ -448,6 +474,32 @@ mod tests {
         let p = check("[[upstream]]\nhost = \"r.example\"\nurl = \"https://r.example\"\nusername = \"vault:x\"\npassword = \"file:/definitely/not/here\"\n");
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains("upstream[0].username"), "{p:?}");
+    }
+
+    #[test]
+    fn tls_and_trusted_proxies_are_checked_with_their_lines() {
+        let text = "trusted_proxies = [\"10.0.0.0/8\", \"not-a-net\"]\nforwarded_header = \"x-real-ip\"\n\n[tls]\ncert = \"/etc/pullgate/cert.pem\"\n\n[server]\nproxy_protocol = true\n";
+        let p = check_config_text(text);
+        let shown: Vec<String> = p.iter().map(ToString::to_string).collect();
+        let find = |path: &str| p.iter().find(|p| p.path == path);
+        let net = find("trusted_proxies[1]").unwrap_or_else(|| panic!("{shown:?}"));
+        assert_eq!(net.at, Some((1, 34)), "{shown:?}");
+        assert!(net.message.contains("not-a-net"), "{shown:?}");
+        assert_eq!(find("forwarded_header").map(|p| p.at), Some(Some((2, 1))));
+        let tls = find("tls").unwrap_or_else(|| panic!("{shown:?}"));
+        assert!(tls.message.contains("without key"), "{shown:?}");
+        assert_eq!(tls.at, Some((4, 2)));
+        assert_eq!(p.len(), 3, "{shown:?}");
+        assert!(check(
+            "trusted_proxies = [\"127.0.0.1\", \"::1\"]\nforwarded_header = \"forwarded\"\n[tls]\ncert = \"c.pem\"\nkey = \"k.pem\"\n[server]\nproxy_protocol = true\n"
+        )
+        .is_empty());
+        let alone = check_config_text("[server]\nproxy_protocol = true\n");
+        assert_eq!(alone.len(), 1, "{alone:?}");
+        assert_eq!(alone[0].path, "server.proxy_protocol");
+        assert_eq!(alone[0].at, Some((2, 1)));
+        let typo = check_config_text("[tls]\ncert = \"c\"\nkey = \"k\"\nchain = \"x\"\n");
+        assert_eq!(typo[0].path, "tls.chain", "{typo:?}");
     }
 
     #[test]

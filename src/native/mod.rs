@@ -18,14 +18,17 @@
 pub mod audit;
 pub mod check;
 pub mod client;
+pub mod connection;
 pub mod fills;
 pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod offload;
 pub mod probes;
+pub mod proxy_protocol;
 pub mod secrets;
 pub mod store;
+pub mod tls;
 pub mod warm;
 pub mod workers;
 
@@ -69,6 +72,10 @@ pub struct ServeOptions {
     pub drain: Option<String>,
     /// `--workers N`: serving threads (default: `[server] workers`, else the cores).
     pub workers: Option<usize>,
+    /// `--tls-cert FILE`: overrides `[tls] cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key FILE`: overrides `[tls] key`.
+    pub tls_key: Option<PathBuf>,
 }
 
 /// The system clock.
@@ -132,7 +139,15 @@ pub struct Prepared {
     pub drain: probes::DrainPlan,
     /// Serving threads (`--workers`, `[server] workers`, else the cores).
     pub workers: usize,
+    /// `[tls]`, `--tls-cert`, `--tls-key`: TLS on the listener.
+    pub tls: Option<tls::TlsFiles>,
+    /// `[server] proxy_protocol`.
+    pub proxy_protocol: bool,
 }
+
+/// `[server] proxy_protocol` with nobody to believe it from: every header would be refused.
+pub(crate) const PROXY_PROTOCOL_ALONE: &str =
+    "configuration: server.proxy_protocol needs trusted_proxies (the load balancers' addresses)";
 
 /// Reads the config file and flags into settings.
 pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
@@ -176,7 +191,18 @@ pub fn prepare(opts: &ServeOptions) -> Result<Prepared, String> {
         Some(n) => n,
         None => workers::default_workers(),
     };
+    let tls = tls::TlsFiles::resolve(
+        opts.tls_cert.as_deref(),
+        opts.tls_key.as_deref(),
+        &config.tls,
+    )?;
+    let proxy_protocol = config.server.proxy_protocol.unwrap_or(false);
+    if proxy_protocol && settings.trusted_proxies.nets.is_empty() {
+        return Err(PROXY_PROTOCOL_ALONE.into());
+    }
     Ok(Prepared {
+        tls,
+        proxy_protocol,
         workers,
         listen,
         data_dir,
@@ -273,6 +299,7 @@ impl Drop for LogLine {
                 method: &self.method,
                 path: &self.path,
                 status: self.status,
+                client: self.ip,
                 info: self.info.as_ref(),
                 bytes: Some(self.bytes),
                 ms: Some(self.started.elapsed().as_millis()),
@@ -355,6 +382,8 @@ pub(crate) struct ConnContext {
     pub hub: std::sync::Arc<metrics::MetricsHub>,
     pub body_timeout: std::time::Duration,
     pub probes: std::sync::Arc<probes::Probes>,
+    /// `trusted_proxies`: whose forwarding header names the client.
+    pub trusted: Rc<crate::core::forwarded::TrustedProxies>,
 }
 
 /// Serves one request on a worker: the core answers; the host logs, and sums `/metrics` over
@@ -372,19 +401,22 @@ pub(crate) async fn handle(
         hub,
         body_timeout,
         probes,
+        trusted,
     } = cx;
     let in_flight = InFlight::start(&state);
     let started = Instant::now();
     let (parts, body) = req.into_parts();
+    // The socket's address (or a trusted PROXY header's), unless a trusted proxy forwarded
+    // the request for someone else.
+    let client = trusted.client_addr(peer, &parts.headers);
     let mut req = ::http::Request::from_parts(parts, ());
-    // The socket's address is the only one the native host can vouch for.
     req.extensions_mut()
-        .insert(crate::core::access::ClientAddr(peer));
+        .insert(crate::core::access::ClientAddr(client));
     if req.uri().path() == "/readyz" {
         req.extensions_mut().insert(probes.check().await);
     }
     let log = LogLine {
-        ip: Some(peer),
+        ip: Some(client),
         digest: None,
         audit: audit.clone(),
         method: req.method().to_string(),

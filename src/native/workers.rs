@@ -25,13 +25,12 @@ use crate::core::app::{App, GatewayShare};
 use crate::core::config::Settings;
 use crate::core::ports::Ports;
 use crate::native::fills::SharedFills;
-use crate::native::listener::{self, AcceptBackoff, ConnState, ServerLimits};
+use crate::native::listener::{AcceptBackoff, ConnState, ServerLimits};
 use crate::native::metrics::{self, MetricsHub};
 use crate::native::{
-    audit, client, offload, probes, shutdown_signal, store, ConnContext, LocalDeferred, Prepared,
-    SystemClock, PUMP_EVERY,
+    audit, client, connection, offload, probes, shutdown_signal, store, tls, ConnContext,
+    LocalDeferred, Prepared, SystemClock, PUMP_EVERY,
 };
-use hyper_util::rt::TokioIo;
 use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -61,6 +60,10 @@ struct Shared {
     gateway: GatewayShare,
     probes: Arc<probes::Probes>,
     drain: probes::DrainPlan,
+    /// `[tls]`: the acceptor every worker shares and the certificate worker 0 reloads.
+    tls: Option<tls::ListenerTls>,
+    /// `[server] proxy_protocol`.
+    proxy_protocol: bool,
 }
 
 /// The default `workers`: the cores this process may use.
@@ -91,6 +94,8 @@ pub fn serve(p: Prepared) -> Result<(), String> {
     bound_malloc_arenas(p.workers);
     std::fs::create_dir_all(&p.data_dir)
         .map_err(|e| format!("creating {}: {e}", p.data_dir.display()))?;
+    // A certificate that does not load stops the start, before anything listens.
+    let tls = p.tls.map(tls::ListenerTls::start).transpose()?;
     let kv = store::RedbKv::open(&p.data_dir.join("meta.redb")).map_err(|e| e.to_string())?;
     let blobs =
         store::FsBlobStore::open(&p.data_dir, p.settings.max_size).map_err(|e| e.to_string())?;
@@ -102,8 +107,9 @@ pub fn serve(p: Prepared) -> Result<(), String> {
     let upstreams: Vec<String> = (p.settings.upstreams.iter())
         .map(|u| format!("{}={}", u.host, u.url))
         .collect();
+    let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(
-        "pullgate listening on http://{addr} data_dir={} upstreams={} workers={n}",
+        "pullgate listening on {scheme}://{addr} data_dir={} upstreams={} workers={n}",
         p.data_dir.display(),
         upstreams.join(",")
     );
@@ -123,6 +129,8 @@ pub fn serve(p: Prepared) -> Result<(), String> {
         gateway: GatewayShare::default(),
         probes: probes::Probes::new(&p.data_dir),
         drain: p.drain,
+        tls,
+        proxy_protocol: p.proxy_protocol,
     };
     // Every CA file is read now, so a bad one stops the start rather than a worker.
     client::ReqwestUpstream::new(Duration::from_secs(1))?
@@ -189,6 +197,9 @@ fn on_own_runtime(
                 .map_err(|e| format!("listening: {e}"))?;
             let stop = probes::drain_signal(shutdown_signal, probes, drain);
             tokio::task::spawn_local(accept_loop(listener, senders, cap, stop));
+            if let Some(tls) = shared.tls.clone() {
+                tokio::task::spawn_local(tls::watch(tls));
+            }
         }
         worker(i, shared, conns, ask).await
     })
@@ -294,34 +305,44 @@ async fn worker(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let connections = Rc::new(Cell::new(0usize));
     let limits = shared.limits;
+    let trusted = Rc::new(shared.settings.trusted_proxies.clone());
+    let front = Rc::new(connection::Front {
+        tls: shared.tls.as_ref().map(|t| t.acceptor.clone()),
+        proxy_protocol: shared.proxy_protocol,
+        trusted: shared.settings.trusted_proxies.clone(),
+    });
     while let Some(conn) = conns.recv().await {
         let Ok(stream) = tokio::net::TcpStream::from_std(conn.stream) else {
             continue;
         };
         let state = ConnState::new(tokio::time::Instant::now());
-        let cx = ConnContext {
-            app: app.clone(),
-            peer: conn.peer.ip(),
-            audit: audit.clone(),
-            state: state.clone(),
-            storage: storage.clone(),
-            hub: shared.hub.clone(),
+        let (app, audit, storage, trusted) =
+            (app.clone(), audit.clone(), storage.clone(), trusted.clone());
+        let (hub, probes, conn_state) = (shared.hub.clone(), shared.probes.clone(), state.clone());
+        let cx = move |peer| ConnContext {
+            app,
+            peer,
+            audit,
+            state: conn_state,
+            storage,
+            hub,
             body_timeout: limits.body_timeout,
-            probes: shared.probes.clone(),
+            probes,
+            trusted,
         };
-        let service = hyper::service::service_fn(move |req| crate::native::handle(cx.clone(), req));
-        let io = listener::WatchedIo::new(stream, state.clone());
-        let http =
-            hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);
-        let http = graceful.watch(http);
+        let serving = connection::serve(
+            front.clone(),
+            stream,
+            conn.peer.ip(),
+            state,
+            limits,
+            graceful.watcher(),
+            cx,
+        );
         let (connections, permit) = (connections.clone(), conn.permit);
         connections.set(connections.get() + 1);
         tokio::task::spawn_local(async move {
-            // Dropping the connection closes it: when it has overstayed a timeout.
-            tokio::select! {
-                _ = http => {}
-                _ = listener::watchdog(state, limits) => {}
-            }
+            serving.await;
             connections.set(connections.get() - 1);
             drop(permit);
         });

@@ -127,6 +127,22 @@ impl Containerd {
         hosts_dir
     }
 
+    /// Like [`Containerd::configure_mirror`], with the mirror at `https://{mirror}` verified
+    /// against `ca` (hosts.toml `ca = …`; no `skip_verify`).
+    pub fn configure_tls_mirror(&self, registry_host: &str, mirror: &str, ca: &Path) -> PathBuf {
+        let hosts_dir = self.dir.path().join("hosts.d");
+        let host_dir = hosts_dir.join(registry_host);
+        std::fs::create_dir_all(&host_dir).expect("create hosts dir");
+        let hosts_toml = format!(
+            "server = \"http://127.0.0.1:{closed}\"\n\n\
+             [host.\"https://{mirror}\"]\n  capabilities = [\"pull\", \"resolve\"]\n  ca = {ca:?}\n",
+            closed = free_port(),
+            ca = ca.display().to_string(),
+        );
+        std::fs::write(host_dir.join("hosts.toml"), hosts_toml).expect("write hosts.toml");
+        hosts_dir
+    }
+
     /// `ctr images pull --hosts-dir … <reference>` for the host platform, unpacking with the
     /// native snapshotter.
     pub fn pull(&self, reference: &str, hosts_dir: &Path) -> Result<String, String> {

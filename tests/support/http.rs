@@ -26,6 +26,19 @@ pub fn loopback_client() -> Client {
         .expect("build reqwest client")
 }
 
+/// [`loopback_client`] that trusts only `ca` (a PEM file) for `https://`.
+pub fn client_trusting(ca: &std::path::Path) -> Client {
+    let pem = std::fs::read(ca).expect("read the CA file");
+    Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(60))
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).expect("a PEM CA"))
+        .build()
+        .expect("build reqwest client")
+}
+
 /// A completed response with its body read.
 #[derive(Debug)]
 pub struct Fetched {

@@ -39,9 +39,17 @@ pub struct PullgateBuilder {
     env: Vec<(String, String)>,
     fd_limit: Option<u64>,
     port: Option<u16>,
+    tls_ca: Option<PathBuf>,
 }
 
 impl PullgateBuilder {
+    /// Pullgate serves TLS (its `[tls]` or `PULLGATE_TLS_*` set by the caller) with a
+    /// certificate `ca` signed: readiness and [`Pullgate::url`] use `https://`, trusting `ca`.
+    pub fn tls_ca(mut self, ca: &Path) -> Self {
+        self.tls_ca = Some(ca.to_path_buf());
+        self
+    }
+
     /// Runs the process with `RLIMIT_NOFILE` lowered to `limit` (fd exhaustion tests).
     pub fn fd_limit(mut self, limit: u64) -> Self {
         self.fd_limit = Some(limit);
@@ -104,6 +112,7 @@ impl PullgateBuilder {
             config_path,
             env: self.env,
             fd_limit: self.fd_limit,
+            tls_ca: self.tls_ca,
             process: None,
         };
         pullgate.start();
@@ -120,6 +129,7 @@ pub struct Pullgate {
     config_path: Option<PathBuf>,
     env: Vec<(String, String)>,
     fd_limit: Option<u64>,
+    tls_ca: Option<PathBuf>,
     process: Option<ChildProcess>,
 }
 
@@ -134,9 +144,22 @@ impl Pullgate {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// `http://127.0.0.1:PORT`.
+    /// `http://127.0.0.1:PORT` (`https://` with [`PullgateBuilder::tls_ca`]).
     pub fn url(&self) -> String {
-        format!("http://{}", self.host())
+        let scheme = if self.tls_ca.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.host())
+    }
+
+    /// Sends `signal` to the process (SIGHUP: reload the TLS certificate).
+    pub fn signal(&self, signal: libc::c_int) {
+        self.process
+            .as_ref()
+            .expect("pullgate is not running")
+            .signal(signal);
     }
 
     /// An anonymous registry client for pullgate.
@@ -188,7 +211,25 @@ impl Pullgate {
         }
         let mut process = ChildProcess::spawn("pullgate", command, self.dir.path());
         let url = format!("{}/healthz", self.url());
-        wait_until_serving("pullgate", &mut process, &url, Duration::from_secs(30));
+        match &self.tls_ca {
+            None => wait_until_serving("pullgate", &mut process, &url, Duration::from_secs(30)),
+            Some(ca) => {
+                let client = super::http::client_trusting(ca);
+                super::process::wait_for(
+                    &format!("pullgate on {url}"),
+                    Duration::from_secs(30),
+                    || {
+                        process.assert_running();
+                        client
+                            .get(&url)
+                            .send()
+                            .ok()
+                            .filter(|r| r.status().is_success())
+                            .map(|_| ())
+                    },
+                );
+            }
+        }
         self.process = Some(process);
     }
 
@@ -220,14 +261,6 @@ impl Pullgate {
             "pullgate exited with {status} after SIGTERM; a graceful exit is status 0"
         );
         self.start();
-    }
-
-    /// Sends `signal` to the running process.
-    pub fn signal(&self, signal: libc::c_int) {
-        self.process
-            .as_ref()
-            .expect("pullgate is not running")
-            .signal(signal);
     }
 
     /// Reads `GET /metrics`.

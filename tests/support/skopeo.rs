@@ -155,6 +155,21 @@ pub fn skopeo_copy(
     platforms: Platforms,
     credentials: Option<(&str, &str)>,
 ) -> Result<CopiedImage, String> {
+    skopeo_copy_from(reference, platforms, credentials, None)
+}
+
+/// [`skopeo_copy`] over verified TLS: `--src-cert-dir` holding `ca` (as `ca.crt`), and no
+/// insecure flag.
+pub fn skopeo_copy_verified(reference: &str, ca: &Path) -> Result<CopiedImage, String> {
+    skopeo_copy_from(reference, Platforms::Host, None, Some(ca))
+}
+
+fn skopeo_copy_from(
+    reference: &str,
+    platforms: Platforms,
+    credentials: Option<(&str, &str)>,
+    ca: Option<&Path>,
+) -> Result<CopiedImage, String> {
     require_tool("skopeo");
     let dir = tempfile::Builder::new()
         .prefix("pullgate-skopeo-")
@@ -181,9 +196,17 @@ pub fn skopeo_copy(
         .arg("--policy")
         .arg(&policy)
         .arg("copy")
-        .arg("--src-tls-verify=false")
         .arg("--preserve-digests")
         .arg("--retry-times=0");
+    match ca {
+        None => command.arg("--src-tls-verify=false"),
+        Some(ca) => {
+            let certs = config_dir.path().join("certs");
+            std::fs::create_dir_all(&certs).expect("create the cert dir");
+            std::fs::copy(ca, certs.join("ca.crt")).expect("copy the CA");
+            command.arg("--src-cert-dir").arg(certs)
+        }
+    };
     match credentials {
         Some((user, password)) => command.arg(format!("--src-creds={user}:{password}")),
         None => command.arg("--src-no-creds"),

@@ -100,6 +100,16 @@ impl TestCa {
         self.dir.path().join("ca.pem")
     }
 
+    /// The server certificate (PEM) the CA signed for 127.0.0.1 and localhost.
+    pub fn server_cert(&self) -> PathBuf {
+        self.dir.path().join("server.pem")
+    }
+
+    /// The server certificate's private key (PEM).
+    pub fn server_key(&self) -> PathBuf {
+        self.dir.path().join("server.key")
+    }
+
     fn server_config(&self) -> rustls::ServerConfig {
         let certs: Vec<CertificateDer<'static>> =
             CertificateDer::pem_file_iter(self.dir.path().join("server.pem"))

@@ -84,6 +84,26 @@ pub struct Config {
     /// Logging: filter, format, access events, fill progress.
     #[serde(default)]
     pub log: LogConfig,
+    /// Peers (CIDRs) whose forwarding header and PROXY protocol header name the client
+    /// (default: none; see `forwarded`).
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
+    /// The header trusted proxies write the client into: `x-forwarded-for` (default) or
+    /// `forwarded` (RFC 7239). The other one is never read.
+    pub forwarded_header: Option<String>,
+    /// Native only: TLS on the listener.
+    #[serde(default)]
+    pub tls: TlsConfig,
+}
+
+/// `[tls]`: native only. Both or neither; reloaded on SIGHUP and when the files change.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: Option<String>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<String>,
 }
 
 /// `[server]`: native only (the edge platforms run their own listeners).
@@ -113,6 +133,10 @@ pub struct ServerConfig {
     /// Serving threads, each with its own event loop and core instance (default: the
     /// machine's available cores).
     pub workers: Option<usize>,
+    /// Read a PROXY protocol (v1 or v2) header at the start of connections from
+    /// `trusted_proxies` (default false); from any other peer such a header closes the
+    /// connection.
+    pub proxy_protocol: Option<bool>,
 }
 
 /// `[cache]`.
@@ -164,6 +188,9 @@ pub struct Settings {
     pub outbound: std::sync::Arc<crate::core::outbound::OutboundPolicy>,
     /// `[log]`.
     pub log: LogSettings,
+    /// `trusted_proxies` and `forwarded_header`: whose word about the client's address a
+    /// host believes.
+    pub trusted_proxies: crate::core::forwarded::TrustedProxies,
 }
 
 /// The one configuration bootstrap every host runs: the text (None: the defaults) from
@@ -285,6 +312,11 @@ impl Config {
             )?,
             outbound: crate::core::outbound::resolve(&self.outbound)?,
             log: self.log.resolve()?,
+            trusted_proxies: crate::core::forwarded::parse_trusted_proxies(
+                &self.trusted_proxies,
+                self.forwarded_header.as_deref(),
+            )
+            .map_err(ConfigError)?,
         })
     }
 }
