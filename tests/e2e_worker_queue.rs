@@ -300,3 +300,117 @@ fn a_message_the_queue_gives_up_on_is_recorded_from_the_dlq_and_replayable() {
 
     replay_delivers_once(&worker, &receiver, &letter, &run);
 }
+
+/// The files of the worker's local state holding `needle` (what the local KV, R2 and Durable
+/// Object storage wrote), as paths relative to the state directory.
+fn state_files_with(worker: &Worker, needle: &[u8]) -> Vec<String> {
+    let root = worker.state_dir();
+    let mut found = Vec::new();
+    let mut pending = vec![root.clone()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                pending.push(path);
+            } else if std::fs::read(&path)
+                .is_ok_and(|b| b.windows(needle.len()).any(|w| w == needle))
+            {
+                let rel = path.strip_prefix(&root).unwrap_or(&path);
+                found.push(rel.display().to_string());
+            }
+        }
+    }
+    found
+}
+
+/// Two copies of one push (a sender's redelivery with a new delivery id) sent at the same
+/// moment start one run: the source guard is claimed in the gateway's Durable Object, where
+/// the run record lives too (the local KV holds none of it), and the target gets one dispatch.
+#[test]
+fn two_concurrent_copies_of_a_webhook_start_one_run_kept_in_the_durable_object() {
+    let receiver = Receiver::start();
+    let worker = start(&receiver, 8);
+    let body = json!({
+        "ref": "refs/heads/main",
+        "before": "0000000000000000000000000000000000000001",
+        "after": "89abcdef0123456789abcdef0123456789abcdef",
+        "repository": { "clone_url": "https://github.com/acme/app.git", "full_name": "acme/app" },
+        "pusher": { "name": "ana" },
+    })
+    .to_string()
+    .into_bytes();
+    let url = format!("{}/hooks/app", worker.url());
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(2));
+    let senders: Vec<_> = ["copy-1", "copy-2"]
+        .into_iter()
+        .map(|delivery| {
+            let (body, url, barrier) = (body.clone(), url.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                let client = loopback_client();
+                barrier.wait();
+                let resp = client
+                    .post(url)
+                    .header("x-github-event", "push")
+                    .header("x-github-delivery", delivery)
+                    .header("x-hub-signature-256", sign(&body))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .expect("POST /hooks/app");
+                let status = resp.status().as_u16();
+                let v: Value = serde_json::from_slice(&resp.bytes().unwrap_or_default())
+                    .unwrap_or(Value::Null);
+                (status, v)
+            })
+        })
+        .collect();
+    let answers: Vec<(u16, Value)> = senders
+        .into_iter()
+        .map(|t| t.join().expect("sender"))
+        .collect();
+    let mut answered: Vec<u16> = answers.iter().map(|(s, _)| *s).collect();
+    answered.sort();
+    assert_eq!(answered, vec![200, 202], "{answers:?}");
+    let run = answers
+        .iter()
+        .find(|(s, _)| *s == 202)
+        .and_then(|(_, v)| v["runs"][0].as_str())
+        .expect("the accepted copy names its run")
+        .to_string();
+
+    let (status, listed) = admin(
+        &worker,
+        reqwest::Method::GET,
+        "/chain?repository=https://github.com/acme/app.git",
+    );
+    assert_eq!(status, 200, "{listed}");
+    let ids: Vec<&str> = listed["runs"]
+        .as_array()
+        .map(|r| r.iter().filter_map(|x| x["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, vec![run.as_str()], "{listed}");
+    assert!(
+        poll_until(WAIT, || queue_lines(&worker)
+            .iter()
+            .any(|l| l.contains("outcome=ack"))),
+        "not delivered: {}",
+        worker.log()
+    );
+    assert_eq!(statuses(&receiver), vec![200], "one dispatch");
+
+    let key = format!("run/{run}");
+    let holders = state_files_with(&worker, key.as_bytes());
+    assert!(
+        !holders.is_empty(),
+        "the run record is nowhere in the local state"
+    );
+    assert!(
+        holders
+            .iter()
+            .all(|p| p.split('/').any(|c| c == "do") && !p.contains("/kv/")),
+        "the run record is outside the Durable Object's storage: {holders:?}"
+    );
+}
