@@ -88,10 +88,13 @@ target = "ci"
         docker = closed_docker_io(),
         r = receiver.url()
     );
+    // Without the outbox queue, whose consumer would otherwise make the retry (see
+    // e2e_worker_queue): the pump is what a deployment without the bindings runs.
     let worker = Worker::builder()
         .config(&config)
         .secret("PG_HOOK_SECRET", SECRET)
         .secret("PG_ADMIN", "admin-token-for-edge-tests")
+        .without_queues()
         .start();
 
     let body = json!({

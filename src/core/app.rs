@@ -87,6 +87,54 @@ impl App {
         crate::core::gateway::pump(&self.inner).await
     }
 
+    /// Hands the gateway's new deliveries to `queue` (Cloudflare Queues on Workers): its
+    /// consumer attempts each through [`App::deliver_queued`], and the consumer of its
+    /// dead-letter queue records dead letters through [`App::dead_letter_queued`]. The outbox
+    /// pump stays the fallback for deliveries the queue did not take or did not settle.
+    pub fn with_delivery_queue(self, queue: Rc<dyn crate::core::ports::DeliveryQueue>) -> App {
+        let port = self
+            .inner
+            .slots
+            .get::<crate::core::gateway::state::QueuePort>();
+        *port.0.borrow_mut() = Some(queue);
+        self
+    }
+
+    /// Keeps the gateway's runs and dedup records in `store` (a Durable Object on Workers):
+    /// strongly consistent, and its atomic create makes "this commit already started runs"
+    /// hold across instances that share no lock. Without it they stay in the key-value port.
+    pub fn with_record_store<S: crate::core::ports::RecordStore + 'static>(
+        self,
+        store: Rc<S>,
+    ) -> App {
+        let port = self
+            .inner
+            .slots
+            .get::<crate::core::gateway::runstore::RecordPort>();
+        *port.0.borrow_mut() = Some((store.clone(), store));
+        self
+    }
+
+    /// Attempts the pending delivery `id` for a queue consumer and says what to do with its
+    /// message; a store failure is an error (the consumer retries the message).
+    pub async fn deliver_queued(
+        &self,
+        id: &str,
+    ) -> Result<crate::core::ports::QueueVerdict, crate::core::ports::StoreError> {
+        crate::core::gateway::queue::deliver(&self.inner, id).await
+    }
+
+    /// Records the pending delivery `id` as a dead letter (listed and replayed by the admin
+    /// API) for the consumer of the dead-letter queue; `why` is kept when no attempt recorded
+    /// an error. Ok(false) when nothing was pending under `id`.
+    pub async fn dead_letter_queued(
+        &self,
+        id: &str,
+        why: &str,
+    ) -> Result<bool, crate::core::ports::StoreError> {
+        crate::core::gateway::queue::dead_letter(&self.inner, id, why).await
+    }
+
     /// When the next pending delivery is due (ms since the epoch), if any.
     pub async fn next_delivery_due(&self) -> Option<u64> {
         crate::core::gateway::next_due(&self.inner).await

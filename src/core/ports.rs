@@ -440,3 +440,47 @@ impl FillCoordinator for LocalFills {
         false
     }
 }
+
+/// Strongly consistent records with a create that is atomic across every core instance (a
+/// Durable Object on Workers): where the gateway keeps its runs and dedup records when the
+/// host has one (`App::with_record_store`). Without one they stay in the [`KvStore`] port,
+/// serialised by each instance's own lock.
+#[async_trait::async_trait(?Send)]
+pub trait RecordStore: KvStore {
+    /// Stores `value` under `key` only when nothing is stored there; true when it did. Of any
+    /// number of concurrent creates of one key, from any instances, exactly one returns true.
+    async fn create(&self, key: &str, value: &[u8]) -> Result<bool, StoreError>;
+}
+
+/// A host's message queue for the gateway's outbound deliveries (Cloudflare Queues): the
+/// gateway sends the id of each new pending delivery, and the host's consumer hands every
+/// message back to the core ([`crate::core::app::App::deliver_queued`]), which attempts the
+/// delivery and answers a [`QueueVerdict`] the consumer carries out (acknowledge, retry after
+/// a delay, or move to the dead-letter queue, whose consumer calls
+/// [`crate::core::app::App::dead_letter_queued`]). Optional: without one, the outbox pump
+/// sends every delivery. The delivery records stay in the key-value port either way; a
+/// message carries only the id, so a queue never holds a secret.
+#[async_trait::async_trait(?Send)]
+pub trait DeliveryQueue {
+    /// Sends delivery `id`, to be handed back no sooner than `delay_ms` from now (a queue
+    /// may cap the delay; the core then asks for the rest on the next attempt).
+    async fn send(&self, id: &str, delay_ms: u64) -> Result<(), StoreError>;
+}
+
+/// What a queue consumer does with a delivery's message once the core has looked at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueueVerdict {
+    /// Delivered, or nothing is pending under that id any more: acknowledge the message.
+    Ack,
+    /// Not delivered (failed, or not yet due): hand it back after `delay_ms`.
+    Retry {
+        /// The delay before the next attempt, ms.
+        delay_ms: u64,
+    },
+    /// Failed for the last allowed time (`[gateway] max_attempts`): move the message to the
+    /// dead-letter queue, whose consumer records the dead letter.
+    DeadLetter {
+        /// Why the last attempt failed.
+        error: String,
+    },
+}

@@ -7,6 +7,10 @@
 //! one line with the pass's counts. Deferred work the pass starts runs under the event's own
 //! `waitUntil`.
 //!
+//! With the outbox queue bound (`PULLGATE_OUTBOX`, see [`super::queue`]) the queue sends
+//! deliveries and retries them on their own delays; this pass is then the fallback for
+//! deliveries the queue refused or did not settle within its lease.
+//!
 //! # Limitations
 //! - A pass runs at most once per trigger, and Cron Triggers fire at most once a minute: a
 //!   retry falls due at its backoff time but is sent on the next trigger (or the next request

@@ -21,7 +21,11 @@
 //! as workerd requires (see `gate.rs`).
 //!
 //! The worker also has a `scheduled` handler ([`cron`]): the Cron Trigger in `wrangler.toml`
-//! runs the gateway's outbox pump with no request needed. Reads of R2 go through this
+//! runs the gateway's outbox pump with no request needed; and a `queue` handler ([`queue`]):
+//! with the `PULLGATE_OUTBOX` producer binding, deliveries go through Cloudflare Queues
+//! (retry delays, a dead-letter queue) and the pump is their fallback. With the
+//! `PULLGATE_RECORDS` Durable Object binding, the gateway's runs and dedup records live in
+//! one Durable Object ([`runs`]) instead of KV. Reads of R2 go through this
 //! location's colo tier ([`colo`], the Cache API) inside the storage adapters; a hit whose
 //! content it served is logged `cache=edge-hit` and counted in `pullgate_edge_hits_total`.
 //!
@@ -49,7 +53,9 @@ pub mod cron;
 pub mod fetch;
 pub mod gate;
 pub mod kv;
+pub mod queue;
 pub mod r2;
+pub mod runs;
 
 pub use colo::ColoCache;
 pub use fetch::FetchUpstream;
@@ -136,6 +142,8 @@ pub(crate) enum Keeper {
     Fetch(Rc<Context>, Rc<str>),
     /// A Cron Trigger's context.
     Scheduled(Rc<worker::ScheduleContext>),
+    /// A queue consumer's context (the gateway's outbox, see [`queue`]).
+    Queue(Rc<Context>),
 }
 
 impl Keeper {
@@ -143,6 +151,7 @@ impl Keeper {
         match self {
             Keeper::Fetch(ctx, _) => ctx.wait_until(work),
             Keeper::Scheduled(ctx) => ctx.wait_until(work),
+            Keeper::Queue(ctx) => ctx.wait_until(work),
         }
     }
 }
@@ -250,7 +259,7 @@ fn build_app(env: &Env) -> Result<App, String> {
         deferred: Rc::new(WaitUntil),
         offload: Rc::new(InlineOffload),
     };
-    let app = App::new(settings, ports);
+    let app = runs::attach(queue::attach(App::new(settings, ports), env), env);
     tally.attach(app.metrics());
     Ok(app)
 }

@@ -131,7 +131,7 @@ pub fn bundle_gzip_size() -> (u64, u64) {
 
 /// The repository's `wrangler.toml` for a built bundle: `main` absolute, no `[build]`, and
 /// `[vars]` holding only `PULLGATE_CONFIG`.
-fn dev_config(bundle: &Path, pullgate_config: &str) -> String {
+fn dev_config(bundle: &Path, pullgate_config: &str, without_queues: bool) -> String {
     let text =
         std::fs::read_to_string(repo_root().join("wrangler.toml")).expect("read wrangler.toml");
     let mut out = String::new();
@@ -144,7 +144,9 @@ fn dev_config(bundle: &Path, pullgate_config: &str) -> String {
         }
         let trimmed = line.trim();
         if trimmed.starts_with('[') {
-            skipping = trimmed == "[build]" || trimmed == "[vars]";
+            skipping = trimmed == "[build]"
+                || trimmed == "[vars]"
+                || (without_queues && trimmed.starts_with("[[queues."));
         }
         if skipping {
             in_multiline = trimmed.matches("'''").count() == 1;
@@ -173,6 +175,7 @@ pub struct WorkerBuilder {
     config: String,
     secrets: Vec<(String, String)>,
     port: Option<u16>,
+    without_queues: bool,
 }
 
 impl WorkerBuilder {
@@ -180,6 +183,13 @@ impl WorkerBuilder {
     /// that must name the worker's own URL (`[auth] public_url`).
     pub fn port(mut self, port: u16) -> Self {
         self.port = Some(port);
+        self
+    }
+
+    /// Without `wrangler.toml`'s queues (`[[queues.producers]]`, `[[queues.consumers]]`): the
+    /// gateway's outbox then runs on the pump alone, as a deployment without the bindings.
+    pub fn without_queues(mut self) -> Self {
+        self.without_queues = true;
         self
     }
 
@@ -205,7 +215,7 @@ impl WorkerBuilder {
             .expect("tempdir");
         std::fs::write(
             dir.path().join("wrangler.toml"),
-            dev_config(&bundle, &self.config),
+            dev_config(&bundle, &self.config, self.without_queues),
         )
         .expect("write wrangler.toml");
         let dev_vars: String = self

@@ -11,6 +11,7 @@ use crate::core::gateway::config::{GatewaySettings, Webhook};
 use crate::core::gateway::event::{delivery_id, parse_delivery, Parsed, SourceEvent};
 use crate::core::gateway::keys::{commit_index, hash_hex, image_index, image_key};
 use crate::core::gateway::records::{enqueue, load_run, save_run};
+use crate::core::gateway::runstore::{claim_source, runs, settle_source, Claim};
 use crate::core::gateway::state::BodyPermit;
 use crate::core::gateway::verify::verify_delivery;
 use crate::core::gateway::{internal, replay, rules, spawn_pump};
@@ -139,8 +140,10 @@ struct Outcome {
     started: Vec<String>,
     /// Runs an artifact event moved on.
     advanced: Vec<String>,
-    /// Runs the same source had started before.
+    /// Runs the same source had started before (or is starting: a concurrent copy).
     existing: Vec<String>,
+    /// The same source had started runs (their ids may not be known yet).
+    duplicate: bool,
 }
 
 impl Outcome {
@@ -156,7 +159,7 @@ impl Outcome {
                 StatusCode::ACCEPTED,
                 json!({ "status": "accepted", "runs": self.started, "advanced": self.advanced }),
             )
-        } else if !self.existing.is_empty() {
+        } else if self.duplicate {
             (
                 StatusCode::OK,
                 json!({ "status": "duplicate", "reason": "this commit already started runs; an admin can replay them", "runs": self.existing }),
@@ -185,7 +188,10 @@ async fn act(
             SourceEvent::Artifact { .. } => o.advanced.extend(artifact_published(inner, ev).await?),
             _ => match start_runs(inner, &wh.name, &delivery, body_hash, ev).await? {
                 Started::New(ids) => o.started.extend(ids),
-                Started::Existing(ids) => o.existing.extend(ids),
+                Started::Existing(ids) => {
+                    o.duplicate = true;
+                    o.existing.extend(ids)
+                }
             },
         }
     }
@@ -209,21 +215,34 @@ async fn start_runs(
     body_hash: &str,
     ev: &SourceEvent,
 ) -> Result<Started, StoreError> {
-    let gw = &inner.settings.gateway;
     let now = inner.ports.clock.now_ms();
     let guard = replay::source_key(webhook, ev);
-    // One at a time, so two concurrent copies of a delivery cannot both pass the guard.
+    // One at a time in this instance; across instances the guard's claim decides (with a
+    // record store), so two concurrent copies of a delivery cannot both pass the guard.
     let _lock = inner.run_lock.lock().await;
     if let Some(g) = &guard {
-        if let Some(raw) = inner.ports.kv.get(g).await? {
-            let ids = String::from_utf8_lossy(&raw)
-                .split(',')
-                .filter(|s| !s.is_empty())
-                .map(str::to_string)
-                .collect();
+        if let Claim::Held(ids) = claim_source(inner, g).await? {
             return Ok(Started::Existing(ids));
         }
     }
+    let started = create_runs(inner, webhook, delivery, body_hash, ev, now).await;
+    if let Some(g) = &guard {
+        settle_source(inner, g, &started).await?;
+    }
+    started.map(Started::New)
+}
+
+/// Creates and persists a run per matching rule, with its first deliveries; the ids.
+async fn create_runs(
+    inner: &Rc<Inner>,
+    webhook: &str,
+    delivery: &str,
+    body_hash: &str,
+    ev: &SourceEvent,
+    now: u64,
+) -> Result<Vec<String>, StoreError> {
+    let gw = &inner.settings.gateway;
+    let records = runs(inner);
     let mut ids = Vec::new();
     for (i, rule) in gw.rules.iter().enumerate() {
         if !rules::rule_matches(rule, webhook, ev) {
@@ -249,26 +268,19 @@ async fn start_runs(
             repository, commit, ..
         } = ev
         {
-            inner
-                .ports
-                .kv
+            records
                 .put(&format!("{}{id}", commit_index(repository, commit)), b"")
                 .await?;
         }
         if let Some(img) = &image {
-            inner
-                .ports
-                .kv
+            records
                 .put(&format!("{}{id}", image_index(&image_key(img))), b"")
                 .await?;
         }
         enqueue(inner, &run, actions).await?;
         ids.push(id);
     }
-    if let (Some(g), false) = (&guard, ids.is_empty()) {
-        inner.ports.kv.put(g, ids.join(",").as_bytes()).await?;
-    }
-    Ok(Started::New(ids))
+    Ok(ids)
 }
 
 /// A pushed image finishes the `build` stage of every running run that builds it.
@@ -288,7 +300,7 @@ async fn artifact_published(
     let now = inner.ports.clock.now_ms();
     let prefix = image_index(&format!("{repository}:{tag}"));
     let mut ids = Vec::new();
-    for key in inner.ports.kv.list(&prefix, 100).await? {
+    for key in runs(inner).list(&prefix, 100).await? {
         let id = &key[prefix.len()..];
         let _guard = inner.run_lock.lock().await;
         let Some(mut run) = load_run(inner, id).await? else {

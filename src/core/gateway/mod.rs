@@ -17,8 +17,9 @@
 //! records and the targets' requests), `settle` (a delivery's fate after an attempt) and
 //! `keys` (storage keys); the I/O is `hook` (intake), `routes` (`/chain/…`), `callback`
 //! (stage results), `pump` (sending due deliveries), `prewarm` (the `distribute` stage) and
-//! `records` (runs and deliveries in the key-value port). This file routes to them and holds
-//! the glue they share.
+//! `records` (runs and deliveries in the key-value port), and `queue` (the outbox on a host's
+//! queue, when it has one), `runstore` (where runs and dedup records live: a host's record
+//! store, else the key-value port). This file routes to them and holds the glue they share.
 
 pub mod callback;
 pub mod cdevent;
@@ -30,10 +31,12 @@ pub mod keys;
 pub mod outbox;
 mod prewarm;
 pub mod pump;
+pub(crate) mod queue;
 mod records;
 pub mod replay;
 mod routes;
 pub mod rules;
+pub(crate) mod runstore;
 pub mod settle;
 pub(crate) mod state;
 pub mod verify;

@@ -206,7 +206,7 @@ pub(crate) async fn next_due(inner: &Inner) -> Option<u64> {
 }
 
 /// Sends one delivery; Ok(detail) when it was accepted.
-async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, String> {
+pub(crate) async fn execute(inner: &Rc<Inner>, d: &Delivery, run: &Run) -> Result<String, String> {
     let gw = &inner.settings.gateway;
     let now = inner.ports.clock.now_ms();
     let request = match &d.kind {

@@ -1,4 +1,5 @@
-//! The gateway's records in the key-value port: runs and deliveries, read and written as JSON
+//! The gateway's records: runs (in the store [`super::runstore`] picks) and deliveries (in the
+//! key-value port), read and written as JSON
 //! (records of another format version read as absent), and the enqueueing of a run's actions
 //! as pending deliveries. I/O only; the keys are built in [`super::keys`].
 
@@ -7,13 +8,15 @@ use crate::core::gateway::chain::{Action, Run};
 use crate::core::gateway::keys::due_key;
 use crate::core::gateway::keys::run_key;
 use crate::core::gateway::outbox::{self, Delivery, DeliveryKind, DELIVERY_VERSION, PENDING};
+use crate::core::gateway::runstore::runs;
+use crate::core::gateway::state::{QueuePort, QUEUE_LEASE_MS};
+use crate::core::ports::DeliveryQueue;
 use crate::core::ports::StoreError;
+use std::rc::Rc;
 
 /// Run `id`, if stored.
 pub(crate) async fn load_run(inner: &Inner, id: &str) -> Result<Option<Run>, StoreError> {
-    Ok(inner
-        .ports
-        .kv
+    Ok(runs(inner)
         .get(&run_key(id))
         .await?
         .and_then(|raw| serde_json::from_slice::<Run>(&raw).ok()))
@@ -22,7 +25,7 @@ pub(crate) async fn load_run(inner: &Inner, id: &str) -> Result<Option<Run>, Sto
 /// Stores a run.
 pub(crate) async fn save_run(inner: &Inner, run: &Run) -> Result<(), StoreError> {
     let raw = serde_json::to_vec(run).map_err(|e| StoreError(e.to_string()))?;
-    inner.ports.kv.put(&run_key(&run.id), &raw).await
+    runs(inner).put(&run_key(&run.id), &raw).await
 }
 
 /// The delivery stored at `key`, if any (of this format version).
@@ -49,7 +52,8 @@ pub(crate) async fn save_delivery(
     inner.ports.kv.put(&format!("{prefix}{}", d.id), &raw).await
 }
 
-/// Persists a delivery for each action (once: an existing pending record is kept).
+/// Persists a delivery for each action (once: an existing pending record is kept), and leases
+/// each new one to the host's queue when it has one ([`hand_off`]).
 pub(crate) async fn enqueue(
     inner: &Inner,
     run: &Run,
@@ -102,6 +106,7 @@ pub(crate) async fn enqueue(
             last_error: None,
         };
         save_pending(inner, &d, None).await?;
+        hand_off(inner, &d).await;
     }
     Ok(())
 }
@@ -125,4 +130,30 @@ pub(crate) async fn save_pending(
 pub(crate) async fn remove_pending(inner: &Inner, d: &Delivery, indexed_at: u64) {
     let _ = inner.ports.kv.delete(&format!("{PENDING}{}", d.id)).await;
     let _ = inner.ports.kv.delete(&due_key(indexed_at, &d.id)).await;
+}
+
+fn queue_of(inner: &Inner) -> Option<Rc<dyn DeliveryQueue>> {
+    inner.slots.get::<QueuePort>().0.borrow().clone()
+}
+
+/// Leases the pending delivery `d` (stored and indexed at its `next_ms`) to the host's queue;
+/// false when there is no queue or it refused the message (the pump then sends it).
+pub(crate) async fn hand_off(inner: &Inner, d: &Delivery) -> bool {
+    let Some(queue) = queue_of(inner) else {
+        return false;
+    };
+    let now = inner.ports.clock.now_ms();
+    let mut leased = d.clone();
+    leased.next_ms = d.next_ms.max(now).saturating_add(QUEUE_LEASE_MS);
+    if save_pending(inner, &leased, Some(d.next_ms)).await.is_err() {
+        return false;
+    }
+    match queue.send(&d.id, d.next_ms.saturating_sub(now)).await {
+        Ok(()) => true,
+        Err(_) => {
+            // Due again for the pump (the lease entry goes once the original one is back).
+            let _ = save_pending(inner, d, Some(leased.next_ms)).await;
+            false
+        }
+    }
 }

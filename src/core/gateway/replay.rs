@@ -23,6 +23,7 @@ use crate::core::context::Inner;
 use crate::core::gateway::config::{GatewaySettings, Provider};
 use crate::core::gateway::event::{delivery_id, SourceEvent};
 use crate::core::gateway::keys::hash_hex;
+use crate::core::gateway::runstore::runs;
 use crate::core::gateway::verify::signs_timestamp;
 use crate::core::ports::StoreError;
 use http::HeaderMap;
@@ -139,9 +140,7 @@ fn parse_ms(raw: &[u8]) -> Option<u64> {
 /// True when `r` was recorded within its window before `now`.
 pub(crate) async fn is_duplicate(inner: &Inner, r: &Record, now: u64) -> Result<bool, StoreError> {
     let window = r.class.window_ms(&inner.settings.gateway);
-    Ok(inner
-        .ports
-        .kv
+    Ok(runs(inner)
         .get(&r.key)
         .await?
         .and_then(|raw| parse_ms(&raw))
@@ -150,7 +149,7 @@ pub(crate) async fn is_duplicate(inner: &Inner, r: &Record, now: u64) -> Result<
 
 /// Records `r` as seen at `now`: the index entry first, so no record is ever unswept.
 pub(crate) async fn remember(inner: &Inner, r: &Record, now: u64) -> Result<(), StoreError> {
-    let kv = &inner.ports.kv;
+    let kv = runs(inner);
     kv.put(&seen_key(r.class, now, &r.key), b"").await?;
     kv.put(&r.key, now.to_string().as_bytes()).await
 }
@@ -158,7 +157,7 @@ pub(crate) async fn remember(inner: &Inner, r: &Record, now: u64) -> Result<(), 
 /// Deletes records older than their window, oldest first, bounded per pass.
 pub(crate) async fn sweep(inner: &Inner) {
     let now = inner.ports.clock.now_ms();
-    let kv = &inner.ports.kv;
+    let kv = runs(inner);
     for class in [Class::Delivery, Class::Body] {
         let window = class.window_ms(&inner.settings.gateway);
         let prefix = class.index_prefix();
@@ -190,7 +189,7 @@ pub(crate) async fn sweep(inner: &Inner) {
 
 /// Indexes records written before the index existed (one pass over an older store).
 pub(crate) async fn index_legacy(inner: &Inner, limit: usize) -> Result<(), StoreError> {
-    let kv = &inner.ports.kv;
+    let kv = runs(inner);
     for key in kv.list(DELIVERY_RECORDS, limit).await? {
         let seen = kv
             .get(&key)

@@ -79,7 +79,10 @@ async fn list_runs(inner: &Inner, query: Option<&str>) -> Response<Body> {
         Some(c) => commit_index(&repo, &c),
         None => repository_prefix(&repo),
     };
-    let keys = match inner.ports.kv.list(&prefix, 200).await {
+    let keys = match crate::core::gateway::runstore::runs(inner)
+        .list(&prefix, 200)
+        .await
+    {
         Ok(k) => k,
         Err(e) => return internal(e),
     };
@@ -110,7 +113,7 @@ async fn dead_letters(inner: &Inner) -> Response<Body> {
 }
 
 /// `POST /chain/dead-letters/<id>/replay`: the dead letter becomes pending again, its stage
-/// reopened.
+/// reopened, and leased to the host's queue when it has one.
 async fn replay_dead_letter(inner: &Rc<Inner>, id: &str) -> Response<Body> {
     let key = format!("{DEAD}{id}");
     let mut d = match load_delivery(inner, &key).await {
@@ -136,6 +139,8 @@ async fn replay_dead_letter(inner: &Rc<Inner>, id: &str) -> Response<Body> {
     if let Err(e) = r {
         return internal(e);
     }
+    // After the stage reopened: a queue's consumer may attempt it at once.
+    crate::core::gateway::records::hand_off(inner, &d).await;
     spawn_pump(inner);
     json_response(
         StatusCode::ACCEPTED,

@@ -1,9 +1,10 @@
-//! Per-instance gateway state that lives in memory (never persisted): the count of webhook
-//! bodies being held, and whether the persistent indexes were checked for records written
+//! Per-instance gateway state that lives in memory (never persisted): the host's delivery
+//! queue, if any (see [`super::queue`]), the count of webhook bodies being held, and whether the persistent indexes were checked for records written
 //! before they existed. One per core instance, on `Inner`; not shared across instances, so
 //! the body cap is per process natively and per isolate on the edge hosts.
 
-use std::cell::Cell;
+use crate::core::ports::DeliveryQueue;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 /// In-memory gateway state of one core instance.
@@ -35,6 +36,14 @@ impl Drop for BodyPermit {
         self.0.set(self.0.get().saturating_sub(1));
     }
 }
+
+/// How long past its due time a delivery handed to the queue is left to the queue before the
+/// pump may send it too.
+pub const QUEUE_LEASE_MS: u64 = 15 * 60 * 1000;
+
+/// The instance's queue, if its host has one (a typed slot on `Inner`).
+#[derive(Default)]
+pub(crate) struct QueuePort(pub RefCell<Option<Rc<dyn DeliveryQueue>>>);
 
 #[cfg(test)]
 mod tests {
