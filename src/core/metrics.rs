@@ -109,6 +109,10 @@ pub struct Metrics {
     pub store_reads: AtomicU64,
     /// Blob fills whose upstream transfer this instance runs now (a gauge).
     pub fills_in_flight: AtomicU64,
+    /// Blob bytes the host copied into the core's memory (wasm on Workers: fills written
+    /// through a `BlobWriter`, stored blobs read back as a stream). Only hosts whose platform
+    /// can move blob bytes without the core count it.
+    pub wasm_blob_bytes: AtomicU64,
     /// (hits, misses) by upstream host.
     pub by_upstream: Mutex<BTreeMap<String, [u64; 2]>>,
     /// Gateway delivery attempts by outcome ([`DELIVERY_OUTCOMES`]). Never counted as
@@ -370,6 +374,11 @@ impl Metrics {
         out.push_str(&format!(
             "# HELP {name} Password verifications run.\n# TYPE {name} counter\n{name} {}\n",
             self.password_checks.load(Ordering::Relaxed)
+        ));
+        let name = "pullgate_worker_wasm_blob_bytes_total";
+        out.push_str(&format!(
+            "# HELP {name} Blob bytes copied into the worker's wasm memory.\n# TYPE {name} counter\n{name} {}\n",
+            self.wasm_blob_bytes.load(Ordering::Relaxed)
         ));
         out
     }

@@ -122,6 +122,58 @@ pub trait BlobStore {
         digest: &Digest,
         size: Option<u64>,
     ) -> Result<Box<dyn BlobWriter>, StoreError>;
+    /// Fills `digest` straight from the upstream's answer to the fill's GET, inside the host's
+    /// runtime, when the host's platform can store, verify and serve the bytes without them
+    /// passing through the core (Workers: the body split in the runtime, one branch into one R2
+    /// put with R2's SHA-256 check, one to the client with its tail held back until the put
+    /// succeeded). The core has already decided everything else (route, entitlement, which
+    /// upstream and digest, redirects); it records links and reports the outcome once the
+    /// [`HostFill`] says the blob is committed.
+    ///
+    /// `size` is the upstream's `Content-Length`. A store that cannot fill this blob natively
+    /// (no such capability, unknown length, over a platform limit) answers
+    /// [`NativeFill::Declined`] with the response untouched, and the core fills through
+    /// [`create`](Self::create) as usual. The default declines.
+    async fn fill_from(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+        upstream: Response<ByteStream>,
+    ) -> NativeFill {
+        let _ = (digest, size);
+        NativeFill::Declined(upstream)
+    }
+}
+
+/// What [`BlobStore::fill_from`] did with an upstream response.
+pub enum NativeFill {
+    /// The host fills it natively.
+    Started(Rc<dyn HostFill>),
+    /// The host cannot: the response, untouched, for the core's own fill.
+    Declined(Response<ByteStream>),
+}
+
+/// A blob fill the host runs in its runtime (see [`BlobStore::fill_from`]). The same rules as
+/// a [`BlobWriter`]'s hold: nothing is visible under the digest until the platform verified
+/// the bytes against it, and no client gets the last 64 KiB of the blob before that.
+pub trait HostFill {
+    /// The live body of the whole blob for one client, the last 64 KiB withheld until the
+    /// blob is verified and stored (the body errors, so the host aborts the connection, when
+    /// it is not). `Some` once; later callers wait for the outcome and read the store.
+    fn take_body(&self) -> Option<Body>;
+    /// Resolves when the fill ended: `Ok` once the blob is verified and committed.
+    fn outcome(&self) -> LocalBoxFuture<'static, Result<(), HostFillError>>;
+}
+
+/// Why a [`HostFill`] stored nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostFillError {
+    /// The bytes did not hash to the digest (the platform refused them).
+    #[error("bytes do not hash to the expected digest; not stored")]
+    DigestMismatch,
+    /// The upstream body failed, or storage did.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// Why a commit refused to make a blob visible.

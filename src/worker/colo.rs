@@ -95,6 +95,13 @@ impl Tally {
         *self.metrics.borrow_mut() = Some(metrics);
     }
 
+    /// `n` blob bytes copied into wasm memory.
+    pub fn wasm_blob_bytes(&self, n: usize) {
+        if let Some(m) = self.metrics.borrow().as_ref() {
+            crate::core::metrics::add(&m.wasm_blob_bytes, n as u64);
+        }
+    }
+
     /// One read (HEAD or GET) of R2.
     pub fn r2_read(&self) {
         if let Some(m) = self.metrics.borrow().as_ref() {

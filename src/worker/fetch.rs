@@ -13,6 +13,7 @@
 //!   the `ChosenByUpstream` marker on such requests is ignored here: a public name that
 //!   resolves to an internal address is not caught by pullgate.
 
+use super::fill::{keep_raw_body, RawBody};
 use crate::core::ports::{BodyError, ByteStream, Upstream, UpstreamError};
 use bytes::Bytes;
 use futures_util::future::{select, Either};
@@ -21,6 +22,13 @@ use http::{Request, Response};
 use std::time::Duration;
 use worker::wasm_bindgen::JsValue;
 use worker::{AbortController, Delay, Fetch, Headers, Method, RequestInit, RequestRedirect};
+
+/// Where an upstream body's bytes come from: the runtime's stream not yet opened (a blob
+/// store may still take it whole), or opened by the core.
+enum Source {
+    Unopened(RawBody),
+    Open(worker::ByteStream),
+}
 
 /// The upstream port over `fetch`.
 pub struct FetchUpstream {
@@ -61,7 +69,7 @@ impl Upstream for FetchUpstream {
         let signal = controller.signal();
         let fetch = Fetch::Request(req);
         let sending = Box::pin(fetch.send_with_signal(&signal));
-        let mut resp = match select(sending, Delay::from(self.timeout)).await {
+        let resp = match select(sending, Delay::from(self.timeout)).await {
             Either::Left((Ok(resp), _)) => resp,
             // The runtime reports refused connections, DNS and TLS failures alike.
             Either::Left((Err(e), _)) => return Err(UpstreamError::Connect(e.to_string())),
@@ -75,28 +83,45 @@ impl Upstream for FetchUpstream {
             out = out.header(name, value);
         }
         let timeout = self.timeout;
-        let body: ByteStream = match resp.stream() {
-            Ok(stream) => {
-                // Each chunk must arrive within the timeout; a silent body ends in an error.
-                futures_util::stream::unfold(Some(stream), move |stream| async move {
-                    let mut stream = stream?;
-                    match select(stream.next(), Delay::from(timeout)).await {
-                        Either::Left((Some(Ok(chunk)), _)) => {
-                            Some((Ok(Bytes::from(chunk)), Some(stream)))
+        let body: ByteStream = match resp.body() {
+            worker::ResponseBody::Stream(stream) => {
+                // The body stays the runtime's stream until something reads it: a blob store
+                // may take it whole through the response's `RawBodyId` (see `fill.rs`), so
+                // its bytes never enter wasm. Otherwise it is opened on the first poll, and
+                // each chunk must arrive within the timeout; a silent body ends in an error.
+                let (id, slot) = keep_raw_body(stream.clone());
+                out = out.extension(id);
+                futures_util::stream::unfold(
+                    Some(Source::Unopened(slot)),
+                    move |source| async move {
+                        let mut stream = match source? {
+                            Source::Open(stream) => stream,
+                            Source::Unopened(slot) => match slot.borrow_mut().take() {
+                                Some(raw) => worker::ByteStream::from(raw),
+                                None => {
+                                    let e = BodyError("upstream body was taken".into());
+                                    return Some((Err(e), None));
+                                }
+                            },
+                        };
+                        match select(stream.next(), Delay::from(timeout)).await {
+                            Either::Left((Some(Ok(chunk)), _)) => {
+                                Some((Ok(Bytes::from(chunk)), Some(Source::Open(stream))))
+                            }
+                            Either::Left((Some(Err(e)), _)) => {
+                                Some((Err(BodyError(format!("upstream body: {e}"))), None))
+                            }
+                            Either::Left((None, _)) => None,
+                            Either::Right(_) => {
+                                Some((Err(BodyError("upstream body went silent".into())), None))
+                            }
                         }
-                        Either::Left((Some(Err(e)), _)) => {
-                            Some((Err(BodyError(format!("upstream body: {e}"))), None))
-                        }
-                        Either::Left((None, _)) => None,
-                        Either::Right(_) => {
-                            Some((Err(BodyError("upstream body went silent".into())), None))
-                        }
-                    }
-                })
+                    },
+                )
                 .boxed_local()
             }
             // No body (e.g. a 304 or a HEAD).
-            Err(_) => futures_util::stream::empty().boxed_local(),
+            _ => futures_util::stream::empty().boxed_local(),
         };
         out.body(body).map_err(other)
     }

@@ -51,6 +51,7 @@
 pub mod colo;
 pub mod cron;
 pub mod fetch;
+pub mod fill;
 pub mod gate;
 pub mod kv;
 pub mod queue;

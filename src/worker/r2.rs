@@ -33,16 +33,20 @@
 //!   bucket); the R2 dashboard shows it.
 //! - A fill of unknown length holds up to [`PART`] bytes in memory until its part is
 //!   uploaded; a streamed put holds none.
-//! - The bytes still pass through wasm on their way from the upstream to R2 (the core's fill
-//!   reads the upstream body and writes it here).
+//! - Through this writer the bytes pass through wasm on their way from the upstream to R2
+//!   (the core's fill reads the upstream body and writes it here), and are counted in
+//!   `pullgate_worker_wasm_blob_bytes_total`. A blob of known length whose upstream body is
+//!   still the runtime's stream is instead filled in the runtime by [`BlobStore::fill_from`]
+//!   ([`TeeFill`]), which copies nothing into wasm.
 
 use crate::core::body::{Body, HostBody};
 use crate::core::digest_check::verify_sha256;
 use crate::core::ports::{
-    BlobStore, BlobWriter, BodyError, ByteStream, CommitError, StoreError, TailReader,
+    BlobStore, BlobWriter, BodyError, ByteStream, CommitError, NativeFill, StoreError, TailReader,
 };
 use crate::core::registry::reference::Digest;
 use crate::worker::colo::ColoCache;
+use crate::worker::fill::{take_raw_body, RawBodyId, TeeFill};
 use bytes::Bytes;
 use futures_util::future::{select, Either, LocalBoxFuture};
 use futures_util::{FutureExt, StreamExt};
@@ -164,9 +168,13 @@ impl BlobStore for R2BlobStore {
                 None => return Ok(None),
             },
         };
-        let bytes = worker::ByteStream::from(stream).map(|chunk| {
+        let tally = self.colo.tally().clone();
+        let bytes = worker::ByteStream::from(stream).map(move |chunk| {
             chunk
-                .map(Bytes::from)
+                .map(|c| {
+                    tally.wasm_blob_bytes(c.len());
+                    Bytes::from(c)
+                })
                 .map_err(|e| BodyError(format!("R2 read: {e}")))
         });
         Ok(Some(bytes.boxed_local()))
@@ -205,6 +213,56 @@ impl BlobStore for R2BlobStore {
             .map_err(|e| r2_err("delete", &key, e))?;
         self.colo.delete(&key).await;
         Ok(existed)
+    }
+
+    /// A blob of known length within [`SINGLE_PUT_MAX`] whose upstream body is still the
+    /// runtime's own stream is filled in the runtime ([`TeeFill`]): no byte enters wasm.
+    async fn fill_from(
+        &self,
+        digest: &Digest,
+        size: Option<u64>,
+        upstream: http::Response<ByteStream>,
+    ) -> NativeFill {
+        let Some(size) = size.filter(|n| *n <= SINGLE_PUT_MAX) else {
+            return NativeFill::Declined(upstream);
+        };
+        let Some(id) = upstream.extensions().get::<RawBodyId>().copied() else {
+            return NativeFill::Declined(upstream);
+        };
+        let Some(body) = take_raw_body(id) else {
+            return NativeFill::Declined(upstream);
+        };
+        let key = blob_key(digest);
+        match TeeFill::start(
+            &self.bucket,
+            self.colo.clone(),
+            key,
+            digest.hex(),
+            size,
+            &body,
+        ) {
+            Ok(fill) => NativeFill::Started(Rc::new(fill)),
+            Err(e) => {
+                // The body was taken: hand the core a response whose body is that stream.
+                worker::console_error!(
+                    "event=tee-fill-refused key={} error={e:?}",
+                    blob_key(digest)
+                );
+                let (parts, _) = upstream.into_parts();
+                let tally = self.colo.tally().clone();
+                let stream = worker::ByteStream::from(body)
+                    .map(move |chunk| {
+                        chunk
+                            .map(|c| {
+                                tally.wasm_blob_bytes(c.len());
+                                Bytes::from(c)
+                            })
+                            .map_err(|e| BodyError(format!("upstream body: {e}")))
+                    })
+                    .boxed_local();
+                NativeFill::Declined(http::Response::from_parts(parts, stream))
+            }
+        }
     }
 
     async fn create(
@@ -453,6 +511,7 @@ impl BlobWriter for R2BlobWriter {
     async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
         for chunk in chunks {
             self.written += chunk.len() as u64;
+            self.colo.tally().wasm_blob_bytes(chunk.len());
             self.hasher
                 .update(&chunk)
                 .await

@@ -28,6 +28,12 @@
 //! `[cache] max_fills` fills run at once per instance; a further miss answers 503 UNAVAILABLE
 //! with `Retry-After` instead of opening another upstream transfer and staged write.
 //!
+//! A host whose platform can fill a blob without the bytes passing through the core
+//! ([`BlobStore::fill_from`], Workers) gets the upstream's response instead of a writer: one
+//! client of the whole blob takes the host's live body (its tail still withheld until the
+//! platform verified the bytes), and every other reader waits for the commit and is served
+//! from the store.
+//!
 //! Across instances (the native host's worker threads), the [`FillCoordinator`] port is asked
 //! before a miss starts a fill of its own: when another instance already runs one for the
 //! digest, this instance *follows* it (a local fill mirroring the other's progress, read from
@@ -35,6 +41,7 @@
 //! blob verified and committed). Following needs no fill slot; leading does.
 //!
 //! [`FillCoordinator`]: crate::core::ports::FillCoordinator
+//! [`BlobStore::fill_from`]: crate::core::ports::BlobStore::fill_from
 //! [`HOLDBACK`]: crate::core::registry::fill::HOLDBACK
 
 use crate::core::body::{Body, CacheStatus};
@@ -262,6 +269,25 @@ async fn get_noted(
     let Some((code, start, end)) = plan(range, size) else {
         return Ok((unsatisfiable(size.unwrap_or(0))?, status));
     };
+    let host = fill.state.borrow().host.clone();
+    if let Some(host) = host {
+        // The host fills it in its runtime: one client of the whole blob takes the live body;
+        // everyone else is answered from the store once the blob is committed.
+        let whole = start == 0 && end == size;
+        if let Some(body) = (whole && !ctx.head).then(|| host.take_body()).flatten() {
+            return Ok((
+                finish(ctx, digest, code, start, end, size, || body)?,
+                status,
+            ));
+        }
+        fill.wait_done().await?;
+        return match from_store(ctx, digest, range, notes).await? {
+            Some(resp) => Ok((resp, status)),
+            None => Err(RegistryError::Unavailable(format!(
+                "blob {digest} was evicted while it was served; retry"
+            ))),
+        };
+    }
     let blobs = ctx.inner.ports.blobs.clone();
     let resp = finish(ctx, digest, code, start, end, size, || {
         Body::Stream(fill_stream(fill, blobs, digest.clone(), start, end))

@@ -7,7 +7,7 @@
 
 use crate::core::error::RegistryError;
 use crate::core::ports::{
-    BlobStore, BodyError, ByteStream, FillCoordinator, FillWatch, LocalFills, TailReader,
+    BlobStore, BodyError, ByteStream, FillCoordinator, FillWatch, HostFill, LocalFills, TailReader,
 };
 use crate::core::registry::reference::{Digest, Name};
 use bytes::Bytes;
@@ -46,6 +46,10 @@ pub(crate) struct FillState {
     pub recent: VecDeque<Bytes>,
     pub recent_start: u64,
     pub tail: Option<Rc<dyn TailReader>>,
+    /// Set when the host fills the blob in its runtime ([`HostFill`]): no byte passes through
+    /// this fill; one client takes the host's live body, the others wait for the outcome and
+    /// read the store.
+    pub host: Option<Rc<dyn HostFill>>,
 }
 
 impl FillState {
@@ -117,6 +121,7 @@ impl Fill {
                 recent: VecDeque::new(),
                 recent_start: 0,
                 tail: None,
+                host: None,
             }),
             version: Cell::new(0),
             wakers: RefCell::new(Vec::new()),
@@ -148,6 +153,19 @@ impl Fill {
             }
         })
         .await
+    }
+
+    /// Waits until the fill ended: `Ok` once the blob is verified and committed.
+    pub async fn wait_done(&self) -> Result<(), RegistryError> {
+        loop {
+            let seen = self.version.get();
+            match &self.state.borrow().phase {
+                Phase::Done => return Ok(()),
+                Phase::Failed(e) => return Err(e.clone()),
+                _ => {}
+            }
+            self.changed(seen).await;
+        }
     }
 
     /// Waits until the upstream answered (or the fill failed).

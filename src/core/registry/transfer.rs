@@ -8,7 +8,8 @@ use crate::core::error::RegistryError;
 use crate::core::http::status_failure;
 use crate::core::metrics::{add, inc};
 use crate::core::ports::{
-    BlobWriter, ByteStream, CommitError, FillLease, FillProgress, FillWatch, StoreError,
+    BlobWriter, ByteStream, CommitError, FillLease, FillProgress, FillWatch, HostFill,
+    HostFillError, NativeFill, StoreError,
 };
 use crate::core::registry::fill::{follow, Fill, Phase, MAX_UNPERSISTED};
 use crate::core::registry::fill_log::FillLog;
@@ -101,7 +102,11 @@ async fn transfer(
 ) -> Result<(), RegistryError> {
     let fill = reporting.fill;
     let what = format!("blob {digest}");
-    let (body, size) = open_upstream(inner, up, name, digest, &what).await?;
+    let (resp, size) = open_upstream(inner, up, name, digest, &what).await?;
+    let body = match inner.ports.blobs.fill_from(digest, size, resp).await {
+        NativeFill::Started(host) => return in_host(inner, reporting, host, size, &what).await,
+        NativeFill::Declined(resp) => resp.into_body(),
+    };
     let mut writer = inner
         .ports
         .blobs
@@ -152,18 +157,58 @@ async fn transfer(
     }
 }
 
+/// A fill the host runs in its runtime: no byte passes through here. The fill carries the
+/// host's handle (its readers take the live body or wait for the outcome); the outcome is the
+/// platform's verdict on the bytes.
+async fn in_host(
+    inner: &Rc<Inner>,
+    reporting: &Reporting<'_>,
+    host: Rc<dyn HostFill>,
+    size: Option<u64>,
+    what: &str,
+) -> Result<(), RegistryError> {
+    let fill = reporting.fill;
+    let outcome = host.outcome();
+    fill.update(|s| {
+        s.phase = Phase::Streaming;
+        s.size = size;
+        s.host = Some(host);
+    });
+    reporting.report(None);
+    match outcome.await {
+        Ok(()) => {
+            let n = size.unwrap_or(0);
+            add(&inner.metrics.bytes_fetched, n);
+            fill.update(|s| {
+                s.received = n;
+                s.persisted = n;
+                s.recent_start = n;
+            });
+            Ok(())
+        }
+        Err(HostFillError::DigestMismatch) => {
+            inc(&inner.metrics.digest_mismatches);
+            Err(RegistryError::BadUpstream(format!(
+                "{what}: upstream bytes do not hash to the digest; not cached"
+            )))
+        }
+        Err(HostFillError::Failed(e)) => Err(RegistryError::Unavailable(format!("{what}: {e}"))),
+    }
+}
+
 fn internal(e: StoreError) -> RegistryError {
     RegistryError::Internal(e.to_string())
 }
 
-/// The upstream's GET of the blob: its body and announced length, or the error a reader gets.
+/// The upstream's GET of the blob: its response and announced length, or the error a reader
+/// gets.
 async fn open_upstream(
     inner: &Rc<Inner>,
     up: usize,
     name: &Name,
     digest: &Digest,
     what: &str,
-) -> Result<(ByteStream, Option<u64>), RegistryError> {
+) -> Result<(http::Response<ByteStream>, Option<u64>), RegistryError> {
     let spec = &inner.settings.upstreams[up];
     let path = format!("/v2/{name}/blobs/{digest}");
     let resp = inner
@@ -185,7 +230,7 @@ async fn open_upstream(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    Ok((resp.into_body(), size))
+    Ok((resp, size))
 }
 
 /// Takes the upstream body into the fill, waiting while more than [`MAX_UNPERSISTED`] bytes
