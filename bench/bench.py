@@ -376,6 +376,13 @@ def cmd_report(results_path, md_out):
     md.append("")
     md += [f"- {d}" for d in details]
     md.append("")
+    # The profile (bench/profile.md, written by hand from `perf record` runs): where the time
+    # goes, kept next to the figures it explains.
+    profile = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profile.md")
+    if os.path.exists(profile):
+        with open(profile) as f:
+            md.append(f.read().rstrip("\n"))
+            md.append("")
     with open(md_out, "w") as f:
         f.write("\n".join(md))
     print(f"\nmarkdown written to {md_out}")

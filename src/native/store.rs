@@ -22,6 +22,7 @@ use crate::core::registry::reference::Digest;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use redb::{Database, TableDefinition};
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -36,7 +37,10 @@ const REDB_CACHE: usize = 16 << 20;
 const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
 /// A hit re-stamps a blob's access time only when the stamp is older than this.
 const TOUCH_EVERY: Duration = Duration::from_secs(60);
-/// Read size for blob streams.
+/// Size of one chunk of a blob stream. A chunk is a mapping of the file, and mapped pages
+/// count in the process's RSS while a client holds them (read ahead, and in hyper's write
+/// queue): 16 warm clients add about 19 MiB. 256 KiB chunks halved that but cost a quarter of
+/// the 16-client throughput (twice the mmap/munmap calls and TLB shootdowns).
 const READ_CHUNK: usize = 512 * 1024;
 /// Chunks read ahead of the socket.
 const READ_AHEAD: usize = 2;
@@ -53,11 +57,73 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f).await.map_err(store_err)?
 }
 
+/// Values larger than this are never kept in a [`RedbKv`]'s read cache.
+const READ_CACHE_VALUE_MAX: usize = 64 << 10;
+/// Bytes (keys and values) one [`RedbKv`] clone keeps cached before it starts over.
+const READ_CACHE_BYTES: usize = 2 << 20;
+
 /// Metadata in redb. Clones share the database: one per worker thread.
-#[derive(Clone)]
+///
+/// Each clone keeps a small read cache (a warm manifest by tag is three reads; a redb read
+/// transaction and table open cost more than the rest of the request). It is coherent across
+/// clones: every write through any clone bumps a shared generation *after* its commit, and a
+/// clone drops its whole cache when it sees a new generation. An entry is tagged with the
+/// generation seen *before* its read, so a read racing a commit is dropped at the next
+/// lookup, and a `get` that starts after a `put` returned never sees the old value. Only this
+/// process writes the database (redb locks the file), so no write bypasses the generation.
 pub struct RedbKv {
     db: Arc<Database>,
     path: PathBuf,
+    writes: Arc<AtomicU64>,
+    cache: RefCell<ReadCache>,
+}
+
+impl Clone for RedbKv {
+    /// A clone shares the database and the write generation, with a cache of its own.
+    fn clone(&self) -> Self {
+        RedbKv {
+            db: self.db.clone(),
+            path: self.path.clone(),
+            writes: self.writes.clone(),
+            cache: RefCell::new(ReadCache::default()),
+        }
+    }
+}
+
+/// Recently read records (present or absent) as of one write generation.
+#[derive(Default)]
+struct ReadCache {
+    generation: u64,
+    bytes: usize,
+    entries: HashMap<String, Option<Vec<u8>>>,
+}
+
+impl ReadCache {
+    /// Forgets everything unless it is as of `generation`.
+    fn at(&mut self, generation: u64) -> &mut ReadCache {
+        if self.generation != generation {
+            self.entries.clear();
+            self.bytes = 0;
+            self.generation = generation;
+        }
+        self
+    }
+
+    fn keep(&mut self, key: &str, value: &Option<Vec<u8>>) {
+        let size = key.len() + value.as_ref().map_or(0, Vec::len);
+        if value
+            .as_ref()
+            .is_some_and(|v| v.len() > READ_CACHE_VALUE_MAX)
+        {
+            return;
+        }
+        if self.bytes + size > READ_CACHE_BYTES {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.bytes += size;
+        self.entries.insert(key.to_string(), value.clone());
+    }
 }
 
 impl RedbKv {
@@ -73,6 +139,8 @@ impl RedbKv {
         Ok(RedbKv {
             db: Arc::new(db),
             path: path.to_path_buf(),
+            writes: Arc::new(AtomicU64::new(0)),
+            cache: RefCell::new(ReadCache::default()),
         })
     }
 
@@ -93,6 +161,23 @@ impl RedbKv {
         Ok((n, bytes))
     }
 
+    /// Commits one write, then tells every clone's cache that it is out of date.
+    async fn write(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let (db, writes) = (self.db.clone(), self.writes.clone());
+        blocking(move || {
+            let tx = db.begin_write().map_err(store_err)?;
+            f(&tx)?;
+            let committed = tx.commit().map_err(store_err);
+            // Even a failed commit may have changed what a read sees: bump either way.
+            writes.fetch_add(1, Ordering::AcqRel);
+            committed
+        })
+        .await
+    }
+
     /// Size of the database file (live records, free pages and redb's own overhead).
     pub fn file_bytes(&self) -> u64 {
         std::fs::metadata(&self.path).map_or(0, |m| m.len())
@@ -102,36 +187,40 @@ impl RedbKv {
 #[async_trait::async_trait(?Send)]
 impl KvStore for RedbKv {
     async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        // The generation is read before the database, so a write committed meanwhile makes
+        // the next lookup drop what this read keeps.
+        let generation = self.writes.load(Ordering::Acquire);
+        if let Some(v) = self.cache.borrow_mut().at(generation).entries.get(key) {
+            return Ok(v.clone());
+        }
         // Reads are served from redb's page cache; cheaper inline than a thread hop.
         let tx = self.db.begin_read().map_err(store_err)?;
         let table = tx.open_table(KV).map_err(store_err)?;
-        let v = table.get(key).map_err(store_err)?;
-        Ok(v.map(|v| v.value().to_vec()))
+        let v = table
+            .get(key)
+            .map_err(store_err)?
+            .map(|v| v.value().to_vec());
+        self.cache.borrow_mut().at(generation).keep(key, &v);
+        Ok(v)
     }
 
     async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
-        let (db, key, value) = (self.db.clone(), key.to_string(), value.to_vec());
-        blocking(move || {
-            let tx = db.begin_write().map_err(store_err)?;
-            {
-                let mut t = tx.open_table(KV).map_err(store_err)?;
-                t.insert(key.as_str(), value.as_slice())
-                    .map_err(store_err)?;
-            }
-            tx.commit().map_err(store_err)
+        let (key, value) = (key.to_string(), value.to_vec());
+        self.write(move |tx| {
+            let mut t = tx.open_table(KV).map_err(store_err)?;
+            t.insert(key.as_str(), value.as_slice())
+                .map_err(store_err)?;
+            Ok(())
         })
         .await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let (db, key) = (self.db.clone(), key.to_string());
-        blocking(move || {
-            let tx = db.begin_write().map_err(store_err)?;
-            {
-                let mut t = tx.open_table(KV).map_err(store_err)?;
-                t.remove(key.as_str()).map_err(store_err)?;
-            }
-            tx.commit().map_err(store_err)
+        let key = key.to_string();
+        self.write(move |tx| {
+            let mut t = tx.open_table(KV).map_err(store_err)?;
+            t.remove(key.as_str()).map_err(store_err)?;
+            Ok(())
         })
         .await
     }
@@ -308,8 +397,10 @@ impl FsBlobStore {
     }
 }
 
-/// Reads `[start, end)` in chunks on the blocking pool, one chunk ahead of the socket, so a
-/// file read overlaps with sending the previous chunk.
+/// Serves `[start, end)` in chunks prepared on the blocking pool, [`READ_AHEAD`] chunks ahead
+/// of the socket. A chunk is a read-only mapping of the file ([`Mapped`]), so the bytes go
+/// from the page cache to the socket with no copy in user space (the kernel's send copies
+/// them once); a chunk that cannot be mapped is read into memory instead.
 fn file_stream(file: Arc<File>, start: u64, end: u64) -> ByteStream {
     let offsets = (start..end).step_by(READ_CHUNK);
     futures_util::stream::iter(offsets)
@@ -317,14 +408,17 @@ fn file_stream(file: Arc<File>, start: u64, end: u64) -> ByteStream {
             let f = file.clone();
             let want = ((end - pos) as usize).min(READ_CHUNK);
             async move {
-                let read = tokio::task::spawn_blocking(move || {
-                    let mut buf = vec![0u8; want];
-                    f.read_exact_at(&mut buf, pos)?;
-                    Ok::<_, std::io::Error>(buf)
+                let read = tokio::task::spawn_blocking(move || match Mapped::new(&f, pos, want) {
+                    Some(m) => Ok(Bytes::from_owner(m)),
+                    None => {
+                        let mut buf = vec![0u8; want];
+                        f.read_exact_at(&mut buf, pos)?;
+                        Ok::<_, std::io::Error>(Bytes::from(buf))
+                    }
                 })
                 .await;
                 match read {
-                    Ok(Ok(buf)) => Ok(Bytes::from(buf)),
+                    Ok(Ok(b)) => Ok(b),
                     Ok(Err(e)) => Err(BodyError(format!("reading the blob file: {e}"))),
                     Err(e) => Err(BodyError(e.to_string())),
                 }
@@ -332,6 +426,80 @@ fn file_stream(file: Arc<File>, start: u64, end: u64) -> ByteStream {
         })
         .buffered(READ_AHEAD)
         .boxed_local()
+}
+
+/// `len` bytes of a blob file from `pos`, mapped read-only and unmapped when the last
+/// [`Bytes`] over it is dropped. The pages are populated when mapped (on the blocking pool,
+/// so a blob that is not in the page cache is read from disk there, not on a worker).
+///
+/// A mapping reads the file as it is while mapped. Blob files never change once committed
+/// (they are written under `tmp/` and linked into place; eviction unlinks them, which a
+/// mapping outlives); only a file truncated behind the store's back could fault.
+struct Mapped {
+    base: std::ptr::NonNull<libc::c_void>,
+    map_len: usize,
+    skip: usize,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value alone; reading it from another
+// thread is as safe as reading any immutable memory.
+unsafe impl Send for Mapped {}
+
+impl Mapped {
+    /// None when the range cannot be mapped (the caller reads it instead).
+    fn new(file: &File, pos: u64, len: usize) -> Option<Mapped> {
+        use std::os::fd::AsRawFd;
+        // SAFETY: sysconf has no preconditions.
+        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
+            .ok()
+            .filter(|p| *p > 0)?;
+        let at = pos - pos % page;
+        let skip = usize::try_from(pos - at).ok()?;
+        let map_len = skip.checked_add(len)?;
+        if len == 0 || file.metadata().ok()?.len() < pos + len as u64 {
+            return None;
+        }
+        // SAFETY: a fresh private read-only mapping of a range inside the file; the pointer
+        // is checked before use and unmapped exactly once, in Drop.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                file.as_raw_fd(),
+                libc::off_t::try_from(at).ok()?,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return None;
+        }
+        Some(Mapped {
+            base: std::ptr::NonNull::new(base)?,
+            map_len,
+            skip,
+            len,
+        })
+    }
+}
+
+impl AsRef<[u8]> for Mapped {
+    fn as_ref(&self) -> &[u8] {
+        // SAFETY: [skip, skip + len) lies inside the live mapping of map_len bytes.
+        unsafe {
+            std::slice::from_raw_parts(self.base.as_ptr().cast::<u8>().add(self.skip), self.len)
+        }
+    }
+}
+
+impl Drop for Mapped {
+    fn drop(&mut self) {
+        // SAFETY: base/map_len are exactly what mmap returned; nothing borrows it any more.
+        unsafe {
+            libc::munmap(self.base.as_ptr(), self.map_len);
+        }
+    }
 }
 
 #[async_trait::async_trait(?Send)]
@@ -394,12 +562,13 @@ impl BlobStore for FsBlobStore {
         )))
     }
 
-    /// The size hint is not needed: the file grows as it is written.
+    /// The size hint reserves the file's blocks up front (`fallocate`, keeping its length).
     async fn create(
         &self,
         digest: &Digest,
-        _size: Option<u64>,
+        size: Option<u64>,
     ) -> Result<Box<dyn BlobWriter>, StoreError> {
+        let hasher = Hasher::start(DigestCheck::new(digest))?;
         let dest = self.path(digest);
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self
@@ -411,13 +580,23 @@ impl BlobStore for FsBlobStore {
             .create_new(true)
             .open(&tmp)
             .map_err(|e| StoreError(format!("{}: {e}", tmp.display())))?;
+        if let Some(size) = size.and_then(|s| libc::off_t::try_from(s).ok()) {
+            use std::os::fd::AsRawFd;
+            // Reserve the blocks up front (the file's length stays what is written, so a
+            // shorter or longer body than announced changes nothing about what commits).
+            // SAFETY: fallocate on a file descriptor this function owns; failure is ignored
+            // (a file system without it just allocates as the writes come).
+            unsafe {
+                libc::fallocate(file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, size);
+            }
+        }
         let file = Arc::new(file);
         if let Ok(mut staged) = self.usage.staged.lock() {
             staged.insert(digest.hex().to_string(), file.clone());
         }
         Ok(Box::new(FsWriter {
             hex: digest.hex().to_string(),
-            check: Some(DigestCheck::new(digest)),
+            hasher: Some(hasher),
             file,
             tmp,
             dest,
@@ -428,10 +607,75 @@ impl BlobStore for FsBlobStore {
     }
 }
 
+/// Most bytes handed to a writer's hasher and not yet hashed; `write` waits beyond this.
+const HASH_BACKLOG: usize = 8 << 20;
+
+/// A staged write's sha256, computed on a thread of its own as batches are written:
+/// hashing one batch overlaps with writing the next instead of the two meeting after every
+/// batch, and at most [`HASH_BACKLOG`] bytes wait for it. `finish` hands back the check.
+struct Hasher {
+    batches: tokio::sync::mpsc::UnboundedSender<Vec<Bytes>>,
+    room: Arc<tokio::sync::Semaphore>,
+    done: tokio::sync::oneshot::Receiver<DigestCheck>,
+}
+
+impl Hasher {
+    /// Starts the hashing thread: a thread of its own rather than one of the blocking pool,
+    /// so a writer leaked without being dropped never holds up the runtime's shutdown.
+    fn start(mut check: DigestCheck) -> Result<Hasher, StoreError> {
+        let (batches, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<Bytes>>();
+        let (tx_done, done) = tokio::sync::oneshot::channel();
+        let room = Arc::new(tokio::sync::Semaphore::new(HASH_BACKLOG));
+        let freed = room.clone();
+        std::thread::Builder::new()
+            .name("pullgate-hash".into())
+            .spawn(move || {
+                while let Some(batch) = rx.blocking_recv() {
+                    let mut n = 0;
+                    for c in &batch {
+                        check.update(c);
+                        n += c.len();
+                    }
+                    drop(batch);
+                    freed.add_permits(n.min(HASH_BACKLOG));
+                }
+                let _ = tx_done.send(check);
+            })
+            .map_err(store_err)?;
+        Ok(Hasher {
+            batches,
+            room,
+            done,
+        })
+    }
+
+    /// Queues a batch, waiting while the backlog is full.
+    async fn push(&self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
+        let n: usize = chunks.iter().map(Bytes::len).sum();
+        let permits = u32::try_from(n.min(HASH_BACKLOG)).unwrap_or(u32::MAX);
+        self.room
+            .acquire_many(permits)
+            .await
+            .map_err(store_err)?
+            .forget();
+        self.batches
+            .send(chunks)
+            .map_err(|_| StoreError("the blob's hasher stopped".into()))
+    }
+
+    /// The check over every batch pushed.
+    async fn finish(self) -> Result<DigestCheck, StoreError> {
+        drop(self.batches);
+        self.done
+            .await
+            .map_err(|_| StoreError("the blob's hasher stopped".into()))
+    }
+}
+
 struct FsWriter {
     hex: String,
-    /// Moved into the blocking write and back: hashing happens off the event loop.
-    check: Option<DigestCheck>,
+    /// Hashing happens off the event loop, beside the writes; None after a failed write.
+    hasher: Option<Hasher>,
     file: Arc<File>,
     tmp: PathBuf,
     dest: PathBuf,
@@ -459,6 +703,13 @@ impl Drop for FsWriter {
                 staged.remove(&self.hex);
             }
         }
+        // A fill's window, backlog and hash queue (tens of MiB) are freed by now; glibc keeps
+        // freed heap mapped, and the process's RSS would stay at the fill's peak.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free heap pages to the kernel.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
 
@@ -482,28 +733,22 @@ impl TailReader for FsTail {
 impl BlobWriter for FsWriter {
     async fn write(&mut self, chunks: Vec<Bytes>) -> Result<(), StoreError> {
         let (f, at) = (self.file.clone(), self.written);
-        let mut check = self
-            .check
+        let hasher = self
+            .hasher
             .take()
             .ok_or_else(|| StoreError("a previous write failed".into()))?;
         let len: u64 = chunks.iter().map(|c| c.len() as u64).sum();
-        // Hash and write on two blocking threads at once: each alone is slower than the network.
-        let to_hash = chunks.clone();
-        let hashing = tokio::task::spawn_blocking(move || {
-            to_hash.iter().for_each(|c| check.update(c));
-            check
-        });
-        let writing = blocking(move || {
+        hasher.push(chunks.clone()).await?;
+        blocking(move || {
             let mut at = at;
             for c in &chunks {
                 f.write_all_at(c, at).map_err(store_err)?;
                 at += c.len() as u64;
             }
             Ok(())
-        });
-        let (hashed, written) = futures_util::future::join(hashing, writing).await;
-        written?;
-        self.check = Some(hashed.map_err(store_err)?);
+        })
+        .await?;
+        self.hasher = Some(hasher);
         self.written += len;
         self.usage.staging.fetch_add(len, Ordering::Relaxed);
         self.usage.check_cap();
@@ -512,9 +757,11 @@ impl BlobWriter for FsWriter {
 
     async fn commit(mut self: Box<Self>) -> Result<(), CommitError> {
         // A mismatch returns here; dropping the writer removes the staging file.
-        self.check
+        self.hasher
             .take()
             .ok_or_else(|| StoreError("a previous write failed".into()))?
+            .finish()
+            .await?
             .finish()?;
         let (tmp, dest) = (self.tmp.clone(), self.dest.clone());
         // A hard link either creates the blob or finds it already there, atomically; a rename
@@ -627,6 +874,56 @@ impl StorageReport {
 mod tests {
     use super::*;
     use filetime::{set_file_mtime, FileTime};
+
+    #[tokio::test]
+    async fn a_clone_never_serves_a_cached_record_after_another_clone_wrote_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = RedbKv::open(&dir.path().join("m.redb")).unwrap();
+        let b = a.clone();
+        // Cached absent, then written elsewhere.
+        assert_eq!(a.get("k").await.unwrap(), None);
+        b.put("k", b"v1").await.unwrap();
+        assert_eq!(a.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
+        // Cached present (read twice: the second from the cache), then replaced and deleted.
+        assert_eq!(a.get("k").await.unwrap().as_deref(), Some(&b"v1"[..]));
+        b.put("k", b"v2").await.unwrap();
+        assert_eq!(a.get("k").await.unwrap().as_deref(), Some(&b"v2"[..]));
+        b.delete("k").await.unwrap();
+        assert_eq!(a.get("k").await.unwrap(), None);
+        // A clone's own writes, and values too large to cache.
+        let big = vec![7u8; READ_CACHE_VALUE_MAX + 1];
+        a.put("big", &big).await.unwrap();
+        assert_eq!(a.get("big").await.unwrap(), Some(big.clone()));
+        assert_eq!(b.get("big").await.unwrap(), Some(big));
+    }
+
+    #[tokio::test]
+    async fn mapped_reads_return_the_exact_bytes_of_any_range() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        let data: Vec<u8> = (0..(3 * READ_CHUNK + 12_345))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let file = Arc::new(File::open(&path).unwrap());
+        for (start, end) in [
+            (0, data.len()),
+            (1, 4097),
+            (4095, 2 * READ_CHUNK + 3),
+            (data.len() - 1, data.len()),
+        ] {
+            let got: Vec<u8> = file_stream(file.clone(), start as u64, end as u64)
+                .map(|c| c.unwrap().to_vec())
+                .concat()
+                .await;
+            assert_eq!(got, &data[start..end], "{start}..{end}");
+        }
+        // A range the file does not hold is not mapped (it would fault): the read fails.
+        let past = file_stream(file, data.len() as u64, data.len() as u64 + 10)
+            .collect::<Vec<_>>()
+            .await;
+        assert!(past[0].is_err());
+    }
 
     #[test]
     fn eviction_removes_least_recently_accessed_first_across_repositories() {
