@@ -163,11 +163,12 @@ fn the_audit_log_is_reopened_after_a_move_and_sighup() {
     });
     let old = std::fs::read_to_string(&rotated).expect("the rotated file");
     assert!(old.contains("\"route\":\"manifest\""), "{old}");
-    assert!(
-        pullgate.stderr().contains("audit log reopened"),
-        "{}",
-        pullgate.stderr()
-    );
+    wait_for("the reopen in the log", BOUND, || {
+        pullgate
+            .stderr()
+            .contains("audit log reopened")
+            .then_some(())
+    });
     for line in std::fs::read_to_string(&audit).expect("audit").lines() {
         serde_json::from_str::<serde_json::Value>(line).expect("an audit record is JSON");
     }

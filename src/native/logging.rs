@@ -39,6 +39,9 @@ pub fn format(log: &LogSettings, var: Option<String>) -> Result<LogFormat, Strin
     }
 }
 
+/// Bytes of log lines the writer thread gathers before a write to stderr.
+const STDERR_BUFFER: usize = 64 << 10;
+
 /// Installs the process's subscriber. A subscriber installed already (tests that run the
 /// host in-process) is left in place.
 pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
@@ -50,7 +53,12 @@ pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
         .lossy(true)
         .buffered_lines_limit(QUEUED_LINES)
         .thread_name("pullgate-log")
-        .finish(std::io::stderr());
+        // The writer thread drains every queued line, then flushes: buffered, a busy second
+        // costs a few large writes instead of a syscall per request.
+        .finish(std::io::BufWriter::with_capacity(
+            STDERR_BUFFER,
+            std::io::stderr(),
+        ));
     let counter = writer.error_counter();
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
