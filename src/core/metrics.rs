@@ -249,9 +249,9 @@ impl Metrics {
             .unwrap_or_default()
     }
 
-    /// Renders the Prometheus text format.
-    pub fn render(&self) -> String {
-        let rows: [(&str, &str, &AtomicU64); 13] = [
+    /// The plain counters: (name, help, value), in the order they are rendered.
+    fn counters(&self) -> [(&'static str, &'static str, &AtomicU64); 15] {
+        [
             (
                 "pullgate_denied_total",
                 "Requests refused by access control, network rules or rate limits.",
@@ -317,7 +317,43 @@ impl Metrics {
                 "Requests sent to gateway targets.",
                 &self.gateway_requests,
             ),
-        ];
+            (
+                "pullgate_password_checks_total",
+                "Password verifications run.",
+                &self.password_checks,
+            ),
+            (
+                "pullgate_worker_wasm_blob_bytes_total",
+                "Blob bytes copied into the worker's wasm memory.",
+                &self.wasm_blob_bytes,
+            ),
+        ]
+    }
+
+    /// Hits and misses by upstream.
+    fn render_per_upstream(&self, out: &mut String) {
+        let per = self.per_upstream();
+        for (name, help, i) in [
+            (
+                "pullgate_upstream_cache_hits_total",
+                "Cache hits by upstream.",
+                0,
+            ),
+            (
+                "pullgate_upstream_cache_misses_total",
+                "Cache misses by upstream.",
+                1,
+            ),
+        ] {
+            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+            for (host, c) in &per {
+                out.push_str(&format!("{name}{{upstream=\"{host}\"}} {}\n", c[i]));
+            }
+        }
+    }
+
+    /// Renders the Prometheus text format.
+    pub fn render(&self) -> String {
         let mut out = String::new();
         let name = "pullgate_build_info";
         let _ = write!(
@@ -346,40 +382,13 @@ impl Metrics {
                 c.load(Ordering::Relaxed)
             );
         }
-        let per = self.per_upstream();
-        for (name, help, i) in [
-            (
-                "pullgate_upstream_cache_hits_total",
-                "Cache hits by upstream.",
-                0,
-            ),
-            (
-                "pullgate_upstream_cache_misses_total",
-                "Cache misses by upstream.",
-                1,
-            ),
-        ] {
-            out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
-            for (host, c) in &per {
-                out.push_str(&format!("{name}{{upstream=\"{host}\"}} {}\n", c[i]));
-            }
-        }
-        for (name, help, v) in rows {
+        self.render_per_upstream(&mut out);
+        for (name, help, v) in self.counters() {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
                 v.load(Ordering::Relaxed)
             ));
         }
-        let name = "pullgate_password_checks_total";
-        out.push_str(&format!(
-            "# HELP {name} Password verifications run.\n# TYPE {name} counter\n{name} {}\n",
-            self.password_checks.load(Ordering::Relaxed)
-        ));
-        let name = "pullgate_worker_wasm_blob_bytes_total";
-        out.push_str(&format!(
-            "# HELP {name} Blob bytes copied into the worker's wasm memory.\n# TYPE {name} counter\n{name} {}\n",
-            self.wasm_blob_bytes.load(Ordering::Relaxed)
-        ));
         out
     }
 }

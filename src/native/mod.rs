@@ -26,6 +26,7 @@ pub mod metrics;
 pub mod offload;
 pub mod probes;
 pub mod proxy_protocol;
+pub mod redb_kv;
 pub mod secrets;
 pub mod store;
 pub mod tls;

@@ -1,0 +1,198 @@
+//! Native metadata: redb (`meta.redb`) behind the `KvStore` port, one clone per worker thread,
+//! each with a small read cache kept coherent across clones (see [`RedbKv`]).
+
+use super::store::{blocking, store_err};
+use crate::core::ports::{KvStore, StoreError};
+use redb::{Database, TableDefinition};
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// redb's page cache: metadata is small, and the memory target is tight.
+const REDB_CACHE: usize = 16 << 20;
+const KV: TableDefinition<&str, &[u8]> = TableDefinition::new("kv");
+/// Values larger than this are never kept in a [`RedbKv`]'s read cache.
+pub(crate) const READ_CACHE_VALUE_MAX: usize = 64 << 10;
+/// Bytes (keys and values) one [`RedbKv`] clone keeps cached before it starts over.
+const READ_CACHE_BYTES: usize = 2 << 20;
+
+/// Metadata in redb. Clones share the database: one per worker thread.
+///
+/// Each clone keeps a small read cache (a warm manifest by tag is three reads; a redb read
+/// transaction and table open cost more than the rest of the request). It is coherent across
+/// clones: every write through any clone bumps a shared generation *after* its commit, and a
+/// clone drops its whole cache when it sees a new generation. An entry is tagged with the
+/// generation seen *before* its read, so a read racing a commit is dropped at the next
+/// lookup, and a `get` that starts after a `put` returned never sees the old value. Only this
+/// process writes the database (redb locks the file), so no write bypasses the generation.
+pub struct RedbKv {
+    db: Arc<Database>,
+    path: PathBuf,
+    writes: Arc<AtomicU64>,
+    cache: RefCell<ReadCache>,
+}
+
+impl Clone for RedbKv {
+    /// A clone shares the database and the write generation, with a cache of its own.
+    fn clone(&self) -> Self {
+        RedbKv {
+            db: self.db.clone(),
+            path: self.path.clone(),
+            writes: self.writes.clone(),
+            cache: RefCell::new(ReadCache::default()),
+        }
+    }
+}
+
+/// Recently read records (present or absent) as of one write generation.
+#[derive(Default)]
+struct ReadCache {
+    generation: u64,
+    bytes: usize,
+    entries: HashMap<String, Option<Vec<u8>>>,
+}
+
+impl ReadCache {
+    /// Forgets everything unless it is as of `generation`.
+    fn at(&mut self, generation: u64) -> &mut ReadCache {
+        if self.generation != generation {
+            self.entries.clear();
+            self.bytes = 0;
+            self.generation = generation;
+        }
+        self
+    }
+
+    fn keep(&mut self, key: &str, value: &Option<Vec<u8>>) {
+        let size = key.len() + value.as_ref().map_or(0, Vec::len);
+        if value
+            .as_ref()
+            .is_some_and(|v| v.len() > READ_CACHE_VALUE_MAX)
+        {
+            return;
+        }
+        if self.bytes + size > READ_CACHE_BYTES {
+            self.entries.clear();
+            self.bytes = 0;
+        }
+        self.bytes += size;
+        self.entries.insert(key.to_string(), value.clone());
+    }
+}
+
+impl RedbKv {
+    /// Opens (or creates) the database file.
+    pub fn open(path: &Path) -> Result<RedbKv, StoreError> {
+        let db = redb::Builder::new()
+            .set_cache_size(REDB_CACHE)
+            .create(path)
+            .map_err(|e| StoreError(format!("{}: {e}", path.display())))?;
+        let tx = db.begin_write().map_err(store_err)?;
+        tx.open_table(KV).map_err(store_err)?;
+        tx.commit().map_err(store_err)?;
+        Ok(RedbKv {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+            writes: Arc::new(AtomicU64::new(0)),
+            cache: RefCell::new(ReadCache::default()),
+        })
+    }
+
+    /// (records, value bytes) under `prefix`: one read transaction over that key range
+    /// (`/metrics`: manifests by digest).
+    pub fn prefix_usage(&self, prefix: &str) -> Result<(u64, u64), StoreError> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(KV).map_err(store_err)?;
+        let (mut n, mut bytes) = (0u64, 0u64);
+        for entry in table.range(prefix..).map_err(store_err)? {
+            let (k, v) = entry.map_err(store_err)?;
+            if !k.value().starts_with(prefix) {
+                break;
+            }
+            n += 1;
+            bytes += v.value().len() as u64;
+        }
+        Ok((n, bytes))
+    }
+
+    /// Commits one write, then tells every clone's cache that it is out of date.
+    async fn write(
+        &self,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let (db, writes) = (self.db.clone(), self.writes.clone());
+        blocking(move || {
+            let tx = db.begin_write().map_err(store_err)?;
+            f(&tx)?;
+            let committed = tx.commit().map_err(store_err);
+            // Even a failed commit may have changed what a read sees: bump either way.
+            writes.fetch_add(1, Ordering::AcqRel);
+            committed
+        })
+        .await
+    }
+
+    /// Size of the database file (live records, free pages and redb's own overhead).
+    pub fn file_bytes(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+}
+
+#[async_trait::async_trait(?Send)]
+impl KvStore for RedbKv {
+    async fn get(&self, key: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        // The generation is read before the database, so a write committed meanwhile makes
+        // the next lookup drop what this read keeps.
+        let generation = self.writes.load(Ordering::Acquire);
+        if let Some(v) = self.cache.borrow_mut().at(generation).entries.get(key) {
+            return Ok(v.clone());
+        }
+        // Reads are served from redb's page cache; cheaper inline than a thread hop.
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(KV).map_err(store_err)?;
+        let v = table
+            .get(key)
+            .map_err(store_err)?
+            .map(|v| v.value().to_vec());
+        self.cache.borrow_mut().at(generation).keep(key, &v);
+        Ok(v)
+    }
+
+    async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
+        let (key, value) = (key.to_string(), value.to_vec());
+        self.write(move |tx| {
+            let mut t = tx.open_table(KV).map_err(store_err)?;
+            t.insert(key.as_str(), value.as_slice())
+                .map_err(store_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let key = key.to_string();
+        self.write(move |tx| {
+            let mut t = tx.open_table(KV).map_err(store_err)?;
+            t.remove(key.as_str()).map_err(store_err)?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(store_err)?;
+        let table = tx.open_table(KV).map_err(store_err)?;
+        let mut out = Vec::new();
+        for entry in table.range(prefix..).map_err(store_err)? {
+            let (k, _) = entry.map_err(store_err)?;
+            let k = k.value();
+            if !k.starts_with(prefix) || out.len() >= limit {
+                break;
+            }
+            out.push(k.to_string());
+        }
+        Ok(out)
+    }
+}
