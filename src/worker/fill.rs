@@ -54,86 +54,6 @@ use worker::Bucket;
 /// do not import the registry feature).
 pub const HOLDBACK: u64 = 64 * 1024;
 
-#[wasm_bindgen(wasm_bindgen = worker::wasm_bindgen, inline_js = r#"
-export function pg_tee_fill(bucket, key, body, size, sha256, holdback) {
-  const [toStore, toClient] = body.tee();
-  // R2 checks the SHA-256 itself; this check also holds back the last chunk from R2 until the
-  // runtime's own hash matched, so R2 never receives the whole of a bad blob.
-  const hasher = new crypto.DigestStream("SHA-256");
-  const hashing = hasher.getWriter();
-  let mismatch = false;
-  let last = null;
-  const check = new TransformStream({
-    async transform(chunk, controller) {
-      await hashing.write(chunk.slice());
-      if (last) controller.enqueue(last);
-      last = chunk;
-    },
-    async flush(controller) {
-      await hashing.close();
-      const got = Array.from(new Uint8Array(await hasher.digest),
-        (b) => b.toString(16).padStart(2, "0")).join("");
-      if (got !== sha256) {
-        mismatch = true;
-        throw new Error("SHA-256 mismatch: the upstream bytes do not hash to the digest");
-      }
-      if (last) controller.enqueue(last);
-    },
-  });
-  const stored = new FixedLengthStream(size);
-  toStore.pipeThrough(check).pipeTo(stored.writable).catch(() => {});
-  const done = bucket.put(key, stored.readable, { sha256 }).then(
-    () => undefined,
-    (e) => {
-      if (mismatch) throw new Error("SHA-256 mismatch: the upstream bytes do not hash to the digest");
-      throw e;
-    });
-  // Handled by whoever awaits it; never an unhandled rejection.
-  done.catch(() => {});
-  let held = [];
-  let heldBytes = 0;
-  const hold = new TransformStream({
-    transform(chunk, controller) {
-      held.push(chunk);
-      heldBytes += chunk.byteLength;
-      while (heldBytes > holdback) {
-        const first = held[0];
-        const excess = heldBytes - holdback;
-        if (first.byteLength <= excess) {
-          held.shift();
-          heldBytes -= first.byteLength;
-          controller.enqueue(first);
-        } else {
-          held[0] = first.subarray(excess);
-          heldBytes -= excess;
-          controller.enqueue(first.subarray(0, excess));
-        }
-      }
-    },
-    async flush(controller) {
-      await done;
-      for (const chunk of held) controller.enqueue(chunk);
-      held = [];
-    },
-  });
-  const client = toClient.pipeThrough(hold).pipeThrough(new FixedLengthStream(size));
-  return [client, done];
-}
-"#)]
-extern "C" {
-    /// Splits `body`: one branch into `bucket.put(key)` with the SHA-256, one to the client
-    /// with its last `holdback` bytes released only after the put. Returns `[client, done]`.
-    #[wasm_bindgen(catch)]
-    fn pg_tee_fill(
-        bucket: &JsValue,
-        key: &str,
-        body: &ReadableStream,
-        size: f64,
-        sha256: &str,
-        holdback: f64,
-    ) -> Result<js_sys::Array, JsValue>;
-}
-
 /// The response extension naming an upstream body kept as the runtime's own stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RawBodyId(u64);
@@ -265,4 +185,84 @@ impl HostFill for TeeFill {
             }
         })
     }
+}
+
+#[wasm_bindgen(wasm_bindgen = worker::wasm_bindgen, inline_js = r#"
+export function pg_tee_fill(bucket, key, body, size, sha256, holdback) {
+  const [toStore, toClient] = body.tee();
+  // R2 checks the SHA-256 itself; this check also holds back the last chunk from R2 until the
+  // runtime's own hash matched, so R2 never receives the whole of a bad blob.
+  const hasher = new crypto.DigestStream("SHA-256");
+  const hashing = hasher.getWriter();
+  let mismatch = false;
+  let last = null;
+  const check = new TransformStream({
+    async transform(chunk, controller) {
+      await hashing.write(chunk.slice());
+      if (last) controller.enqueue(last);
+      last = chunk;
+    },
+    async flush(controller) {
+      await hashing.close();
+      const got = Array.from(new Uint8Array(await hasher.digest),
+        (b) => b.toString(16).padStart(2, "0")).join("");
+      if (got !== sha256) {
+        mismatch = true;
+        throw new Error("SHA-256 mismatch: the upstream bytes do not hash to the digest");
+      }
+      if (last) controller.enqueue(last);
+    },
+  });
+  const stored = new FixedLengthStream(size);
+  toStore.pipeThrough(check).pipeTo(stored.writable).catch(() => {});
+  const done = bucket.put(key, stored.readable, { sha256 }).then(
+    () => undefined,
+    (e) => {
+      if (mismatch) throw new Error("SHA-256 mismatch: the upstream bytes do not hash to the digest");
+      throw e;
+    });
+  // Handled by whoever awaits it; never an unhandled rejection.
+  done.catch(() => {});
+  let held = [];
+  let heldBytes = 0;
+  const hold = new TransformStream({
+    transform(chunk, controller) {
+      held.push(chunk);
+      heldBytes += chunk.byteLength;
+      while (heldBytes > holdback) {
+        const first = held[0];
+        const excess = heldBytes - holdback;
+        if (first.byteLength <= excess) {
+          held.shift();
+          heldBytes -= first.byteLength;
+          controller.enqueue(first);
+        } else {
+          held[0] = first.subarray(excess);
+          heldBytes -= excess;
+          controller.enqueue(first.subarray(0, excess));
+        }
+      }
+    },
+    async flush(controller) {
+      await done;
+      for (const chunk of held) controller.enqueue(chunk);
+      held = [];
+    },
+  });
+  const client = toClient.pipeThrough(hold).pipeThrough(new FixedLengthStream(size));
+  return [client, done];
+}
+"#)]
+extern "C" {
+    /// Splits `body`: one branch into `bucket.put(key)` with the SHA-256, one to the client
+    /// with its last `holdback` bytes released only after the put. Returns `[client, done]`.
+    #[wasm_bindgen(catch)]
+    fn pg_tee_fill(
+        bucket: &JsValue,
+        key: &str,
+        body: &ReadableStream,
+        size: f64,
+        sha256: &str,
+        holdback: f64,
+    ) -> Result<js_sys::Array, JsValue>;
 }
