@@ -108,6 +108,32 @@ impl Deferred for LocalDeferred {
     }
 }
 
+/// The ports of one native core instance over the shared stores: its own upstream client
+/// (loaded with the configured CA files), the system clock, deferred work on the current
+/// `LocalSet` counted in the returned cell (what is still running at shutdown), and `offload`.
+pub(crate) fn instance_ports(
+    settings: &Settings,
+    kv: store::RedbKv,
+    blobs: store::FsBlobStore,
+    offload: offload::BlockingOffload,
+) -> Result<(crate::core::ports::Ports, Rc<Cell<usize>>), String> {
+    let upstream =
+        client::ReqwestUpstream::new(Duration::from_millis(settings.upstream_timeout_ms))?;
+    upstream.load_cas(&client::ca_files(settings))?;
+    let active = Rc::new(Cell::new(0usize));
+    let ports = crate::core::ports::Ports {
+        upstream: Rc::new(upstream),
+        kv: Rc::new(kv),
+        blobs: Rc::new(blobs),
+        clock: Rc::new(SystemClock),
+        deferred: Rc::new(LocalDeferred {
+            active: active.clone(),
+        }),
+        offload: Rc::new(offload),
+    };
+    Ok((ports, active))
+}
+
 /// An argon2id PHC hash of `password` with a random salt (`pullgate hash-password`), for an
 /// `[[identity]] password_hash`.
 pub fn hash_password(password: &str) -> Result<String, String> {

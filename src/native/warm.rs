@@ -12,8 +12,7 @@
 //! A reference that fails is reported and the others still run; the exit status is then 1.
 
 use crate::core::app::{warm, App, WarmReport, WarmStep};
-use crate::core::ports::Ports;
-use crate::native::{client, offload, store, LocalDeferred, ServeOptions, SystemClock};
+use crate::native::{offload, store, ServeOptions};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::cell::Cell;
@@ -116,20 +115,12 @@ fn local_app(opts: &ServeOptions) -> Result<(App, Rc<Cell<usize>>), String> {
     let kv = store::RedbKv::open(&p.data_dir.join("meta.redb")).map_err(|e| e.to_string())?;
     let blobs =
         store::FsBlobStore::open(&p.data_dir, p.settings.max_size).map_err(|e| e.to_string())?;
-    let upstream =
-        client::ReqwestUpstream::new(Duration::from_millis(p.settings.upstream_timeout_ms))?;
-    upstream.load_cas(&client::ca_files(&p.settings))?;
-    let active = Rc::new(Cell::new(0usize));
-    let ports = Ports {
-        upstream: Rc::new(upstream),
-        kv: Rc::new(kv),
-        blobs: Rc::new(blobs),
-        clock: Rc::new(SystemClock),
-        deferred: Rc::new(LocalDeferred {
-            active: active.clone(),
-        }),
-        offload: Rc::new(offload::BlockingOffload::for_this_machine()),
-    };
+    let (ports, active) = crate::native::instance_ports(
+        &p.settings,
+        kv,
+        blobs,
+        offload::BlockingOffload::for_this_machine(),
+    )?;
     Ok((App::new(p.settings, ports), active))
 }
 

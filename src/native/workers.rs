@@ -23,13 +23,12 @@
 
 use crate::core::app::{App, GatewayShare};
 use crate::core::config::Settings;
-use crate::core::ports::Ports;
 use crate::native::fills::SharedFills;
 use crate::native::listener::{AcceptBackoff, ConnState, ServerLimits};
 use crate::native::metrics::{self, MetricsHub};
 use crate::native::{
-    audit, client, connection, offload, probes, shutdown_signal, store, tls, ConnContext,
-    LocalDeferred, Prepared, SystemClock, PUMP_EVERY,
+    audit, client, connection, offload, probes, shutdown_signal, store, tls, ConnContext, Prepared,
+    PUMP_EVERY,
 };
 use std::cell::Cell;
 use std::rc::Rc;
@@ -364,20 +363,12 @@ async fn worker(
 /// A worker's core instance: its own ports over the shared stores, and the count of its
 /// deferred work (fills) for shutdown.
 fn instance(shared: &Shared) -> Result<(App, Rc<Cell<usize>>), String> {
-    let upstream =
-        client::ReqwestUpstream::new(Duration::from_millis(shared.settings.upstream_timeout_ms))?;
-    upstream.load_cas(&client::ca_files(&shared.settings))?;
-    let fills = Rc::new(Cell::new(0usize));
-    let ports = Ports {
-        upstream: Rc::new(upstream),
-        kv: Rc::new(shared.kv.clone()),
-        blobs: Rc::new(shared.blobs.clone()),
-        clock: Rc::new(SystemClock),
-        deferred: Rc::new(LocalDeferred {
-            active: fills.clone(),
-        }),
-        offload: Rc::new(shared.offload.clone()),
-    };
+    let (ports, fills) = crate::native::instance_ports(
+        &shared.settings,
+        shared.kv.clone(),
+        shared.blobs.clone(),
+        shared.offload.clone(),
+    )?;
     let app = App::sharing(shared.settings.clone(), ports, &shared.gateway)
         .with_fill_coordinator(Rc::new(shared.fills.clone()));
     Ok((app, fills))
