@@ -6,8 +6,8 @@
 //!
 //! The object keeps the lease in memory ([`lease::Flight`], a pure state machine): who leads
 //! (a lease id), what it fetches for (upstream and repository), whether the upstream answered
-//! and the blob's size, and when the lease runs out. It answers four operations, a small JSON
-//! protocol over its `fetch` (internal to this worker, never reachable from outside it):
+//! and the blob's size, and when the lease runs out. It answers four operations ([`lease::Op`]),
+//! form-encoded over its `fetch` (internal to this worker, never reachable from outside it):
 //! - `claim`: the caller leads (a new lease) or follows the live one. Claims are atomic: the
 //!   object runs the decision with no await in it.
 //! - `report`: the lead's progress (the upstream answered, the size); renews the lease.
@@ -57,8 +57,7 @@ use crate::core::ports::{
 };
 use crate::core::registry::reference::Digest;
 use futures_util::future::{poll_fn, select, Either, LocalBoxFuture};
-use lease::{Flight, View};
-use serde::{Deserialize, Serialize};
+use lease::{Flight, Op, View};
 use std::cell::{Cell, RefCell};
 use std::pin::pin;
 use std::rc::Rc;
@@ -81,28 +80,6 @@ pub const MIN_LEASE_MS: u64 = 20_000;
 pub const WAIT_MS: u64 = 10_000;
 /// The URL the port's requests to the object carry (never leaves the runtime).
 const OBJECT_URL: &str = "https://blob-flights.pullgate.internal/op";
-
-/// One operation on a digest's lease.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-enum Op {
-    Claim {
-        scope: String,
-        lease_ms: u64,
-    },
-    Report {
-        id: u64,
-        started: bool,
-        size: Option<u64>,
-    },
-    Release {
-        id: u64,
-    },
-    Wait {
-        id: u64,
-        seen: u64,
-    },
-}
 
 fn now_ms() -> u64 {
     worker::js_sys::Date::now() as u64
@@ -171,22 +148,20 @@ impl DurableObject for BlobFlights {
     }
 
     async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
-        let text = req.text().await?;
-        let op: Op = match serde_json::from_str(&text) {
-            Ok(op) => op,
-            Err(e) => return Response::error(format!("not a flights operation: {e}"), 400),
+        let Some(op) = Op::decode(&req.text().await?) else {
+            return Response::error("not a flights operation", 400);
         };
         let view = match op {
             Op::Wait { id, seen } => self.wait(id, seen).await,
             op => self.apply(op),
         };
-        Response::from_json(&view)
+        Response::ok(view.encode())
     }
 }
 
 /// Sends `op` to the object of `digest`.
 async fn call(namespace: &ObjectNamespace, digest: &str, op: &Op) -> Result<View, String> {
-    let body = serde_json::to_string(op).map_err(|e| e.to_string())?;
+    let body = op.encode();
     let stub = namespace.get_by_name(digest).map_err(|e| e.to_string())?;
     let mut init = RequestInit::new();
     init.with_method(Method::Post)
@@ -200,7 +175,8 @@ async fn call(namespace: &ObjectNamespace, digest: &str, op: &Op) -> Result<View
         let text = resp.text().await.unwrap_or_default();
         return Err(format!("{}: {text}", resp.status_code()));
     }
-    resp.json::<View>().await.map_err(|e| e.to_string())
+    let text = resp.text().await.map_err(|e| e.to_string())?;
+    View::decode(&text).ok_or_else(|| format!("not a flights answer: {text:?}"))
 }
 
 /// The core's fill coordinator over the `PULLGATE_FLIGHTS` objects.

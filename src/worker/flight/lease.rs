@@ -1,7 +1,8 @@
-//! The lease of one digest's fill as the [`BlobFlights`](super::BlobFlights) object keeps it:
-//! a pure state machine (no IO; the time is an argument), so its rules are unit-tested
-//! natively. `tests/e2e_worker_flight.rs` includes this file by path, which is why it names
-//! nothing else of the crate.
+//! The lease of one digest's fill as the [`BlobFlights`](super::BlobFlights) object keeps it,
+//! and the object's wire protocol: a pure state machine (no IO; the time is an argument) and
+//! the encoding of its operations and answers, so both are unit-tested natively.
+//! `tests/e2e_worker_flight.rs` includes this file by path, which is why it names nothing else
+//! of the crate.
 //!
 //! The rules:
 //! - A claim leads when no lease is held, or when the held one ran out (its lead died): the
@@ -12,8 +13,13 @@
 //! - Every change a follower must see (a new lease, a new size or start, the end) moves the
 //!   `version` on, so a follower's wait answers when the version differs from the one it saw,
 //!   or when the lease it follows is no longer live.
+//!
+//! On the wire, operations and answers are form-encoded pairs (`op=claim&scope=…`): the
+//! `url` crate's encoder is in the bundle anyway, where a JSON derive per type would add to
+//! the worker's size.
 
-use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
+use url::form_urlencoded;
 
 /// The lease in force: who leads the fill, for what, and how far it got.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,7 +39,7 @@ pub struct Lead {
 }
 
 /// The object's answer to every operation: the lease as the caller should see it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct View {
     /// This caller leads (an answer to its claim).
     pub lead: bool,
@@ -42,18 +48,14 @@ pub struct View {
     /// That lease is still held (not released, not run out, not taken over).
     pub live: bool,
     /// What the lead fetches for.
-    #[serde(default)]
     pub scope: String,
     /// The upstream answered.
-    #[serde(default)]
     pub started: bool,
     /// The blob's size, when announced.
-    #[serde(default)]
     pub size: Option<u64>,
     /// The object's change counter (what a follower's next wait names as seen).
     pub version: u64,
     /// When the lease runs out unless renewed (ms), while live.
-    #[serde(default)]
     pub expires_ms: u64,
 }
 
@@ -162,6 +164,140 @@ impl Flight {
     }
 }
 
+/// One operation on a digest's lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Lead or follow; a new lease lasts `lease_ms`.
+    Claim { scope: String, lease_ms: u64 },
+    /// The lead's progress (renews the lease).
+    Report {
+        id: u64,
+        started: bool,
+        size: Option<u64>,
+    },
+    /// The lead's fill ended.
+    Release { id: u64 },
+    /// A follower's long poll: answer once lease `id` differs from version `seen`.
+    Wait { id: u64, seen: u64 },
+}
+
+/// Form-encoded pairs, read by name.
+struct Pairs<'a>(Vec<(Cow<'a, str>, Cow<'a, str>)>);
+
+impl<'a> Pairs<'a> {
+    fn parse(text: &'a str) -> Pairs<'a> {
+        Pairs(form_urlencoded::parse(text.as_bytes()).collect())
+    }
+
+    fn str(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    fn num(&self, name: &str) -> Option<u64> {
+        self.str(name)?.parse().ok()
+    }
+
+    fn flag(&self, name: &str) -> bool {
+        self.str(name) == Some("1")
+    }
+}
+
+fn flag(b: bool) -> &'static str {
+    if b {
+        "1"
+    } else {
+        "0"
+    }
+}
+
+impl Op {
+    /// The operation's wire form.
+    pub fn encode(&self) -> String {
+        let mut out = form_urlencoded::Serializer::new(String::new());
+        match self {
+            Op::Claim { scope, lease_ms } => out
+                .append_pair("op", "claim")
+                .append_pair("scope", scope)
+                .append_pair("lease_ms", &lease_ms.to_string()),
+            Op::Report { id, started, size } => {
+                out.append_pair("op", "report")
+                    .append_pair("id", &id.to_string())
+                    .append_pair("started", flag(*started));
+                if let Some(n) = size {
+                    out.append_pair("size", &n.to_string());
+                }
+                &mut out
+            }
+            Op::Release { id } => out
+                .append_pair("op", "release")
+                .append_pair("id", &id.to_string()),
+            Op::Wait { id, seen } => out
+                .append_pair("op", "wait")
+                .append_pair("id", &id.to_string())
+                .append_pair("seen", &seen.to_string()),
+        };
+        out.finish()
+    }
+
+    /// Reads an operation's wire form; None when it is not one.
+    pub fn decode(text: &str) -> Option<Op> {
+        let p = Pairs::parse(text);
+        Some(match p.str("op")? {
+            "claim" => Op::Claim {
+                scope: p.str("scope")?.to_string(),
+                lease_ms: p.num("lease_ms")?,
+            },
+            "report" => Op::Report {
+                id: p.num("id")?,
+                started: p.flag("started"),
+                size: p.num("size"),
+            },
+            "release" => Op::Release { id: p.num("id")? },
+            "wait" => Op::Wait {
+                id: p.num("id")?,
+                seen: p.num("seen")?,
+            },
+            _ => return None,
+        })
+    }
+}
+
+impl View {
+    /// The answer's wire form.
+    pub fn encode(&self) -> String {
+        let mut out = form_urlencoded::Serializer::new(String::new());
+        out.append_pair("lead", flag(self.lead))
+            .append_pair("id", &self.id.to_string())
+            .append_pair("live", flag(self.live))
+            .append_pair("scope", &self.scope)
+            .append_pair("started", flag(self.started))
+            .append_pair("version", &self.version.to_string())
+            .append_pair("expires_ms", &self.expires_ms.to_string());
+        if let Some(n) = self.size {
+            out.append_pair("size", &n.to_string());
+        }
+        out.finish()
+    }
+
+    /// Reads an answer's wire form; None when it is not one.
+    pub fn decode(text: &str) -> Option<View> {
+        let p = Pairs::parse(text);
+        Some(View {
+            lead: p.flag("lead"),
+            id: p.num("id")?,
+            live: p.flag("live"),
+            scope: p.str("scope").unwrap_or_default().to_string(),
+            started: p.flag("started"),
+            size: p.num("size"),
+            version: p.num("version")?,
+            expires_ms: p.num("expires_ms").unwrap_or(0),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,5 +371,39 @@ mod tests {
         assert!(new.id > old.id);
         assert!(!after.release(old.id, T0 + 2).live);
         assert!(after.view(new.id, T0 + 2).live);
+    }
+
+    #[test]
+    fn operations_and_answers_survive_their_wire_form() {
+        let ops = [
+            Op::Claim {
+                scope: "reg.test/team/app & co=1".into(),
+                lease_ms: LEASE,
+            },
+            Op::Report {
+                id: 7,
+                started: true,
+                size: Some(8 << 20),
+            },
+            Op::Report {
+                id: 7,
+                started: false,
+                size: None,
+            },
+            Op::Release { id: u64::MAX },
+            Op::Wait { id: 3, seen: 9 },
+        ];
+        for op in ops {
+            assert_eq!(Op::decode(&op.encode()), Some(op));
+        }
+        let mut f = Flight::default();
+        let lead = f.claim("up/a=b&c", LEASE, T0);
+        let reported = f.report(lead.id, true, Some(42), T0 + 1);
+        for v in [lead, reported, f.view(1, T0)] {
+            assert_eq!(View::decode(&v.encode()), Some(v));
+        }
+        assert_eq!(Op::decode("op=steal&id=1"), None);
+        assert_eq!(Op::decode("op=wait&id=1"), None);
+        assert_eq!(View::decode("not an answer"), None);
     }
 }
