@@ -433,12 +433,22 @@ impl FillWatch for Watch {
 
 /// Whether the test and diagnostic knob [`ISOLATE_COALESCING_VAR`] is `off`: the host then
 /// builds a core instance per request (no fills, tokens or metrics shared in the isolate), as
-/// if each request landed in an isolate of its own. Never for production.
+/// if each request landed in an isolate of its own. Never for production. Read once per
+/// isolate (variables do not change while it lives).
 pub fn isolate_coalescing_off(env: &Env) -> bool {
-    env.var(ISOLATE_COALESCING_VAR)
+    thread_local! {
+        static OFF: Cell<Option<bool>> = const { Cell::new(None) };
+    }
+    if let Some(off) = OFF.with(Cell::get) {
+        return off;
+    }
+    let off = env
+        .var(ISOLATE_COALESCING_VAR)
         .map(|v| v.to_string())
         .or_else(|_| env.secret(ISOLATE_COALESCING_VAR).map(|v| v.to_string()))
-        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("off"))
+        .is_ok_and(|v| v.trim().eq_ignore_ascii_case("off"));
+    OFF.with(|o| o.set(Some(off)));
+    off
 }
 
 /// `app` coordinating its blob fills through the `PULLGATE_FLIGHTS` objects when the worker
