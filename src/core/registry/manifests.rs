@@ -12,6 +12,11 @@
 //! the upstream confirms it with `HEAD /v2/<R>/manifests/<digest>`. Tag records and links are
 //! written best-effort: a failed write (Workers KV allows one write per second per key) is
 //! noted in the request log and never turns an answer into a 500.
+//!
+//! When the host shares tag flights across instances (`tag_flight`; a Durable Object per tag
+//! on Workers), the requests for a tag that needs the upstream make one revalidation: one
+//! leads, the others wait for its outcome and serve the digest it resolved (counted in
+//! `coalesced_waits`, logged `cache=coalesced`).
 
 use crate::core::body::{Body, CacheStatus};
 use crate::core::context::Ctx;
@@ -19,11 +24,13 @@ use crate::core::error::RegistryError;
 use crate::core::http::read_capped;
 use crate::core::http::{response, set_header, status_failure};
 use crate::core::metrics::inc;
+use crate::core::ports::TagOutcome;
 use crate::core::registry::keys;
 use crate::core::registry::links::{self, Kind, Notes, Via};
 use crate::core::registry::media::{header as h, manifest_media_type, AcceptSet};
 use crate::core::registry::records::{StoredManifest, TagRecord, TAG_RECORD_VERSION};
 use crate::core::registry::reference::{parse_digest, Digest, Reference, Tag};
+use crate::core::registry::tag_flight::{self, Entered};
 use bytes::Bytes;
 use http::{header, Method, Response, StatusCode};
 
@@ -298,18 +305,92 @@ async fn get_tag(ctx: &Ctx<'_>, tag: &Tag, accept: &AcceptSet, notes: &Notes) ->
             inner.metrics.hit(&ctx.up.host);
             return Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Hit));
         }
-        if let Some(answer) = revalidate(ctx, tag, accept, notes, &key, &cached, now).await? {
-            return answer;
+    }
+    // The upstream is needed: lead or follow other instances asking it the same (see
+    // `tag_flight`; without a shared port every instance asks for itself).
+    match tag_flight::enter(inner, &key.key).await {
+        Entered::Lead(guard) => {
+            let answer = from_upstream(ctx, tag, accept, notes, &key, &cached, now).await;
+            guard.finish(&answer);
+            answer
         }
+        Entered::Follow(wait) => {
+            inc(&inner.metrics.coalesced_waits);
+            let outcome = wait.await;
+            match followed(ctx, tag, outcome, accept, notes, &cached, now).await {
+                Some(answer) => answer,
+                None => from_upstream(ctx, tag, accept, notes, &key, &cached, now).await,
+            }
+        }
+        Entered::Alone => from_upstream(ctx, tag, accept, notes, &key, &cached, now).await,
+    }
+}
+
+/// A follower's answer from the outcome of the revalidation it waited for; None when it must
+/// ask the upstream itself (the lead ended without an answer, failed while this request has
+/// no record it may serve stale, or resolved to a manifest this client cannot take). The
+/// digest comes from the lead, not from the tag record (which may not have reached this
+/// instance's store yet); the manifest by digest is content addressed.
+async fn followed(
+    ctx: &Ctx<'_>,
+    tag: &Tag,
+    outcome: TagOutcome,
+    accept: &AcceptSet,
+    notes: &Notes,
+    cached: &Cached,
+    now: u64,
+) -> Option<Served> {
+    match outcome {
+        TagOutcome::Resolved { digest } => {
+            let digest = parse_digest(&digest).ok()?;
+            let stored = load(ctx, digest.as_str())
+                .await
+                .ok()
+                .flatten()
+                .filter(|s| accept.accepts(&s.media_type))?;
+            ensure_linked(ctx, digest.as_str(), &stored, notes).await;
+            ctx.inner.metrics.hit(&ctx.up.host);
+            Some(serve(ctx, digest.as_str(), stored).map(|r| (r, CacheStatus::Coalesced)))
+        }
+        TagOutcome::NotFound => Some(Err(unknown(ctx, tag.as_str()))),
+        TagOutcome::Failed => {
+            let (rec, _) = cached.as_ref()?;
+            let freshness = ctx.inner.settings.freshness();
+            freshness.may_serve_stale(rec.checked_ms, now).then(|| {
+                let e = RegistryError::Unavailable(format!(
+                    "manifest {}:{}: the upstream failed for the revalidation this request joined",
+                    ctx.name,
+                    tag.as_str()
+                ));
+                stale_or(ctx, cached, now, e)
+            })
+        }
+        TagOutcome::Unknown => None,
+    }
+}
+
+/// Asks the upstream for a tag: revalidates a cached record with `HEAD`, or fetches the tag.
+async fn from_upstream(
+    ctx: &Ctx<'_>,
+    tag: &Tag,
+    accept: &AcceptSet,
+    notes: &Notes,
+    key: &TagKey,
+    cached: &Cached,
+    now: u64,
+) -> Served {
+    let inner = ctx.inner;
+    if let Some(answer) = revalidate(ctx, tag, accept, notes, key, cached, now).await? {
+        return answer;
     }
     inner.metrics.miss(&ctx.up.host);
     match fetch(ctx, tag.as_str(), None, accept, notes).await {
         Ok((digest, stored)) => {
-            save_record(ctx, &key, digest.as_str(), notes).await;
+            save_record(ctx, key, digest.as_str(), notes).await;
             Ok((serve(ctx, digest.as_str(), stored)?, CacheStatus::Miss))
         }
         Err(Fetch::NotFound) => Err(unknown(ctx, tag.as_str())),
-        Err(Fetch::Failed(e)) => stale_or(ctx, &cached, now, e),
+        Err(Fetch::Failed(e)) => stale_or(ctx, cached, now, e),
     }
 }
 
