@@ -92,7 +92,8 @@ function byob(toStore, toClient, size, store, mib, minMib) {
           }
           const cut = Math.max(0, chunk.byteLength - holdback);
           if (cut > 0) await writer.write(chunk.subarray(0, cut));
-          tail = chunk.subarray(cut);
+          // A copy: the tail must not keep the whole block alive.
+          tail = chunk.slice(cut);
         }
         if (end) break;
       }
