@@ -169,6 +169,34 @@ fn dev_config(bundle: &Path, pullgate_config: &str, without_queues: bool) -> Str
     out
 }
 
+/// `config` without the `[[durable_objects.bindings]]` sections whose `name` is in `names`.
+fn drop_bindings(config: &str, names: &[String]) -> String {
+    let lines: Vec<&str> = config.lines().collect();
+    let mut out = String::new();
+    let mut skipping = false;
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            let named = lines[i + 1..]
+                .iter()
+                .take_while(|l| !l.trim().starts_with('['))
+                .any(|l| names.iter().any(|n| l.trim() == format!("name = {n:?}")));
+            skipping = trimmed == "[[durable_objects.bindings]]" && named;
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for name in names {
+        assert!(
+            !out.contains(&format!("name = {name:?}")),
+            "binding {name} not removed"
+        );
+    }
+    out
+}
+
 /// Options for starting a worker.
 #[derive(Default)]
 pub struct WorkerBuilder {
@@ -176,6 +204,7 @@ pub struct WorkerBuilder {
     secrets: Vec<(String, String)>,
     port: Option<u16>,
     without_queues: bool,
+    without_bindings: Vec<String>,
 }
 
 impl WorkerBuilder {
@@ -190,6 +219,13 @@ impl WorkerBuilder {
     /// gateway's outbox then runs on the pump alone, as a deployment without the bindings.
     pub fn without_queues(mut self) -> Self {
         self.without_queues = true;
+        self
+    }
+
+    /// Without `wrangler.toml`'s Durable Object binding `name` (its class stays exported):
+    /// as a deployment without that binding.
+    pub fn without_binding(mut self, name: &str) -> Self {
+        self.without_bindings.push(name.to_string());
         self
     }
 
@@ -215,7 +251,10 @@ impl WorkerBuilder {
             .expect("tempdir");
         std::fs::write(
             dir.path().join("wrangler.toml"),
-            dev_config(&bundle, &self.config, self.without_queues),
+            drop_bindings(
+                &dev_config(&bundle, &self.config, self.without_queues),
+                &self.without_bindings,
+            ),
         )
         .expect("write wrangler.toml");
         let dev_vars: String = self
