@@ -131,7 +131,12 @@ pub fn bundle_gzip_size() -> (u64, u64) {
 
 /// The repository's `wrangler.toml` for a built bundle: `main` absolute, no `[build]`, and
 /// `[vars]` holding only `PULLGATE_CONFIG`.
-fn dev_config(bundle: &Path, pullgate_config: &str, without_queues: bool) -> String {
+fn dev_config(
+    bundle: &Path,
+    pullgate_config: &str,
+    without_queues: bool,
+    without_objects: &[String],
+) -> String {
     let text =
         std::fs::read_to_string(repo_root().join("wrangler.toml")).expect("read wrangler.toml");
     let mut out = String::new();
@@ -147,6 +152,16 @@ fn dev_config(bundle: &Path, pullgate_config: &str, without_queues: bool) -> Str
             skipping = trimmed == "[build]"
                 || trimmed == "[vars]"
                 || (without_queues && trimmed.starts_with("[[queues."));
+        }
+        if without_objects
+            .iter()
+            .any(|b| trimmed == format!("name = {b:?}"))
+            && out.ends_with("[[durable_objects.bindings]]\n")
+        {
+            // Drop this binding's table: its header is the last line written.
+            out.truncate(out.len() - "[[durable_objects.bindings]]\n".len());
+            skipping = true;
+            continue;
         }
         if skipping {
             in_multiline = trimmed.matches("'''").count() == 1;
@@ -176,6 +191,7 @@ pub struct WorkerBuilder {
     secrets: Vec<(String, String)>,
     port: Option<u16>,
     without_queues: bool,
+    without_objects: Vec<String>,
 }
 
 impl WorkerBuilder {
@@ -190,6 +206,13 @@ impl WorkerBuilder {
     /// gateway's outbox then runs on the pump alone, as a deployment without the bindings.
     pub fn without_queues(mut self) -> Self {
         self.without_queues = true;
+        self
+    }
+
+    /// Without `wrangler.toml`'s Durable Object binding `name` (its class stays exported and
+    /// migrated): the worker then runs as a deployment without that binding.
+    pub fn without_durable_object(mut self, name: &str) -> Self {
+        self.without_objects.push(name.to_string());
         self
     }
 
@@ -215,7 +238,12 @@ impl WorkerBuilder {
             .expect("tempdir");
         std::fs::write(
             dir.path().join("wrangler.toml"),
-            dev_config(&bundle, &self.config, self.without_queues),
+            dev_config(
+                &bundle,
+                &self.config,
+                self.without_queues,
+                &self.without_objects,
+            ),
         )
         .expect("write wrangler.toml");
         let dev_vars: String = self
