@@ -7,6 +7,7 @@
 #   bench/manifest_ab.sh                          # 3 rounds of 5 s
 #   ROUNDS=5 SECS=5 bench/manifest_ab.sh
 #   PERF=1 bench/manifest_ab.sh                   # + `perf record -g` of pullgate over one run
+#   PERF=1 PERF_ARGS="--call-graph dwarf" ...     # (other `perf record` options)
 #   PULLGATE_BIN=... BARE_BIN=... bench/manifest_ab.sh
 #
 # Loopback only; every server started here is stopped by PID on exit.
@@ -114,7 +115,8 @@ mp="$(med "${PG_R[@]}")"; mb="$(med "${BARE_R[@]}")"
 echo "pullgate median $mp req/s, $(med "${PG_C[@]}") us CPU/req; bare median $mb req/s, $(med "${BARE_C[@]}") us CPU/req; ratio $(awk -v a="$mp" -v b="$mb" 'BEGIN{printf "%.2f", a/b}')"
 if [ "${PERF:-0}" = 1 ]; then
     OUT="${PERF_OUT:-$WORK/perf.data}"
-    perf record -F 999 -g -o "$OUT" -p "$PG_PID" -- sleep "$SECS" >/dev/null 2>&1 &
+    # shellcheck disable=SC2086
+    perf record -F 999 ${PERF_ARGS:--g} -o "$OUT" -p "$PG_PID" -- sleep "$SECS" >/dev/null 2>&1 &
     PP=$!
     run pg "$PG_PID" "$PG_PORT" >/dev/null
     wait "$PP" || true
