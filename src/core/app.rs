@@ -74,6 +74,18 @@ impl App {
         self
     }
 
+    /// Coordinates this instance's tag revalidations with other instances' through `flights`
+    /// (a Durable Object per tag on Workers), so a burst for a stale or missing tag makes one
+    /// upstream request; without it every instance asks the upstream for itself.
+    pub fn with_tag_flights(self, flights: Rc<dyn crate::core::ports::TagFlights>) -> App {
+        let port = self
+            .inner
+            .slots
+            .get::<crate::core::registry::tag_flight::TagFlightPort>();
+        *port.0.borrow_mut() = Some(flights);
+        self
+    }
+
     /// Shares upstream bearer tokens through `store` (besides this instance's memory), so a
     /// token fetched by one instance is reused by the others until it expires.
     pub fn with_token_store(self, store: Rc<dyn crate::core::ports::TokenStore>) -> App {

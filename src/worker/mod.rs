@@ -25,9 +25,12 @@
 //! with the `PULLGATE_OUTBOX` producer binding, deliveries go through Cloudflare Queues
 //! (retry delays, a dead-letter queue) and the pump is their fallback. With the
 //! `PULLGATE_RECORDS` Durable Object binding, the gateway's runs and dedup records live in
-//! one Durable Object ([`runs`]) instead of KV; with `PULLGATE_FLIGHTS`, concurrent cold
+//! one Durable Object ([`runs`]) instead of KV. With `PULLGATE_FLIGHTS`, concurrent cold
 //! misses of one blob share one upstream transfer across isolates ([`flight`], one Durable
-//! Object per digest). Reads of R2 go through this location's colo tier ([`colo`], the Cache API) inside the storage adapters; a hit whose
+//! Object per digest). With `PULLGATE_TAGS`, a burst of requests for a stale or missing tag
+//! makes one upstream request across isolates ([`tagflight`]); with `PULLGATE_LIMITS`,
+//! `[rate_limit]` buckets are exact across isolates ([`limits`]). Reads of R2 go through this
+//! location's colo tier ([`colo`], the Cache API) inside the storage adapters; a hit whose
 //! content it served is logged `cache=edge-hit` and counted in `pullgate_edge_hits_total`.
 //!
 //! # Limitations
@@ -37,12 +40,14 @@
 //! - Deferred work (a fill whose first client left) runs under `waitUntil`, which the runtime
 //!   cuts 30 s after the response ended; such a fill is then lost and the next miss restarts it.
 //! - Tag records are in KV, which is eventually consistent (a new record can take up to 60 s to
-//!   reach other locations), so locations may revalidate a tag independently.
+//!   reach other locations), so locations may revalidate a tag independently — unless the
+//!   `PULLGATE_TAGS` binding coordinates them ([`tagflight`]).
 //! - `max_size` is not enforced: size R2 with an object lifecycle rule. `listen` and `data_dir`
 //!   are ignored. Metrics are per isolate.
 //! - The client address the core sees (network allowlists, rate limits) is `CF-Connecting-IP`;
-//!   rate-limit counters and login-failure lockouts are per isolate, so they are approximate
-//!   (an attacker spread over isolates and locations gets more attempts).
+//!   login-failure lockouts are per isolate, and so are rate-limit counters without the
+//!   `PULLGATE_LIMITS` binding (an attacker spread over isolates and locations gets more
+//!   attempts); with it they are exact ([`limits`]).
 //! - `ca_file` (`[[upstream]]`, `[[helm]]`, `[[target]]`) is refused when the configuration
 //!   loads: `fetch` trusts only Cloudflare's public roots, so a private CA cannot be added.
 //! - Password verification (argon2) runs inline ([`InlineOffload`]): an isolate has no threads,
@@ -56,9 +61,11 @@ pub mod fill;
 pub mod flight;
 pub mod gate;
 pub mod kv;
+pub mod limits;
 pub mod queue;
 pub mod r2;
 pub mod runs;
+pub mod tagflight;
 
 pub use colo::ColoCache;
 pub use fetch::FetchUpstream;
@@ -263,7 +270,10 @@ fn build_app(env: &Env) -> Result<App, String> {
         offload: Rc::new(InlineOffload),
     };
     let blobs = ports.blobs.clone();
+    // A tag flight's lease outlives a lead's HEAD and GET (each bounded by the timeout).
+    let lease_ms = settings.upstream_timeout_ms.saturating_mul(2);
     let app = runs::attach(queue::attach(App::new(settings, ports), env), env);
+    let app = limits::attach(tagflight::attach(app, env, lease_ms), env);
     let app = flight::attach(app, env, blobs);
     tally.attach(app.metrics());
     Ok(app)

@@ -61,6 +61,9 @@ pub enum Fault {
     },
     /// Accepts the request and sends nothing until the fault changes.
     StallBeforeHeaders(Scope),
+    /// Holds the request until the fault changes, then answers it as a healthy upstream would
+    /// (so a test can make concurrent requests overlap and count them).
+    HoldBeforeHeaders(Scope),
     /// Sends a blob's headers and half its bytes, then sends nothing until the fault changes;
     /// then it closes the connection without the rest.
     StallMidBlob,
@@ -405,6 +408,7 @@ fn handle(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
             stall(shared);
             return Ok(());
         }
+        (Fault::HoldBeforeHeaders(scope), w) if in_scope(*scope, w) => stall(shared),
         (Fault::RedirectLoop, What::Blob(_)) => {
             let location = format!("/redirect/{}{inner_path}", hop + 1);
             return respond(

@@ -12,20 +12,27 @@
 //! the upstream confirms it with `HEAD /v2/<R>/manifests/<digest>`. Tag records and links are
 //! written best-effort: a failed write (Workers KV allows one write per second per key) is
 //! noted in the request log and never turns an answer into a 500.
+//!
+//! When the host shares tag flights across instances (`tag_flight`; a Durable Object per tag
+//! on Workers), the requests for a tag that needs the upstream make one revalidation: one
+//! leads, the others wait for its outcome and serve the digest it resolved (counted in
+//! `coalesced_waits`, logged `cache=coalesced`).
 
 use crate::core::body::{Body, CacheStatus};
 use crate::core::context::Ctx;
 use crate::core::error::RegistryError;
 use crate::core::http::read_capped;
-use crate::core::http::{response, set_header, status_failure};
+use crate::core::http::{status_failure, API_VERSION, CONTENT_DIGEST};
 use crate::core::metrics::inc;
+use crate::core::ports::TagOutcome;
 use crate::core::registry::keys;
 use crate::core::registry::links::{self, Kind, Notes, Via};
 use crate::core::registry::media::{header as h, manifest_media_type, AcceptSet};
 use crate::core::registry::records::{StoredManifest, TagRecord, TAG_RECORD_VERSION};
 use crate::core::registry::reference::{parse_digest, Digest, Reference, Tag};
+use crate::core::registry::tag_flight::{self, Entered};
 use bytes::Bytes;
-use http::{header, Method, Response, StatusCode};
+use http::{header, HeaderValue, Method, Response, StatusCode};
 
 /// An upstream failure, classified for the stale-if-error decision.
 #[derive(Debug)]
@@ -204,19 +211,32 @@ async fn fetch(
     Ok((digest, m))
 }
 
-/// The manifest response (headers only for HEAD).
+/// The manifest response (headers only for HEAD). Built on the hot path of every warm pull:
+/// parsed header names, one header map sized for the five headers, no builder.
 fn serve(ctx: &Ctx<'_>, digest: &str, m: StoredManifest) -> Result<Response<Body>, RegistryError> {
-    let mut resp = response(StatusCode::OK)
-        .header(header::CONTENT_TYPE, m.media_type.as_str())
-        .header(header::CONTENT_LENGTH, m.bytes.len())
-        .body(if ctx.head {
-            Body::Empty
-        } else {
-            Body::Bytes(m.bytes)
-        })
-        .map_err(|e| RegistryError::Internal(e.to_string()))?;
-    set_header(&mut resp, h::CONTENT_DIGEST, digest);
-    set_header(&mut resp, "etag", &format!("\"{digest}\""));
+    let content_type = HeaderValue::from_str(&m.media_type)
+        .map_err(|e| RegistryError::Internal(format!("stored media type: {e}")))?;
+    let len = HeaderValue::from(m.bytes.len());
+    let mut resp = Response::new(if ctx.head {
+        Body::Empty
+    } else {
+        Body::Bytes(m.bytes)
+    });
+    let headers = resp.headers_mut();
+    headers.reserve(5);
+    headers.insert(API_VERSION, HeaderValue::from_static(h::API_VERSION_VALUE));
+    headers.insert(header::CONTENT_TYPE, content_type);
+    headers.insert(header::CONTENT_LENGTH, len);
+    if let Ok(v) = HeaderValue::from_str(digest) {
+        headers.insert(CONTENT_DIGEST, v);
+        let mut etag = String::with_capacity(digest.len() + 2);
+        etag.push('"');
+        etag.push_str(digest);
+        etag.push('"');
+        if let Ok(v) = HeaderValue::from_str(&etag) {
+            headers.insert(header::ETAG, v);
+        }
+    }
     Ok(resp)
 }
 
@@ -298,18 +318,92 @@ async fn get_tag(ctx: &Ctx<'_>, tag: &Tag, accept: &AcceptSet, notes: &Notes) ->
             inner.metrics.hit(&ctx.up.host);
             return Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Hit));
         }
-        if let Some(answer) = revalidate(ctx, tag, accept, notes, &key, &cached, now).await? {
-            return answer;
+    }
+    // The upstream is needed: lead or follow other instances asking it the same (see
+    // `tag_flight`; without a shared port every instance asks for itself).
+    match tag_flight::enter(inner, &key.key).await {
+        Entered::Lead(guard) => {
+            let answer = from_upstream(ctx, tag, accept, notes, &key, &cached, now).await;
+            guard.finish(&answer);
+            answer
         }
+        Entered::Follow(wait) => {
+            inc(&inner.metrics.coalesced_waits);
+            let outcome = wait.await;
+            match followed(ctx, tag, outcome, accept, notes, &cached, now).await {
+                Some(answer) => answer,
+                None => from_upstream(ctx, tag, accept, notes, &key, &cached, now).await,
+            }
+        }
+        Entered::Alone => from_upstream(ctx, tag, accept, notes, &key, &cached, now).await,
+    }
+}
+
+/// A follower's answer from the outcome of the revalidation it waited for; None when it must
+/// ask the upstream itself (the lead ended without an answer, failed while this request has
+/// no record it may serve stale, or resolved to a manifest this client cannot take). The
+/// digest comes from the lead, not from the tag record (which may not have reached this
+/// instance's store yet); the manifest by digest is content addressed.
+async fn followed(
+    ctx: &Ctx<'_>,
+    tag: &Tag,
+    outcome: TagOutcome,
+    accept: &AcceptSet,
+    notes: &Notes,
+    cached: &Cached,
+    now: u64,
+) -> Option<Served> {
+    match outcome {
+        TagOutcome::Resolved { digest } => {
+            let digest = parse_digest(&digest).ok()?;
+            let stored = load(ctx, digest.as_str())
+                .await
+                .ok()
+                .flatten()
+                .filter(|s| accept.accepts(&s.media_type))?;
+            ensure_linked(ctx, digest.as_str(), &stored, notes).await;
+            ctx.inner.metrics.hit(&ctx.up.host);
+            Some(serve(ctx, digest.as_str(), stored).map(|r| (r, CacheStatus::Coalesced)))
+        }
+        TagOutcome::NotFound => Some(Err(unknown(ctx, tag.as_str()))),
+        TagOutcome::Failed => {
+            let (rec, _) = cached.as_ref()?;
+            let freshness = ctx.inner.settings.freshness();
+            freshness.may_serve_stale(rec.checked_ms, now).then(|| {
+                let e = RegistryError::Unavailable(format!(
+                    "manifest {}:{}: the upstream failed for the revalidation this request joined",
+                    ctx.name,
+                    tag.as_str()
+                ));
+                stale_or(ctx, cached, now, e)
+            })
+        }
+        TagOutcome::Unknown => None,
+    }
+}
+
+/// Asks the upstream for a tag: revalidates a cached record with `HEAD`, or fetches the tag.
+async fn from_upstream(
+    ctx: &Ctx<'_>,
+    tag: &Tag,
+    accept: &AcceptSet,
+    notes: &Notes,
+    key: &TagKey,
+    cached: &Cached,
+    now: u64,
+) -> Served {
+    let inner = ctx.inner;
+    if let Some(answer) = revalidate(ctx, tag, accept, notes, key, cached, now).await? {
+        return answer;
     }
     inner.metrics.miss(&ctx.up.host);
     match fetch(ctx, tag.as_str(), None, accept, notes).await {
         Ok((digest, stored)) => {
-            save_record(ctx, &key, digest.as_str(), notes).await;
+            save_record(ctx, key, digest.as_str(), notes).await;
             Ok((serve(ctx, digest.as_str(), stored)?, CacheStatus::Miss))
         }
         Err(Fetch::NotFound) => Err(unknown(ctx, tag.as_str())),
-        Err(Fetch::Failed(e)) => stale_or(ctx, &cached, now, e),
+        Err(Fetch::Failed(e)) => stale_or(ctx, cached, now, e),
     }
 }
 

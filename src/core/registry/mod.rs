@@ -19,6 +19,7 @@ pub mod range;
 pub mod records;
 pub mod reference;
 pub mod route;
+pub(crate) mod tag_flight;
 pub(crate) mod tags;
 mod transfer;
 pub mod upstream;
