@@ -14,7 +14,8 @@
 # (`cargo test --test e2e_worker_fill` builds it, or the [build] command of wrangler.toml).
 #
 # Environment: BENCH_SIZES_MIB (default "32 256"), BENCH_RUNS (default 3), BENCH_JS_ROUTE
-# (blob, the baseline; blob-held adds pullgate's JavaScript transforms to it, to attribute cost),
+# (blob, the baseline; blob-byob does in JavaScript what pullgate's fill does; blob-held adds
+# the two JavaScript transforms pullgate used before issue 11, to attribute cost),
 # BENCH_RESULTS_MD (default bench/worker_fill.md), BENCH_DEADLINE seconds (default 1200).
 # Network: loopback only. Servers this script started are stopped by PID on exit.
 # Not run in CI.
@@ -26,7 +27,8 @@ SIZES="${BENCH_SIZES_MIB:-32 256}"
 RUNS="${BENCH_RUNS:-3}"
 RESULTS_MD="${BENCH_RESULTS_MD:-$HERE/worker_fill.md}"
 DEADLINE="${BENCH_DEADLINE:-1200}"
-# blob: the plain tee baseline; blob-held: the same plus pullgate's two JavaScript transforms.
+# blob: the plain tee baseline; blob-byob: pullgate's fill in JavaScript; blob-held: the tee
+# plus the two JavaScript transforms pullgate used before.
 JS_ROUTE="${BENCH_JS_ROUTE:-blob}"
 TICKS=$(getconf CLK_TCK)
 

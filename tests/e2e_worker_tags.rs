@@ -143,7 +143,7 @@ fn without_the_tags_binding_each_request_of_a_burst_goes_upstream() {
     up.add_image("team/app", "1", &image);
     let worker = Worker::builder()
         .config(&config(&up))
-        .without_durable_object(TAGS)
+        .without_binding(TAGS)
         .start();
     let first = burst(&worker, &up, || up.wait_for_stalls(M, Duration::ZERO));
     assert!(first.iter().all(|(s, _)| *s == 200), "{first:?}");
@@ -182,7 +182,7 @@ fn a_rate_limit_in_the_durable_object_answers_429_and_outlives_the_isolate() {
 fn without_the_limits_binding_a_fresh_isolate_starts_with_a_full_bucket() {
     let mut worker = Worker::builder()
         .config(LIMITED)
-        .without_durable_object(LIMITS)
+        .without_binding(LIMITS)
         .start();
     let answers: Vec<u16> = (0..4).map(|_| status_of(&worker)).collect();
     assert_eq!(answers, [200, 200, 200, 429], "{}", worker.log());

@@ -57,12 +57,63 @@ function held(toStore, toClient, size, sha256, store) {
   return [toClient.pipeThrough(hold).pipeThrough(new FixedLengthStream(size)), done];
 }
 
+// GET /blob-byob[<N>[m<M>]]/<hex>: what pullgate's fill does since issue 11 (src/worker/fill.rs):
+// the store branch straight into R2 as the baseline does; the client branch read with a BYOB
+// reader in blocks of up to N MiB (default 1), at least M MiB (default N) per read
+// (readAtLeast), in one JavaScript loop; all but the last 64 KiB written on into a
+// FixedLengthStream, the tail only after the put resolved. pullgate uses N=4, M=1.
+function byob(toStore, toClient, size, store, mib, minMib) {
+  const stored = new FixedLengthStream(size);
+  toStore.pipeTo(stored.writable).catch(() => {});
+  const done = store(stored.readable);
+  const holdback = 65536;
+  const block = (mib || 1) << 20;
+  const least = minMib ? minMib << 20 : block;
+  const out = new FixedLengthStream(size);
+  const writer = out.writable.getWriter();
+  const reader = toClient.getReader({ mode: "byob" });
+  (async () => {
+    let tail = null;
+    try {
+      for (;;) {
+        const { value, done: end } = await reader.readAtLeast(least, new Uint8Array(block));
+        if (value && value.byteLength) {
+          let chunk = value;
+          if (tail) {
+            if (chunk.byteLength >= holdback) {
+              writer.write(tail).catch(() => {});
+            } else {
+              const joined = new Uint8Array(tail.byteLength + chunk.byteLength);
+              joined.set(tail);
+              joined.set(chunk, tail.byteLength);
+              chunk = joined;
+            }
+            tail = null;
+          }
+          const cut = Math.max(0, chunk.byteLength - holdback);
+          if (cut > 0) await writer.write(chunk.subarray(0, cut));
+          // A copy: the tail must not keep the whole block alive.
+          tail = chunk.slice(cut);
+        }
+        if (end) break;
+      }
+      await done;
+      if (tail && tail.byteLength) await writer.write(tail);
+      await writer.close();
+    } catch (e) {
+      reader.cancel(e).catch(() => {});
+      writer.abort(e).catch(() => {});
+    }
+  })();
+  return [out.readable, done];
+}
+
 export default {
   async fetch(request, env, ctx) {
     const url = new URL(request.url);
-    const match = url.pathname.match(/^\/(blob|blob-held)\/([0-9a-f]{64})$/);
+    const match = url.pathname.match(/^\/(blob|blob-held|blob-byob)(\d*)(?:m(\d+))?\/([0-9a-f]{64})$/);
     if (!match) return new Response("not found", { status: 404 });
-    const hex = match[2];
+    const hex = match[4];
     const upstream = await fetch(`${env.UPSTREAM}/v2/bench/blobs/sha256:${hex}`);
     if (upstream.status !== 200 || !upstream.body) {
       return new Response(`upstream answered ${upstream.status}`, { status: 502 });
@@ -72,8 +123,10 @@ export default {
     const store = (readable) => env.BLOBS.put(`blobs/sha256/${hex}`, readable, { sha256: hex })
       .then(() => console.log(`event=stored key=blobs/sha256/${hex} bytes=${size}`));
     let client;
-    if (match[1] === "blob-held") {
-      const [body, done] = held(toStore, toClient, size, hex, store);
+    if (match[1] === "blob-held" || match[1] === "blob-byob") {
+      const [body, done] = match[1] === "blob-held"
+        ? held(toStore, toClient, size, hex, store)
+        : byob(toStore, toClient, size, store, Number(match[2]), Number(match[3]));
       done.catch((e) => console.error(`event=put-failed key=blobs/sha256/${hex} error=${e}`));
       ctx.waitUntil(done.catch(() => {}));
       client = body;

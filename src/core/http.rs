@@ -7,17 +7,25 @@ use crate::core::error::RegistryError;
 use crate::core::ports::{ByteStream, UpstreamError};
 use crate::core::registry::media::header as h;
 use futures_util::StreamExt;
-use http::{header, HeaderMap, HeaderValue, Response, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use url::Url;
 
 /// The `User-Agent` of every outbound request.
 pub const USER_AGENT: &str = concat!("pullgate/", env!("CARGO_PKG_VERSION"));
 
+/// `Docker-Distribution-API-Version` as a parsed name (a `&str` name is parsed, and a custom
+/// one copied, on every use).
+pub(crate) const API_VERSION: HeaderName = HeaderName::from_static(h::API_VERSION);
+/// `Docker-Content-Digest` as a parsed name.
+pub(crate) const CONTENT_DIGEST: HeaderName = HeaderName::from_static(h::CONTENT_DIGEST);
+/// The API version header's value.
+const API_VERSION_VALUE: HeaderValue = HeaderValue::from_static(h::API_VERSION_VALUE);
+
 /// Builds a response with the registry API version header.
 pub(crate) fn response(status: StatusCode) -> http::response::Builder {
     Response::builder()
         .status(status)
-        .header(h::API_VERSION, h::API_VERSION_VALUE)
+        .header(API_VERSION, API_VERSION_VALUE)
 }
 
 /// The OCI error envelope for `e` (headers only for HEAD).

@@ -135,9 +135,18 @@ pub fn add(c: &AtomicU64, n: u64) {
 }
 
 impl Metrics {
+    /// Counts a hit (`i = 0`) or miss (1) for `host`; allocates only for a host not seen yet.
     fn count(&self, host: &str, i: usize) {
-        if let Ok(mut m) = self.by_upstream.lock() {
-            m.entry(host.to_string()).or_insert([0, 0])[i] += 1;
+        let Ok(mut m) = self.by_upstream.lock() else {
+            return;
+        };
+        match m.get_mut(host) {
+            Some(n) => n[i] += 1,
+            None => {
+                let mut n = [0, 0];
+                n[i] = 1;
+                m.insert(host.to_string(), n);
+            }
         }
     }
 

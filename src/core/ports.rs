@@ -616,9 +616,13 @@ pub struct FillProgress {
 ///   until the outcome says verified. `Ok` is reported only after the store committed.
 /// - `scope` names what the lead fetched for (upstream and repository): a follower whose
 ///   own scope differs must be entitled to the blob before it follows.
+///
+/// The claim is async: a coordinator may have to ask another process (a Durable Object, a
+/// key-value store) who leads.
+#[async_trait::async_trait(?Send)]
 pub trait FillCoordinator {
     /// Leads or follows the fill of `digest` for `scope`.
-    fn claim(&self, digest: &Digest, scope: &str) -> FillClaim;
+    async fn claim(&self, digest: &Digest, scope: &str) -> FillClaim;
     /// Whether other instances share this coordinator (and so may commit a blob between this
     /// instance's store lookup and its claim: a lead then checks the store once more).
     fn is_shared(&self) -> bool {
@@ -665,8 +669,9 @@ impl FillLease for NoLease {
     fn report(&self, _: &FillProgress) {}
 }
 
+#[async_trait::async_trait(?Send)]
 impl FillCoordinator for LocalFills {
-    fn claim(&self, _: &Digest, _: &str) -> FillClaim {
+    async fn claim(&self, _: &Digest, _: &str) -> FillClaim {
         FillClaim::Lead(Box::new(NoLease))
     }
 

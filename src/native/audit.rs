@@ -4,10 +4,16 @@
 //! repository, reference, digest, bytes and cache outcome; never a credential.
 //!
 //! Records are queued for a writer thread ([`AuditSink`]): a full queue drops records and
-//! counts them rather than blocking a request, and SIGHUP reopens the file (rotation).
+//! counts them rather than blocking a request, and SIGHUP reopens the file (rotation). The
+//! writer paces itself like the log's ([`BATCH_PAUSE`]): a batch, then a pause.
+//!
+//! A record is serialized straight from [`Record`] (no intermediate `serde_json::Value`), its
+//! keys in alphabetical order: the order a `Value` object (a `BTreeMap`) printed them in
+//! before, which readers of existing files may rely on.
 
 use crate::core::time::rfc3339;
-use serde_json::{json, Value};
+use crate::native::logging::BATCH_PAUSE;
+use serde::Serialize;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -15,13 +21,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 /// Records queued for the writer thread; when it is full, new records are dropped and
 /// counted ([`AuditSink::dropped`], `pullgate_audit_dropped_total`), never waited for.
 pub const QUEUED_RECORDS: usize = 16 * 1024;
 
 enum Msg {
-    Line(String),
+    Line(Vec<u8>),
     /// Wakes the writer to look at the reopen flag.
     Wake,
     /// Flush, then answer.
@@ -65,11 +72,11 @@ impl Out {
         Ok(Out::File(path.to_path_buf(), BufWriter::new(file)))
     }
 
-    fn write(&mut self, line: &str) -> std::io::Result<()> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<()> {
         match self {
-            Out::File(_, w) => w.write_all(line.as_bytes()),
+            Out::File(_, w) => w.write_all(line),
             // One write call per record, so lines never interleave with the log's.
-            Out::Stderr(e) => e.write_all(line.as_bytes()),
+            Out::Stderr(e) => e.write_all(line),
         }
     }
 
@@ -101,8 +108,9 @@ fn path_of(out: &Out) -> String {
     }
 }
 
-/// The writer thread: writes what is queued, flushes whenever the queue is empty.
-fn write_loop(mut out: Out, rx: Receiver<Msg>, reopen: Arc<AtomicBool>) {
+/// The writer thread: writes what is queued, flushes whenever the queue is empty, then
+/// pauses `pause` before taking the next batch.
+fn write_loop(mut out: Out, rx: Receiver<Msg>, reopen: Arc<AtomicBool>, pause: Duration) {
     let mut failed = false;
     let mut handle = |out: &mut Out, msg: Msg| -> bool {
         if reopen.swap(false, Ordering::AcqRel) {
@@ -139,6 +147,7 @@ fn write_loop(mut out: Out, rx: Receiver<Msg>, reopen: Arc<AtomicBool>) {
         if !go_on {
             return;
         }
+        std::thread::sleep(pause);
     }
     let _ = out.flush();
 }
@@ -152,7 +161,7 @@ impl AuditSink {
         let flag = reopen.clone();
         let writer = std::thread::Builder::new()
             .name("pullgate-audit".into())
-            .spawn(move || write_loop(out, rx, flag))
+            .spawn(move || write_loop(out, rx, flag, BATCH_PAUSE))
             .map_err(|e| format!("starting the audit log writer: {e}"))?;
         Ok(AuditSink {
             shared: Arc::new(Shared {
@@ -164,10 +173,16 @@ impl AuditSink {
         })
     }
 
-    /// Queues one record as a line; drops (and counts) it when the queue is full.
-    pub fn record(&self, v: &Value) {
-        let mut line = v.to_string();
-        line.push('\n');
+    /// Queues one record (serialized as one line of JSON); drops (and counts) it when the
+    /// queue is full.
+    pub fn record<R: Serialize>(&self, record: &R) {
+        let mut line = Vec::with_capacity(LINE_CAPACITY);
+        if serde_json::to_writer(&mut line, record).is_err() {
+            // Only a record type that refuses to serialize gets here; none of ours does.
+            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        line.push(b'\n');
         match self.shared.tx.try_send(Msg::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
@@ -241,6 +256,9 @@ pub fn repository_and_reference(path: &str) -> (Option<&str>, Option<&str>) {
     (rest.strip_suffix("/tags/list"), None)
 }
 
+/// Room for a typical record, so serializing one allocates once.
+const LINE_CAPACITY: usize = 384;
+
 /// Facts for one record.
 pub struct Entry<'a> {
     /// Wall-clock time (ms).
@@ -248,7 +266,7 @@ pub struct Entry<'a> {
     /// Identity.
     pub identity: Option<&'a str>,
     /// Client address.
-    pub ip: Option<String>,
+    pub ip: Option<std::net::IpAddr>,
     /// Method.
     pub method: &'a str,
     /// Path (no query: it may carry nothing secret, but keep records small).
@@ -269,30 +287,122 @@ pub struct Entry<'a> {
     pub aborted: bool,
 }
 
-/// The JSON record for an entry.
-pub fn to_json(e: &Entry<'_>) -> Value {
+/// One audit record as written: the JSON object's keys in alphabetical order (see the module
+/// doc); absent values are `null`.
+#[derive(Debug, Serialize)]
+pub struct Record<'a> {
+    aborted: bool,
+    bytes: u64,
+    cache: &'a str,
+    digest: Option<&'a str>,
+    identity: Option<&'a str>,
+    /// Serialized with `Display` (`203.0.113.7`, `::1`).
+    ip: Option<std::net::IpAddr>,
+    method: &'a str,
+    path: &'a str,
+    reference: Option<&'a str>,
+    repository: Option<&'a str>,
+    route: &'a str,
+    status: u16,
+    ts: String,
+    upstream: Option<&'a str>,
+}
+
+/// The record for an entry.
+pub fn to_record<'a>(e: &Entry<'a>) -> Record<'a> {
     let (repository, reference) = repository_and_reference(e.path);
-    json!({
-        "ts": rfc3339(e.now_ms),
-        "identity": e.identity,
-        "ip": e.ip,
-        "method": e.method,
-        "route": e.route,
-        "path": e.path,
-        "upstream": e.upstream,
-        "repository": repository,
-        "reference": reference,
-        "digest": e.digest,
-        "status": e.status,
-        "bytes": e.bytes,
-        "cache": e.cache,
-        "aborted": e.aborted,
-    })
+    Record {
+        aborted: e.aborted,
+        bytes: e.bytes,
+        cache: e.cache,
+        digest: e.digest,
+        identity: e.identity,
+        ip: e.ip,
+        method: e.method,
+        path: e.path,
+        reference,
+        repository,
+        route: e.route,
+        status: e.status,
+        ts: rfc3339(e.now_ms),
+        upstream: e.upstream,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    /// The record as it was built before [`Record`]: a `serde_json::Value` object.
+    fn as_value(e: &Entry<'_>) -> serde_json::Value {
+        let (repository, reference) = repository_and_reference(e.path);
+        json!({
+            "ts": rfc3339(e.now_ms),
+            "identity": e.identity,
+            "ip": e.ip.map(|i| i.to_string()),
+            "method": e.method,
+            "route": e.route,
+            "path": e.path,
+            "upstream": e.upstream,
+            "repository": repository,
+            "reference": reference,
+            "digest": e.digest,
+            "status": e.status,
+            "bytes": e.bytes,
+            "cache": e.cache,
+            "aborted": e.aborted,
+        })
+    }
+
+    #[test]
+    fn records_are_byte_for_byte_what_the_json_value_printed() {
+        let full = Entry {
+            now_ms: 1_795_305_662_003,
+            identity: Some("ci \"bot\"\n\u{1}é"),
+            ip: Some("2001:db8::7".parse().unwrap()),
+            method: "GET",
+            path: "/v2/library/alpine/manifests/3.20",
+            route: "manifest",
+            upstream: Some("docker.io"),
+            status: 200,
+            bytes: 527,
+            cache: "hit",
+            digest: Some("sha256:ab"),
+            aborted: true,
+        };
+        let bare = Entry {
+            now_ms: 0,
+            identity: None,
+            ip: None,
+            method: "POST",
+            path: "/hooks/app\\x\t",
+            route: "hook",
+            upstream: None,
+            status: 401,
+            bytes: 0,
+            cache: "-",
+            digest: None,
+            aborted: false,
+        };
+        let v4 = Entry {
+            ip: Some("203.0.113.7".parse().unwrap()),
+            path: "/v2/a/b/tags/list",
+            ..bare
+        };
+        for e in [&full, &v4] {
+            let line = serde_json::to_string(&to_record(e)).unwrap();
+            assert_eq!(line, as_value(e).to_string());
+        }
+        assert_eq!(
+            serde_json::to_string(&to_record(&full)).unwrap(),
+            "{\"aborted\":true,\"bytes\":527,\"cache\":\"hit\",\"digest\":\"sha256:ab\",\
+             \"identity\":\"ci \\\"bot\\\"\\n\\u0001é\",\"ip\":\"2001:db8::7\",\"method\":\"GET\",\
+             \"path\":\"/v2/library/alpine/manifests/3.20\",\"reference\":\"3.20\",\
+             \"repository\":\"library/alpine\",\"route\":\"manifest\",\"status\":200,\
+             \"ts\":\"2026-11-22T00:01:02.003Z\",\"upstream\":\"docker.io\"}"
+        );
+    }
 
     #[test]
     fn paths_split_into_repository_and_reference() {

@@ -52,8 +52,9 @@ impl SharedFills {
     }
 }
 
+#[async_trait::async_trait(?Send)]
 impl FillCoordinator for SharedFills {
-    fn claim(&self, digest: &Digest, scope: &str) -> FillClaim {
+    async fn claim(&self, digest: &Digest, scope: &str) -> FillClaim {
         let Ok(mut map) = self.map.lock() else {
             // A poisoned map (a panic while it was held) coordinates nothing: lead alone.
             return FillClaim::Lead(Box::new(Lease::detached()));
@@ -178,6 +179,10 @@ mod tests {
             .unwrap()
     }
 
+    fn claim(fills: &SharedFills, d: &Digest, scope: &str) -> FillClaim {
+        futures_util::FutureExt::now_or_never(fills.claim(d, scope)).expect("claims at once")
+    }
+
     fn fills() -> (tempfile::TempDir, SharedFills) {
         let dir = tempfile::tempdir().unwrap();
         let blobs = FsBlobStore::open(dir.path(), 1 << 30).unwrap();
@@ -188,10 +193,10 @@ mod tests {
     fn one_claim_leads_the_others_follow_until_the_outcome() {
         let (_dir, fills) = fills();
         let d = digest();
-        let FillClaim::Lead(lease) = fills.claim(&d, "up/a") else {
+        let FillClaim::Lead(lease) = claim(&fills, &d, "up/a") else {
             panic!("the first claim leads")
         };
-        let FillClaim::Follow(watch) = fills.claim(&d, "up/b") else {
+        let FillClaim::Follow(watch) = claim(&fills, &d, "up/b") else {
             panic!("a second claim follows")
         };
         assert_eq!(watch.scope(), "up/a");
@@ -210,15 +215,15 @@ mod tests {
         });
         assert_eq!(watch.progress().outcome, Some(Ok(())));
         assert_eq!(fills.in_flight(), 0);
-        assert!(matches!(fills.claim(&d, "up/a"), FillClaim::Lead(_)));
+        assert!(matches!(claim(&fills, &d, "up/a"), FillClaim::Lead(_)));
     }
 
     #[test]
     fn a_dropped_lead_fails_its_followers() {
         let (_dir, fills) = fills();
         let d = digest();
-        let lease = fills.claim(&d, "s");
-        let FillClaim::Follow(watch) = fills.claim(&d, "s") else {
+        let lease = claim(&fills, &d, "s");
+        let FillClaim::Follow(watch) = claim(&fills, &d, "s") else {
             panic!("follows")
         };
         drop(lease);

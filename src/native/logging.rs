@@ -7,7 +7,10 @@
 //! Lines go to stderr through `tracing-appender`'s writer thread: a request formats its line
 //! into a buffer and queues it, and never waits on stderr. When the queue is full
 //! ([`QUEUED_LINES`]), lines are dropped and counted (`pullgate_log_dropped_total`) rather than
-//! slowing the event loops down.
+//! slowing the event loops down. The writer thread paces itself ([`Paced`]): after writing
+//! what was queued it waits [`BATCH_PAUSE`] before it takes more, so under load a request's
+//! line joins a queue nobody is blocked on (no wake-up, no syscall on the request's thread)
+//! and the thread writes a batch at most every pause, instead of waking for every line.
 
 use crate::core::config::{LogFormat, LogSettings};
 use std::sync::OnceLock;
@@ -42,6 +45,43 @@ pub fn format(log: &LogSettings, var: Option<String>) -> Result<LogFormat, Strin
 /// Bytes of log lines the writer thread gathers before a write to stderr.
 const STDERR_BUFFER: usize = 64 << 10;
 
+/// How long a log or audit writer thread waits after writing a batch before it takes the
+/// next: the most a line waits in the queue beyond its batch, and the least time between two
+/// wake-ups of the thread (at most `1 / BATCH_PAUSE` a second, however busy the server).
+pub const BATCH_PAUSE: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// A writer thread's output that pauses [`BATCH_PAUSE`] after each flush. The writer thread
+/// flushes when it has drained its queue; while it pauses, senders only enqueue (nobody waits
+/// on the channel, so there is nobody to wake), and the next batch is everything that arrived
+/// meanwhile.
+pub struct Paced<W: std::io::Write> {
+    inner: W,
+    pause: std::time::Duration,
+}
+
+impl<W: std::io::Write> Paced<W> {
+    /// `inner`, pausing `pause` after each flush.
+    pub fn new(inner: W, pause: std::time::Duration) -> Paced<W> {
+        Paced { inner, pause }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for Paced<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        self.inner.write_all(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let flushed = self.inner.flush();
+        std::thread::sleep(self.pause);
+        flushed
+    }
+}
+
 /// Installs the process's subscriber. A subscriber installed already (tests that run the
 /// host in-process) is left in place.
 pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
@@ -53,11 +93,11 @@ pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
         .lossy(true)
         .buffered_lines_limit(QUEUED_LINES)
         .thread_name("pullgate-log")
-        // The writer thread drains every queued line, then flushes: buffered, a busy second
-        // costs a few large writes instead of a syscall per request.
-        .finish(std::io::BufWriter::with_capacity(
-            STDERR_BUFFER,
-            std::io::stderr(),
+        // The writer thread drains every queued line, then flushes (and pauses): buffered, a
+        // busy second costs a few large writes instead of a syscall per request.
+        .finish(Paced::new(
+            std::io::BufWriter::with_capacity(STDERR_BUFFER, std::io::stderr()),
+            BATCH_PAUSE,
         ));
     let counter = writer.error_counter();
     let builder = tracing_subscriber::fmt()

@@ -285,8 +285,9 @@ impl hyper::body::Body for HyperBody {
 
 /// Logs one line when dropped: at the end of the body, or when the client went away.
 struct LogLine {
-    method: String,
-    path: String,
+    method: ::http::Method,
+    /// The request's URI (a reference-counted copy; only its path is logged).
+    uri: ::http::Uri,
     status: u16,
     info: Option<RequestInfo>,
     bytes: u64,
@@ -294,7 +295,7 @@ struct LogLine {
     metrics: Rc<Metrics>,
     failed: bool,
     ip: Option<std::net::IpAddr>,
-    digest: Option<String>,
+    digest: Option<::http::HeaderValue>,
     audit: Rc<audit::AuditSink>,
     /// `[log] access`: emit the access event.
     access: bool,
@@ -314,8 +315,9 @@ impl Drop for LogLine {
         add(&self.metrics.bytes_served, self.bytes);
         let route = self.info.as_ref().map_or("-", |i| i.route);
         let upstream = self.info.as_ref().and_then(|i| i.upstream.as_deref());
+        let (method, path) = (self.method.as_str(), self.uri.path());
         self.metrics.observe(
-            &self.method,
+            method,
             route,
             upstream,
             self.status,
@@ -323,8 +325,8 @@ impl Drop for LogLine {
         );
         if self.access {
             AccessLog {
-                method: &self.method,
-                path: &self.path,
+                method,
+                path,
                 status: self.status,
                 client: self.ip,
                 info: self.info.as_ref(),
@@ -336,33 +338,33 @@ impl Drop for LogLine {
         }
         let cache = self.info.as_ref().map_or("-", |i| i.cache.as_str());
         if audit::is_audited(route) {
-            self.audit.record(&audit::to_json(&audit::Entry {
+            self.audit.record(&audit::to_record(&audit::Entry {
                 now_ms: SystemClock.now_ms(),
                 identity: self.info.as_ref().and_then(|i| i.identity.as_deref()),
-                ip: self.ip.map(|i| i.to_string()),
-                method: &self.method,
-                path: &self.path,
+                ip: self.ip,
+                method,
+                path,
                 route,
                 upstream,
                 status: self.status,
                 bytes: self.bytes,
                 cache,
-                digest: self.digest.as_deref(),
+                digest: self.digest.as_ref().and_then(|d| d.to_str().ok()),
                 aborted: self.failed,
             }));
         }
     }
 }
 
+/// The digest an audit record names (the registry's `Docker-Content-Digest`).
+const DIGEST_HEADER: ::http::HeaderName = ::http::HeaderName::from_static("docker-content-digest");
+
 fn to_hyper(resp: ::http::Response<Body>, mut log: LogLine) -> ::http::Response<HyperBody> {
-    let (parts, body) = resp.into_parts();
+    let (mut parts, body) = resp.into_parts();
     log.status = parts.status.as_u16();
-    log.info = parts.extensions.get::<RequestInfo>().cloned();
-    log.digest = parts
-        .headers
-        .get("docker-content-digest")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    // Nothing reads the response's extensions after this: take the facts rather than copy.
+    log.info = parts.extensions.remove::<RequestInfo>();
+    log.digest = parts.headers.get(DIGEST_HEADER).cloned();
     let body: HyperBody = match body {
         Body::Empty => {
             drop(log);
@@ -446,8 +448,8 @@ pub(crate) async fn handle(
         ip: Some(client),
         digest: None,
         audit: audit.clone(),
-        method: req.method().to_string(),
-        path: req.uri().path().to_string(),
+        method: req.method().clone(),
+        uri: req.uri().clone(),
         status: 0,
         info: None,
         bytes: 0,

@@ -181,8 +181,9 @@ impl SpinFills {
     }
 }
 
+#[async_trait::async_trait(?Send)]
 impl FillCoordinator for SpinFills {
-    fn claim(&self, digest: &Digest, scope: &str) -> FillClaim {
+    async fn claim(&self, digest: &Digest, scope: &str) -> FillClaim {
         self.try_claim(digest, scope).unwrap_or_else(|e| {
             // Without the store nothing can be coordinated: this fill is this instance's own.
             eprintln!("pullgate: fill lease for {digest} not taken ({e}); fetching alone");

@@ -7,19 +7,21 @@
 //! [`FetchUpstream`](super::FetchUpstream) kept untouched ([`keep_raw_body`]), is split with
 //! `tee()`:
 //! - one branch goes through a `FixedLengthStream` of the announced length into one R2 `put`
-//!   with the expected SHA-256: R2 hashes the bytes itself and stores nothing when they hash
-//!   otherwise (or are shorter or longer than announced). On the way the runtime's own
-//!   `crypto.DigestStream` hashes them too, and the last chunk reaches R2 only once that hash
-//!   matched: on a mismatch the put's stream errors, so R2 never receives the whole of a bad
-//!   blob (the local R2 simulation keeps the bytes of a put it refused at the end);
-//! - the other goes to the client through a transform that always withholds the last
-//!   [`HOLDBACK`] bytes it received (the core's rule for every fill), and releases them
-//!   only once the R2 put has resolved, i.e. R2 confirmed the digest; when the put fails the
-//!   client's stream errors instead, and the runtime resets the connection. It ends in a
-//!   `FixedLengthStream` too, so the response carries `Content-Length`.
+//!   with the expected SHA-256, entirely in the runtime's internal streams (no JavaScript
+//!   step): R2 hashes the bytes itself and stores nothing when they hash otherwise (or are
+//!   shorter or longer than announced); the put fails with R2's checksum error, reported as
+//!   [`HostFillError::DigestMismatch`];
+//! - the other goes to the client: one JavaScript loop reads it with a BYOB reader in blocks
+//!   of up to `BLOCK` bytes (`readAtLeast`, at least `BLOCK_LEAST` unless the body ends)
+//!   and writes all but the last [`HOLDBACK`] bytes seen so far on into a `FixedLengthStream`
+//!   (so the response carries `Content-Length`) — the core's rule for every fill. The tail is
+//!   written only once the R2 put has resolved, i.e. R2 confirmed the digest; when the put
+//!   fails the client's stream is aborted instead, and the runtime resets the connection.
 //!
-//! The JavaScript is a wasm-bindgen snippet (`inline_js`), bundled by worker-build. Hashing
-//! is the runtime's and R2's; nothing here touches the bytes.
+//! Every chunk of the client's branch crossing into JavaScript through a `TransformStream`
+//! cost about three times the CPU of the plain tee (bench/worker_fill.md); one step per block
+//! costs about the same as the tee. The JavaScript is a wasm-bindgen snippet (`inline_js`),
+//! bundled by worker-build. Hashing is R2's; nothing here looks at the bytes.
 //!
 //! The host counts the blob bytes that do cross into wasm on the other paths (the core's own
 //! fill through a `BlobWriter`, stored blobs read back as a Rust stream) in
@@ -33,6 +35,12 @@
 //!   makes the runtime buffer the difference in the isolate's memory (at most the blob).
 //! - The upstream body has no per-chunk silence timeout on this path; a stalled upstream holds
 //!   the fill until the runtime cuts the request (`waitUntil`'s 30 s after the response ends).
+//! - The local R2 simulation (`wrangler dev`) may keep the bytes of a put it refused on disk
+//!   as an orphan file: not a stored object (a GET or HEAD does not find it), and production
+//!   R2 keeps nothing. Earlier versions hashed in the runtime too and held R2's last chunk
+//!   back to avoid that; it tripled the CPU of a fill.
+//! - The client's bytes arrive in blocks of at least `BLOCK_LEAST`: with a slow upstream,
+//!   the client lags behind it by up to that much.
 //! - Other readers of the same fill in the isolate wait for the commit and are served from R2
 //!   (their response starts only then).
 
@@ -53,6 +61,14 @@ use worker::Bucket;
 /// Bytes withheld from the client until R2 confirmed the digest: the core's `HOLDBACK` (hosts
 /// do not import the registry feature).
 pub const HOLDBACK: u64 = 64 * 1024;
+
+/// The most the client's branch reads in one JavaScript step: the whole cost of the hold-back
+/// is per step, so few large ones (bench/worker_fill.md). Memory: one block per fill at a time.
+const BLOCK: u64 = 4 << 20;
+
+/// The least one step waits for before it passes bytes on (unless the body ended): bounds how
+/// far the client lags behind the upstream while keeping the steps few.
+const BLOCK_LEAST: u64 = 1 << 20;
 
 /// The response extension naming an upstream body kept as the runtime's own stream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,14 +145,15 @@ impl TeeFill {
         size: u64,
         body: &ReadableStream,
     ) -> Result<TeeFill, String> {
-        let holdback = HOLDBACK as f64;
         let pair = pg_tee_fill(
             bucket.as_ref(),
             &key,
             body,
             size as f64,
             sha256_hex,
-            holdback,
+            HOLDBACK as f64,
+            BLOCK as f64,
+            BLOCK_LEAST as f64,
         )
         .map_err(|e| js_text(&e))?;
         let client: ReadableStream = pair.get(0).dyn_into().map_err(|e| js_text(&e))?;
@@ -188,74 +205,69 @@ impl HostFill for TeeFill {
 }
 
 #[wasm_bindgen(wasm_bindgen = worker::wasm_bindgen, inline_js = r#"
-export function pg_tee_fill(bucket, key, body, size, sha256, holdback) {
+export function pg_tee_fill(bucket, key, body, size, sha256, holdback, block, least) {
   const [toStore, toClient] = body.tee();
-  // R2 checks the SHA-256 itself; this check also holds back the last chunk from R2 until the
-  // runtime's own hash matched, so R2 never receives the whole of a bad blob.
-  const hasher = new crypto.DigestStream("SHA-256");
-  const hashing = hasher.getWriter();
-  let mismatch = false;
-  let last = null;
-  const check = new TransformStream({
-    async transform(chunk, controller) {
-      await hashing.write(chunk.slice());
-      if (last) controller.enqueue(last);
-      last = chunk;
-    },
-    async flush(controller) {
-      await hashing.close();
-      const got = Array.from(new Uint8Array(await hasher.digest),
-        (b) => b.toString(16).padStart(2, "0")).join("");
-      if (got !== sha256) {
-        mismatch = true;
-        throw new Error("SHA-256 mismatch: the upstream bytes do not hash to the digest");
-      }
-      if (last) controller.enqueue(last);
-    },
-  });
+  // R2's branch never enters JavaScript: R2 hashes the bytes and refuses the object on a
+  // mismatch (or a length other than announced).
   const stored = new FixedLengthStream(size);
-  toStore.pipeThrough(check).pipeTo(stored.writable).catch(() => {});
-  const done = bucket.put(key, stored.readable, { sha256 }).then(
-    () => undefined,
-    (e) => {
-      if (mismatch) throw new Error("SHA-256 mismatch: the upstream bytes do not hash to the digest");
-      throw e;
-    });
+  toStore.pipeTo(stored.writable).catch(() => {});
+  const done = bucket.put(key, stored.readable, { sha256 }).then(() => undefined);
   // Handled by whoever awaits it; never an unhandled rejection.
   done.catch(() => {});
-  let held = [];
-  let heldBytes = 0;
-  const hold = new TransformStream({
-    transform(chunk, controller) {
-      held.push(chunk);
-      heldBytes += chunk.byteLength;
-      while (heldBytes > holdback) {
-        const first = held[0];
-        const excess = heldBytes - holdback;
-        if (first.byteLength <= excess) {
-          held.shift();
-          heldBytes -= first.byteLength;
-          controller.enqueue(first);
-        } else {
-          held[0] = first.subarray(excess);
-          heldBytes -= excess;
-          controller.enqueue(first.subarray(0, excess));
+  // The client's branch: read in large blocks (one JavaScript step per block, not per
+  // chunk), all but the last `holdback` bytes written on at once, the tail after the put.
+  const out = new FixedLengthStream(size);
+  const writer = out.writable.getWriter();
+  let reader;
+  let read;
+  try {
+    reader = toClient.getReader({ mode: "byob" });
+    read = () => reader.readAtLeast(least, new Uint8Array(block));
+  } catch (_) {
+    reader = toClient.getReader();
+    read = () => reader.read();
+  }
+  (async () => {
+    let tail = null;
+    try {
+      for (;;) {
+        const { value, done: end } = await read();
+        if (value && value.byteLength) {
+          let chunk = value;
+          if (tail) {
+            if (chunk.byteLength >= holdback) {
+              writer.write(tail).catch(() => {});
+            } else {
+              const joined = new Uint8Array(tail.byteLength + chunk.byteLength);
+              joined.set(tail);
+              joined.set(chunk, tail.byteLength);
+              chunk = joined;
+            }
+          }
+          const cut = Math.max(0, chunk.byteLength - holdback);
+          if (cut > 0) await writer.write(chunk.subarray(0, cut));
+          // A copy: the tail must not keep the whole block alive.
+          tail = chunk.slice(cut);
         }
+        if (end) break;
       }
-    },
-    async flush(controller) {
       await done;
-      for (const chunk of held) controller.enqueue(chunk);
-      held = [];
-    },
-  });
-  const client = toClient.pipeThrough(hold).pipeThrough(new FixedLengthStream(size));
-  return [client, done];
+      if (tail && tail.byteLength) await writer.write(tail);
+      await writer.close();
+    } catch (e) {
+      // The put failed (or the client left): the client's stream errors, so the runtime
+      // resets its connection without the tail.
+      reader.cancel(e).catch(() => {});
+      writer.abort(e).catch(() => {});
+    }
+  })();
+  return [out.readable, done];
 }
 "#)]
 extern "C" {
     /// Splits `body`: one branch into `bucket.put(key)` with the SHA-256, one to the client
-    /// with its last `holdback` bytes released only after the put. Returns `[client, done]`.
+    /// read in blocks of up to `block` bytes (at least `least` unless at the end), its last
+    /// `holdback` bytes released only after the put. Returns `[client, done]`.
     #[wasm_bindgen(catch)]
     fn pg_tee_fill(
         bucket: &JsValue,
@@ -264,5 +276,7 @@ extern "C" {
         size: f64,
         sha256: &str,
         holdback: f64,
+        block: f64,
+        least: f64,
     ) -> Result<js_sys::Array, JsValue>;
 }

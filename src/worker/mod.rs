@@ -25,16 +25,18 @@
 //! with the `PULLGATE_OUTBOX` producer binding, deliveries go through Cloudflare Queues
 //! (retry delays, a dead-letter queue) and the pump is their fallback. With the
 //! `PULLGATE_RECORDS` Durable Object binding, the gateway's runs and dedup records live in
-//! one Durable Object ([`runs`]) instead of KV. With `PULLGATE_TAGS`, a burst of requests for
-//! a stale or missing tag makes one upstream request across isolates ([`tagflight`]); with
-//! `PULLGATE_LIMITS`, `[rate_limit]` buckets are exact across isolates ([`limits`]). Reads of
-//! R2 go through this location's colo tier ([`colo`], the Cache API) inside the storage adapters; a hit whose
+//! one Durable Object ([`runs`]) instead of KV. With `PULLGATE_FLIGHTS`, concurrent cold
+//! misses of one blob share one upstream transfer across isolates ([`flight`], one Durable
+//! Object per digest). With `PULLGATE_TAGS`, a burst of requests for a stale or missing tag
+//! makes one upstream request across isolates ([`tagflight`]); with `PULLGATE_LIMITS`,
+//! `[rate_limit]` buckets are exact across isolates ([`limits`]). Reads of R2 go through this
+//! location's colo tier ([`colo`], the Cache API) inside the storage adapters; a hit whose
 //! content it served is logged `cache=edge-hit` and counted in `pullgate_edge_hits_total`.
 //!
 //! # Limitations
-//! - Coalescing is per isolate: concurrent cold misses for one blob in the same isolate share
-//!   one upstream transfer (readers in other requests see new bytes within 20 ms); isolates
-//!   (and locations) each fetch their own copy until one of them has committed the blob to R2.
+//! - Without the `PULLGATE_FLIGHTS` binding, coalescing is per isolate: concurrent cold misses
+//!   for one blob in the same isolate share one upstream transfer; isolates (and locations)
+//!   each fetch their own copy until one of them has committed the blob to R2.
 //! - Deferred work (a fill whose first client left) runs under `waitUntil`, which the runtime
 //!   cuts 30 s after the response ended; such a fill is then lost and the next miss restarts it.
 //! - Tag records are in KV, which is eventually consistent (a new record can take up to 60 s to
@@ -56,6 +58,7 @@ pub mod colo;
 pub mod cron;
 pub mod fetch;
 pub mod fill;
+pub mod flight;
 pub mod gate;
 pub mod kv;
 pub mod limits;
@@ -266,10 +269,12 @@ fn build_app(env: &Env) -> Result<App, String> {
         deferred: Rc::new(WaitUntil),
         offload: Rc::new(InlineOffload),
     };
+    let blobs = ports.blobs.clone();
     // A tag flight's lease outlives a lead's HEAD and GET (each bounded by the timeout).
     let lease_ms = settings.upstream_timeout_ms.saturating_mul(2);
     let app = runs::attach(queue::attach(App::new(settings, ports), env), env);
     let app = limits::attach(tagflight::attach(app, env, lease_ms), env);
+    let app = flight::attach(app, env, blobs);
     tally.attach(app.metrics());
     Ok(app)
 }
@@ -291,6 +296,9 @@ fn install_logging(log: &config::LogSettings) -> Result<(), String> {
 
 /// The isolate's core, built on first use.
 pub(crate) fn app(env: &Env) -> Result<App, String> {
+    if flight::isolate_coalescing_off(env) {
+        return build_app(env);
+    }
     if let Some(app) = APP.with(|a| a.borrow().clone()) {
         return Ok(app);
     }

@@ -131,12 +131,7 @@ pub fn bundle_gzip_size() -> (u64, u64) {
 
 /// The repository's `wrangler.toml` for a built bundle: `main` absolute, no `[build]`, and
 /// `[vars]` holding only `PULLGATE_CONFIG`.
-fn dev_config(
-    bundle: &Path,
-    pullgate_config: &str,
-    without_queues: bool,
-    without_objects: &[String],
-) -> String {
+fn dev_config(bundle: &Path, pullgate_config: &str, without_queues: bool) -> String {
     let text =
         std::fs::read_to_string(repo_root().join("wrangler.toml")).expect("read wrangler.toml");
     let mut out = String::new();
@@ -152,16 +147,6 @@ fn dev_config(
             skipping = trimmed == "[build]"
                 || trimmed == "[vars]"
                 || (without_queues && trimmed.starts_with("[[queues."));
-        }
-        if without_objects
-            .iter()
-            .any(|b| trimmed == format!("name = {b:?}"))
-            && out.ends_with("[[durable_objects.bindings]]\n")
-        {
-            // Drop this binding's table: its header is the last line written.
-            out.truncate(out.len() - "[[durable_objects.bindings]]\n".len());
-            skipping = true;
-            continue;
         }
         if skipping {
             in_multiline = trimmed.matches("'''").count() == 1;
@@ -184,6 +169,34 @@ fn dev_config(
     out
 }
 
+/// `config` without the `[[durable_objects.bindings]]` sections whose `name` is in `names`.
+fn drop_bindings(config: &str, names: &[String]) -> String {
+    let lines: Vec<&str> = config.lines().collect();
+    let mut out = String::new();
+    let mut skipping = false;
+    for (i, line) in lines.iter().enumerate() {
+        let trimmed = line.trim();
+        if trimmed.starts_with('[') {
+            let named = lines[i + 1..]
+                .iter()
+                .take_while(|l| !l.trim().starts_with('['))
+                .any(|l| names.iter().any(|n| l.trim() == format!("name = {n:?}")));
+            skipping = trimmed == "[[durable_objects.bindings]]" && named;
+        }
+        if !skipping {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    for name in names {
+        assert!(
+            !out.contains(&format!("name = {name:?}")),
+            "binding {name} not removed"
+        );
+    }
+    out
+}
+
 /// Options for starting a worker.
 #[derive(Default)]
 pub struct WorkerBuilder {
@@ -191,7 +204,7 @@ pub struct WorkerBuilder {
     secrets: Vec<(String, String)>,
     port: Option<u16>,
     without_queues: bool,
-    without_objects: Vec<String>,
+    without_bindings: Vec<String>,
 }
 
 impl WorkerBuilder {
@@ -209,10 +222,10 @@ impl WorkerBuilder {
         self
     }
 
-    /// Without `wrangler.toml`'s Durable Object binding `name` (its class stays exported and
-    /// migrated): the worker then runs as a deployment without that binding.
-    pub fn without_durable_object(mut self, name: &str) -> Self {
-        self.without_objects.push(name.to_string());
+    /// Without `wrangler.toml`'s Durable Object binding `name` (its class stays exported):
+    /// as a deployment without that binding.
+    pub fn without_binding(mut self, name: &str) -> Self {
+        self.without_bindings.push(name.to_string());
         self
     }
 
@@ -238,11 +251,9 @@ impl WorkerBuilder {
             .expect("tempdir");
         std::fs::write(
             dir.path().join("wrangler.toml"),
-            dev_config(
-                &bundle,
-                &self.config,
-                self.without_queues,
-                &self.without_objects,
+            drop_bindings(
+                &dev_config(&bundle, &self.config, self.without_queues),
+                &self.without_bindings,
             ),
         )
         .expect("write wrangler.toml");

@@ -314,7 +314,7 @@ async fn claim_fill(
     let lookup = || ctx.inner.fills.borrow().get(digest.as_str()).cloned();
     let scope = format!("{}/{}", ctx.up.host, ctx.name);
     let coordinator = ctx.inner.slots.get::<FillPort>().0.borrow().clone();
-    match coordinator.claim(digest, &scope) {
+    match coordinator.claim(digest, &scope).await {
         FillClaim::Lead(lease) => {
             if ctx.inner.fills.borrow().len() >= ctx.inner.settings.max_fills {
                 // Dropping the lease frees the digest for another instance.
