@@ -361,8 +361,7 @@ pub trait RateLimitStore {
 
 /// How a tag revalidation that ran elsewhere ended, as its lead hands it to the requests that
 /// waited for it (see [`TagFlights`]).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TagOutcome {
     /// The upstream resolved the tag to `digest`: its manifest is stored by digest (content
     /// addressed, so any instance can read it) and the lead wrote the tag record.
@@ -378,6 +377,32 @@ pub enum TagOutcome {
     /// No answer: the lead ended without one (dropped, its lease expired) or the coordinator
     /// failed. A follower asks the upstream itself.
     Unknown,
+}
+
+impl TagOutcome {
+    /// The outcome as one line of text, as a coordinator passes it on.
+    pub fn encode(&self) -> String {
+        match self {
+            TagOutcome::Resolved { digest } => format!("resolved {digest}"),
+            TagOutcome::NotFound => "not_found".into(),
+            TagOutcome::Failed => "failed".into(),
+            TagOutcome::Unknown => "unknown".into(),
+        }
+    }
+
+    /// Reads [`encode`](Self::encode)'s text; anything else is [`TagOutcome::Unknown`].
+    pub fn decode(text: &str) -> TagOutcome {
+        match text.trim().split_once(' ') {
+            Some(("resolved", digest)) if !digest.is_empty() => TagOutcome::Resolved {
+                digest: digest.to_string(),
+            },
+            _ => match text.trim() {
+                "not_found" => TagOutcome::NotFound,
+                "failed" => TagOutcome::Failed,
+                _ => TagOutcome::Unknown,
+            },
+        }
+    }
 }
 
 /// The answer to [`TagFlights::enter`].

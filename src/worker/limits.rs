@@ -24,7 +24,6 @@
 
 use crate::core::app::App;
 use crate::core::ports::{BucketLimit, BucketState, BucketTake, RateLimitStore, StoreError};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 use std::rc::Rc;
 // The `#[durable_object]` expansion names `wasm_bindgen` unqualified.
@@ -36,34 +35,48 @@ use worker::{
 
 /// The Durable Object namespace binding.
 pub const LIMITS_BINDING: &str = "PULLGATE_LIMITS";
-/// The URL the port's requests to an object carry (never leaves the runtime).
-const OBJECT_URL: &str = "https://rate-limits.pullgate.internal/take";
+/// The origin of the port's requests to an object (never leaves the runtime).
+const OBJECT_ORIGIN: &str = "https://rate-limits.pullgate.internal";
 /// The storage key of an object's one bucket.
 const BUCKET_KEY: &str = "bucket";
 
-/// A take: the bucket's limit.
-#[derive(Debug, Serialize, Deserialize)]
-struct Take {
-    n: u32,
-    per_ms: u64,
-    burst: u32,
+/// A take's request path: the bucket's limit (`/take?n=&per_ms=&burst=`). The object answers
+/// `taken` or `empty <ms until the next token>`.
+fn take_path(limit: BucketLimit) -> String {
+    format!(
+        "/take?n={}&per_ms={}&burst={}",
+        limit.n, limit.per_ms, limit.burst
+    )
 }
 
-/// The object's answer: a token was taken, or when the next one is due.
-#[derive(Debug, Serialize, Deserialize)]
-struct Taken {
-    taken: bool,
-    #[serde(default)]
-    retry_after_ms: u64,
+/// Reads a take's limit from its URL.
+fn parse_take(url: &worker::Url) -> Option<BucketLimit> {
+    let get = |name: &str| {
+        url.query_pairs()
+            .find(|(k, _)| k == name)
+            .and_then(|(_, v)| v.parse::<u64>().ok())
+    };
+    Some(BucketLimit {
+        n: u32::try_from(get("n")?).ok()?,
+        per_ms: get("per_ms")?,
+        burst: u32::try_from(get("burst")?).ok()?,
+    })
 }
 
-/// The stored bucket.
-#[derive(Debug, Serialize, Deserialize)]
-struct Record {
-    /// Format version.
-    v: u32,
-    tokens: f64,
-    at_ms: u64,
+/// The stored bucket as text: `v1 <tokens> <at_ms>`.
+fn encode_bucket(b: &BucketState) -> String {
+    format!("v1 {} {}", b.tokens, b.at_ms)
+}
+
+/// Reads [`encode_bucket`]'s text; None for anything else (a full bucket then).
+fn decode_bucket(text: &str) -> Option<BucketState> {
+    let mut parts = text.split(' ');
+    if parts.next()? != "v1" {
+        return None;
+    }
+    let tokens: f64 = parts.next()?.parse().ok()?;
+    let at_ms: u64 = parts.next()?.parse().ok()?;
+    tokens.is_finite().then_some(BucketState { tokens, at_ms })
 }
 
 /// One rate-limit bucket (a Durable Object class; `wrangler.toml` binds it as
@@ -74,40 +87,21 @@ pub struct RateLimits {
 }
 
 impl RateLimits {
-    async fn take(&self, take: Take) -> worker::Result<Taken> {
-        let limit = BucketLimit {
-            n: take.n,
-            per_ms: take.per_ms,
-            burst: take.burst,
-        };
+    /// Takes a token under `limit`; the answer's text.
+    async fn take(&self, limit: BucketLimit) -> worker::Result<String> {
         let storage = self.state.storage();
         // No await but storage between the read and the write: atomic (the input gate).
         let now = worker::js_sys::Date::now() as u64;
         let mut bucket = storage
-            .get::<Record>(BUCKET_KEY)
+            .get::<String>(BUCKET_KEY)
             .await?
-            .filter(|r| r.v == 1 && r.tokens.is_finite())
-            .map(|r| BucketState {
-                tokens: r.tokens,
-                at_ms: r.at_ms,
-            })
+            .and_then(|text| decode_bucket(&text))
             .unwrap_or_else(|| BucketState::full(limit, now));
         let outcome = bucket.take(limit, now);
-        let record = Record {
-            v: 1,
-            tokens: bucket.tokens,
-            at_ms: bucket.at_ms,
-        };
-        storage.put(BUCKET_KEY, record).await?;
+        storage.put(BUCKET_KEY, encode_bucket(&bucket)).await?;
         Ok(match outcome {
-            BucketTake::Taken => Taken {
-                taken: true,
-                retry_after_ms: 0,
-            },
-            BucketTake::Empty { retry_after_ms } => Taken {
-                taken: false,
-                retry_after_ms,
-            },
+            BucketTake::Taken => "taken".into(),
+            BucketTake::Empty { retry_after_ms } => format!("empty {retry_after_ms}"),
         })
     }
 }
@@ -117,13 +111,12 @@ impl DurableObject for RateLimits {
         RateLimits { state }
     }
 
-    async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
-        let take: Take = match req.json().await {
-            Ok(t) => t,
-            Err(e) => return Response::error(format!("not a bucket take: {e}"), 400),
+    async fn fetch(&self, req: Request) -> worker::Result<Response> {
+        let Some(limit) = parse_take(&req.url()?) else {
+            return Response::error("not a bucket take", 400);
         };
-        match self.take(take).await {
-            Ok(taken) => Response::from_json(&taken),
+        match self.take(limit).await {
+            Ok(answer) => Response::ok(answer),
             Err(e) => Response::error(format!("bucket storage: {e}"), 500),
         }
     }
@@ -147,24 +140,25 @@ fn err(e: impl std::fmt::Display) -> StoreError {
 }
 
 impl DoRateLimits {
-    async fn call(&self, key: &str, limit: BucketLimit) -> Result<Taken, StoreError> {
-        let take = Take {
-            n: limit.n,
-            per_ms: limit.per_ms,
-            burst: limit.burst,
-        };
-        let body = serde_json::to_string(&take).map_err(err)?;
+    async fn call(&self, key: &str, limit: BucketLimit) -> Result<BucketTake, StoreError> {
         let stub = self.namespace.get_by_name(&object_name(key)).map_err(err)?;
         let mut init = RequestInit::new();
-        init.with_method(Method::Post)
-            .with_body(Some(worker::wasm_bindgen::JsValue::from_str(&body)));
-        let req = Request::new_with_init(OBJECT_URL, &init).map_err(err)?;
+        init.with_method(Method::Post);
+        let url = format!("{OBJECT_ORIGIN}{}", take_path(limit));
+        let req = Request::new_with_init(&url, &init).map_err(err)?;
         let mut resp = stub.fetch_with_request(req).await.map_err(err)?;
+        let text = resp.text().await.unwrap_or_default();
         if resp.status_code() != 200 {
-            let text = resp.text().await.unwrap_or_default();
             return Err(err(format!("{}: {text}", resp.status_code())));
         }
-        resp.json::<Taken>().await.map_err(err)
+        match text.split_once(' ') {
+            None if text == "taken" => Ok(BucketTake::Taken),
+            Some(("empty", ms)) => ms
+                .parse()
+                .map(|retry_after_ms| BucketTake::Empty { retry_after_ms })
+                .map_err(err),
+            _ => Err(err(format!("unexpected answer {text:?}"))),
+        }
     }
 }
 
@@ -176,14 +170,9 @@ impl RateLimitStore for DoRateLimits {
         limit: BucketLimit,
         _now_ms: u64,
     ) -> Result<BucketTake, StoreError> {
-        match self.call(key, limit).await {
-            Ok(Taken { taken: true, .. }) => Ok(BucketTake::Taken),
-            Ok(Taken { retry_after_ms, .. }) => Ok(BucketTake::Empty { retry_after_ms }),
-            Err(e) => {
-                tracing::warn!(error = %e, "rate limit not applied (admitted)");
-                Err(e)
-            }
-        }
+        self.call(key, limit).await.inspect_err(|e| {
+            tracing::warn!(error = %e, "rate limit not applied (admitted)");
+        })
     }
 }
 

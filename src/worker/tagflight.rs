@@ -16,9 +16,10 @@
 //! ask the upstream themselves. Nothing is written to the object's storage: an object that is
 //! evicted or restarted forgets only flights in progress (the next request leads).
 //!
-//! The port speaks a small JSON protocol over the object's `fetch`, internal to this worker:
-//! `enter` (lead or follow, answered at once), `wait` (held until the lead publishes or its
-//! lease expires) and `publish`. Two subrequests for a follower, two for the lead.
+//! The port speaks a small text protocol over the object's `fetch` (see [`Op`]), internal to
+//! this worker: `enter` (lead or follow, answered at once), `wait` (held until the lead
+//! publishes or its lease expires) and `publish`. Two subrequests for a follower, two for the
+//! lead.
 //!
 //! # Limitations
 //! - Only requests that need the upstream pay for the object (a round trip to wherever it
@@ -32,7 +33,6 @@ use crate::core::ports::{
     self, NoTagLease, TagEntry, TagFlight, TagFlightBook, TagLease, TagOutcome, TagPoll,
 };
 use futures_util::future::LocalBoxFuture;
-use serde::{Deserialize, Serialize};
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::task::{Poll, Waker};
@@ -46,12 +46,15 @@ use worker::{
 
 /// The Durable Object namespace binding.
 pub const TAGS_BINDING: &str = "PULLGATE_TAGS";
-/// The URL the port's requests to an object carry (never leaves the runtime).
-const OBJECT_URL: &str = "https://tag-flights.pullgate.internal/op";
+/// The origin of the port's requests to an object (never leaves the runtime); the path names
+/// the operation.
+const OBJECT_ORIGIN: &str = "https://tag-flights.pullgate.internal";
 
-/// One operation on a tag's flights.
-#[derive(Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+/// One operation on a tag's flights. The protocol is text: the operation and its number in the
+/// URL (`/enter?n=<lease ms>`, `/wait?n=<lease>`, `/publish?n=<lease>` with the outcome as the
+/// body); the answer `lead <lease>`, `follow <lease>`, an outcome ([`TagOutcome::encode`]) or
+/// `ok`.
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Op {
     /// Lead for `lease_ms`, or follow the lead in flight.
     Enter { lease_ms: u64 },
@@ -61,15 +64,31 @@ enum Op {
     Publish { lease: u64, outcome: TagOutcome },
 }
 
-/// The object's answer.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Reply {
-    #[serde(default)]
-    lead: bool,
-    #[serde(default)]
-    lease: u64,
-    #[serde(default)]
-    outcome: Option<TagOutcome>,
+impl Op {
+    /// The request path and body.
+    fn encode(&self) -> (String, Option<String>) {
+        match self {
+            Op::Enter { lease_ms } => (format!("/enter?n={lease_ms}"), None),
+            Op::Wait { lease } => (format!("/wait?n={lease}"), None),
+            Op::Publish { lease, outcome } => {
+                (format!("/publish?n={lease}"), Some(outcome.encode()))
+            }
+        }
+    }
+
+    /// Reads a request's path, number and body.
+    fn decode(path: &str, n: Option<u64>, body: &str) -> Option<Op> {
+        let n = n?;
+        match path {
+            "/enter" => Some(Op::Enter { lease_ms: n }),
+            "/wait" => Some(Op::Wait { lease: n }),
+            "/publish" => Some(Op::Publish {
+                lease: n,
+                outcome: TagOutcome::decode(body),
+            }),
+            _ => None,
+        }
+    }
 }
 
 /// Wakes the object's waiting `wait` operations when a lead publishes.
@@ -113,31 +132,18 @@ fn now_ms() -> u64 {
 }
 
 impl TagFlights {
-    async fn apply(&self, op: Op) -> Reply {
+    /// Carries out `op`; the answer's text.
+    async fn apply(&self, op: Op) -> String {
         match op {
             Op::Enter { lease_ms } => match self.book.borrow_mut().enter(now_ms(), lease_ms) {
-                TagEntry::Lead(lease) => Reply {
-                    lead: true,
-                    lease,
-                    outcome: None,
-                },
-                TagEntry::Follow(lease) => Reply {
-                    lead: false,
-                    lease,
-                    outcome: None,
-                },
+                TagEntry::Lead(lease) => format!("lead {lease}"),
+                TagEntry::Follow(lease) => format!("follow {lease}"),
             },
             Op::Wait { lease } => loop {
                 let changed = self.signal.changed();
                 let poll = self.book.borrow_mut().poll(lease, now_ms());
                 match poll {
-                    TagPoll::Done(outcome) => {
-                        return Reply {
-                            lease,
-                            outcome: Some(outcome),
-                            ..Reply::default()
-                        }
-                    }
+                    TagPoll::Done(outcome) => return outcome.encode(),
                     TagPoll::WaitUntil(until) => {
                         let left = until.saturating_sub(now_ms()).max(1);
                         let expiry = Delay::from(Duration::from_millis(left));
@@ -149,10 +155,7 @@ impl TagFlights {
             Op::Publish { lease, outcome } => {
                 self.book.borrow_mut().publish(lease, outcome);
                 self.signal.notify();
-                Reply {
-                    lease,
-                    ..Reply::default()
-                }
+                "ok".into()
             }
         }
     }
@@ -167,30 +170,50 @@ impl DurableObject for TagFlights {
     }
 
     async fn fetch(&self, mut req: Request) -> worker::Result<Response> {
-        match req.json::<Op>().await {
-            Ok(op) => Response::from_json(&self.apply(op).await),
-            Err(e) => Response::error(format!("not a tag-flight operation: {e}"), 400),
+        let url = req.url()?;
+        let n = url
+            .query_pairs()
+            .find(|(k, _)| k == "n")
+            .and_then(|(_, v)| v.parse().ok());
+        let body = req.text().await.unwrap_or_default();
+        match Op::decode(url.path(), n, &body) {
+            Some(op) => Response::ok(self.apply(op).await),
+            None => Response::error("not a tag-flight operation", 400),
         }
     }
 }
 
-/// Sends `op` to the object of tag record `key`.
-async fn call(namespace: &ObjectNamespace, key: &str, op: &Op) -> Result<Reply, String> {
-    let body = serde_json::to_string(op).map_err(|e| e.to_string())?;
+/// Sends `op` to the object of tag record `key`; the answer's text.
+async fn call(namespace: &ObjectNamespace, key: &str, op: &Op) -> Result<String, String> {
+    let (path, body) = op.encode();
     let stub = namespace.get_by_name(key).map_err(|e| e.to_string())?;
     let mut init = RequestInit::new();
-    init.with_method(Method::Post)
-        .with_body(Some(worker::wasm_bindgen::JsValue::from_str(&body)));
-    let req = Request::new_with_init(OBJECT_URL, &init).map_err(|e| e.to_string())?;
+    init.with_method(Method::Post);
+    if let Some(body) = body {
+        init.with_body(Some(worker::wasm_bindgen::JsValue::from_str(&body)));
+    }
+    let req = Request::new_with_init(&format!("{OBJECT_ORIGIN}{path}"), &init)
+        .map_err(|e| e.to_string())?;
     let mut resp = stub
         .fetch_with_request(req)
         .await
         .map_err(|e| e.to_string())?;
+    let text = resp.text().await.unwrap_or_default();
     if resp.status_code() != 200 {
-        let text = resp.text().await.unwrap_or_default();
         return Err(format!("{}: {text}", resp.status_code()));
     }
-    resp.json::<Reply>().await.map_err(|e| e.to_string())
+    Ok(text)
+}
+
+/// Reads `enter`'s answer: (leads, lease).
+fn parse_entry(text: &str) -> Option<(bool, u64)> {
+    let (role, lease) = text.split_once(' ')?;
+    let lease = lease.trim().parse().ok()?;
+    match role {
+        "lead" => Some((true, lease)),
+        "follow" => Some((false, lease)),
+        _ => None,
+    }
 }
 
 fn warn(what: &str, e: &str) {
@@ -237,15 +260,17 @@ impl ports::TagFlights for DoTagFlights {
             lease_ms: self.lease_ms,
         };
         Box::pin(async move {
-            let reply = match call(&namespace, &key, &op).await {
-                Ok(reply) => reply,
+            let entry = call(&namespace, &key, &op).await.and_then(|text| {
+                parse_entry(&text).ok_or_else(|| format!("unexpected answer {text:?}"))
+            });
+            let (lead, lease) = match entry {
+                Ok(entry) => entry,
                 Err(e) => {
                     warn("enter", &e);
                     return TagFlight::Lead(Box::new(NoTagLease));
                 }
             };
-            let lease = reply.lease;
-            if reply.lead {
+            if lead {
                 return TagFlight::Lead(Box::new(DoLease {
                     namespace,
                     key,
@@ -254,7 +279,7 @@ impl ports::TagFlights for DoTagFlights {
             }
             let wait = async move {
                 match call(&namespace, &key, &Op::Wait { lease }).await {
-                    Ok(reply) => reply.outcome.unwrap_or(TagOutcome::Unknown),
+                    Ok(text) => TagOutcome::decode(&text),
                     Err(e) => {
                         warn("wait", &e);
                         TagOutcome::Unknown

@@ -329,6 +329,12 @@ async fn get_tag(ctx: &Ctx<'_>, tag: &Tag, accept: &AcceptSet, notes: &Notes) ->
         }
         Entered::Follow(wait) => {
             inc(&inner.metrics.coalesced_waits);
+            tracing::debug!(
+                upstream = %ctx.up.host,
+                repository = %ctx.name,
+                tag = tag.as_str(),
+                "tag revalidation joins another request's"
+            );
             let outcome = wait.await;
             match followed(ctx, tag, outcome, accept, notes, &cached, now).await {
                 Some(answer) => answer,

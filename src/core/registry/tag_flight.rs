@@ -148,6 +148,27 @@ mod tests {
     }
 
     #[test]
+    fn outcomes_round_trip_as_text_and_garbage_is_unknown() {
+        for o in [
+            TagOutcome::Resolved {
+                digest: "sha256:ab".into(),
+            },
+            TagOutcome::NotFound,
+            TagOutcome::Failed,
+            TagOutcome::Unknown,
+        ] {
+            assert_eq!(TagOutcome::decode(&o.encode()), o);
+        }
+        for garbage in ["", "resolved", "resolved ", "lead 4", "NOT_FOUND"] {
+            assert_eq!(
+                TagOutcome::decode(garbage),
+                TagOutcome::Unknown,
+                "{garbage:?}"
+            );
+        }
+    }
+
+    #[test]
     fn only_recent_outcomes_are_kept() {
         let mut book = TagFlightBook::default();
         let mut leases = Vec::new();
