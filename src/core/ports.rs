@@ -525,6 +525,12 @@ impl TagFlightBook {
         true
     }
 
+    /// Whether a lead holds the tag at `now_ms` (a book without one may be forgotten: a late
+    /// follower of it is told [`TagOutcome::Unknown`]).
+    pub fn in_flight(&self, now_ms: u64) -> bool {
+        self.lead.is_some_and(|(_, expires)| now_ms < expires)
+    }
+
     /// Where the flight of `lease` stands at `now_ms` for a follower.
     pub fn poll(&mut self, lease: u64, now_ms: u64) -> TagPoll {
         if let Some((_, outcome)) = self.done.iter().find(|(l, _)| *l == lease) {

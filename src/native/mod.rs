@@ -28,6 +28,7 @@ pub mod probes;
 pub mod proxy_protocol;
 pub mod redb_kv;
 pub mod secrets;
+pub mod shared;
 pub mod store;
 pub mod tls;
 pub mod warm;

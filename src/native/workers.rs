@@ -26,6 +26,7 @@ use crate::core::config::Settings;
 use crate::native::fills::SharedFills;
 use crate::native::listener::{AcceptBackoff, ConnState, ServerLimits};
 use crate::native::metrics::{self, MetricsHub};
+use crate::native::shared;
 use crate::native::{
     audit, client, connection, offload, probes, shutdown_signal, store, tls, ConnContext, Prepared,
     PUMP_EVERY,
@@ -50,6 +51,9 @@ struct Shared {
     kv: store::RedbKv,
     blobs: store::FsBlobStore,
     fills: SharedFills,
+    /// `[rate_limit]` buckets and tag revalidations, per process (not per thread).
+    buckets: shared::ProcessBuckets,
+    tags: shared::ProcessTagFlights,
     /// The audit log's queue (one writer thread per process).
     audit: audit::AuditSink,
     limits: ServerLimits,
@@ -116,9 +120,13 @@ pub fn serve(p: Prepared) -> Result<(), String> {
     tracing::info!("{}", report.summary());
     drop(report);
     let (hub, asks) = MetricsHub::new(n);
+    let tag_lease_ms = p.settings.upstream_timeout_ms.saturating_mul(2);
     let shared = Shared {
         settings: p.settings,
         fills: SharedFills::new(blobs.clone()),
+        buckets: shared::ProcessBuckets::default(),
+        // A lead holds a tag for its HEAD and GET, each bounded by the upstream timeout.
+        tags: shared::ProcessTagFlights::new(tag_lease_ms),
         kv,
         blobs,
         audit: audit::AuditSink::open(&p.audit_log)?,
@@ -370,6 +378,8 @@ fn instance(shared: &Shared) -> Result<(App, Rc<Cell<usize>>), String> {
         shared.offload.clone(),
     )?;
     let app = App::sharing(shared.settings.clone(), ports, &shared.gateway)
-        .with_fill_coordinator(Rc::new(shared.fills.clone()));
+        .with_fill_coordinator(Rc::new(shared.fills.clone()))
+        .with_rate_limits(Rc::new(shared.buckets.clone()))
+        .with_tag_flights(Rc::new(shared.tags.clone()));
     Ok((app, fills))
 }
