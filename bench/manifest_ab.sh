@@ -9,6 +9,7 @@
 #   PERF=1 bench/manifest_ab.sh                   # + `perf record -g` of pullgate over one run
 #   PERF=1 PERF_ARGS="--call-graph dwarf" ...     # (other `perf record` options)
 #   PULLGATE_BIN=... BARE_BIN=... bench/manifest_ab.sh
+#   PULLGATE_BIN_B=<another build> bench/manifest_ab.sh   # + a second pullgate in each round
 #
 # Loopback only; every server started here is stopped by PID on exit.
 set -euo pipefail
@@ -80,6 +81,15 @@ PG_PORT="$(python3 "$PY" port)"
 PG_PID=$!
 PIDS+=("$PG_PID")
 wait_http "http://127.0.0.1:$PG_PORT/metrics"
+if [ -n "${PULLGATE_BIN_B:-}" ]; then
+    PGB_PORT="$(python3 "$PY" port)"
+    "$PULLGATE_BIN_B" serve --listen "127.0.0.1:$PGB_PORT" --data-dir "$WORK/pgb-data" --upstream "docker.io=$UP" \
+        >"$WORK/pgb.out" 2>"$WORK/pgb.log" &
+    PGB_PID=$!
+    PIDS+=("$PGB_PID")
+    wait_http "http://127.0.0.1:$PGB_PORT/metrics"
+    curl -sS -f -H "Accept: $ACCEPT" -o /dev/null "http://127.0.0.1:$PGB_PORT/v2/$REPO/manifests/$TAG"
+fi
 BARE_PORT="$(python3 "$PY" port)"
 "$BARE" "127.0.0.1:$BARE_PORT" "$WORK/manifest.json" "$MT" >/dev/null 2>&1 &
 BARE_PID=$!
@@ -104,14 +114,23 @@ run() { # name pid port -> "rps us_per_req"
 # A short warm-up of each.
 run pg "$PG_PID" "$PG_PORT" >/dev/null
 run bare "$BARE_PID" "$BARE_PORT" >/dev/null
-PG_R=(); BARE_R=(); PG_C=(); BARE_C=()
+[ -n "${PULLGATE_BIN_B:-}" ] && run pgb "$PGB_PID" "$PGB_PORT" >/dev/null
+PG_R=(); BARE_R=(); PG_C=(); BARE_C=(); PGB_R=(); PGB_C=()
 for ((r = 1; r <= ROUNDS; r++)); do
+    if [ -n "${PULLGATE_BIN_B:-}" ]; then
+        read -r e f <<<"$(run pgb "$PGB_PID" "$PGB_PORT")"; PGB_R+=("$e"); PGB_C+=("$f")
+        log "round $r: pullgate B $e req/s ($f us CPU/req)"
+    fi
     read -r a c <<<"$(run pg "$PG_PID" "$PG_PORT")"; PG_R+=("$a"); PG_C+=("$c")
     read -r b d <<<"$(run bare "$BARE_PID" "$BARE_PORT")"; BARE_R+=("$b"); BARE_C+=("$d")
     log "round $r: pullgate $a req/s ($c us CPU/req), bare $b req/s ($d us CPU/req), ratio $(awk -v a="$a" -v b="$b" 'BEGIN{printf "%.2f", a/b}')"
 done
 med() { printf '%s\n' "$@" | sort -g | awk '{a[NR]=$1} END{print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 mp="$(med "${PG_R[@]}")"; mb="$(med "${BARE_R[@]}")"
+if [ -n "${PULLGATE_BIN_B:-}" ]; then
+    mq="$(med "${PGB_R[@]}")"
+    echo "pullgate B median $mq req/s, $(med "${PGB_C[@]}") us CPU/req; ratio to bare $(awk -v a="$mq" -v b="$mb" 'BEGIN{printf "%.2f", a/b}')"
+fi
 echo "pullgate median $mp req/s, $(med "${PG_C[@]}") us CPU/req; bare median $mb req/s, $(med "${BARE_C[@]}") us CPU/req; ratio $(awk -v a="$mp" -v b="$mb" 'BEGIN{printf "%.2f", a/b}')"
 if [ "${PERF:-0}" = 1 ]; then
     OUT="${PERF_OUT:-$WORK/perf.data}"

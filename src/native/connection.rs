@@ -89,6 +89,8 @@ pub(crate) async fn serve(
             // No ALPN: HTTP/2 with prior knowledge, or HTTP/1.1, by the first bytes.
             None => builder,
         };
+        // One reference count per request (the context's own Arcs are shared across threads).
+        let cx = Rc::new(cx);
         let service = hyper::service::service_fn(move |req| crate::native::handle(cx.clone(), req));
         let conn = builder.serve_connection(TokioIo::new(tls), service);
         let _ = watcher.watch(conn.into_owned()).await;
@@ -105,6 +107,8 @@ async fn http1<I>(io: I, cx: ConnContext, watcher: Watcher) -> Result<(), hyper:
 where
     I: AsyncRead + AsyncWrite + Unpin + 'static,
 {
+    // One reference count per request (the context's own Arcs are shared across threads).
+    let cx = Rc::new(cx);
     let service = hyper::service::service_fn(move |req| crate::native::handle(cx.clone(), req));
     let http =
         hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(io), service);

@@ -177,19 +177,38 @@ pub struct ConnState {
     in_flight: Cell<usize>,
     head_started: Cell<Option<Instant>>,
     idle_since: Cell<Instant>,
+    limits: ServerLimits,
+    /// When the watchdog wakes up next; `None` while it waits for a notification only.
+    armed: Cell<Option<Instant>>,
     changed: Notify,
 }
 
 impl ConnState {
-    /// A connection accepted at `now`: its first request head is due within the header
-    /// timeout from now (a client that connects and sends nothing is not idle, it is slow).
-    pub fn new(now: Instant) -> Rc<ConnState> {
+    /// A connection accepted at `now` under `limits`: its first request head is due within
+    /// the header timeout from now (a client that connects and sends nothing is not idle, it
+    /// is slow).
+    pub fn new(now: Instant, limits: ServerLimits) -> Rc<ConnState> {
         Rc::new(ConnState {
             in_flight: Cell::new(0),
             head_started: Cell::new(Some(now)),
             idle_since: Cell::new(now),
+            limits,
+            armed: Cell::new(None),
             changed: Notify::new(),
         })
+    }
+
+    /// Wakes the watchdog after a change, only when it must look again: the deadline is now
+    /// earlier than the time it sleeps until, or it sleeps without a timer. A keep-alive
+    /// connection's requests only move the deadline later (or remove it); the watchdog, woken
+    /// at the old deadline, sleeps on to the new one. So a busy connection costs no wake-up
+    /// and no timer per request, and a deadline is still never enforced late.
+    fn changed(&self) {
+        if let Some(due) = self.deadline(&self.limits) {
+            if self.armed.get().is_none_or(|armed| due < armed) {
+                self.changed.notify_one();
+            }
+        }
     }
 
     /// When the connection should be closed, if nothing changes; `None` while a request is in
@@ -205,10 +224,10 @@ impl ConnState {
     }
 
     /// Bytes arrived at `now`: between requests they are the start of the next request head.
-    fn saw_bytes(&self, now: Instant) {
+    fn saw_bytes(&self, now: impl FnOnce() -> Instant) {
         if self.in_flight.get() == 0 && self.head_started.get().is_none() {
-            self.head_started.set(Some(now));
-            self.changed.notify_one();
+            self.head_started.set(Some(now()));
+            self.changed();
         }
     }
 }
@@ -223,7 +242,7 @@ impl InFlight {
     pub fn start(state: &Rc<ConnState>) -> InFlight {
         state.in_flight.set(state.in_flight.get() + 1);
         state.head_started.set(None);
-        state.changed.notify_one();
+        // No deadline while in flight: nothing the watchdog must see before its timer.
         InFlight(state.clone())
     }
 }
@@ -234,7 +253,7 @@ impl Drop for InFlight {
         self.0.in_flight.set(n);
         if n == 0 {
             self.0.idle_since.set(Instant::now());
-            self.0.changed.notify_one();
+            self.0.changed();
         }
     }
 }
@@ -244,11 +263,15 @@ impl Drop for InFlight {
 pub async fn watchdog(state: Rc<ConnState>, limits: ServerLimits) {
     loop {
         match state.deadline(&limits) {
-            None => state.changed.notified().await,
+            None => {
+                state.armed.set(None);
+                state.changed.notified().await;
+            }
             Some(at) => {
                 if Instant::now() >= at {
                     return;
                 }
+                state.armed.set(Some(at));
                 tokio::select! {
                     _ = tokio::time::sleep_until(at) => {}
                     _ = state.changed.notified() => {}
@@ -281,7 +304,7 @@ impl AsyncRead for WatchedIo {
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
         if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
-            this.state.saw_bytes(Instant::now());
+            this.state.saw_bytes(Instant::now);
         }
         polled
     }
@@ -525,13 +548,13 @@ mod tests {
             max_connections: 1,
         };
         let t0 = Instant::now();
-        let state = ConnState::new(t0);
+        let state = ConnState::new(t0, limits);
         // New connection: the first head is due within the header timeout.
         assert_eq!(state.deadline(&limits), Some(t0 + limits.header_timeout));
         let request = InFlight::start(&state);
         assert_eq!(state.deadline(&limits), None);
         // Body bytes of the request in flight are not a new head.
-        state.saw_bytes(t0 + Duration::from_secs(1));
+        state.saw_bytes(|| t0 + Duration::from_secs(1));
         assert_eq!(state.deadline(&limits), None);
         let lingering = InFlight::start(&state);
         drop(request);
@@ -545,9 +568,42 @@ mod tests {
         assert!(idle >= t0 + limits.idle_timeout);
         // The next request's first byte starts its header clock.
         let t1 = t0 + Duration::from_secs(2);
-        state.saw_bytes(t1);
+        state.saw_bytes(|| t1);
         assert_eq!(state.deadline(&limits), Some(t1 + limits.header_timeout));
-        state.saw_bytes(t1 + Duration::from_secs(1));
+        state.saw_bytes(|| t1 + Duration::from_secs(1));
         assert_eq!(state.deadline(&limits), Some(t1 + limits.header_timeout));
+    }
+
+    #[test]
+    fn the_watchdog_is_woken_only_when_the_deadline_comes_earlier() {
+        use futures_util::FutureExt;
+        let limits = ServerLimits {
+            header_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            body_timeout: Duration::from_secs(60),
+            max_connections: 1,
+        };
+        let woken = |s: &ConnState| s.changed.notified().now_or_never().is_some();
+        let t0 = Instant::now();
+        let state = ConnState::new(t0, limits);
+        // The watchdog sleeps until the first head's deadline; a request comes and goes, and
+        // the idle deadline after it is later: nothing to wake it for.
+        state.armed.set(state.deadline(&limits));
+        drop(InFlight::start(&state));
+        assert!(!woken(&state));
+        // Nor does the next request's first byte: its header deadline is later still.
+        state.saw_bytes(|| t0 + Duration::from_secs(1));
+        assert!(!woken(&state));
+        // Woken while a request was in flight, it waits without a timer: the end of the
+        // request must wake it.
+        let request = InFlight::start(&state);
+        state.armed.set(None);
+        assert!(!woken(&state));
+        drop(request);
+        assert!(woken(&state));
+        // Asleep until the idle deadline, a new head's earlier deadline wakes it.
+        state.armed.set(state.deadline(&limits));
+        state.saw_bytes(|| t0 + Duration::from_secs(2));
+        assert!(woken(&state));
     }
 }

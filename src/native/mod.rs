@@ -314,16 +314,12 @@ impl LogLine {
 impl Drop for LogLine {
     fn drop(&mut self) {
         add(&self.metrics.bytes_served, self.bytes);
+        let elapsed = self.started.elapsed();
         let route = self.info.as_ref().map_or("-", |i| i.route);
         let upstream = self.info.as_ref().and_then(|i| i.upstream.as_deref());
         let (method, path) = (self.method.as_str(), self.uri.path());
-        self.metrics.observe(
-            method,
-            route,
-            upstream,
-            self.status,
-            self.started.elapsed().as_secs_f64(),
-        );
+        self.metrics
+            .observe(method, route, upstream, self.status, elapsed.as_secs_f64());
         if self.access {
             AccessLog {
                 method,
@@ -332,7 +328,7 @@ impl Drop for LogLine {
                 client: self.ip,
                 info: self.info.as_ref(),
                 bytes: Some(self.bytes),
-                ms: Some(self.started.elapsed().as_millis()),
+                ms: Some(elapsed.as_millis()),
                 aborted: self.failed,
             }
             .emit();
@@ -419,7 +415,7 @@ pub(crate) struct ConnContext {
 /// Serves one request on a worker: the core answers; the host logs, and sums `/metrics` over
 /// every worker.
 pub(crate) async fn handle(
-    cx: ConnContext,
+    cx: Rc<ConnContext>,
     req: ::http::Request<Incoming>,
 ) -> Result<::http::Response<Tracked<HyperBody>>, Infallible> {
     let ConnContext {
@@ -432,8 +428,9 @@ pub(crate) async fn handle(
         body_timeout,
         probes,
         trusted,
-    } = cx;
-    let in_flight = InFlight::start(&state);
+    } = &*cx;
+    let (peer, body_timeout) = (*peer, *body_timeout);
+    let in_flight = InFlight::start(state);
     let started = Instant::now();
     let (parts, body) = req.into_parts();
     // The socket's address (or a trusted PROXY header's), unless a trusted proxy forwarded
@@ -468,12 +465,12 @@ pub(crate) async fn handle(
             ::http::header::CONNECTION,
             ::http::HeaderValue::from_static("close"),
         );
-        tokio::task::spawn_local(body.linger(InFlight::start(&state)));
+        tokio::task::spawn_local(body.linger(InFlight::start(state)));
     }
     if req.uri().path() == "/metrics" && resp.status() == ::http::StatusCode::OK {
         if let Body::Bytes(_) = resp.body() {
             let mut text = metrics::render(&hub.gather().await);
-            text.push_str(&metrics::render_process(&audit));
+            text.push_str(&metrics::render_process(audit));
             *resp.body_mut() = Body::Bytes(Bytes::from(text));
         }
         storage.append_metrics(&mut resp);

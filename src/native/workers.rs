@@ -322,7 +322,7 @@ async fn worker(
         let Ok(stream) = tokio::net::TcpStream::from_std(conn.stream) else {
             continue;
         };
-        let state = ConnState::new(tokio::time::Instant::now());
+        let state = ConnState::new(tokio::time::Instant::now(), limits);
         let (app, audit, storage, trusted) =
             (app.clone(), audit.clone(), storage.clone(), trusted.clone());
         let (hub, probes, conn_state) = (shared.hub.clone(), shared.probes.clone(), state.clone());
