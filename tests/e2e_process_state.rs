@@ -6,6 +6,7 @@
 //!   upstream request each (`src/native/shared.rs`, the core's tag flights); the upstream holds
 //!   manifest requests until every follower logged that it waits, so the count is exact.
 //! - A per-address rate limit answers 429 after exactly `burst` requests over both threads.
+//! - One upstream token serves requests on both threads.
 
 // The harness is a host, not the core: it reads the real clock (bounded polling).
 #![allow(clippy::disallowed_methods)]
@@ -19,6 +20,7 @@ use support::fixtures::Image;
 use support::http::loopback_client;
 use support::process::poll_until;
 use support::pullgate::Pullgate;
+use support::registry::Registry;
 
 const WAIT: Duration = Duration::from_secs(60);
 const ACCEPT: &str = "application/vnd.oci.image.manifest.v1+json";
@@ -137,5 +139,53 @@ fn a_per_address_limit_holds_over_both_workers() {
         [200, 200, 200, 200, 429, 429, 429, 429],
         "{}",
         pullgate.log_tail()
+    );
+}
+
+#[test]
+fn one_upstream_token_serves_both_workers() {
+    const USER: &str = "puller";
+    const PASSWORD: &str = "token-upstream-password-for-threads";
+    let secured = Registry::start_with_token_auth(USER, PASSWORD);
+    let image = Image::oci(822, &[64 << 10]);
+    secured.push_image("team/private", "1", &image);
+    let tokens = secured.token_server();
+    let pullgate = Pullgate::builder()
+        .config(&format!(
+            "builtin_upstreams = false\n[server]\nworkers = 2\n[cache]\ntag_ttl = \"0s\"\n\n\
+             [[upstream]]\nhost = \"private.test\"\nurl = \"{}\"\nusername = \"env:PG_TEST_UPSTREAM_USER\"\n\
+             password = \"env:PG_TEST_UPSTREAM_PASSWORD\"\nauth_hosts = [\"{}\"]\n",
+            secured.url(),
+            tokens.authority()
+        ))
+        .env("PG_TEST_UPSTREAM_USER", USER)
+        .env("PG_TEST_UPSTREAM_PASSWORD", PASSWORD)
+        .start();
+    let url = format!(
+        "{}/v2/private.test/team/private/manifests/1",
+        pullgate.url()
+    );
+    let before = tokens.requests();
+    // One after another, each on a new connection: they alternate between the two threads,
+    // and every one revalidates the tag upstream (`tag_ttl = "0s"`) with a token.
+    for i in 0..6 {
+        let response = loopback_client()
+            .get(&url)
+            .header("accept", ACCEPT)
+            .header("connection", "close")
+            .send()
+            .expect("GET manifest");
+        assert_eq!(response.status().as_u16(), 200, "request {i}");
+    }
+    assert!(
+        secured.count_requests("HEAD", "/manifests/1") >= 5,
+        "the requests did not revalidate upstream:\n{}",
+        secured.access_log_summary()
+    );
+    assert_eq!(
+        tokens.requests() - before,
+        1,
+        "token requests for 6 requests over 2 threads (scopes {:?})",
+        tokens.scopes_requested()
     );
 }

@@ -7,14 +7,18 @@
 //!   [`TagFlights`] port). A burst of nodes pulling a tag that just went stale makes one
 //!   upstream request; the others, on any thread, serve the digest it resolved.
 //!
-//! Both are exact: one mutex each, held for a few map operations and never across an await.
+//! - [`ProcessTokens`]: upstream bearer tokens (the core's [`TokenStore`] port), so a token one
+//!   thread fetched is used by the others until it expires, instead of one token request per
+//!   thread (Docker Hub rate-limits token requests too).
+//!
+//! All are exact: one mutex each, held for a few map operations and never across an await.
 //! Followers of a tag wait on a `tokio::sync::watch` bumped by every publish (it wakes tasks on
 //! any thread's runtime), and give up at the lead's expiry, so a lead whose task died releases
 //! them. Time is the wall clock, as the core's own clock on this host.
 
 use crate::core::ports::{
-    BucketLimit, BucketState, BucketTake, RateLimitStore, StoreError, TagEntry, TagFlight,
-    TagFlightBook, TagFlights, TagLease, TagOutcome, TagPoll,
+    BucketLimit, BucketState, BucketTake, RateLimitStore, StoreError, StoredToken, TagEntry,
+    TagFlight, TagFlightBook, TagFlights, TagLease, TagOutcome, TagPoll, TokenStore,
 };
 use futures_util::future::LocalBoxFuture;
 use std::collections::HashMap;
@@ -25,6 +29,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub const MAX_BUCKETS: usize = 10_000;
 /// Tags whose flights are remembered; beyond it, books with no lead in flight are dropped.
 pub const MAX_TAG_BOOKS: usize = 4_096;
+
+/// Most upstream tokens kept; beyond it expired ones are dropped, then the soonest to expire.
+pub const MAX_TOKENS: usize = 1_024;
 
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -83,6 +90,54 @@ impl RateLimitStore for ProcessBuckets {
         now_ms: u64,
     ) -> Result<BucketTake, StoreError> {
         Ok(self.take_now(key, limit, now_ms))
+    }
+}
+
+/// The process's upstream tokens by (upstream, scope) (clone per core instance: the clones
+/// share them). Tokens stay in memory only.
+#[derive(Clone, Default)]
+pub struct ProcessTokens {
+    tokens: Arc<Mutex<HashMap<(String, String), StoredToken>>>,
+}
+
+#[async_trait::async_trait(?Send)]
+impl TokenStore for ProcessTokens {
+    async fn get(
+        &self,
+        upstream: &str,
+        scope: &str,
+        now_ms: u64,
+    ) -> Result<Option<StoredToken>, StoreError> {
+        let tokens = lock(&self.tokens);
+        Ok(tokens
+            .get(&(upstream.to_string(), scope.to_string()))
+            .filter(|t| t.valid_until_ms > now_ms)
+            .cloned())
+    }
+
+    async fn put(
+        &self,
+        upstream: &str,
+        scope: &str,
+        token: &StoredToken,
+    ) -> Result<(), StoreError> {
+        let mut tokens = lock(&self.tokens);
+        let key = (upstream.to_string(), scope.to_string());
+        if tokens.len() >= MAX_TOKENS && !tokens.contains_key(&key) {
+            let now = now_ms();
+            tokens.retain(|_, t| t.valid_until_ms > now);
+            if tokens.len() >= MAX_TOKENS {
+                let soonest = tokens
+                    .iter()
+                    .min_by_key(|(_, t)| t.valid_until_ms)
+                    .map(|(k, _)| k.clone());
+                if let Some(soonest) = soonest {
+                    tokens.remove(&soonest);
+                }
+            }
+        }
+        tokens.insert(key, token.clone());
+        Ok(())
     }
 }
 
@@ -236,6 +291,46 @@ mod tests {
             a.take_now(&format!("ip:{i}"), limit(), i as u64);
         }
         assert_eq!(a.len(), MAX_BUCKETS);
+    }
+
+    #[test]
+    fn tokens_are_shared_until_they_expire_and_stay_bounded() {
+        let a = ProcessTokens::default();
+        let b = a.clone();
+        let token = |t: &str, until: u64| StoredToken {
+            token: crate::core::config::value::Secret::new(t.to_string()),
+            valid_until_ms: until,
+        };
+        a.put("hub", "repo:x:pull", &token("t1", 5_000))
+            .now_or_never()
+            .expect("ready")
+            .expect("put");
+        let got = b
+            .get("hub", "repo:x:pull", 1_000)
+            .now_or_never()
+            .expect("ready");
+        assert_eq!(
+            got.expect("get").map(|t| t.token.expose().to_string()),
+            Some("t1".to_string())
+        );
+        let expired = b
+            .get("hub", "repo:x:pull", 5_000)
+            .now_or_never()
+            .expect("ready");
+        assert!(expired.expect("get").is_none());
+        let other = b
+            .get("hub", "repo:y:pull", 1_000)
+            .now_or_never()
+            .expect("ready");
+        assert!(other.expect("get").is_none());
+        let far = now_ms() + 3_600_000;
+        for i in 0..MAX_TOKENS + 5 {
+            a.put("hub", &format!("s{i}"), &token("t", far + i as u64))
+                .now_or_never()
+                .expect("ready")
+                .expect("put");
+        }
+        assert_eq!(lock(&a.tokens).len(), MAX_TOKENS);
     }
 
     fn rt() -> tokio::runtime::Runtime {

@@ -51,8 +51,10 @@ struct Shared {
     kv: store::RedbKv,
     blobs: store::FsBlobStore,
     fills: SharedFills,
-    /// `[rate_limit]` buckets and tag revalidations, per process (not per thread).
+    /// `[rate_limit]` buckets, upstream tokens and tag revalidations, per process (not per
+    /// thread).
     buckets: shared::ProcessBuckets,
+    tokens: shared::ProcessTokens,
     tags: shared::ProcessTagFlights,
     /// The audit log's queue (one writer thread per process).
     audit: audit::AuditSink,
@@ -125,6 +127,7 @@ pub fn serve(p: Prepared) -> Result<(), String> {
         settings: p.settings,
         fills: SharedFills::new(blobs.clone()),
         buckets: shared::ProcessBuckets::default(),
+        tokens: shared::ProcessTokens::default(),
         // A lead holds a tag for its HEAD and GET, each bounded by the upstream timeout.
         tags: shared::ProcessTagFlights::new(tag_lease_ms),
         kv,
@@ -380,6 +383,7 @@ fn instance(shared: &Shared) -> Result<(App, Rc<Cell<usize>>), String> {
     let app = App::sharing(shared.settings.clone(), ports, &shared.gateway)
         .with_fill_coordinator(Rc::new(shared.fills.clone()))
         .with_rate_limits(Rc::new(shared.buckets.clone()))
+        .with_token_store(Rc::new(shared.tokens.clone()))
         .with_tag_flights(Rc::new(shared.tags.clone()));
     Ok((app, fills))
 }
