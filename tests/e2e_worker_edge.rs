@@ -358,7 +358,7 @@ fn cold_fills_of_known_length_are_one_streamed_put_and_corrupt_blobs_are_never_s
         );
         assert!(stored_lines(&worker, &layer.digest).is_empty());
         // A put still failing may hold its bytes for a moment, hence the bounded wait.
-        let leftovers = || worker.state_files_holding(&corrupted.corrupted_digest);
+        let leftovers = || worker.stored_files_holding(&corrupted.corrupted_digest);
         poll_until(Duration::from_secs(10), || leftovers().is_empty());
         assert!(
             leftovers().is_empty(),

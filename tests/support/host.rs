@@ -228,7 +228,7 @@ impl Host for Worker {
         Worker::log(self)
     }
     fn traces_of(&self, _digest: &str, content_digest: &str) -> Vec<String> {
-        display(self.state_files_holding(content_digest))
+        display(self.stored_files_holding(content_digest))
     }
     fn has_blob(&self, _digest: &str) -> Option<bool> {
         None

@@ -381,6 +381,46 @@ impl Worker {
         found
     }
 
+    /// [`state_files_holding`](Self::state_files_holding) without the local R2 simulation's
+    /// orphans: a put R2 refused (its SHA-256 check) may leave its bytes as a blob file
+    /// (`r2/<bucket>/blobs/<id>`) that no object names. A file counts when it is not such a
+    /// blob file, or when the simulation's metadata (every other file under `r2/`: its SQLite
+    /// databases) names its id, i.e. an object holds it.
+    pub fn stored_files_holding(&self, content_digest: &str) -> Vec<PathBuf> {
+        let files = self.state_files_holding(content_digest);
+        if !files.iter().any(|p| r2_blob_id(p).is_some()) {
+            return files;
+        }
+        let mut metadata = Vec::new();
+        let mut pending = vec![self.state_dir()];
+        while let Some(dir) = pending.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let path = entry.path();
+                match entry.file_type() {
+                    Ok(kind) if kind.is_dir() => pending.push(path),
+                    Ok(kind)
+                        if kind.is_file()
+                            && r2_blob_id(&path).is_none()
+                            && path.components().any(|c| c.as_os_str() == "r2") =>
+                    {
+                        metadata.extend(std::fs::read(&path).unwrap_or_default());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        files
+            .into_iter()
+            .filter(|path| match r2_blob_id(path) {
+                Some(id) => metadata.windows(id.len()).any(|w| w == id.as_bytes()),
+                None => true,
+            })
+            .collect()
+    }
+
     /// The worker's log (wrangler and workerd output), for assertions and failure messages.
     pub fn log(&self) -> String {
         self.process
@@ -394,4 +434,16 @@ impl Drop for Worker {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// The blob id of a file of the local R2 simulation's blob directory
+/// (`…/r2/<bucket>/blobs/<id>`), None for any other file.
+fn r2_blob_id(path: &Path) -> Option<String> {
+    let parts: Vec<String> = path
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    let n = parts.len();
+    (n >= 4 && parts[n - 4] == "r2" && parts[n - 2] == "blobs" && !parts[n - 1].is_empty())
+        .then(|| parts[n - 1].clone())
 }
