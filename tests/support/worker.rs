@@ -354,9 +354,8 @@ impl Worker {
         Metrics::fetch(&self.url())
     }
 
-    /// Files of the local KV/R2 state holding bytes whose digest is `content_digest` (what a
-    /// cache must never have kept).
-    pub fn state_files_holding(&self, content_digest: &str) -> Vec<PathBuf> {
+    /// Every file under the local KV/R2 state.
+    fn state_files(&self) -> Vec<PathBuf> {
         let mut found = Vec::new();
         let mut pending = vec![self.state_dir()];
         while let Some(dir) = pending.pop() {
@@ -364,21 +363,23 @@ impl Worker {
                 continue;
             };
             for entry in entries.flatten() {
-                let path = entry.path();
                 match entry.file_type() {
-                    Ok(kind) if kind.is_dir() => pending.push(path),
-                    Ok(kind)
-                        if kind.is_file()
-                            && std::fs::read(&path)
-                                .is_ok_and(|b| sha256_digest(&b) == content_digest) =>
-                    {
-                        found.push(path)
-                    }
+                    Ok(kind) if kind.is_dir() => pending.push(entry.path()),
+                    Ok(kind) if kind.is_file() => found.push(entry.path()),
                     _ => {}
                 }
             }
         }
         found
+    }
+
+    /// Files of the local KV/R2 state holding bytes whose digest is `content_digest` (what a
+    /// cache must never have kept).
+    pub fn state_files_holding(&self, content_digest: &str) -> Vec<PathBuf> {
+        self.state_files()
+            .into_iter()
+            .filter(|path| std::fs::read(path).is_ok_and(|b| sha256_digest(&b) == content_digest))
+            .collect()
     }
 
     /// [`state_files_holding`](Self::state_files_holding) without the local R2 simulation's
@@ -391,27 +392,14 @@ impl Worker {
         if !files.iter().any(|p| r2_blob_id(p).is_some()) {
             return files;
         }
-        let mut metadata = Vec::new();
-        let mut pending = vec![self.state_dir()];
-        while let Some(dir) = pending.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else {
-                continue;
-            };
-            for entry in entries.flatten() {
-                let path = entry.path();
-                match entry.file_type() {
-                    Ok(kind) if kind.is_dir() => pending.push(path),
-                    Ok(kind)
-                        if kind.is_file()
-                            && r2_blob_id(&path).is_none()
-                            && path.components().any(|c| c.as_os_str() == "r2") =>
-                    {
-                        metadata.extend(std::fs::read(&path).unwrap_or_default());
-                    }
-                    _ => {}
-                }
-            }
-        }
+        let metadata: Vec<u8> = self
+            .state_files()
+            .into_iter()
+            .filter(|path| {
+                r2_blob_id(path).is_none() && path.components().any(|c| c.as_os_str() == "r2")
+            })
+            .flat_map(|path| std::fs::read(path).unwrap_or_default())
+            .collect();
         files
             .into_iter()
             .filter(|path| match r2_blob_id(path) {
