@@ -10,6 +10,7 @@
 #   PERF=1 PERF_ARGS="--call-graph dwarf" ...     # (other `perf record` options)
 #   PULLGATE_BIN=... BARE_BIN=... bench/manifest_ab.sh
 #   PULLGATE_BIN_B=<another build> bench/manifest_ab.sh   # + a second pullgate in each round
+#   PULLGATE_B_ENV="RUST_LOG=warn" ...            # (environment for the second one only)
 #
 # Loopback only; every server started here is stopped by PID on exit.
 set -euo pipefail
@@ -83,7 +84,7 @@ PIDS+=("$PG_PID")
 wait_http "http://127.0.0.1:$PG_PORT/metrics"
 if [ -n "${PULLGATE_BIN_B:-}" ]; then
     PGB_PORT="$(python3 "$PY" port)"
-    "$PULLGATE_BIN_B" serve --listen "127.0.0.1:$PGB_PORT" --data-dir "$WORK/pgb-data" --upstream "docker.io=$UP" \
+    env ${PULLGATE_B_ENV:-} "$PULLGATE_BIN_B" serve --listen "127.0.0.1:$PGB_PORT" --data-dir "$WORK/pgb-data" --upstream "docker.io=$UP" \
         >"$WORK/pgb.out" 2>"$WORK/pgb.log" &
     PGB_PID=$!
     PIDS+=("$PGB_PID")

@@ -377,6 +377,46 @@ fn pushes_are_refused_with_405_unsupported() {
 }
 
 /// `GET /v2/` is the first thing every client asks: 200 with the API version header; and
+/// A warm blob goes out with `sendfile` on a plain connection (whole, and a range across a
+/// chunk boundary), byte for byte what was pushed; the cold fill's stream does not.
+#[test]
+fn warm_blobs_are_sent_from_the_file_without_a_copy() {
+    let hub = Registry::start_plain();
+    let image = Image::oci(16, &[3 << 20]);
+    hub.push_image("team/zero", "1", &image);
+    let pullgate = Pullgate::builder()
+        .upstream("docker.io", &hub.url())
+        .start();
+    let client = pullgate.client();
+    let layer = &image.layers[0];
+    let sent = || pullgate.metrics().total("pullgate_sendfile_bytes_total");
+    let cold = client.get_blob("team/zero", &layer.digest);
+    assert_eq!(cold.body, layer.bytes, "cold blob bytes");
+    let before = sent();
+    let warm = client.get_blob("team/zero", &layer.digest);
+    assert_eq!(warm.body, layer.bytes, "warm blob bytes");
+    assert_eq!(sha256_digest(&warm.body), layer.digest);
+    let path = format!("/v2/team/zero/blobs/{}", layer.digest);
+    let (from, to) = (400_000, 1_700_000);
+    let range = client.raw(
+        Method::GET,
+        &path,
+        &[("range", &format!("bytes={from}-{to}"))],
+        Vec::new(),
+    );
+    assert_eq!(range.status, StatusCode::PARTIAL_CONTENT);
+    assert_eq!(range.body, layer.bytes[from..=to]);
+    let zero_copy = sent() - before;
+    // Everything but the pieces under the lookup threshold (a chunk's tail hyper split off
+    // after a partial send) went from the file.
+    let served = (layer.bytes.len() + (to + 1 - from)) as f64;
+    assert!(
+        zero_copy >= served * 0.9 && zero_copy <= served,
+        "sendfile sent {zero_copy} of {served} warm bytes\n{}",
+        pullgate.log_tail()
+    );
+}
+
 /// `/healthz` and `/metrics` answer.
 #[test]
 fn api_root_health_and_metrics_answer() {

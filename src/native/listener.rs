@@ -310,21 +310,80 @@ impl AsyncRead for WatchedIo {
     }
 }
 
+impl WatchedIo {
+    /// Sends `len` bytes of the file behind a blob chunk with `sendfile`
+    /// ([`zerocopy`](crate::native::zerocopy)); None when the kernel refuses it for this
+    /// pair (the caller then writes the bytes as usual).
+    fn poll_send_file(
+        &self,
+        cx: &mut Context<'_>,
+        (file, pos): (std::os::fd::RawFd, u64),
+        len: usize,
+    ) -> Option<Poll<std::io::Result<usize>>> {
+        use std::os::fd::AsRawFd;
+        let socket = self.inner.as_raw_fd();
+        loop {
+            match self.inner.poll_write_ready(cx) {
+                Poll::Pending => return Some(Poll::Pending),
+                Poll::Ready(Err(e)) => return Some(Poll::Ready(Err(e))),
+                Poll::Ready(Ok(())) => {}
+            }
+            let sent = self.inner.try_io(tokio::io::Interest::WRITABLE, || {
+                crate::native::zerocopy::send(socket, file, pos, len)
+            });
+            match sent {
+                Ok(n) => return Some(Poll::Ready(Ok(n))),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                // EINVAL/ENOSYS and the like: this pair cannot use sendfile.
+                Err(e)
+                    if e.raw_os_error()
+                        .is_some_and(|c| c != libc::EPIPE && c != libc::ECONNRESET) =>
+                {
+                    return None
+                }
+                Err(e) => return Some(Poll::Ready(Err(e))),
+            }
+        }
+    }
+}
+
 impl AsyncWrite for WatchedIo {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        if let Some(src) = crate::native::zerocopy::source_of(buf) {
+            if let Some(sent) = this.poll_send_file(cx, src, buf.len()) {
+                return sent;
+            }
+        }
+        Pin::new(&mut this.inner).poll_write(cx, buf)
     }
 
+    /// A blob chunk among `bufs` goes with `sendfile`: the buffers before it are written
+    /// first (one `writev`), then the chunk on the next call; each call makes one system call
+    /// and reports what it wrote, as a partial write would.
     fn poll_write_vectored(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let first = bufs.iter().position(|b| !b.is_empty());
+        let zero_copy = (bufs.iter().enumerate())
+            .find_map(|(i, b)| crate::native::zerocopy::source_of(b).map(|src| (i, src)));
+        match zero_copy {
+            Some((i, src)) if Some(i) == first => {
+                if let Some(sent) = this.poll_send_file(cx, src, bufs[i].len()) {
+                    return sent;
+                }
+                Pin::new(&mut this.inner).poll_write_vectored(cx, bufs)
+            }
+            Some((i, _)) => Pin::new(&mut this.inner).poll_write_vectored(cx, &bufs[..i]),
+            None => Pin::new(&mut this.inner).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -91,9 +91,13 @@ pub fn render_process(audit: &crate::native::audit::AuditSink) -> String {
          pullgate_audit_dropped_total {}\n\
          # HELP pullgate_log_dropped_total Log lines dropped because the writer fell behind.\n\
          # TYPE pullgate_log_dropped_total counter\n\
-         pullgate_log_dropped_total {}\n",
+         pullgate_log_dropped_total {}\n\
+         # HELP pullgate_sendfile_bytes_total Blob bytes sent from the file with sendfile (no copy in user space).\n\
+         # TYPE pullgate_sendfile_bytes_total counter\n\
+         pullgate_sendfile_bytes_total {}\n",
         audit.dropped(),
-        crate::native::logging::dropped_lines()
+        crate::native::logging::dropped_lines(),
+        crate::native::zerocopy::sent_bytes()
     )
 }
 

@@ -33,6 +33,7 @@ pub mod store;
 pub mod tls;
 pub mod warm;
 pub mod workers;
+pub mod zerocopy;
 
 use crate::core::app::App;
 use crate::core::body::{AccessLog, Body, RequestInfo};

@@ -222,15 +222,16 @@ fn file_stream(file: Arc<File>, start: u64, end: u64) -> ByteStream {
             let f = file.clone();
             let want = ((end - pos) as usize).min(READ_CHUNK);
             async move {
-                let read = tokio::task::spawn_blocking(move || match Mapped::new(&f, pos, want) {
-                    Some(m) => Ok(Bytes::from_owner(m)),
-                    None => {
-                        let mut buf = vec![0u8; want];
-                        f.read_exact_at(&mut buf, pos)?;
-                        Ok::<_, std::io::Error>(Bytes::from(buf))
-                    }
-                })
-                .await;
+                let read =
+                    tokio::task::spawn_blocking(move || match Mapped::new(f.clone(), pos, want) {
+                        Some(m) => Ok(Bytes::from_owner(m)),
+                        None => {
+                            let mut buf = vec![0u8; want];
+                            f.read_exact_at(&mut buf, pos)?;
+                            Ok::<_, std::io::Error>(Bytes::from(buf))
+                        }
+                    })
+                    .await;
                 match read {
                     Ok(Ok(b)) => Ok(b),
                     Ok(Err(e)) => Err(BodyError(format!("reading the blob file: {e}"))),
@@ -243,17 +244,24 @@ fn file_stream(file: Arc<File>, start: u64, end: u64) -> ByteStream {
 }
 
 /// `len` bytes of a blob file from `pos`, mapped read-only and unmapped when the last
-/// [`Bytes`] over it is dropped. The pages are populated when mapped (on the blocking pool,
-/// so a blob that is not in the page cache is read from disk there, not on a worker).
+/// [`Bytes`] over it is dropped. The range is read into the page cache when mapped, on the
+/// blocking pool ([`read_in_here`]), so neither `sendfile` nor a copy from the mapping waits
+/// for the disk on a worker.
 ///
 /// A mapping reads the file as it is while mapped. Blob files never change once committed
 /// (they are written under `tmp/` and linked into place; eviction unlinks them, which a
 /// mapping outlives); only a file truncated behind the store's back could fault.
+///
+/// While it lives, the mapping is registered with [`zerocopy`](crate::native::zerocopy) (with
+/// the file it holds open), so a plain connection sends its bytes with `sendfile` from the
+/// file rather than copying them from the mapping.
 struct Mapped {
     base: std::ptr::NonNull<libc::c_void>,
     map_len: usize,
     skip: usize,
     len: usize,
+    /// Held open for `sendfile` while the mapping is registered.
+    _file: Arc<File>,
 }
 
 // SAFETY: the mapping is read-only and owned by this value alone; reading it from another
@@ -262,7 +270,7 @@ unsafe impl Send for Mapped {}
 
 impl Mapped {
     /// None when the range cannot be mapped (the caller reads it instead).
-    fn new(file: &File, pos: u64, len: usize) -> Option<Mapped> {
+    fn new(file: Arc<File>, pos: u64, len: usize) -> Option<Mapped> {
         use std::os::fd::AsRawFd;
         // SAFETY: sysconf has no preconditions.
         let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
@@ -281,7 +289,7 @@ impl Mapped {
                 std::ptr::null_mut(),
                 map_len,
                 libc::PROT_READ,
-                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                libc::MAP_PRIVATE,
                 file.as_raw_fd(),
                 libc::off_t::try_from(at).ok()?,
             )
@@ -289,12 +297,44 @@ impl Mapped {
         if base == libc::MAP_FAILED {
             return None;
         }
-        Some(Mapped {
+        read_in_here(base, map_len, page as usize);
+        let mapped = Mapped {
             base: std::ptr::NonNull::new(base)?,
             map_len,
             skip,
             len,
-        })
+            _file: file.clone(),
+        };
+        crate::native::zerocopy::register(mapped.start(), len, file, pos);
+        Some(mapped)
+    }
+
+    /// The address of the first byte served.
+    fn start(&self) -> usize {
+        self.base.as_ptr() as usize + self.skip
+    }
+}
+
+/// Makes sure the mapped range is in the page cache, here (on the blocking pool): when every
+/// page is resident already (a warm blob, the usual case) nothing is done, and the mapping
+/// stays without page-table entries, so a `sendfile` from the file never touches it and
+/// unmapping it costs no TLB shootdown; otherwise the pages are read in and mapped
+/// (`MADV_POPULATE_READ`, or a read of each page where the kernel lacks it).
+fn read_in_here(base: *mut libc::c_void, map_len: usize, page: usize) {
+    let pages = map_len.div_ceil(page);
+    let mut resident = vec![0u8; pages];
+    // SAFETY: `base` is a live mapping of `map_len` bytes and `resident` has one byte per page.
+    let known = unsafe { libc::mincore(base, map_len, resident.as_mut_ptr()) } == 0;
+    if known && resident.iter().all(|r| r & 1 == 1) {
+        return;
+    }
+    // SAFETY: advice on a live read-only mapping of the caller's.
+    if unsafe { libc::madvise(base, map_len, libc::MADV_POPULATE_READ) } == 0 {
+        return;
+    }
+    for i in 0..pages {
+        // SAFETY: page `i` lies inside the live readable mapping.
+        unsafe { std::ptr::read_volatile(base.cast::<u8>().add(i * page)) };
     }
 }
 
@@ -309,6 +349,8 @@ impl AsRef<[u8]> for Mapped {
 
 impl Drop for Mapped {
     fn drop(&mut self) {
+        // Forgotten before the range is unmapped (and could be mapped again for another file).
+        crate::native::zerocopy::unregister(self.start());
         // SAFETY: base/map_len are exactly what mmap returned; nothing borrows it any more.
         unsafe {
             libc::munmap(self.base.as_ptr(), self.map_len);
