@@ -82,6 +82,24 @@ impl<W: std::io::Write> std::io::Write for Paced<W> {
     }
 }
 
+/// The lines' timestamps: RFC 3339 UTC with microseconds, as `tracing-subscriber`'s default
+/// timer writes them, formatted digit by digit (the default's `fmt` machinery was a fifth of
+/// the cost of a request's access line).
+struct LogTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for LogTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        // The host reads the wall clock here, as the default timer does.
+        #[allow(clippy::disallowed_methods)]
+        let now = std::time::SystemTime::now();
+        let us = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+        let stamp = crate::core::time::rfc3339_micros(us);
+        w.write_str(std::str::from_utf8(&stamp).map_err(|_| std::fmt::Error)?)
+    }
+}
+
 /// Installs the process's subscriber. A subscriber installed already (tests that run the
 /// host in-process) is left in place.
 pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
@@ -101,6 +119,7 @@ pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
         ));
     let counter = writer.error_counter();
     let builder = tracing_subscriber::fmt()
+        .with_timer(LogTime)
         .with_env_filter(filter)
         .with_writer(writer)
         .with_ansi(false);
