@@ -21,6 +21,7 @@ use crate::core::ports::{
     BlobStore, BlobWriter, BodyError, ByteStream, CommitError, StoreError, TailReader,
 };
 use crate::core::registry::reference::Digest;
+use crate::native::zerocopy::Mapped;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::collections::HashMap;
@@ -214,9 +215,9 @@ impl FsBlobStore {
 }
 
 /// Serves `[start, end)` in chunks prepared on the blocking pool, [`READ_AHEAD`] chunks ahead
-/// of the socket. A chunk is a read-only mapping of the file ([`Mapped`]), so the bytes go
-/// from the page cache to the socket with no copy in user space (the kernel's send copies
-/// them once); a chunk that cannot be mapped is read into memory instead.
+/// of the socket. A chunk is a read-only mapping of the file ([`Mapped`]): a plain
+/// connection sends it with `sendfile`, TLS copies from it; a chunk that cannot be mapped is
+/// read into memory instead.
 fn file_stream(file: Arc<File>, start: u64, end: u64) -> ByteStream {
     let offsets = (start..end).step_by(READ_CHUNK);
     futures_util::stream::iter(offsets)
@@ -243,122 +244,6 @@ fn file_stream(file: Arc<File>, start: u64, end: u64) -> ByteStream {
         })
         .buffered(READ_AHEAD)
         .boxed_local()
-}
-
-/// `len` bytes of a blob file from `pos`, mapped read-only and unmapped when the last
-/// [`Bytes`] over it is dropped. The range is read into the page cache when mapped, on the
-/// blocking pool ([`read_in_here`]), so neither `sendfile` nor a copy from the mapping waits
-/// for the disk on a worker.
-///
-/// A mapping reads the file as it is while mapped. Blob files never change once committed
-/// (they are written under `tmp/` and linked into place; eviction unlinks them, which a
-/// mapping outlives), and a staged file is only appended to (a reader maps bytes already
-/// written); only a file truncated behind the store's back could fault.
-///
-/// While it lives, the mapping is registered with [`zerocopy`](crate::native::zerocopy) (with
-/// the file it holds open), so a plain connection sends its bytes with `sendfile` from the
-/// file rather than copying them from the mapping.
-struct Mapped {
-    base: std::ptr::NonNull<libc::c_void>,
-    map_len: usize,
-    skip: usize,
-    len: usize,
-    /// Held open for `sendfile` while the mapping is registered.
-    _file: Arc<File>,
-}
-
-// SAFETY: the mapping is read-only and owned by this value alone; reading it from another
-// thread is as safe as reading any immutable memory.
-unsafe impl Send for Mapped {}
-
-impl Mapped {
-    /// None when the range cannot be mapped (the caller reads it instead).
-    fn new(file: Arc<File>, pos: u64, len: usize) -> Option<Mapped> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: sysconf has no preconditions.
-        let page = u64::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })
-            .ok()
-            .filter(|p| *p > 0)?;
-        let at = pos - pos % page;
-        let skip = usize::try_from(pos - at).ok()?;
-        let map_len = skip.checked_add(len)?;
-        if len == 0 || file.metadata().ok()?.len() < pos + len as u64 {
-            return None;
-        }
-        // SAFETY: a fresh private read-only mapping of a range inside the file; the pointer
-        // is checked before use and unmapped exactly once, in Drop.
-        let base = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ,
-                libc::MAP_PRIVATE,
-                file.as_raw_fd(),
-                libc::off_t::try_from(at).ok()?,
-            )
-        };
-        if base == libc::MAP_FAILED {
-            return None;
-        }
-        read_in_here(base, map_len, page as usize);
-        let mapped = Mapped {
-            base: std::ptr::NonNull::new(base)?,
-            map_len,
-            skip,
-            len,
-            _file: file.clone(),
-        };
-        crate::native::zerocopy::register(mapped.start(), len, file, pos);
-        Some(mapped)
-    }
-
-    /// The address of the first byte served.
-    fn start(&self) -> usize {
-        self.base.as_ptr() as usize + self.skip
-    }
-}
-
-/// Makes sure the mapped range is in the page cache, here (on the blocking pool): when every
-/// page is resident already (a warm blob, the usual case) nothing is done, and the mapping
-/// stays without page-table entries, so a `sendfile` from the file never touches it and
-/// unmapping it costs no TLB shootdown; otherwise the pages are read in and mapped
-/// (`MADV_POPULATE_READ`, or a read of each page where the kernel lacks it).
-fn read_in_here(base: *mut libc::c_void, map_len: usize, page: usize) {
-    let pages = map_len.div_ceil(page);
-    let mut resident = vec![0u8; pages];
-    // SAFETY: `base` is a live mapping of `map_len` bytes and `resident` has one byte per page.
-    let known = unsafe { libc::mincore(base, map_len, resident.as_mut_ptr()) } == 0;
-    if known && resident.iter().all(|r| r & 1 == 1) {
-        return;
-    }
-    // SAFETY: advice on a live read-only mapping of the caller's.
-    if unsafe { libc::madvise(base, map_len, libc::MADV_POPULATE_READ) } == 0 {
-        return;
-    }
-    for i in 0..pages {
-        // SAFETY: page `i` lies inside the live readable mapping.
-        unsafe { std::ptr::read_volatile(base.cast::<u8>().add(i * page)) };
-    }
-}
-
-impl AsRef<[u8]> for Mapped {
-    fn as_ref(&self) -> &[u8] {
-        // SAFETY: [skip, skip + len) lies inside the live mapping of map_len bytes.
-        unsafe {
-            std::slice::from_raw_parts(self.base.as_ptr().cast::<u8>().add(self.skip), self.len)
-        }
-    }
-}
-
-impl Drop for Mapped {
-    fn drop(&mut self) {
-        // Forgotten before the range is unmapped (and could be mapped again for another file).
-        crate::native::zerocopy::unregister(self.start());
-        // SAFETY: base/map_len are exactly what mmap returned; nothing borrows it any more.
-        unsafe {
-            libc::munmap(self.base.as_ptr(), self.map_len);
-        }
-    }
 }
 
 #[async_trait::async_trait(?Send)]
