@@ -15,10 +15,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::faulty::{Fault, FaultyUpstream, Scope};
+use support::faulty::{held_manifest_burst, FaultyUpstream};
 use support::fixtures::Image;
 use support::http::loopback_client;
-use support::process::poll_until;
 use support::pullgate::Pullgate;
 use support::registry::Registry;
 
@@ -36,40 +35,8 @@ fn joined(pullgate: &Pullgate) -> usize {
 /// `M` concurrent GETs of `reg.test/team/app:1`, each on its own connection, while the upstream
 /// holds manifest requests; released once `ready` says all of them arrived where they wait.
 fn burst(pullgate: &Pullgate, up: &FaultyUpstream, ready: impl Fn() -> bool) -> Vec<(u16, String)> {
-    up.set_fault(Fault::HoldBeforeHeaders(Scope::Manifests));
     let url = format!("{}/v2/reg.test/team/app/manifests/1", pullgate.url());
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..M)
-            .map(|_| {
-                scope.spawn(|| {
-                    let response = loopback_client()
-                        .get(&url)
-                        .header("accept", ACCEPT)
-                        .send()
-                        .expect("GET manifest");
-                    let digest = response
-                        .headers()
-                        .get("docker-content-digest")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_string();
-                    (response.status().as_u16(), digest)
-                })
-            })
-            .collect();
-        let arrived = poll_until(WAIT, &ready);
-        up.heal();
-        let answers: Vec<_> = handles
-            .into_iter()
-            .map(|h| h.join().expect("client thread"))
-            .collect();
-        assert!(
-            arrived,
-            "the burst never lined up:\n{}",
-            pullgate.log_tail()
-        );
-        answers
-    })
+    held_manifest_burst(up, &url, (M, ACCEPT, WAIT), ready, || pullgate.log_tail())
 }
 
 #[test]

@@ -23,10 +23,9 @@ mod support;
 
 use std::time::Duration;
 
-use support::faulty::{Fault, FaultyUpstream, Scope};
+use support::faulty::{held_manifest_burst, FaultyUpstream};
 use support::fixtures::Image;
 use support::http::loopback_client;
-use support::process::poll_until;
 use support::worker::{Worker, WorkerBuilder};
 use support::worker_edge::stdout;
 
@@ -67,36 +66,8 @@ type Answer = (u16, String);
 /// `M` concurrent GETs of `reg.test/team/app:1` while the upstream holds manifest requests;
 /// released once `ready` says every request has arrived where it waits.
 fn burst(worker: &Worker, up: &FaultyUpstream, ready: impl Fn() -> bool) -> Vec<Answer> {
-    up.set_fault(Fault::HoldBeforeHeaders(Scope::Manifests));
     let url = format!("{}/v2/reg.test/team/app/manifests/1", worker.url());
-    std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..M)
-            .map(|_| {
-                scope.spawn(|| {
-                    let response = loopback_client()
-                        .get(&url)
-                        .header("accept", ACCEPT)
-                        .send()
-                        .expect("GET manifest");
-                    let digest = response
-                        .headers()
-                        .get("docker-content-digest")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_string();
-                    (response.status().as_u16(), digest)
-                })
-            })
-            .collect();
-        let arrived = poll_until(WAIT, &ready);
-        up.heal();
-        let answers: Vec<Answer> = handles
-            .into_iter()
-            .map(|h| h.join().expect("client thread"))
-            .collect();
-        assert!(arrived, "the burst never lined up:\n{}", worker.log());
-        answers
-    })
+    held_manifest_burst(up, &url, (M, ACCEPT, WAIT), ready, || worker.log())
 }
 
 fn manifest_requests(up: &FaultyUpstream, method: &str) -> usize {

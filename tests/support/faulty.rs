@@ -510,3 +510,45 @@ fn handle(shared: &Shared, mut stream: TcpStream) -> std::io::Result<()> {
         _ => respond(&mut stream, &method, 200, &headers, body),
     }
 }
+
+/// `n` concurrent `GET`s of `url` (a manifest, `Accept: accept`) while `up` holds every
+/// manifest request before its headers; once `ready()` says the burst has lined up (polled up
+/// to `wait`), `up` lets them all go. Each answer's status and `Docker-Content-Digest`.
+/// Panics, with `log()`, when the burst never lined up.
+pub fn held_manifest_burst(
+    up: &FaultyUpstream,
+    url: &str,
+    (n, accept, wait): (usize, &str, Duration),
+    ready: impl Fn() -> bool,
+    log: impl Fn() -> String,
+) -> Vec<(u16, String)> {
+    up.set_fault(Fault::HoldBeforeHeaders(Scope::Manifests));
+    thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                scope.spawn(|| {
+                    let response = super::http::loopback_client()
+                        .get(url)
+                        .header("accept", accept)
+                        .send()
+                        .expect("GET manifest");
+                    let digest = response
+                        .headers()
+                        .get("docker-content-digest")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    (response.status().as_u16(), digest)
+                })
+            })
+            .collect();
+        let arrived = poll_until(wait, &ready);
+        up.heal();
+        let answers: Vec<_> = handles
+            .into_iter()
+            .map(|h| h.join().expect("client thread"))
+            .collect();
+        assert!(arrived, "the burst never lined up:\n{}", log());
+        answers
+    })
+}
