@@ -38,37 +38,9 @@ cleanup() {
 }
 trap cleanup EXIT
 log() { printf '[mfab %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
-wait_http() {
-    local i
-    for ((i = 0; i < 200; i++)); do
-        [ "$(curl -s -o /dev/null -w '%{http_code}' --max-time 2 "$1" || true)" = 200 ] && return 0
-        sleep 0.1
-    done
-    log "no 200 from $1"; exit 1
-}
-
-UP_PORT="$(python3 "$PY" port)"
-UP="http://127.0.0.1:$UP_PORT"
-cat >"$WORK/up.yml" <<EOF
-version: 0.1
-log:
-  level: error
-storage:
-  filesystem:
-    rootdirectory: $WORK/up-data
-http:
-  addr: 127.0.0.1:$UP_PORT
-EOF
-docker-registry serve "$WORK/up.yml" >/dev/null 2>&1 &
-PIDS+=($!)
-wait_http "$UP/v2/"
-push_blob() {
-    local loc sep
-    loc="$(curl -sS -f -X POST -D - -o /dev/null "$UP/v2/$REPO/blobs/uploads/" | awk 'tolower($1)=="location:"{print $2}' | tr -d '\r')"
-    case "$loc" in http*) ;; *) loc="$UP$loc" ;; esac
-    sep='?'; [[ "$loc" == *\?* ]] && sep='&'
-    curl -sS -f -H 'Content-Type: application/octet-stream' -T "$1" -o /dev/null "$loc${sep}digest=$2"
-}
+# shellcheck source=bench/ab_common.sh
+. "$HERE/ab_common.sh"
+start_upstream
 LAYER="$(python3 "$PY" genlayer "$WORK/l.bin" 1)"
 push_blob "$WORK/l.bin" "$LAYER"
 CFG="$(python3 "$PY" genconfig "$WORK/config.json" "$LAYER")"
