@@ -2,8 +2,7 @@
 //! to the socket, for the bytes of a blob chunk that hyper hands to a plain connection.
 //!
 //! hyper owns the connection and writes `Bytes`; it has no notion of a file. A warm blob's
-//! chunks are read-only mappings of its file ([`store`](crate::native::store)'s `Mapped`), and
-//! each mapping registers here the address range it covers with the file and offset behind
+//! chunks are read-only mappings of its file ([`Mapped`]), and each mapping registers here the address range it covers with the file and offset behind
 //! it. When the connection's writer ([`WatchedIo`](crate::native::listener::WatchedIo)) is
 //! asked to write a buffer that lies inside a registered range, it asks the kernel to send
 //! that range of the file instead of copying the mapped bytes: the same bytes (blob files
@@ -24,10 +23,11 @@ use std::sync::{Arc, Mutex};
 pub const MIN_LEN: usize = 16 * 1024;
 
 /// A registered range: `len` bytes from its start address are bytes `[pos, pos + len)` of
-/// `file`.
+/// the file open as `fd` (held open by the [`Mapped`] that registered the range, until it
+/// unregisters it).
 struct Region {
     len: usize,
-    file: Arc<std::fs::File>,
+    fd: RawFd,
     pos: u64,
 }
 
@@ -40,18 +40,18 @@ pub fn sent_bytes() -> u64 {
     SENT.load(Ordering::Relaxed)
 }
 
-/// Records that `len` bytes at `start` are bytes `[pos, pos + len)` of `file`, until
-/// [`unregister`] with the same `start`. The caller keeps the memory mapped (and the file
-/// unchanged) until then.
-pub fn register(start: usize, len: usize, file: Arc<std::fs::File>, pos: u64) {
+/// Records that `len` bytes at `start` are bytes `[pos, pos + len)` of the file open as `fd`,
+/// until [`unregister`] with the same `start`. The caller keeps the memory mapped, the file
+/// open and unchanged until then.
+fn register(start: usize, len: usize, fd: RawFd, pos: u64) {
     if let Ok(mut regions) = REGIONS.lock() {
-        regions.insert(start, Region { len, file, pos });
+        regions.insert(start, Region { len, fd, pos });
         LIVE.fetch_add(1, Ordering::Release);
     }
 }
 
 /// Forgets the range registered at `start` (before its memory is unmapped).
-pub fn unregister(start: usize) {
+fn unregister(start: usize) {
     if let Ok(mut regions) = REGIONS.lock() {
         if regions.remove(&start).is_some() {
             LIVE.fetch_sub(1, Ordering::Release);
@@ -62,7 +62,6 @@ pub fn unregister(start: usize) {
 /// The file (as a descriptor valid while the buffer is borrowed: the buffer's owner holds
 /// the file) and offset behind `buf`, when all of `buf` lies in one registered range.
 pub fn source_of(buf: &[u8]) -> Option<(RawFd, u64)> {
-    use std::os::fd::AsRawFd;
     if buf.len() < MIN_LEN || LIVE.load(Ordering::Acquire) == 0 {
         return None;
     }
@@ -70,8 +69,7 @@ pub fn source_of(buf: &[u8]) -> Option<(RawFd, u64)> {
     let regions = REGIONS.lock().ok()?;
     let (start, region) = regions.range(..=at).next_back()?;
     let into = at - start;
-    (into.checked_add(buf.len())? <= region.len)
-        .then(|| (region.file.as_raw_fd(), region.pos + into as u64))
+    (into.checked_add(buf.len())? <= region.len).then(|| (region.fd, region.pos + into as u64))
 }
 
 /// Sends up to `len` bytes of `file` from `pos` to `socket`; the bytes sent. `EAGAIN` comes
@@ -101,15 +99,17 @@ pub fn send(socket: RawFd, file: RawFd, pos: u64, len: usize) -> std::io::Result
 /// mapping outlives), and a staged file is only appended to (a reader maps bytes already
 /// written); only a file truncated behind the store's back could fault.
 ///
-/// While it lives, the mapping is registered here (with the file it holds open), so a plain connection sends its bytes with `sendfile` from the
-/// file rather than copying them from the mapping.
+/// While it lives, the mapping is registered here with the file it holds open, so a plain
+/// connection sends its bytes with `sendfile` from the file rather than copying them from the
+/// mapping.
 pub(crate) struct Mapped {
     base: std::ptr::NonNull<libc::c_void>,
     map_len: usize,
     skip: usize,
     len: usize,
-    /// Held open for `sendfile` while the mapping is registered.
-    _file: Arc<File>,
+    /// Held open for `sendfile` while the mapping is registered (fields drop after `drop`,
+    /// which unregisters).
+    file: Arc<File>,
 }
 
 // SAFETY: the mapping is read-only and owned by this value alone; reading it from another
@@ -151,9 +151,9 @@ impl Mapped {
             map_len,
             skip,
             len,
-            _file: file.clone(),
+            file,
         };
-        register(mapped.start(), len, file, pos);
+        register(mapped.start(), len, mapped.file.as_raw_fd(), pos);
         Some(mapped)
     }
 
@@ -213,13 +213,13 @@ mod tests {
 
     #[test]
     fn a_registered_range_is_found_by_any_buffer_inside_it() {
-        let file = Arc::new(tempfile_with(&[7u8; 100_000]));
+        let file = tempfile_with(&[7u8; 100_000]);
         let backing = vec![0u8; 100_000];
         let start = backing.as_ptr() as usize;
-        register(start, 80_000, file.clone(), 1000);
+        register(start, 80_000, std::os::fd::AsRawFd::as_raw_fd(&file), 1000);
         let (fd, pos) = source_of(&backing[..20_000]).unwrap();
         assert_eq!(pos, 1000);
-        assert_eq!(fd, std::os::fd::AsRawFd::as_raw_fd(&*file));
+        assert_eq!(fd, std::os::fd::AsRawFd::as_raw_fd(&file));
         assert_eq!(source_of(&backing[30_000..60_000]).unwrap().1, 31_000);
         // Past the end, too short, or unregistered: no source.
         assert!(source_of(&backing[70_000..]).is_none());
