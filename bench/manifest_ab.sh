@@ -11,6 +11,8 @@
 #   PULLGATE_BIN=... BARE_BIN=... bench/manifest_ab.sh
 #   PULLGATE_BIN_B=<another build> bench/manifest_ab.sh   # + a second pullgate in each round
 #   PULLGATE_B_ENV="RUST_LOG=warn" ...            # (environment for the second one only)
+#   HOLD=600 bench/manifest_ab.sh                 # keep the servers up 600 s before the rounds
+#                                                 # (ports and PIDs logged), to probe them by hand
 #
 # Loopback only; every server started here is stopped by PID on exit.
 set -euo pipefail
@@ -72,6 +74,10 @@ curl -sS -f -H "Accept: $ACCEPT" -o "$WORK/mf.pg" "http://127.0.0.1:$PG_PORT/v2/
 cmp -s "$WORK/mf.pg" "$WORK/manifest.json" || { log "pullgate's manifest differs"; exit 1; }
 log "pullgate pid $PG_PID, bare pid $BARE_PID, manifest $(stat -c %s "$WORK/manifest.json") bytes"
 
+if [ -n "${HOLD:-}" ]; then
+    log "holding $HOLD s: pullgate 127.0.0.1:$PG_PORT (pid $PG_PID), bare 127.0.0.1:$BARE_PORT (pid $BARE_PID), path /v2/$REPO/manifests/$TAG"
+    sleep "$HOLD"
+fi
 ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 HZ="$(getconf CLK_TCK)"
 run() { # name pid port -> "rps us_per_req"

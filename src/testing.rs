@@ -34,6 +34,7 @@ use std::rc::Rc;
 #[derive(Default)]
 pub struct MemKv {
     map: RefCell<HashMap<String, Vec<u8>>>,
+    writes: std::cell::Cell<u64>,
 }
 
 impl MemKv {
@@ -56,10 +57,12 @@ impl KvStore for MemKv {
         self.map
             .borrow_mut()
             .insert(key.to_string(), value.to_vec());
+        self.writes.set(self.writes.get() + 1);
         Ok(())
     }
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         self.map.borrow_mut().remove(key);
+        self.writes.set(self.writes.get() + 1);
         Ok(())
     }
     async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
@@ -73,6 +76,9 @@ impl KvStore for MemKv {
         keys.sort();
         keys.truncate(limit);
         Ok(keys)
+    }
+    fn generation(&self) -> Option<u64> {
+        Some(self.writes.get())
     }
 }
 

@@ -76,6 +76,14 @@ pub trait KvStore {
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
     /// Keys starting with `prefix`, in key order, at most `limit` of them.
     async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError>;
+    /// The store's write generation, when it has one: a number that changes after every
+    /// write (through any handle, on any thread) that could change what `get` returns. A
+    /// reader that takes it *before* its reads may keep what it decoded from them for as
+    /// long as the generation stays the same. None (the default): the store cannot say, and
+    /// nothing decoded is kept.
+    fn generation(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Blobs by digest, content-addressed. Only verified bytes become visible.

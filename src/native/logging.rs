@@ -118,6 +118,7 @@ pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
             BATCH_PAUSE,
         ));
     let counter = writer.error_counter();
+    let access_writer = writer.clone();
     let builder = tracing_subscriber::fmt()
         .with_timer(LogTime)
         .with_env_filter(filter)
@@ -135,6 +136,7 @@ pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
     if installed.is_err() {
         return Ok(LogGuard(None));
     }
+    super::access_line::install(access_writer, format);
     let _ = DROPPED.set(counter);
     Ok(LogGuard(Some(guard)))
 }

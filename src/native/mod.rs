@@ -15,6 +15,7 @@
 // The native host is where time comes from: it may read the system clocks (the core may not).
 #![allow(clippy::disallowed_methods)]
 
+mod access_line;
 pub mod audit;
 pub mod check;
 pub mod client;
@@ -322,7 +323,7 @@ impl Drop for LogLine {
         self.metrics
             .observe(method, route, upstream, self.status, elapsed.as_secs_f64());
         if self.access {
-            AccessLog {
+            let line = AccessLog {
                 method,
                 path,
                 status: self.status,
@@ -331,8 +332,10 @@ impl Drop for LogLine {
                 bytes: Some(self.bytes),
                 ms: Some(elapsed.as_millis()),
                 aborted: self.failed,
+            };
+            if !access_line::write(&line) {
+                line.emit();
             }
-            .emit();
         }
         let cache = self.info.as_ref().map_or("-", |i| i.cache.as_str());
         if audit::is_audited(route) {

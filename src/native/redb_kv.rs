@@ -160,6 +160,11 @@ impl KvStore for RedbKv {
         Ok(v)
     }
 
+    /// The generation the read cache keeps to (bumped after every commit through any clone).
+    fn generation(&self) -> Option<u64> {
+        Some(self.writes.load(Ordering::Acquire))
+    }
+
     async fn put(&self, key: &str, value: &[u8]) -> Result<(), StoreError> {
         let (key, value) = (key.to_string(), value.to_vec());
         self.write(move |tx| {

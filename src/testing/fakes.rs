@@ -71,6 +71,9 @@ impl KvStore for FlakyKv {
     async fn list(&self, prefix: &str, limit: usize) -> Result<Vec<String>, StoreError> {
         self.inner.list(prefix, limit).await
     }
+    fn generation(&self) -> Option<u64> {
+        self.inner.generation()
+    }
 }
 
 /// Secrets from a table of `reference → value`; any other reference is unset.

@@ -22,7 +22,7 @@ use crate::core::body::{Body, CacheStatus};
 use crate::core::context::Ctx;
 use crate::core::error::RegistryError;
 use crate::core::http::read_capped;
-use crate::core::http::{status_failure, API_VERSION, CONTENT_DIGEST};
+use crate::core::http::status_failure;
 use crate::core::metrics::inc;
 use crate::core::ports::TagOutcome;
 use crate::core::registry::keys;
@@ -31,8 +31,9 @@ use crate::core::registry::media::{header as h, manifest_media_type, AcceptSet};
 use crate::core::registry::records::{StoredManifest, TagRecord, TAG_RECORD_VERSION};
 use crate::core::registry::reference::{parse_digest, Digest, Reference, Tag};
 use crate::core::registry::tag_flight::{self, Entered};
+use crate::core::registry::warm_tags::{Ready, Warm, WarmTags};
 use bytes::Bytes;
-use http::{header, HeaderValue, Method, Response, StatusCode};
+use http::{header, Method, Response, StatusCode};
 
 /// An upstream failure, classified for the stale-if-error decision.
 #[derive(Debug)]
@@ -99,13 +100,18 @@ async fn save_record(ctx: &Ctx<'_>, key: &TagKey, digest: &str, notes: &Notes) {
 /// what it references: the record exists because the upstream served (or confirmed) the tag
 /// for this repository, which vouches for the manifest as a fetch does. Costs one read when
 /// the link is there (the usual case); writes only for records older than links, or after a
-/// failed write. Best-effort.
-async fn ensure_linked(ctx: &Ctx<'_>, digest: &str, stored: &StoredManifest, notes: &Notes) {
+/// failed write. Best-effort; true when the link was there already.
+async fn ensure_linked(
+    ctx: &Ctx<'_>,
+    digest: &str,
+    stored: &StoredManifest,
+    notes: &Notes,
+) -> bool {
     let Ok(digest) = parse_digest(digest) else {
-        return;
+        return false;
     };
     if links::is_linked(ctx, &digest).await {
-        return;
+        return true;
     }
     let referenced = serde_json::from_slice::<serde_json::Value>(&stored.bytes)
         .map(|json| links::referenced_digests(&json))
@@ -119,6 +125,7 @@ async fn ensure_linked(ctx: &Ctx<'_>, digest: &str, stored: &StoredManifest, not
     for e in [own.err(), refs.err()].into_iter().flatten() {
         notes.push(e);
     }
+    false
 }
 
 /// GETs a manifest upstream, verifies it, stores it by digest, and links it and what it
@@ -214,30 +221,11 @@ async fn fetch(
 /// The manifest response (headers only for HEAD). Built on the hot path of every warm pull:
 /// parsed header names, one header map sized for the five headers, no builder.
 fn serve(ctx: &Ctx<'_>, digest: &str, m: StoredManifest) -> Result<Response<Body>, RegistryError> {
-    let content_type = HeaderValue::from_str(&m.media_type)
-        .map_err(|e| RegistryError::Internal(format!("stored media type: {e}")))?;
-    let len = HeaderValue::from(m.bytes.len());
-    let mut resp = Response::new(if ctx.head {
-        Body::Empty
-    } else {
-        Body::Bytes(m.bytes)
-    });
-    let headers = resp.headers_mut();
-    headers.reserve(5);
-    headers.insert(API_VERSION, HeaderValue::from_static(h::API_VERSION_VALUE));
-    headers.insert(header::CONTENT_TYPE, content_type);
-    headers.insert(header::CONTENT_LENGTH, len);
-    if let Ok(v) = HeaderValue::from_str(digest) {
-        headers.insert(CONTENT_DIGEST, v);
-        let mut etag = String::with_capacity(digest.len() + 2);
-        etag.push('"');
-        etag.push_str(digest);
-        etag.push('"');
-        if let Ok(v) = HeaderValue::from_str(&etag) {
-            headers.insert(header::ETAG, v);
-        }
-    }
-    Ok(resp)
+    Ok(ready(digest, m)?.respond(ctx.head))
+}
+
+fn ready(digest: &str, m: StoredManifest) -> Result<Ready, RegistryError> {
+    Ready::new(digest, m).map_err(|e| RegistryError::Internal(format!("stored media type: {e}")))
 }
 
 fn unknown(ctx: &Ctx<'_>, reference: &str) -> RegistryError {
@@ -306,17 +294,39 @@ async fn get_tag(ctx: &Ctx<'_>, tag: &Tag, accept: &AcceptSet, notes: &Notes) ->
         accept.class().key(),
         tag.as_str(),
     );
+    let now = inner.ports.clock.now_ms();
+    let fresh = |rec: &TagRecord| inner.settings.freshness().is_fresh(rec.checked_ms, now);
+    // Taken before any read below, so what they find may be kept as of it.
+    let generation = inner.ports.kv.generation();
+    let warm_tags = generation.map(|_| inner.slots.get::<WarmTags>());
+    if let (Some(g), Some(tags)) = (generation, &warm_tags) {
+        if let Some(w) = tags.get(g, &path) {
+            if fresh(&w.rec) && accept.accepts(&w.media_type) {
+                inner.metrics.hit(&ctx.up.host);
+                return Ok((w.ready.respond(ctx.head), CacheStatus::Hit));
+            }
+        }
+    }
     let key = TagKey {
         key: keys::bounded(keys::TAG, path.clone()),
         path,
     };
-    let now = inner.ports.clock.now_ms();
     let cached = load_cached(ctx, &key.key, accept).await?;
     if let Some((rec, stored)) = &cached {
-        ensure_linked(ctx, &rec.digest, stored, notes).await;
-        if inner.settings.freshness().is_fresh(rec.checked_ms, now) {
+        let linked = ensure_linked(ctx, &rec.digest, stored, notes).await;
+        if fresh(rec) {
             inner.metrics.hit(&ctx.up.host);
-            return Ok((serve(ctx, &rec.digest, stored.clone())?, CacheStatus::Hit));
+            let ready = ready(&rec.digest, stored.clone())?;
+            let resp = ready.respond(ctx.head);
+            if let (true, Some(g), Some(tags)) = (linked, generation, &warm_tags) {
+                let warm = Warm {
+                    rec: rec.clone(),
+                    media_type: stored.media_type.clone(),
+                    ready,
+                };
+                tags.keep(g, &key.path, warm);
+            }
+            return Ok((resp, CacheStatus::Hit));
         }
     }
     // The upstream is needed: lead or follow other instances asking it the same (see
