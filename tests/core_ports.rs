@@ -833,3 +833,40 @@ fn admin_lists_and_purges_tags_whose_keys_were_hashed() {
         assert_eq!(h.up.count("GET", "/manifests/"), before + 1);
     });
 }
+
+#[test]
+fn a_warm_tag_answer_never_outlives_a_write_to_the_store() {
+    run_local(async {
+        let h = harness("[gateway]\nadmin_token = \"env:P\"");
+        h.up.put_manifest("v1", OCI_MANIFEST, MANIFEST);
+        let p = "/v2/app/manifests/v1";
+        assert_eq!(fetch(&h, p, &[ACCEPT_OCI]).await.cache(), CacheStatus::Miss);
+        // Warm twice: the second answer is the one kept decoded; HEAD is answered from it too.
+        for _ in 0..2 {
+            let g = fetch(&h, p, &[ACCEPT_OCI]).await;
+            assert_eq!(g.cache(), CacheStatus::Hit);
+            assert_eq!(g.body.unwrap(), MANIFEST.as_bytes());
+        }
+        let head = collect(h.app.handle(&request("HEAD", p, &[ACCEPT_OCI])).await).await;
+        assert_eq!(head.cache(), CacheStatus::Hit);
+        assert_eq!(head.headers["content-length"], MANIFEST.len().to_string());
+        assert!(head.body.unwrap_or_default().is_empty());
+        // A client that cannot take the media type is not served the kept answer.
+        let docker = (
+            "accept",
+            "application/vnd.docker.distribution.manifest.v2+json",
+        );
+        assert_ne!(fetch(&h, p, &[docker]).await.status, 200);
+        // The tag is purged and moved upstream: the next answer is the upstream's, at once.
+        let admin = [("authorization", "Bearer s3cret")];
+        let purge = request("POST", "/admin/purge?repository=up.test/app", &admin);
+        let purged = collect(h.app.handle(&purge).await).await.text();
+        assert!(purged.contains("\"tag_records\":1"), "{purged}");
+        let moved = MANIFEST.replace("\"layers\":[]", "\"layers\":[],\"annotations\":{}");
+        let d2 = h.up.put_manifest("v1", OCI_MANIFEST, &moved);
+        let g = fetch(&h, p, &[ACCEPT_OCI]).await;
+        assert_eq!(g.cache(), CacheStatus::Miss);
+        assert_eq!(g.headers["docker-content-digest"], d2.as_str());
+        assert_eq!(g.body.unwrap(), moved.as_bytes());
+    });
+}
