@@ -11,6 +11,7 @@ use crate::core::ports::Ports;
 use crate::core::registry::fill::Fill;
 use crate::core::registry::reference::Name;
 use crate::core::registry::upstream::UpstreamClient;
+use crate::core::registry::warm_tags::WarmTags;
 use futures_util::future::LocalBoxFuture;
 use http::{Request, Response};
 use std::any::{Any, TypeId};
@@ -28,6 +29,8 @@ pub(crate) struct Inner {
     pub metrics: Rc<Metrics>,
     /// Blob fills in flight, by digest: concurrent misses join one upstream transfer.
     pub fills: RefCell<HashMap<String, Rc<Fill>>>,
+    /// Warm tag answers kept decoded (used only over a store with a write generation).
+    pub warm_tags: WarmTags,
     /// Per-instance state a feature owns (one value per type, made on first use), so this
     /// file need not know the feature's types: chart work in flight lives here.
     pub slots: Slots,
@@ -65,6 +68,7 @@ impl Inner {
             client,
             metrics,
             fills: RefCell::new(HashMap::new()),
+            warm_tags: WarmTags::default(),
             slots: Slots::default(),
             pumping: Arc::new(AtomicBool::new(false)),
             last_pump_ms: Cell::new(0),

@@ -36,16 +36,24 @@ pub(crate) fn write(a: &AccessLog<'_>) -> bool {
     let us = now
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-    let mut line = Vec::with_capacity(320);
-    format_line(
-        &mut line,
-        *format,
-        &crate::core::time::rfc3339_micros(us),
-        a,
-    );
-    // A full queue drops (and counts) the line, as it does every other.
-    let _ = writer.clone().write_all(&line);
+    let ts = crate::core::time::rfc3339_micros(us);
+    let batched = super::line_batch::append(super::line_batch::Line::Access, |out| {
+        format_line(out, *format, &ts, a)
+    });
+    if !batched {
+        let mut line = Vec::with_capacity(320);
+        format_line(&mut line, *format, &ts, a);
+        // A full queue drops (and counts) the line, as it does every other.
+        let _ = writer.clone().write_all(&line);
+    }
     true
+}
+
+/// Hands whole lines (a worker's batch) to the log writer.
+pub(crate) fn send(lines: &[u8]) {
+    if let Some((writer, _)) = SINK.get() {
+        let _ = writer.clone().write_all(lines);
+    }
 }
 
 /// The line as the formatter writes it (timestamp `ts`), newline included.
@@ -76,7 +84,8 @@ pub(crate) fn format_line(out: &mut Vec<u8>, format: LogFormat, ts: &[u8], a: &A
             }
             text_field(out, "status", itoa(a.status.into()).as_ref());
             if let Some(c) = a.client {
-                let _ = write!(out, " client={c}");
+                out.extend_from_slice(b" client=");
+                ip(out, c);
             }
             if let Some(b) = a.bytes {
                 text_field(out, "bytes", itoa(b).as_ref());
@@ -108,7 +117,9 @@ pub(crate) fn format_line(out: &mut Vec<u8>, format: LogFormat, ts: &[u8], a: &A
             }
             json_raw(out, "status", itoa(a.status.into()).as_ref());
             if let Some(c) = a.client {
-                json_str(out, "client", &c.to_string());
+                out.extend_from_slice(b",\"client\":\"");
+                ip(out, c);
+                out.push(b'"');
             }
             if let Some(b) = a.bytes {
                 json_raw(out, "bytes", itoa(b).as_ref());
@@ -127,6 +138,23 @@ pub(crate) fn format_line(out: &mut Vec<u8>, format: LogFormat, ts: &[u8], a: &A
         }
     }
     out.push(b'\n');
+}
+
+/// An address as it displays (`203.0.113.7`, `2001:db8::7`); IPv4 without `fmt`.
+fn ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b'.');
+                }
+                out.extend_from_slice(itoa(octet.into()).as_ref());
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
 }
 
 fn text_field(out: &mut Vec<u8>, key: &str, value: &[u8]) {
@@ -291,6 +319,23 @@ mod tests {
                 assert!(!want.is_empty());
                 assert_eq!(direct(format, a), want, "{format:?}");
             }
+        }
+    }
+
+    #[test]
+    fn addresses_are_written_as_they_display() {
+        for a in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "203.0.113.255",
+            "::1",
+            "2001:db8::7",
+            "::ffff:1.2.3.4",
+        ] {
+            let addr: std::net::IpAddr = a.parse().unwrap();
+            let mut out = Vec::new();
+            ip(&mut out, addr);
+            assert_eq!(out, addr.to_string().into_bytes());
         }
     }
 

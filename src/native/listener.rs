@@ -464,6 +464,10 @@ impl SharedBody {
     /// The body as a core stream, which must end within `timeout` of its creation: a body
     /// trickled slower fails (and is given up, so the connection closes after the answer).
     pub fn stream(&self, timeout: Duration) -> ByteStream {
+        if !self.is_unread() {
+            // No body (most requests): nothing to wait for, and nothing allocated.
+            return futures_util::stream::empty().boxed_local();
+        }
         let deadline = Instant::now() + timeout;
         futures_util::stream::unfold(self.clone(), move |body| async move {
             loop {

@@ -100,6 +100,19 @@ impl tracing_subscriber::fmt::time::FormatTime for LogTime {
     }
 }
 
+/// The log writer, as the formatter takes it: a worker's batched access lines go out before
+/// any other line of the worker, so its lines keep their order (see `line_batch`).
+struct Ordered(tracing_appender::non_blocking::NonBlocking);
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Ordered {
+    type Writer = tracing_appender::non_blocking::NonBlocking;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        super::line_batch::flush_access();
+        self.0.clone()
+    }
+}
+
 /// Installs the process's subscriber. A subscriber installed already (tests that run the
 /// host in-process) is left in place.
 pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
@@ -122,7 +135,7 @@ pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
     let builder = tracing_subscriber::fmt()
         .with_timer(LogTime)
         .with_env_filter(filter)
-        .with_writer(writer)
+        .with_writer(Ordered(writer))
         .with_ansi(false);
     let installed = match format {
         LogFormat::Text => builder.try_init(),

@@ -21,6 +21,7 @@ pub mod check;
 pub mod client;
 pub mod connection;
 pub mod fills;
+mod line_batch;
 pub mod listener;
 pub mod logging;
 pub mod metrics;

@@ -201,7 +201,11 @@ fn on_own_runtime(
         .build()
         .map_err(|e| format!("starting the runtime of worker {i}: {e}"))?;
     let local = tokio::task::LocalSet::new();
-    local.block_on(&rt, async move {
+    // The worker's access lines and audit records go out in batches (see `line_batch`); what
+    // is left goes when the runtime is gone (its tasks' last lines included).
+    let batching = super::line_batch::install(shared.audit.clone());
+    let result = local.block_on(&rt, async move {
+        tokio::task::spawn_local(super::line_batch::flusher());
         if let Some((listener, senders, cap, (probes, drain))) = acceptor {
             let listener = tokio::net::TcpListener::from_std(listener)
                 .map_err(|e| format!("listening: {e}"))?;
@@ -212,7 +216,11 @@ fn on_own_runtime(
             }
         }
         worker(i, shared, conns, ask).await
-    })
+    });
+    drop(local);
+    drop(rt);
+    drop(batching);
+    result
 }
 
 /// Accepts until SIGTERM/SIGINT, handing connections out round-robin; at the cap it waits for

@@ -37,7 +37,15 @@ pub const HASHED_TAG: &str = "tag/#";
 
 /// What a tag record's key holds before it is bounded: `<host>/<name>/<class>/<tag>`.
 pub fn tag_path(host: &str, name: &str, class: &str, tag: &str) -> String {
-    format!("{host}/{name}/{class}/{tag}")
+    // Built by hand: this runs on every manifest-by-tag request.
+    let mut path = String::with_capacity(host.len() + name.len() + class.len() + tag.len() + 3);
+    for (i, part) in [host, name, class, tag].into_iter().enumerate() {
+        if i > 0 {
+            path.push('/');
+        }
+        path.push_str(part);
+    }
+    path
 }
 
 /// The prefix of a repository's (unhashed) tag record keys; nested repositories share it.

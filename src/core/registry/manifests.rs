@@ -31,7 +31,7 @@ use crate::core::registry::media::{header as h, manifest_media_type, AcceptSet};
 use crate::core::registry::records::{StoredManifest, TagRecord, TAG_RECORD_VERSION};
 use crate::core::registry::reference::{parse_digest, Digest, Reference, Tag};
 use crate::core::registry::tag_flight::{self, Entered};
-use crate::core::registry::warm_tags::{Ready, Warm, WarmTags};
+use crate::core::registry::warm_tags::{Ready, Warm};
 use bytes::Bytes;
 use http::{header, Method, Response, StatusCode};
 
@@ -298,8 +298,8 @@ async fn get_tag(ctx: &Ctx<'_>, tag: &Tag, accept: &AcceptSet, notes: &Notes) ->
     let fresh = |rec: &TagRecord| inner.settings.freshness().is_fresh(rec.checked_ms, now);
     // Taken before any read below, so what they find may be kept as of it.
     let generation = inner.ports.kv.generation();
-    let warm_tags = generation.map(|_| inner.slots.get::<WarmTags>());
-    if let (Some(g), Some(tags)) = (generation, &warm_tags) {
+    let tags = &inner.warm_tags;
+    if let Some(g) = generation {
         if let Some(w) = tags.get(g, &path) {
             if fresh(&w.rec) && accept.accepts(&w.media_type) {
                 inner.metrics.hit(&ctx.up.host);
@@ -318,7 +318,7 @@ async fn get_tag(ctx: &Ctx<'_>, tag: &Tag, accept: &AcceptSet, notes: &Notes) ->
             inner.metrics.hit(&ctx.up.host);
             let ready = ready(&rec.digest, stored.clone())?;
             let resp = ready.respond(ctx.head);
-            if let (true, Some(g), Some(tags)) = (linked, generation, &warm_tags) {
+            if let (true, Some(g)) = (linked, generation) {
                 let warm = Warm {
                     rec: rec.clone(),
                     media_type: stored.media_type.clone(),

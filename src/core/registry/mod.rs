@@ -23,4 +23,4 @@ pub(crate) mod tag_flight;
 pub(crate) mod tags;
 mod transfer;
 pub mod upstream;
-mod warm_tags;
+pub(crate) mod warm_tags;
