@@ -8,6 +8,13 @@ pub fn rfc3339(ms: u64) -> String {
     String::from_utf8_lossy(&out[..n]).into_owned()
 }
 
+/// [`rfc3339`] as ASCII bytes, without allocating.
+pub fn rfc3339_millis(ms: u64) -> [u8; 24] {
+    let mut out = [0u8; 24];
+    write_rfc3339(&mut out, ms / 1000, ms % 1000, 3);
+    out
+}
+
 /// Formats µs since the epoch as RFC 3339 UTC with microseconds
 /// (`2026-11-22T00:01:02.003004Z`, the log lines' timestamps), as ASCII bytes.
 pub fn rfc3339_micros(us: u64) -> [u8; 27] {
@@ -58,6 +65,10 @@ mod tests {
     #[test]
     fn rfc3339_dates() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(
+            &rfc3339_millis(1_795_305_662_003),
+            rfc3339(1_795_305_662_003).as_bytes()
+        );
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339(1_795_305_662_003), "2026-11-22T00:01:02.003Z");
         assert_eq!(rfc3339(253_402_300_799_999), "9999-12-31T23:59:59.999Z");

@@ -141,7 +141,7 @@ pub(crate) fn format_line(out: &mut Vec<u8>, format: LogFormat, ts: &[u8], a: &A
 }
 
 /// An address as it displays (`203.0.113.7`, `2001:db8::7`); IPv4 without `fmt`.
-fn ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
+pub(crate) fn ip(out: &mut Vec<u8>, ip: std::net::IpAddr) {
     match ip {
         std::net::IpAddr::V4(v4) => {
             for (i, octet) in v4.octets().into_iter().enumerate() {
@@ -180,7 +180,7 @@ fn json_raw(out: &mut Vec<u8>, key: &str, value: &[u8]) {
 }
 
 /// `n` in decimal.
-fn itoa(mut n: u64) -> Digits {
+pub(crate) fn itoa(mut n: u64) -> Digits {
     let mut d = Digits {
         buf: [0; 20],
         start: 20,
@@ -195,7 +195,7 @@ fn itoa(mut n: u64) -> Digits {
     }
 }
 
-struct Digits {
+pub(crate) struct Digits {
     buf: [u8; 20],
     start: usize,
 }

@@ -340,7 +340,7 @@ impl Drop for LogLine {
         }
         let cache = self.info.as_ref().map_or("-", |i| i.cache.as_str());
         if audit::is_audited(route) {
-            self.audit.record(&audit::to_record(&audit::Entry {
+            self.audit.record_entry(&audit::Entry {
                 now_ms: SystemClock.now_ms(),
                 identity: self.info.as_ref().and_then(|i| i.identity.as_deref()),
                 ip: self.ip,
@@ -353,7 +353,7 @@ impl Drop for LogLine {
                 cache,
                 digest: self.digest.as_ref().and_then(|d| d.to_str().ok()),
                 aborted: self.failed,
-            }));
+            });
         }
     }
 }

@@ -134,7 +134,7 @@ async fn fetch(
     ctx: &Ctx<'_>,
     reference: &str,
     expect: Option<&Digest>,
-    accept: &AcceptSet,
+    accept: &AcceptSet<'_>,
     notes: &Notes,
 ) -> Result<(Digest, StoredManifest), Fetch> {
     let what = format!("manifest {}:{reference}", ctx.name);
@@ -239,7 +239,7 @@ fn unknown(ctx: &Ctx<'_>, reference: &str) -> RegistryError {
 pub(crate) async fn get(
     ctx: &Ctx<'_>,
     reference: &Reference,
-    accept: &AcceptSet,
+    accept: &AcceptSet<'_>,
 ) -> Result<(Response<Body>, CacheStatus), RegistryError> {
     let notes = Notes::default();
     let mut out = match reference {
@@ -255,7 +255,7 @@ pub(crate) async fn get(
 async fn get_digest(
     ctx: &Ctx<'_>,
     d: &Digest,
-    accept: &AcceptSet,
+    accept: &AcceptSet<'_>,
     notes: &Notes,
 ) -> Result<(Response<Body>, CacheStatus), RegistryError> {
     let m = &ctx.inner.metrics;
@@ -286,7 +286,7 @@ struct TagKey {
 /// type.
 type Cached = Option<(TagRecord, StoredManifest)>;
 
-async fn get_tag(ctx: &Ctx<'_>, tag: &Tag, accept: &AcceptSet, notes: &Notes) -> Served {
+async fn get_tag(ctx: &Ctx<'_>, tag: &Tag, accept: &AcceptSet<'_>, notes: &Notes) -> Served {
     let inner = ctx.inner;
     let path = keys::tag_path(
         &ctx.up.host,
@@ -364,7 +364,7 @@ async fn followed(
     ctx: &Ctx<'_>,
     tag: &Tag,
     outcome: TagOutcome,
-    accept: &AcceptSet,
+    accept: &AcceptSet<'_>,
     notes: &Notes,
     cached: &Cached,
     now: u64,
@@ -402,7 +402,7 @@ async fn followed(
 async fn from_upstream(
     ctx: &Ctx<'_>,
     tag: &Tag,
-    accept: &AcceptSet,
+    accept: &AcceptSet<'_>,
     notes: &Notes,
     key: &TagKey,
     cached: &Cached,
@@ -426,7 +426,7 @@ async fn from_upstream(
 async fn load_cached(
     ctx: &Ctx<'_>,
     key: &str,
-    accept: &AcceptSet,
+    accept: &AcceptSet<'_>,
 ) -> Result<Cached, RegistryError> {
     let Some(rec) = load_record(ctx, key).await? else {
         return Ok(None);
@@ -467,7 +467,7 @@ fn stale_or(ctx: &Ctx<'_>, cached: &Cached, now: u64, e: RegistryError) -> Serve
 async fn revalidate(
     ctx: &Ctx<'_>,
     tag: &Tag,
-    accept: &AcceptSet,
+    accept: &AcceptSet<'_>,
     notes: &Notes,
     key: &TagKey,
     cached: &Cached,

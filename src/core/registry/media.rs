@@ -8,6 +8,8 @@
 //! it excludes its media type even when a wildcard (`*/*`) would take it. Other weights do not
 //! change the choice: pullgate takes whatever the upstream picked among the acceptable types.
 
+use std::borrow::Cow;
+
 /// OCI image manifest.
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 /// OCI image index.
@@ -31,13 +33,17 @@ pub mod header {
 }
 
 /// The media types a client accepts.
+///
+/// It borrows the request's header values (a media type is copied only when it must be
+/// lowercased): this runs on every manifest request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AcceptSet {
+pub struct AcceptSet<'a> {
     any: bool,
-    types: Vec<String>,
+    types: Vec<Cow<'a, str>>,
     /// Media types listed with `q=0`.
-    refused: Vec<String>,
-    raw: Option<String>,
+    refused: Vec<Cow<'a, str>>,
+    /// The header values as sent.
+    raw: &'a [&'a str],
 }
 
 /// Which tag record a client's `Accept` maps to.
@@ -60,14 +66,19 @@ impl AcceptClass {
 }
 
 /// Parses all `Accept` header values of a request (joined with `,`).
-pub fn parse_accept(values: &[&str]) -> AcceptSet {
+pub fn parse_accept<'a>(values: &'a [&'a str]) -> AcceptSet<'a> {
     let mut types = Vec::new();
     let mut refused = Vec::new();
     let mut any = values.is_empty();
     for v in values {
         for item in v.split(',') {
             let mut parts = item.split(';');
-            let t = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let t = parts.next().unwrap_or("").trim();
+            let t = if t.bytes().any(|b| b.is_ascii_uppercase()) {
+                Cow::Owned(t.to_ascii_lowercase())
+            } else {
+                Cow::Borrowed(t)
+            };
             if t.is_empty() {
                 continue;
             }
@@ -89,11 +100,7 @@ pub fn parse_accept(values: &[&str]) -> AcceptSet {
         any,
         types,
         refused,
-        raw: if values.is_empty() {
-            None
-        } else {
-            Some(values.join(", "))
-        },
+        raw: values,
     }
 }
 
@@ -110,7 +117,7 @@ fn is_zero_weight(param: &str) -> bool {
     int == "0" && frac.chars().all(|c| c == '0')
 }
 
-impl AcceptSet {
+impl AcceptSet<'_> {
     /// Does the client take `media_type`?
     pub fn accepts(&self, media_type: &str) -> bool {
         if self.refused.iter().any(|t| t == media_type) {
@@ -130,8 +137,8 @@ impl AcceptSet {
 
     /// The `Accept` to send upstream: the client's, or every manifest type.
     pub fn upstream_value(&self) -> String {
-        match &self.raw {
-            Some(r) if !self.any => r.clone(),
+        match self.raw {
+            r if !r.is_empty() && !self.any => r.join(", "),
             _ => DEFAULT_ACCEPT
                 .split(", ")
                 .filter(|t| !self.refused.iter().any(|r| r == t))
@@ -197,18 +204,21 @@ mod tests {
         assert!(!a.accepts(OCI_INDEX));
         assert_eq!(a.class(), AcceptClass::Single);
         for zero in ["q=0", "q=0.0", "Q=0.000", " q = 0 "] {
-            let set = parse_accept(&[&format!("{OCI_INDEX};{zero}"), OCI_MANIFEST]);
+            let refused = format!("{OCI_INDEX};{zero}");
+            let values = [refused.as_str(), OCI_MANIFEST];
+            let set = parse_accept(&values);
             assert!(!set.accepts(OCI_INDEX), "{zero}");
             assert!(set.accepts(OCI_MANIFEST), "{zero}");
         }
-        let low = parse_accept(&[&format!("{OCI_INDEX};q=0.001")]);
+        let low = format!("{OCI_INDEX};q=0.001");
+        let low_values = [low.as_str()];
+        let low = parse_accept(&low_values);
         assert!(low.accepts(OCI_INDEX));
         // A refusal beats a wildcard.
-        let wild = parse_accept(&[
-            "*/*",
-            &format!("{DOCKER_LIST};q=0"),
-            &format!("{OCI_INDEX};q=0"),
-        ]);
+        let (list_refused, index_refused) =
+            (format!("{DOCKER_LIST};q=0"), format!("{OCI_INDEX};q=0"));
+        let wild_values = ["*/*", list_refused.as_str(), index_refused.as_str()];
+        let wild = parse_accept(&wild_values);
         assert!(wild.accepts(OCI_MANIFEST));
         assert_eq!(wild.class(), AcceptClass::Single);
         assert_eq!(
@@ -216,7 +226,8 @@ mod tests {
             format!("{OCI_MANIFEST}, {DOCKER_MANIFEST}")
         );
         // Refusing everything listed is not "no preference".
-        let none = parse_accept(&[&format!("{OCI_INDEX};q=0")]);
+        let none_values = [index_refused.as_str()];
+        let none = parse_accept(&none_values);
         assert!(!none.accepts(OCI_INDEX) && !none.accepts(OCI_MANIFEST));
         let star_refused = parse_accept(&["*/*;q=0", OCI_MANIFEST]);
         assert!(star_refused.accepts(OCI_MANIFEST) && !star_refused.accepts(OCI_INDEX));
