@@ -8,6 +8,8 @@
 #   bench/cold_ab.sh                                     # 5 layers of 256 MiB, current build
 #   PULLGATE_BIN_B=<another build> bench/cold_ab.sh      # + a second build, interleaved
 #   ROUNDS=7 SIZE_MIB=128 bench/cold_ab.sh
+#   SYNC=1 bench/cold_ab.sh          # `sync` before every GET (no writeback of earlier GETs
+#                                    #   competing with the next)
 #   PERF=1 bench/cold_ab.sh          # + `perf record -g` of build A over every round
 #                                    #   (target/cold.perf.data; PERF_ARGS, PERF_OUT)
 #
@@ -94,6 +96,9 @@ for ((r = 0; r < ROUNDS; r++)); do
     line=""
     for who in "${order[@]}"; do
         pid=""; [ "$who" = a ] && pid="$A_PID"; [ "$who" = b ] && pid="${B_PID:-}"
+        # SYNC=1: write back what earlier GETs left dirty first, so the kernel's writeback
+        # does not compete with this GET for the cores.
+        [ "${SYNC:-0}" = 1 ] && sync
         [ -n "$pid" ] && t0="$(ticks "$pid")"
         t="$(get "$who" "$d")"
         [ -n "$pid" ] && CPU[$who]="${CPU[$who]:-0} + $(ticks "$pid") - $t0"

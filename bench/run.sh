@@ -8,7 +8,8 @@
 #
 # Measures, side by side in one run (the machine is shared and noisy, so read the ratios):
 #   1. warm blob throughput (median MiB/s of sequential GETs after one warming GET)
-#   2. cold blob GET time through each cache vs directly from the upstream (medians, each cold)
+#   2. cold blob GET time through each cache vs directly from the upstream (medians, each cold,
+#      each after a `sync`)
 #   3. upstream blob GETs for N concurrent cold pulls of one layer (+ sha256 of every download)
 #   4. warm manifest-by-tag requests/s (wrk, or a bounded python loader when wrk is missing),
 #      against a bare multi-threaded hyper server answering the same manifest (the ceiling)
@@ -375,6 +376,9 @@ for ((i = 0; i < COLD_RUNS; i++)); do
     order=(direct pg peer)
     order=("${order[@]:$((i % 3))}" "${order[@]:0:$((i % 3))}")
     for who in "${order[@]}"; do
+        # Every cold GET starts with nothing dirty in the page cache: the earlier rows write
+        # gigabytes, and their writeback would otherwise land on whichever GET runs then.
+        sync
         case "$who" in
             direct) cold_direct+=("$(timed_get "$(blob_url "$UP" "$d")")") ;;
             pg) cold_pg+=("$(timed_get "$(blob_url "$PG" "$d")")") ;;
