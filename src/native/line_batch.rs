@@ -79,7 +79,8 @@ pub(crate) fn install(sink: AuditSink) -> Batching {
 
 impl Drop for Batching {
     fn drop(&mut self) {
-        if let Some(mut b) = BATCH.with(|b| b.borrow_mut().take()) {
+        let taken = BATCH.try_with(|b| b.try_borrow_mut().ok().and_then(|mut b| b.take()));
+        if let Ok(Some(mut b)) = taken {
             b.flush(Line::Access);
             b.flush(Line::Audit);
         }
@@ -99,38 +100,31 @@ pub(crate) async fn flusher() {
 }
 
 fn flush_all() {
-    BATCH.with(|b| {
-        if let Ok(mut b) = b.try_borrow_mut() {
-            if let Some(b) = b.as_mut() {
-                b.armed = false;
-                b.flush(Line::Access);
-                b.flush(Line::Audit);
-            }
-        }
+    with_batch(|b| {
+        b.armed = false;
+        b.flush(Line::Access);
+        b.flush(Line::Audit);
     });
 }
 
 /// Hands over this thread's access lines now (before another log line of the thread).
 pub(crate) fn flush_access() {
-    BATCH.with(|b| {
-        if let Ok(mut b) = b.try_borrow_mut() {
-            if let Some(b) = b.as_mut() {
-                b.flush(Line::Access);
-            }
-        }
-    });
+    with_batch(|b| b.flush(Line::Access));
+}
+
+/// `f` on this thread's batch; None when the thread batches nothing (or is ending, or is
+/// inside another use of its batch).
+fn with_batch<T>(f: impl FnOnce(&mut Batch) -> T) -> Option<T> {
+    BATCH
+        .try_with(|b| b.try_borrow_mut().ok()?.as_mut().map(f))
+        .ok()
+        .flatten()
 }
 
 /// Appends one line of `kind`, written by `write` (which must end it with a newline), to this
 /// thread's batch; false, with nothing written, when this thread batches nothing.
 pub(crate) fn append(kind: Line, write: impl FnOnce(&mut Vec<u8>)) -> bool {
-    BATCH.with(|b| {
-        let Ok(mut b) = b.try_borrow_mut() else {
-            return false;
-        };
-        let Some(b) = b.as_mut() else {
-            return false;
-        };
+    with_batch(|b| {
         let buf = match kind {
             Line::Access => &mut b.access,
             Line::Audit => {
@@ -145,8 +139,8 @@ pub(crate) fn append(kind: Line, write: impl FnOnce(&mut Vec<u8>)) -> bool {
             b.armed = true;
             b.wake.notify_one();
         }
-        true
     })
+    .is_some()
 }
 
 #[cfg(test)]
