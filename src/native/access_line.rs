@@ -30,13 +30,7 @@ pub(crate) fn write(a: &AccessLog<'_>) -> bool {
     if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
         return true;
     }
-    // The host reads the wall clock here, as the log timer does.
-    #[allow(clippy::disallowed_methods)]
-    let now = std::time::SystemTime::now();
-    let us = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-    let ts = crate::core::time::rfc3339_micros(us);
+    let ts = super::logging::stamp_now();
     let batched = super::line_batch::append(super::line_batch::Line::Access, |out| {
         format_line(out, *format, &ts, a)
     });
@@ -65,20 +59,21 @@ pub(crate) fn format_line(out: &mut Vec<u8>, format: LogFormat, ts: &[u8], a: &A
     let identity = i.and_then(|i| i.identity.as_deref()).unwrap_or("-");
     let error = i.and_then(|i| i.error.as_deref());
     let ms = a.ms.map(|ms| u64::try_from(ms).unwrap_or(u64::MAX));
+    // The string fields, in the event's order.
+    let fields: [(&str, &str); 6] = [
+        ("method", a.method),
+        ("path", a.path),
+        ("route", route),
+        ("upstream", upstream),
+        ("cache", cache),
+        ("identity", identity),
+    ];
     match format {
         LogFormat::Text => {
             out.extend_from_slice(ts);
             out.extend_from_slice(b"  INFO ");
             out.extend_from_slice(ACCESS_TARGET.as_bytes());
             out.extend_from_slice(b":");
-            let fields: [(&str, &str); 6] = [
-                ("method", a.method),
-                ("path", a.path),
-                ("route", route),
-                ("upstream", upstream),
-                ("cache", cache),
-                ("identity", identity),
-            ];
             for (k, v) in fields {
                 text_field(out, k, v.as_bytes());
             }
@@ -104,14 +99,6 @@ pub(crate) fn format_line(out: &mut Vec<u8>, format: LogFormat, ts: &[u8], a: &A
             out.extend_from_slice(b"{\"timestamp\":\"");
             out.extend_from_slice(ts);
             out.extend_from_slice(b"\",\"level\":\"INFO\"");
-            let fields: [(&str, &str); 6] = [
-                ("method", a.method),
-                ("path", a.path),
-                ("route", route),
-                ("upstream", upstream),
-                ("cache", cache),
-                ("identity", identity),
-            ];
             for (k, v) in fields {
                 json_str(out, k, v);
             }

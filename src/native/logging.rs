@@ -89,15 +89,20 @@ struct LogTime;
 
 impl tracing_subscriber::fmt::time::FormatTime for LogTime {
     fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
-        // The host reads the wall clock here, as the default timer does.
-        #[allow(clippy::disallowed_methods)]
-        let now = std::time::SystemTime::now();
-        let us = now
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
-        let stamp = crate::core::time::rfc3339_micros(us);
+        let stamp = stamp_now();
         w.write_str(std::str::from_utf8(&stamp).map_err(|_| std::fmt::Error)?)
     }
+}
+
+/// Now, as the lines' timestamp (RFC 3339 UTC with microseconds).
+pub(crate) fn stamp_now() -> [u8; 27] {
+    // The host reads the wall clock here, as the default timer does.
+    #[allow(clippy::disallowed_methods)]
+    let now = std::time::SystemTime::now();
+    let us = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    crate::core::time::rfc3339_micros(us)
 }
 
 /// The log writer, as the formatter takes it: a worker's batched access lines go out before
