@@ -24,7 +24,7 @@ pub(crate) fn install(writer: NonBlocking, format: LogFormat) {
 /// Writes `a`'s line; false when the native subscriber is not the one installed (the caller
 /// then emits the `tracing` event).
 pub(crate) fn write(a: &AccessLog<'_>) -> bool {
-    let Some((writer, format)) = SINK.get() else {
+    let Some((_, format)) = SINK.get() else {
         return false;
     };
     if !tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO) {
@@ -37,8 +37,7 @@ pub(crate) fn write(a: &AccessLog<'_>) -> bool {
     if !batched {
         let mut line = Vec::with_capacity(320);
         format_line(&mut line, *format, &ts, a);
-        // A full queue drops (and counts) the line, as it does every other.
-        let _ = writer.clone().write_all(&line);
+        send(&line);
     }
     true
 }
@@ -46,6 +45,7 @@ pub(crate) fn write(a: &AccessLog<'_>) -> bool {
 /// Hands whole lines (a worker's batch) to the log writer.
 pub(crate) fn send(lines: &[u8]) {
     if let Some((writer, _)) = SINK.get() {
+        // A full queue drops (and counts) the lines, as it does every other.
         let _ = writer.clone().write_all(lines);
     }
 }

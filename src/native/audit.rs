@@ -176,23 +176,6 @@ impl AuditSink {
     /// Queues one record (serialized as one line of JSON); drops (and counts) it when the
     /// queue is full.
     pub fn record<R: Serialize>(&self, record: &R) {
-        // On a worker, the record joins the worker's batch (see `line_batch`).
-        let mut failed = false;
-        let batched = super::line_batch::append(super::line_batch::Line::Audit, |out| {
-            let len = out.len();
-            if serde_json::to_writer(&mut *out, record).is_err() {
-                out.truncate(len);
-                failed = true;
-            } else {
-                out.push(b'\n');
-            }
-        });
-        if failed {
-            self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-        }
-        if batched {
-            return;
-        }
         let mut line = Vec::with_capacity(LINE_CAPACITY);
         if serde_json::to_writer(&mut line, record).is_err() {
             // Only a record type that refuses to serialize gets here; none of ours does.
