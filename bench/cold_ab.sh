@@ -10,6 +10,9 @@
 #   ROUNDS=7 SIZE_MIB=128 bench/cold_ab.sh
 #   SYNC=1 bench/cold_ab.sh          # `sync` before every GET (no writeback of earlier GETs
 #                                    #   competing with the next)
+#   PRIME=1 bench/cold_ab.sh         # before every GET, write and free twice a layer in
+#                                    #   /dev/shm, so the fill writes into memory the guest
+#                                    #   holds (as bench/run.sh does; see bench/profile.md)
 #   PERF=1 bench/cold_ab.sh          # + `perf record -g` of build A over every round
 #                                    #   (target/cold.perf.data; PERF_ARGS, PERF_OUT)
 #
@@ -99,6 +102,10 @@ for ((r = 0; r < ROUNDS; r++)); do
         # SYNC=1: write back what earlier GETs left dirty first, so the kernel's writeback
         # does not compete with this GET for the cores.
         [ "${SYNC:-0}" = 1 ] && sync
+        if [ "${PRIME:-0}" = 1 ]; then
+            dd if=/dev/zero of="/dev/shm/pullgate-coldab-prime.$$" bs=4M count=$((SIZE_MIB / 2)) status=none
+            rm -f "/dev/shm/pullgate-coldab-prime.$$"
+        fi
         [ -n "$pid" ] && t0="$(ticks "$pid")"
         t="$(get "$who" "$d")"
         [ -n "$pid" ] && CPU[$who]="${CPU[$who]:-0} + $(ticks "$pid") - $t0"

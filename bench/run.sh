@@ -29,6 +29,9 @@
 #   BENCH_WRK_THREADS   wrk threads (default 2)
 #   BENCH_AGG_CLIENTS   concurrent warm clients for the aggregate row (default 16)
 #   BENCH_AGG_RUNS      rounds of the aggregate row (default 3)
+#   BENCH_PRIME         1 (default): before each cold GET, write and free twice a layer's size
+#                       in /dev/shm, so a cache writes the layer into memory the guest holds
+#                       (see row 2); 0: leave memory as earlier rows left it
 #   BENCH_DEADLINE      seconds after which the script stops itself (default 900)
 #   BENCH_RESULTS_MD    where to write the markdown (default bench/results.md)
 #   PULLGATE_BIN        use this binary instead of building with `cargo build --release`
@@ -312,9 +315,12 @@ log "peer (docker-registry proxy) on $PEER (pid $PEER_PID)"
 
 blob_url() { echo "$1/v2/$REPO/blobs/$2"; }
 
-timed_get() { # url -> prints seconds; dies unless 200 with the whole layer
-    local out code size t
-    out="$(curl -s -o /dev/null --max-time "$XFER_MAX" -w '%{http_code} %{size_download} %{time_total}' "$1" || true)"
+timed_get() { # url -> prints seconds; dies unless 200 with the whole layer. With TIMED_CPU set,
+    # curl's user and system CPU seconds go to that file.
+    local out code size t TIMEFORMAT='%3U %3S'
+    { time curl -s -o /dev/null --max-time "$XFER_MAX" -w '%{http_code} %{size_download} %{time_total}' "$1" \
+        >"$WORK/timed_get.out" || true; } 2>"${TIMED_CPU:-/dev/null}"
+    out="$(cat "$WORK/timed_get.out")"
     read -r code size t <<<"$out"
     [ "$code" = 200 ] && [ "$size" = "$SIZE_BYTES" ] || die "GET $1: HTTP ${code:-?}, ${size:-?} bytes (want 200, $SIZE_BYTES)"
     echo "$t"
@@ -369,23 +375,67 @@ put warm_ok "$warm_ok"
 # 2. cold time vs direct
 
 log "2. cold GETs: $COLD_RUNS runs, each with a layer neither cache has seen; order rotates"
-cold_pg=(); cold_peer=(); cold_direct=()
+cold_pg=(); cold_peer=(); cold_direct=(); direct_cpu=(); after_pg=(); after_peer=()
+# The servers' CPU seconds since ticks were read as "$1" (upstream pullgate peer).
+all_ticks() { echo "$(cpu_ticks "$UP_PID") $(cpu_ticks "$PG_PID") $(cpu_ticks "$PEER_PID")"; }
+# Waits until no server has used CPU for 0.3 s (at most 15 s): a cache may go on working after
+# its answer ended (the peer commits a proxied blob only then, re-reading it), and that work
+# must not land on the next GET. Prints the ticks the servers used meanwhile.
+settle() {
+    local before now last i
+    before="$(all_ticks)"; last="$before"
+    for ((i = 0; i < 50; i++)); do
+        sleep 0.3
+        now="$(all_ticks)"
+        [ "$now" = "$last" ] && break
+        last="$now"
+    done
+    awk -v a="$before" -v b="$now" 'BEGIN{split(a, x); split(b, y); print y[1]-x[1], y[2]-x[2], y[3]-x[3]}'
+}
+# This VM hands freed memory back to its host (virtio-balloon free page reporting): the first
+# write to such a page costs a host fault, and a buffered write of a layer into it took 0.61 s
+# against 0.12 s into memory the guest held (bench/profile.md). Every cold GET of a cache
+# writes a whole layer, so without priming its time depends on what earlier rows freed and
+# when. Priming writes and frees twice a layer in /dev/shm just before the GET, for every GET
+# alike (the direct GET writes nothing and does not need it).
+prime() {
+    [ "${BENCH_PRIME:-1}" = 1 ] && [ -d /dev/shm ] || return 0
+    dd if=/dev/zero of="/dev/shm/pullgate-bench-prime.$$" bs=4M count=$((SIZE_MIB / 2)) status=none 2>/dev/null || true
+    rm -f "/dev/shm/pullgate-bench-prime.$$"
+}
 pg_t0="$(cpu_ticks "$PG_PID")"; peer_t0="$(cpu_ticks "$PEER_PID")"
 for ((i = 0; i < COLD_RUNS; i++)); do
     d="${COLD[$i]}"
     order=(direct pg peer)
     order=("${order[@]:$((i % 3))}" "${order[@]:0:$((i % 3))}")
     for who in "${order[@]}"; do
-        # Every cold GET starts with nothing dirty in the page cache: the earlier rows write
-        # gigabytes, and their writeback would otherwise land on whichever GET runs then.
+        # Every cold GET starts with nothing dirty in the page cache (the earlier rows write
+        # gigabytes, and their writeback would otherwise land on whichever GET runs then),
+        # with memory primed, and once every server is idle.
         sync
+        prime
+        settle >/dev/null
         case "$who" in
-            direct) cold_direct+=("$(timed_get "$(blob_url "$UP" "$d")")") ;;
-            pg) cold_pg+=("$(timed_get "$(blob_url "$PG" "$d")")") ;;
-            peer) cold_peer+=("$(timed_get "$(blob_url "$PEER" "$d")")") ;;
+            direct)
+                up0="$(cpu_ticks "$UP_PID")"
+                cold_direct+=("$(TIMED_CPU="$WORK/direct.cpu" timed_get "$(blob_url "$UP" "$d")")")
+                # CPU of the transfer alone: the upstream sending and curl receiving.
+                direct_cpu+=("$(awk -v a="$up0" -v b="$(cpu_ticks "$UP_PID")" -v hz="$CLK_TCK" -v c="$(cat "$WORK/direct.cpu")" \
+                    'BEGIN{split(c, x); printf "%.3f", (b - a) / hz + x[1] + x[2]}')")
+                ;;
+            pg)
+                cold_pg+=("$(timed_get "$(blob_url "$PG" "$d")")")
+                read -r _ after _ < <(settle)
+                after_pg+=("$(awk -v t="$after" -v hz="$CLK_TCK" 'BEGIN{printf "%.2f", t / hz}')")
+                ;;
+            peer)
+                cold_peer+=("$(timed_get "$(blob_url "$PEER" "$d")")")
+                read -r _ _ after < <(settle)
+                after_peer+=("$(awk -v t="$after" -v hz="$CLK_TCK" 'BEGIN{printf "%.2f", t / hz}')")
+                ;;
         esac
     done
-    log "   run $((i + 1)) (${order[*]}): direct ${cold_direct[-1]} s, pullgate ${cold_pg[-1]} s, peer ${cold_peer[-1]} s"
+    log "   run $((i + 1)) (${order[*]}): direct ${cold_direct[-1]} s (${direct_cpu[-1]} CPU s), pullgate ${cold_pg[-1]} s (+${after_pg[-1]} CPU s after), peer ${cold_peer[-1]} s (+${after_peer[-1]} CPU s after)"
 done
 put cpu_cold_pg "$(cpu_per_gib "$pg_t0" "$(cpu_ticks "$PG_PID")" $((COLD_RUNS * SIZE_BYTES)))"
 put cpu_cold_peer "$(cpu_per_gib "$peer_t0" "$(cpu_ticks "$PEER_PID")" $((COLD_RUNS * SIZE_BYTES)))"
@@ -411,6 +461,9 @@ done
 put cold_pg_s "${cold_pg[*]}"
 put cold_peer_s "${cold_peer[*]}"
 put cold_direct_s "${cold_direct[*]}"
+put cold_direct_cpu "${direct_cpu[*]}"
+put cold_pg_after "${after_pg[*]}"
+put cold_peer_after "${after_peer[*]}"
 put cold_ok "$cold_ok"
 
 # ---------------------------------------------------------------------------------------------
