@@ -517,6 +517,37 @@ fn twenty_concurrent_bad_logins_get_429_after_the_limit_and_healthz_keeps_answer
 }
 
 #[test]
+fn failed_logins_lock_out_across_both_workers() {
+    let (registry, _, _) = upstream();
+    let pg = start(
+        &registry,
+        "[server]\nworkers = 2\n[rate_limit]\nlogin_failures = 2\nlockout = \"60s\"\n",
+    );
+    // Each login on a new connection: the connections alternate between the two threads, so
+    // per-thread lockout tables would let two failures through on each.
+    let login = |password: &str| {
+        loopback_client()
+            .get(format!("{}/v2/", pg.url()))
+            .header("connection", "close")
+            .basic_auth("alice", Some(password))
+            .send()
+            .expect("GET /v2/")
+            .status()
+            .as_u16()
+    };
+    let answers: Vec<u16> = ["wrong", "wrong", "wrong", "wrong", PASSWORD]
+        .iter()
+        .map(|p| login(p))
+        .collect();
+    assert_eq!(answers, [401, 401, 429, 429, 429], "{}", pg.log_tail());
+    assert_eq!(
+        pg.metrics().total(PASSWORD_CHECKS) as usize,
+        2,
+        "locked logins are not checked"
+    );
+}
+
+#[test]
 fn unknown_names_cost_the_same_verification_as_known_ones() {
     let (registry, _, _) = upstream();
     // No lockouts, no limits: every login is checked, and timed.

@@ -74,6 +74,18 @@ impl App {
         self
     }
 
+    /// Checks logins against `lockouts` instead of a table of this instance's own, so failed
+    /// logins lock a client or a name out of every instance that shares it (native: the
+    /// serving threads of one process).
+    pub fn with_login_lockouts(self, lockouts: crate::core::access::limit::LoginLockouts) -> App {
+        let port = self
+            .inner
+            .slots
+            .get::<crate::core::access::limit::LoginPort>();
+        *port.0.borrow_mut() = lockouts;
+        self
+    }
+
     /// Coordinates this instance's tag revalidations with other instances' through `flights`
     /// (a Durable Object per tag on Workers), so a burst for a stale or missing tag makes one
     /// upstream request; without it every instance asks the upstream for itself.

@@ -7,6 +7,9 @@
 //!   [`TagFlights`] port). A burst of nodes pulling a tag that just went stale makes one
 //!   upstream request; the others, on any thread, serve the digest it resolved.
 //!
+//! - Login lockouts: one [`LoginLockouts`](crate::core::access::limit::LoginLockouts) table
+//!   (the core's own type, shared by its clones). With one per thread, `login_failures = 5`
+//!   allowed five failed logins per thread before a lockout.
 //! - [`ProcessTokens`]: upstream bearer tokens (the core's [`TokenStore`] port), so a token one
 //!   thread fetched is used by the others until it expires, instead of one token request per
 //!   thread (Docker Hub rate-limits token requests too).

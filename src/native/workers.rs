@@ -21,6 +21,7 @@
 //!   thread *leads* (following another thread's fill takes no slot), so a process leads at
 //!   most `workers` × `max_fills`.
 
+use crate::core::access::limit::LoginLockouts;
 use crate::core::app::{App, GatewayShare};
 use crate::core::config::Settings;
 use crate::native::fills::SharedFills;
@@ -51,9 +52,10 @@ struct Shared {
     kv: store::RedbKv,
     blobs: store::FsBlobStore,
     fills: SharedFills,
-    /// `[rate_limit]` buckets, upstream tokens and tag revalidations, per process (not per
-    /// thread).
+    /// `[rate_limit]` buckets, login lockouts, upstream tokens and tag revalidations, per
+    /// process (not per thread).
     buckets: shared::ProcessBuckets,
+    logins: LoginLockouts,
     tokens: shared::ProcessTokens,
     tags: shared::ProcessTagFlights,
     /// The audit log's queue (one writer thread per process).
@@ -127,6 +129,7 @@ pub fn serve(p: Prepared) -> Result<(), String> {
         settings: p.settings,
         fills: SharedFills::new(blobs.clone()),
         buckets: shared::ProcessBuckets::default(),
+        logins: LoginLockouts::default(),
         tokens: shared::ProcessTokens::default(),
         // A lead holds a tag for its HEAD and GET, each bounded by the upstream timeout.
         tags: shared::ProcessTagFlights::new(tag_lease_ms),
@@ -391,6 +394,7 @@ fn instance(shared: &Shared) -> Result<(App, Rc<Cell<usize>>), String> {
     let app = App::sharing(shared.settings.clone(), ports, &shared.gateway)
         .with_fill_coordinator(Rc::new(shared.fills.clone()))
         .with_rate_limits(Rc::new(shared.buckets.clone()))
+        .with_login_lockouts(shared.logins.clone())
         .with_token_store(Rc::new(shared.tokens.clone()))
         .with_tag_flights(Rc::new(shared.tags.clone()));
     Ok((app, fills))

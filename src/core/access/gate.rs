@@ -15,7 +15,7 @@
 //! [`limit`]: crate::core::access::limit
 
 use crate::core::access::caller::{Caller, InternalCall};
-use crate::core::access::limit::{Limiter, Rate, RateLimitPort};
+use crate::core::access::limit::{LoginLockouts, LoginPort, Rate, RateLimitPort};
 use crate::core::access::token::{self, Claims, Grant};
 use crate::core::access::{
     authenticate, basic_credentials, check_password, is_allowed, is_network_allowed, presented,
@@ -33,7 +33,6 @@ use crate::core::time::rfc3339;
 use futures_util::future::LocalBoxFuture;
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use serde_json::json;
-use std::cell::RefCell;
 use std::future::Future;
 use std::net::IpAddr;
 
@@ -81,19 +80,18 @@ impl Offload for CountedOffload<'_> {
     }
 }
 
-/// Checks reserved on the limiter; released if the request goes away before the check ends.
-struct Attempt<'a> {
-    limiter: &'a RefCell<Limiter>,
+/// Checks reserved on the lockout table; released if the request goes away before the check
+/// ends.
+struct Attempt {
+    logins: LoginLockouts,
     keys: Vec<String>,
     open: bool,
 }
 
-impl Drop for Attempt<'_> {
+impl Drop for Attempt {
     fn drop(&mut self) {
         if self.open {
-            if let Ok(mut l) = self.limiter.try_borrow_mut() {
-                l.login_cancel(&self.keys);
-            }
+            self.logins.cancel(&self.keys);
         }
     }
 }
@@ -121,19 +119,19 @@ where
         keys.push(format!("name:{}", Digest::of(u.as_bytes()).hex()));
     }
     let now = inner.ports.clock.now_ms();
-    inner.limiter.borrow_mut().login_begin(&keys, policy, now)?;
+    let logins = inner.slots.get::<LoginPort>().0.borrow().clone();
+    logins.begin(&keys, policy, now)?;
     let mut attempt = Attempt {
-        limiter: &inner.limiter,
+        logins,
         keys,
         open: true,
     };
     let result = check.await;
     attempt.open = false;
     let now = inner.ports.clock.now_ms();
-    inner
-        .limiter
-        .borrow_mut()
-        .login_end(&attempt.keys, result.is_ok(), policy, now);
+    attempt
+        .logins
+        .end(&attempt.keys, result.is_ok(), policy, now);
     Ok(result)
 }
 

@@ -3,6 +3,7 @@
 //! have many logins in flight at once). What they pin down: limits and lockouts refuse before
 //! any password check, on every route; the realm comes from the configuration only.
 
+use crate::core::access::limit::LoginLockouts;
 use crate::core::access::ClientAddr;
 use crate::core::app::App;
 use crate::core::body::Body;
@@ -355,6 +356,50 @@ fn lockout_backs_off_per_address_and_per_name_and_a_success_resets_it() {
     assert_eq!(
         h.send(&request("/v2/", "192.0.2.7", Some(&bad))).status,
         429
+    );
+}
+
+#[test]
+fn instances_sharing_a_lockout_table_lock_a_client_out_of_all_of_them() {
+    // The native host's serving threads are instances sharing one table: failures counted on
+    // one lock the address and the name out of the others. An instance with a table of its
+    // own (the edge hosts') counts its own.
+    let config = "[rate_limit]\nlogin_failures = 2\nlockout = \"2s\"\n";
+    let offload = Rc::new(FakeOffload::default());
+    let shared = LoginLockouts::default();
+    let sharing = |h: Harness| Harness {
+        app: h.app.with_login_lockouts(shared.clone()),
+        ..h
+    };
+    let a = sharing(harness(config, offload.clone()));
+    let b = sharing(harness(config, offload.clone()));
+    let own = harness(config, offload.clone());
+    let (bad, good) = (basic("alice", "wrong"), basic("alice", PASSWORD));
+    assert_eq!(
+        a.send(&request("/v2/", "192.0.2.7", Some(&bad))).status,
+        401
+    );
+    assert_eq!(
+        b.send(&request("/v2/", "192.0.2.7", Some(&bad))).status,
+        401
+    );
+    for (h, from) in [(&a, "192.0.2.7"), (&b, "192.0.2.7"), (&b, "198.51.100.9")] {
+        let locked = h.send(&request("/v2/", from, Some(&good)));
+        assert_eq!(
+            (locked.status, locked.retry_after.as_deref()),
+            (429, Some("2")),
+            "two failures across the sharing instances lock {from} and the name out of both"
+        );
+    }
+    assert_eq!(
+        own.send(&request("/v2/", "192.0.2.7", Some(&good))).status,
+        200,
+        "an instance with its own table saw no failure"
+    );
+    a.clock.advance(2_000);
+    assert_eq!(
+        a.send(&request("/v2/", "192.0.2.7", Some(&good))).status,
+        200
     );
 }
 

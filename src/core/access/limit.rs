@@ -1,8 +1,9 @@
 //! Token-bucket rate limits per key (identity or client IP), and failed-login lockouts per
 //! key (client IP, user name), decided from the clock port's time. Per core instance, unless
 //! the host hands the core a [`RateLimitStore`] (Spin: its key-value store), which then keeps
-//! the buckets (the refill rule is [`BucketState::take`] either way). Lockouts stay per
-//! instance. How exact a shared store is under concurrency is documented by each host.
+//! the buckets (the refill rule is [`BucketState::take`] either way), or a [`LoginLockouts`]
+//! table other instances also use (native: one per process, so the serving threads share it).
+//! How exact a shared store is under concurrency is documented by each host.
 //!
 //! Lockouts: after [`LoginPolicy::failures`] failed logins for a key, the key is locked for
 //! [`LoginPolicy::lockout_ms`], doubled by each further failure up to
@@ -15,6 +16,7 @@ use crate::core::ports::{BucketLimit, BucketState, BucketTake, RateLimitStore};
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Most keys tracked; the stalest are dropped beyond it.
 const MAX_KEYS: usize = 10_000;
@@ -112,12 +114,50 @@ impl Failures {
     }
 }
 
-/// Buckets and login failures by key.
+/// Rate-limit buckets by key.
 #[derive(Debug, Default)]
 pub struct Limiter {
     buckets: HashMap<String, BucketState>,
+}
+
+/// Failed logins by key: the lockout rule over one table.
+#[derive(Debug, Default)]
+pub struct LoginTable {
     failures: HashMap<String, Failures>,
 }
+
+/// The login lockout table a core instance checks logins against, shareable: clones use the
+/// same table. An instance has one of its own unless the host hands it one its other
+/// instances also use ([`App::with_login_lockouts`](crate::core::app::App::with_login_lockouts)).
+/// The lock is held for a few map operations, never across an await.
+#[derive(Debug, Clone, Default)]
+pub struct LoginLockouts(Arc<Mutex<LoginTable>>);
+
+impl LoginLockouts {
+    fn table(&self) -> MutexGuard<'_, LoginTable> {
+        // Every update is a few map operations: a panicking holder leaves it consistent.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// [`LoginTable::begin`] on the shared table.
+    pub fn begin(&self, keys: &[String], p: LoginPolicy, now_ms: u64) -> Result<(), u64> {
+        self.table().begin(keys, p, now_ms)
+    }
+
+    /// [`LoginTable::end`] on the shared table.
+    pub fn end(&self, keys: &[String], ok: bool, p: LoginPolicy, now_ms: u64) {
+        self.table().end(keys, ok, p, now_ms)
+    }
+
+    /// [`LoginTable::cancel`] on the shared table.
+    pub fn cancel(&self, keys: &[String]) {
+        self.table().cancel(keys)
+    }
+}
+
+/// The instance's login lockout table, kept in a typed slot (see [`LoginLockouts`]).
+#[derive(Default)]
+pub(crate) struct LoginPort(pub RefCell<LoginLockouts>);
 
 impl Limiter {
     /// Takes one token for `key`; Err(ms until one is available) when empty.
@@ -144,11 +184,11 @@ impl Limiter {
     }
 }
 
-impl Limiter {
+impl LoginTable {
     /// Before checking credentials for `keys`: Err(ms to wait) when any key is locked out, or
     /// when the checks already in flight for it use up its budget; otherwise reserves one check
-    /// on every key, which [`Limiter::login_end`] or [`Limiter::login_cancel`] must release.
-    pub fn login_begin(&mut self, keys: &[String], p: LoginPolicy, now_ms: u64) -> Result<(), u64> {
+    /// on every key, which [`LoginTable::end`] or [`LoginTable::cancel`] must release.
+    pub fn begin(&mut self, keys: &[String], p: LoginPolicy, now_ms: u64) -> Result<(), u64> {
         if p.failures == 0 {
             return Ok(());
         }
@@ -183,9 +223,9 @@ impl Limiter {
         Ok(())
     }
 
-    /// Ends the checks [`Limiter::login_begin`] reserved: a success clears the keys, a failure
+    /// Ends the checks [`LoginTable::begin`] reserved: a success clears the keys, a failure
     /// counts against them (and may lock them out).
-    pub fn login_end(&mut self, keys: &[String], ok: bool, p: LoginPolicy, now_ms: u64) {
+    pub fn end(&mut self, keys: &[String], ok: bool, p: LoginPolicy, now_ms: u64) {
         if p.failures == 0 {
             return;
         }
@@ -206,7 +246,7 @@ impl Limiter {
     }
 
     /// Releases reserved checks that never finished (the client went away mid-check).
-    pub fn login_cancel(&mut self, keys: &[String]) {
+    pub fn cancel(&mut self, keys: &[String]) {
         for key in keys {
             if let Some(f) = self.failures.get_mut(key) {
                 f.pending = f.pending.saturating_sub(1);
@@ -283,9 +323,9 @@ mod tests {
         k.iter().map(|s| s.to_string()).collect()
     }
 
-    fn fail(l: &mut Limiter, k: &[String], p: LoginPolicy, now: u64) {
-        l.login_begin(k, p, now).expect("not locked");
-        l.login_end(k, false, p, now);
+    fn fail(l: &mut LoginTable, k: &[String], p: LoginPolicy, now: u64) {
+        l.begin(k, p, now).expect("not locked");
+        l.end(k, false, p, now);
     }
 
     #[test]
@@ -299,36 +339,32 @@ mod tests {
             (0..8).map(|c| p.lockout_for(c)).collect::<Vec<_>>(),
             vec![0, 0, 0, 1_000, 2_000, 4_000, 5_000, 5_000]
         );
-        let mut l = Limiter::default();
+        let mut l = LoginTable::default();
         let k = keys(&["ip:192.0.2.1", "name:alice"]);
         for _ in 0..3 {
             fail(&mut l, &k, p, 0);
         }
-        assert_eq!(l.login_begin(&k, p, 0), Err(1_000), "locked after 3");
-        assert_eq!(l.login_begin(&k, p, 999), Err(1));
+        assert_eq!(l.begin(&k, p, 0), Err(1_000), "locked after 3");
+        assert_eq!(l.begin(&k, p, 999), Err(1));
         fail(&mut l, &k, p, 1_000);
-        assert_eq!(l.login_begin(&k, p, 1_000), Err(2_000), "doubled");
+        assert_eq!(l.begin(&k, p, 1_000), Err(2_000), "doubled");
         assert_eq!(
-            l.login_begin(&keys(&["name:alice"]), p, 2_000),
+            l.begin(&keys(&["name:alice"]), p, 2_000),
             Err(1_000),
             "the name alone is locked too"
         );
         assert!(
-            l.login_begin(&keys(&["ip:192.0.2.2", "name:bob"]), p, 2_000)
+            l.begin(&keys(&["ip:192.0.2.2", "name:bob"]), p, 2_000)
                 .is_ok(),
             "other keys are free"
         );
         // A success clears the keys it was checked under.
-        l.login_begin(&k, p, 3_000).expect("lock over");
-        l.login_end(&k, true, p, 3_000);
+        l.begin(&k, p, 3_000).expect("lock over");
+        l.end(&k, true, p, 3_000);
         for _ in 0..3 {
             fail(&mut l, &k, p, 3_000);
         }
-        assert_eq!(
-            l.login_begin(&k, p, 3_000),
-            Err(1_000),
-            "counting from zero"
-        );
+        assert_eq!(l.begin(&k, p, 3_000), Err(1_000), "counting from zero");
     }
 
     #[test]
@@ -338,26 +374,22 @@ mod tests {
             lockout_ms: 1_000,
             max_lockout_ms: 4_000,
         };
-        let mut l = Limiter::default();
+        let mut l = LoginTable::default();
         let k = keys(&["ip:192.0.2.1"]);
-        assert!(l.login_begin(&k, p, 0).is_ok());
-        assert!(l.login_begin(&k, p, 0).is_ok());
-        assert_eq!(
-            l.login_begin(&k, p, 0),
-            Err(1_000),
-            "two in flight: no third"
-        );
-        l.login_cancel(&k);
+        assert!(l.begin(&k, p, 0).is_ok());
+        assert!(l.begin(&k, p, 0).is_ok());
+        assert_eq!(l.begin(&k, p, 0), Err(1_000), "two in flight: no third");
+        l.cancel(&k);
         assert!(
-            l.login_begin(&k, p, 0).is_ok(),
+            l.begin(&k, p, 0).is_ok(),
             "a cancelled check frees its slot"
         );
-        l.login_end(&k, false, p, 0);
-        l.login_end(&k, false, p, 0);
-        assert_eq!(l.login_begin(&k, p, 0), Err(1_000));
+        l.end(&k, false, p, 0);
+        l.end(&k, false, p, 0);
+        assert_eq!(l.begin(&k, p, 0), Err(1_000));
         // After the lockout, one check at a time.
-        assert!(l.login_begin(&k, p, 1_000).is_ok());
-        assert_eq!(l.login_begin(&k, p, 1_000), Err(1_000));
+        assert!(l.begin(&k, p, 1_000).is_ok());
+        assert_eq!(l.begin(&k, p, 1_000), Err(1_000));
     }
 
     #[test]
@@ -367,19 +399,19 @@ mod tests {
             lockout_ms: 1_000,
             max_lockout_ms: 4_000,
         };
-        let mut l = Limiter::default();
+        let mut l = LoginTable::default();
         let k = keys(&["name:alice"]);
         fail(&mut l, &k, p, 0);
         fail(&mut l, &k, p, 0);
         // Locked until 1_000; remembered until 5_000.
         fail(&mut l, &k, p, 4_999);
-        assert_eq!(l.login_begin(&k, p, 4_999), Err(2_000), "still remembered");
-        let mut l = Limiter::default();
+        assert_eq!(l.begin(&k, p, 4_999), Err(2_000), "still remembered");
+        let mut l = LoginTable::default();
         fail(&mut l, &k, p, 0);
         fail(&mut l, &k, p, 0);
         fail(&mut l, &k, p, 5_000);
         assert!(
-            l.login_begin(&k, p, 5_000).is_ok(),
+            l.begin(&k, p, 5_000).is_ok(),
             "forgotten: the third failure is the first again"
         );
     }
@@ -390,7 +422,7 @@ mod tests {
             failures: 0,
             ..LoginPolicy::default()
         };
-        let mut l = Limiter::default();
+        let mut l = LoginTable::default();
         let k = keys(&["ip:192.0.2.1"]);
         for _ in 0..100 {
             fail(&mut l, &k, off, 0);
