@@ -8,7 +8,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// redb's page cache: metadata is small, and the memory target is tight.
 const REDB_CACHE: usize = 16 << 20;
@@ -32,6 +32,40 @@ pub struct RedbKv {
     path: PathBuf,
     writes: Arc<AtomicU64>,
     cache: RefCell<ReadCache>,
+    tallies: Arc<Mutex<Vec<Tally>>>,
+}
+
+/// Records and value bytes under one key prefix, counted once by [`RedbKv::prefix_usage`] and
+/// then kept by every write (so `/metrics` does not scan every manifest on every scrape).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Tally {
+    prefix: String,
+    records: u64,
+    bytes: u64,
+}
+
+/// What one committed write did to one key: its value's length before and after (None:
+/// absent).
+struct Change {
+    key: String,
+    before: Option<u64>,
+    after: Option<u64>,
+}
+
+impl Tally {
+    fn apply(&mut self, c: &Change) {
+        if !c.key.starts_with(&self.prefix) {
+            return;
+        }
+        let count = |v: Option<u64>| u64::from(v.is_some());
+        self.records = (self.records + count(c.after)).saturating_sub(count(c.before));
+        self.bytes = (self.bytes + c.after.unwrap_or(0)).saturating_sub(c.before.unwrap_or(0));
+    }
+}
+
+/// The tallies' lock (every update is whole: a panicking holder leaves them consistent).
+fn tallies(m: &Mutex<Vec<Tally>>) -> MutexGuard<'_, Vec<Tally>> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Clone for RedbKv {
@@ -42,6 +76,7 @@ impl Clone for RedbKv {
             path: self.path.clone(),
             writes: self.writes.clone(),
             cache: RefCell::new(ReadCache::default()),
+            tallies: self.tallies.clone(),
         }
     }
 }
@@ -97,12 +132,32 @@ impl RedbKv {
             path: path.to_path_buf(),
             writes: Arc::new(AtomicU64::new(0)),
             cache: RefCell::new(ReadCache::default()),
+            tallies: Arc::default(),
         })
     }
 
-    /// (records, value bytes) under `prefix`: one read transaction over that key range
-    /// (`/metrics`: manifests by digest).
+    /// (records, value bytes) under `prefix` (`/metrics`: manifests by digest). The first call
+    /// for a prefix scans its key range; from then on every write keeps the tally, so a call
+    /// costs a lock.
     pub fn prefix_usage(&self, prefix: &str) -> Result<(u64, u64), StoreError> {
+        // Held through the scan: a write applies its change to the tallies under this lock
+        // right after its commit, so no write is both in the scan and added to it, or in
+        // neither.
+        let mut kept = tallies(&self.tallies);
+        if let Some(t) = kept.iter().find(|t| t.prefix == prefix) {
+            return Ok((t.records, t.bytes));
+        }
+        let (records, bytes) = self.scan(prefix)?;
+        kept.push(Tally {
+            prefix: prefix.to_string(),
+            records,
+            bytes,
+        });
+        Ok((records, bytes))
+    }
+
+    /// (records, value bytes) under `prefix`, counted: one read transaction over that range.
+    fn scan(&self, prefix: &str) -> Result<(u64, u64), StoreError> {
         let tx = self.db.begin_read().map_err(store_err)?;
         let table = tx.open_table(KV).map_err(store_err)?;
         let (mut n, mut bytes) = (0u64, 0u64);
@@ -117,18 +172,23 @@ impl RedbKv {
         Ok((n, bytes))
     }
 
-    /// Commits one write, then tells every clone's cache that it is out of date.
+    /// Commits one write to one key, then tells every clone's cache that it is out of date
+    /// and the tallies what changed.
     async fn write(
         &self,
-        f: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError> + Send + 'static,
+        f: impl FnOnce(&redb::WriteTransaction) -> Result<Change, StoreError> + Send + 'static,
     ) -> Result<(), StoreError> {
-        let (db, writes) = (self.db.clone(), self.writes.clone());
+        let (db, writes, kept) = (self.db.clone(), self.writes.clone(), self.tallies.clone());
         blocking(move || {
             let tx = db.begin_write().map_err(store_err)?;
-            f(&tx)?;
+            let change = f(&tx)?;
+            let mut kept = tallies(&kept);
             let committed = tx.commit().map_err(store_err);
             // Even a failed commit may have changed what a read sees: bump either way.
             writes.fetch_add(1, Ordering::AcqRel);
+            if committed.is_ok() {
+                kept.iter_mut().for_each(|t| t.apply(&change));
+            }
             committed
         })
         .await
@@ -169,9 +229,15 @@ impl KvStore for RedbKv {
         let (key, value) = (key.to_string(), value.to_vec());
         self.write(move |tx| {
             let mut t = tx.open_table(KV).map_err(store_err)?;
-            t.insert(key.as_str(), value.as_slice())
-                .map_err(store_err)?;
-            Ok(())
+            let before = t
+                .insert(key.as_str(), value.as_slice())
+                .map_err(store_err)?
+                .map(|old| old.value().len() as u64);
+            Ok(Change {
+                before,
+                after: Some(value.len() as u64),
+                key,
+            })
         })
         .await
     }
@@ -180,8 +246,15 @@ impl KvStore for RedbKv {
         let key = key.to_string();
         self.write(move |tx| {
             let mut t = tx.open_table(KV).map_err(store_err)?;
-            t.remove(key.as_str()).map_err(store_err)?;
-            Ok(())
+            let before = t
+                .remove(key.as_str())
+                .map_err(store_err)?
+                .map(|old| old.value().len() as u64);
+            Ok(Change {
+                before,
+                after: None,
+                key,
+            })
         })
         .await
     }
@@ -199,5 +272,43 @@ impl KvStore for RedbKv {
             out.push(k.to_string());
         }
         Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_tally_kept_by_writes_matches_a_fresh_count() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let kv = RedbKv::open(&dir.path().join("meta.redb")).expect("open");
+            let other = kv.clone();
+            kv.put("m/a", b"12345").await.expect("put");
+            kv.put("n/x", b"elsewhere").await.expect("put");
+            assert_eq!(kv.prefix_usage("m/").expect("usage"), (1, 5), "counted");
+            // Writes through any clone keep it: a new key, a longer and a shorter value over
+            // old ones, a deletion, a deletion of nothing, and keys outside the prefix.
+            other.put("m/b", b"123").await.expect("put");
+            kv.put("m/a", b"1234567890").await.expect("put");
+            other.put("m/b", b"1").await.expect("put");
+            kv.put("m/c", b"xy").await.expect("put");
+            other.delete("m/c").await.expect("delete");
+            kv.delete("m/never").await.expect("delete");
+            kv.put("n/y", b"not counted").await.expect("put");
+            kv.delete("n/x").await.expect("delete");
+            let kept = other.prefix_usage("m/").expect("usage");
+            assert_eq!(kept, (2, 11));
+            assert_eq!(
+                kept,
+                kv.scan("m/").expect("scan"),
+                "the same as counting again"
+            );
+        });
     }
 }

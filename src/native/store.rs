@@ -563,7 +563,7 @@ impl StorageReport {
 
     /// Prometheus gauges, appended to the core's counters on `/metrics`: what is on disk,
     /// and the cache's content by kind (`pullgate_cache_bytes`, `pullgate_cache_objects`;
-    /// manifests are counted by one scan of their key range).
+    /// manifests are counted once, then kept by every write).
     pub fn render(&self) -> String {
         let (manifests, manifest_bytes) = self
             .kv
