@@ -364,6 +364,43 @@ mod tests {
     }
 
     #[test]
+    fn a_url_with_credentials_is_refused_without_echoing_them() {
+        let mut c = Config::default();
+        c.apply_upstream_flag("docker.io=http://puller:hunter3@127.0.0.1:5001")
+            .unwrap();
+        let e = c.resolve(&MapSecrets).unwrap_err().to_string();
+        assert!(
+            e.contains("upstream docker.io") && e.contains("***@127.0.0.1:5001"),
+            "{e}"
+        );
+        assert!(!e.contains("hunter3") && !e.contains("puller"), "{e}");
+        // A URL that does not parse is shown redacted too.
+        let mut c = Config::default();
+        c.apply_upstream_flag("docker.io=http://puller:hunter3@127.0.0.1:99999")
+            .unwrap();
+        let e = c.resolve(&MapSecrets).unwrap_err().to_string();
+        assert!(!e.contains("hunter3"), "{e}");
+        for text in [
+            "[[target]]\nname = \"ci\"\nkind = \"http\"\nurl = \"https://bot:hunter3@ci.test/hook\"\nsecret = \"env:PASS\"\n",
+            "[[helm]]\nname = \"charts\"\nurl = \"https://bot:hunter3@charts.test/stable\"\n",
+        ] {
+            let e = parse_config(text)
+                .and_then(|c| c.resolve(&MapSecrets))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("user name or password") && !e.contains("hunter3"), "{e}");
+        }
+        assert_eq!(
+            value::redact_url("https://a:b@h.test:8/p@q?x=@"),
+            "https://***@h.test:8/p@q?x=@"
+        );
+        assert_eq!(
+            value::redact_url("https://h.test/p@q"),
+            "https://h.test/p@q"
+        );
+    }
+
+    #[test]
     fn upstream_flag_replaces_docker_hub_url_and_adds_hosts() {
         let mut c = Config::default();
         c.apply_upstream_flag("docker.io=http://127.0.0.1:5001")

@@ -85,6 +85,37 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         .ok_or_else(|| ConfigError(format!("size {s:?} is too large")))
 }
 
+/// `url` as it may be shown in an error or a log: any user name and password (`user:pw@`)
+/// replaced by `***@`, so a credential written into a URL by mistake is never echoed.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((s, r)) => (Some(s), r),
+        None => (None, url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let shown = format!("***{}", &rest[at..]);
+            scheme.map_or(shown.clone(), |s| format!("{s}://{shown}"))
+        }
+        None => url.to_string(),
+    }
+}
+
+/// Refuses a URL that carries a user name or password (`https://user:pw@host`): credentials
+/// belong in the keys made for them, as `env:` or `file:` references, where they are never
+/// logged. `what` names the key; the error shows the URL redacted.
+pub fn refuse_credentials(what: &str, url: &url::Url) -> Result<(), ConfigError> {
+    if url.username().is_empty() && url.password().is_none() {
+        return Ok(());
+    }
+    Err(ConfigError(format!(
+        "{what}: url {:?} carries a user name or password; put credentials in their own \
+         keys (env: or file: references), never in the URL",
+        redact_url(url.as_str())
+    )))
+}
+
 /// Lowercases a registry host and drops a default port, so `Docker.IO:443` is `docker.io`.
 pub fn normalize_host(host: &str) -> String {
     let h = host.trim().trim_end_matches('/').to_ascii_lowercase();

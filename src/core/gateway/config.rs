@@ -4,7 +4,7 @@
 //! host, held as [`Secret`]s.
 
 use crate::core::config::value::{
-    parse_duration_ms, parse_size, ConfigError, Secret, SecretResolver,
+    parse_duration_ms, parse_size, refuse_credentials, ConfigError, Secret, SecretResolver,
 };
 use serde::Deserialize;
 use url::Url;
@@ -407,6 +407,7 @@ fn resolve_targets(
                 t.name
             )));
         }
+        refuse_credentials(&format!("target {}", t.name), &url)?;
         let kind = target_kind(&t.kind)?;
         let token = t
             .token

@@ -1,7 +1,7 @@
 //! `[[helm]]`: classic chart repositories, their names, URLs, chart hosts and CAs.
 
 use super::hosts;
-use crate::core::config::value::ConfigError;
+use crate::core::config::value::{refuse_credentials, ConfigError};
 use serde::Deserialize;
 use url::Url;
 
@@ -65,6 +65,7 @@ pub fn resolve(entries: &[HelmConfig]) -> Result<Vec<HelmRepo>, ConfigError> {
                 e.name
             )));
         }
+        refuse_credentials(&format!("helm repository {}", e.name), &url)?;
         let chart_hosts = e
             .chart_hosts
             .iter()

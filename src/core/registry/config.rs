@@ -1,7 +1,9 @@
 //! `[[upstream]]`: the registries pullgate mirrors, the built-in list, and their resolution
 //! into [`UpstreamSpec`]s (names normalised, one default, credentials resolved).
 
-use crate::core::config::value::{normalize_host, secret_ref, ConfigError, Secret, SecretResolver};
+use crate::core::config::value::{
+    normalize_host, redact_url, refuse_credentials, secret_ref, ConfigError, Secret, SecretResolver,
+};
 use crate::core::ports::TrustedCa;
 use serde::Deserialize;
 use url::Url;
@@ -82,16 +84,18 @@ const BUILTIN: &[(&str, &str, &[&str])] = &[
 ];
 
 fn parse_upstream_url(host: &str, url: &str) -> Result<Url, ConfigError> {
+    let shown = redact_url(url);
     let u = Url::parse(url.trim_end_matches('/'))
-        .map_err(|e| ConfigError(format!("upstream {host}: url {url:?}: {e}")))?;
+        .map_err(|e| ConfigError(format!("upstream {host}: url {shown:?}: {e}")))?;
+    refuse_credentials(&format!("upstream {host}"), &u)?;
     if !matches!(u.scheme(), "http" | "https") || u.host_str().is_none() {
         return Err(ConfigError(format!(
-            "upstream {host}: url {url:?} must be http:// or https:// with a host"
+            "upstream {host}: url {shown:?} must be http:// or https:// with a host"
         )));
     }
     if u.query().is_some() || u.fragment().is_some() {
         return Err(ConfigError(format!(
-            "upstream {host}: url {url:?} must not carry a query or fragment"
+            "upstream {host}: url {shown:?} must not carry a query or fragment"
         )));
     }
     Ok(u)
