@@ -1,7 +1,8 @@
 //! End-to-end tests of the native host's logs and metrics (issue #12): a cold fill logs its
 //! start, progress and end under `RUST_LOG=debug`; with `PULLGATE_LOG_FORMAT=json` every
 //! stderr line is a JSON object; the audit log is reopened after a move and SIGHUP; `/metrics`
-//! (summed over worker threads) parses, with labels and cumulative histograms.
+//! (summed over worker threads) parses, with labels and cumulative histograms; records of
+//! crates that use the `log` crate (reqwest) reach the same output.
 //!
 //! Logs are written by a writer thread, so every check polls the log with a bound.
 
@@ -79,6 +80,31 @@ fn a_cold_fill_logs_its_start_progress_and_end_at_debug() {
     ] {
         assert!(access.contains(field), "{field} in {access}");
     }
+}
+
+#[test]
+fn records_of_crates_that_log_through_the_log_crate_reach_the_log() {
+    // reqwest writes its connection events through the `log` crate, not `tracing`: they are
+    // bridged, and filtered by the same RUST_LOG directives.
+    let registry = Registry::start_plain();
+    let image = Image::oci(72, &[4 << 10]);
+    registry.push_image("team/app", "1", &image);
+    let pullgate = Pullgate::builder()
+        .upstream("reg.test", &registry.url())
+        .env("RUST_LOG", "info,reqwest=debug")
+        .start();
+    let layer = &image.layers[0];
+    let blob = pullgate
+        .client()
+        .get_blob("reg.test/team/app", &layer.digest);
+    assert_eq!(blob.status, 200, "{}", pullgate.stderr());
+    let line = wait_for("reqwest's connection line", BOUND, || {
+        line_with(
+            &pullgate.stderr(),
+            &["reqwest::connect", "starting new connection"],
+        )
+    });
+    assert!(line.1.contains("DEBUG"), "{}", line.1);
 }
 
 #[test]
