@@ -6,6 +6,7 @@
 
 use crate::core::access::caller::Caller;
 use crate::core::access::gate;
+pub use crate::core::access::limit::LoginLockouts;
 use crate::core::body::{Body, CacheStatus, RequestInfo};
 use crate::core::config::Settings;
 pub use crate::core::context::GatewayShare;
@@ -77,7 +78,7 @@ impl App {
     /// Checks logins against `lockouts` instead of a table of this instance's own, so failed
     /// logins lock a client or a name out of every instance that shares it (native: the
     /// serving threads of one process).
-    pub fn with_login_lockouts(self, lockouts: crate::core::access::limit::LoginLockouts) -> App {
+    pub fn with_login_lockouts(self, lockouts: LoginLockouts) -> App {
         let port = self
             .inner
             .slots

@@ -142,6 +142,9 @@ pub fn init(log: &LogSettings) -> Result<LogGuard, String> {
         .with_env_filter(filter)
         .with_writer(Ordered(writer))
         .with_ansi(false);
+    // `try_init` installs the subscriber, then the bridge for the `log` crate (reqwest's
+    // records); the second fails only if a `log` logger was set already, which nothing in
+    // this binary does.
     let installed = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder

@@ -35,8 +35,8 @@ pub struct RedbKv {
     tallies: Arc<Mutex<Vec<Tally>>>,
 }
 
-/// Records and value bytes under one key prefix, counted once by [`RedbKv::prefix_usage`] and
-/// then kept by every write (so `/metrics` does not scan every manifest on every scrape).
+/// Records and value bytes under one key prefix, counted once by [`RedbKv::track`] and then
+/// kept by every write (so `/metrics` does not scan every manifest on every scrape).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Tally {
     prefix: String,
@@ -50,6 +50,17 @@ struct Change {
     key: String,
     before: Option<u64>,
     after: Option<u64>,
+}
+
+impl Change {
+    /// The same change undone.
+    fn reverse(self) -> Change {
+        Change {
+            before: self.after,
+            after: self.before,
+            ..self
+        }
+    }
 }
 
 impl Tally {
@@ -136,24 +147,28 @@ impl RedbKv {
         })
     }
 
-    /// (records, value bytes) under `prefix` (`/metrics`: manifests by digest). The first call
-    /// for a prefix scans its key range; from then on every write keeps the tally, so a call
-    /// costs a lock.
-    pub fn prefix_usage(&self, prefix: &str) -> Result<(u64, u64), StoreError> {
-        // Held through the scan: a write applies its change to the tallies under this lock
-        // right after its commit, so no write is both in the scan and added to it, or in
-        // neither.
-        let mut kept = tallies(&self.tallies);
-        if let Some(t) = kept.iter().find(|t| t.prefix == prefix) {
-            return Ok((t.records, t.bytes));
-        }
+    /// Counts `prefix` now and keeps the count with every write from then on, for
+    /// [`prefix_usage`](Self::prefix_usage). Called at startup, before anything writes: a
+    /// write committed while the count runs could be counted twice or not at all.
+    pub fn track(&self, prefix: &str) -> Result<(), StoreError> {
         let (records, bytes) = self.scan(prefix)?;
+        let mut kept = tallies(&self.tallies);
+        kept.retain(|t| t.prefix != prefix);
         kept.push(Tally {
             prefix: prefix.to_string(),
             records,
             bytes,
         });
-        Ok((records, bytes))
+        Ok(())
+    }
+
+    /// (records, value bytes) under `prefix` (`/metrics`: manifests by digest): the kept
+    /// count of a [`track`](Self::track)ed prefix (a lock, no read), else a scan of its range.
+    pub fn prefix_usage(&self, prefix: &str) -> Result<(u64, u64), StoreError> {
+        if let Some(t) = tallies(&self.tallies).iter().find(|t| t.prefix == prefix) {
+            return Ok((t.records, t.bytes));
+        }
+        self.scan(prefix)
     }
 
     /// (records, value bytes) under `prefix`, counted: one read transaction over that range.
@@ -182,12 +197,16 @@ impl RedbKv {
         blocking(move || {
             let tx = db.begin_write().map_err(store_err)?;
             let change = f(&tx)?;
-            let mut kept = tallies(&kept);
+            // Counted before the commit and taken back if it fails: the tallies never miss a
+            // committed write, and the lock is not held while the commit reaches the disk (a
+            // `/metrics` request reads them on a serving thread).
+            tallies(&kept).iter_mut().for_each(|t| t.apply(&change));
             let committed = tx.commit().map_err(store_err);
             // Even a failed commit may have changed what a read sees: bump either way.
             writes.fetch_add(1, Ordering::AcqRel);
-            if committed.is_ok() {
-                kept.iter_mut().for_each(|t| t.apply(&change));
+            if committed.is_err() {
+                let undo = change.reverse();
+                tallies(&kept).iter_mut().for_each(|t| t.apply(&undo));
             }
             committed
         })
@@ -291,6 +310,7 @@ mod tests {
             let other = kv.clone();
             kv.put("m/a", b"12345").await.expect("put");
             kv.put("n/x", b"elsewhere").await.expect("put");
+            kv.track("m/").expect("track");
             assert_eq!(kv.prefix_usage("m/").expect("usage"), (1, 5), "counted");
             // Writes through any clone keep it: a new key, a longer and a shorter value over
             // old ones, a deletion, a deletion of nothing, and keys outside the prefix.

@@ -6,8 +6,7 @@
 //! - [`ProcessTagFlights`]: the upstream revalidation (or first fetch) of a tag (the core's
 //!   [`TagFlights`] port). A burst of nodes pulling a tag that just went stale makes one
 //!   upstream request; the others, on any thread, serve the digest it resolved.
-//!
-//! - Login lockouts: one [`LoginLockouts`](crate::core::access::limit::LoginLockouts) table
+//! - Login lockouts: one [`LoginLockouts`](crate::core::app::LoginLockouts) table
 //!   (the core's own type, shared by its clones). With one per thread, `login_failures = 5`
 //!   allowed five failed logins per thread before a lockout.
 //! - [`ProcessTokens`]: upstream bearer tokens (the core's [`TokenStore`] port), so a token one

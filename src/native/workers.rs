@@ -11,18 +11,16 @@
 //!   registry, the connection cap (`max_connections`, one semaphore), `/metrics` (summed over
 //!   the workers at render, see [`metrics`](super::metrics)), the audit log (one `O_APPEND`
 //!   write per record), shutdown.
-//! - Per thread: rate-limit buckets and login-failure counters (the core keeps them in its
-//!   instance), the upstream token cache and reqwest's connection pool, the gateway's
-//!   in-memory state. A rate limit therefore allows up to `workers` × its rate for a client
-//!   whose connections land on every thread (round-robin: a client with one keep-alive
-//!   connection stays on one thread and sees the exact limit); a token is fetched at most once
-//!   per thread instead of once per process. `workers = 1` makes all of them exact. The
-//!   outbox pump's timer runs on worker 0 only. `[cache] max_fills` bounds the fills each
+//! - Also process-wide, through the core's ports ([`shared`](super::shared)): rate-limit
+//!   buckets, login lockouts, upstream tokens and tag revalidations, so a limit or a lockout
+//!   is exact whichever thread a connection lands on.
+//! - Per thread: reqwest's connection pool and the gateway's in-memory state. The outbox
+//!   pump's timer runs on worker 0 only. `[cache] max_fills` bounds the fills each
 //!   thread *leads* (following another thread's fill takes no slot), so a process leads at
 //!   most `workers` × `max_fills`.
 
-use crate::core::access::limit::LoginLockouts;
-use crate::core::app::{App, GatewayShare};
+use crate::core::app::{App, GatewayShare, LoginLockouts};
+use crate::core::config::value::redact_url;
 use crate::core::config::Settings;
 use crate::native::fills::SharedFills;
 use crate::native::listener::{AcceptBackoff, ConnState, ServerLimits};
@@ -104,6 +102,10 @@ pub fn serve(p: Prepared) -> Result<(), String> {
     // A certificate that does not load stops the start, before anything listens.
     let tls = p.tls.map(tls::ListenerTls::start).transpose()?;
     let kv = store::RedbKv::open(&p.data_dir.join("meta.redb")).map_err(|e| e.to_string())?;
+    // `/metrics` reports the cached manifests: counted once here, before anything writes,
+    // then kept by every write.
+    kv.track(crate::core::registry::keys::MANIFEST_PREFIX)
+        .map_err(|e| e.to_string())?;
     let blobs =
         store::FsBlobStore::open(&p.data_dir, p.settings.max_size).map_err(|e| e.to_string())?;
     let listener = std::net::TcpListener::bind(&p.listen)
@@ -112,7 +114,7 @@ pub fn serve(p: Prepared) -> Result<(), String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let n = p.workers.max(1);
     let upstreams: Vec<String> = (p.settings.upstreams.iter())
-        .map(|u| format!("{}={}", u.host, u.url))
+        .map(|u| format!("{}={}", u.host, redact_url(u.url.as_str())))
         .collect();
     let scheme = if tls.is_some() { "https" } else { "http" };
     tracing::info!(

@@ -391,13 +391,27 @@ mod tests {
             assert!(e.contains("user name or password") && !e.contains("hunter3"), "{e}");
         }
         assert_eq!(
-            value::redact_url("https://a:b@h.test:8/p@q?x=@"),
-            "https://***@h.test:8/p@q?x=@"
+            value::redact_url("https://a:b@h.test:8/p"),
+            "https://***@h.test:8/p"
         );
-        assert_eq!(
-            value::redact_url("https://h.test/p@q"),
-            "https://h.test/p@q"
-        );
+        for odd in [
+            "http://u:pa/ss@h.test",
+            "http://u:pa#ss@h.test",
+            "u:pa?ss@h.test",
+        ] {
+            let shown = value::redact_url(odd);
+            assert!(
+                !shown.contains("pa") && shown.ends_with("***@h.test"),
+                "{shown}"
+            );
+        }
+        assert_eq!(value::redact_url("https://h.test/p"), "https://h.test/p");
+        let mut c = Config::default();
+        let e = c
+            .apply_upstream_flag("http://puller:hunter3@127.0.0.1:5001")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("hunter3"), "{e}");
     }
 
     #[test]

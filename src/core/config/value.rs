@@ -85,15 +85,16 @@ pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
         .ok_or_else(|| ConfigError(format!("size {s:?} is too large")))
 }
 
-/// `url` as it may be shown in an error or a log: any user name and password (`user:pw@`)
-/// replaced by `***@`, so a credential written into a URL by mistake is never echoed.
+/// `url` as it may be shown in an error or a log: everything between the scheme and the last
+/// `@` replaced by `***`, so a credential written into a URL by mistake is never echoed, even
+/// one holding `/`, `?` or `#`, or in text that does not parse as a URL (an `@` later in a
+/// path hides a little more than it needs to).
 pub fn redact_url(url: &str) -> String {
     let (scheme, rest) = match url.split_once("://") {
         Some((s, r)) => (Some(s), r),
         None => (None, url),
     };
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    match rest.rfind('@') {
         Some(at) => {
             let shown = format!("***{}", &rest[at..]);
             scheme.map_or(shown.clone(), |s| format!("{s}://{shown}"))

@@ -103,9 +103,12 @@ fn parse_upstream_url(host: &str, url: &str) -> Result<Url, ConfigError> {
 
 /// Adds or replaces an upstream URL from `--upstream HOST=URL`.
 pub(crate) fn upstream_flag(list: &mut Vec<UpstreamConfig>, flag: &str) -> Result<(), ConfigError> {
-    let (host, url) = flag
-        .split_once('=')
-        .ok_or_else(|| ConfigError(format!("--upstream {flag:?} must be HOST=URL")))?;
+    let (host, url) = flag.split_once('=').ok_or_else(|| {
+        ConfigError(format!(
+            "--upstream {:?} must be HOST=URL",
+            redact_url(flag)
+        ))
+    })?;
     let host = normalize_host(host);
     match list.iter_mut().find(|u| normalize_host(&u.host) == host) {
         Some(u) => u.url = url.to_string(),
