@@ -1,6 +1,7 @@
 //! Native metadata: redb (`meta.redb`) behind the `KvStore` port, one clone per worker thread,
 //! each with a small read cache kept coherent across clones (see [`RedbKv`]).
 
+use super::shared::lock;
 use super::store::{blocking, store_err};
 use crate::core::ports::{KvStore, StoreError};
 use redb::{Database, TableDefinition};
@@ -8,7 +9,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 /// redb's page cache: metadata is small, and the memory target is tight.
 const REDB_CACHE: usize = 16 << 20;
@@ -37,15 +38,13 @@ pub struct RedbKv {
 
 /// Records and value bytes under one key prefix, counted once by [`RedbKv::track`] and then
 /// kept by every write (so `/metrics` does not scan every manifest on every scrape).
-#[derive(Debug, Clone, PartialEq, Eq)]
 struct Tally {
     prefix: String,
     records: u64,
     bytes: u64,
 }
 
-/// What one committed write did to one key: its value's length before and after (None:
-/// absent).
+/// What one write does to one key: its value's length before and after (None: absent).
 struct Change {
     key: String,
     before: Option<u64>,
@@ -72,11 +71,6 @@ impl Tally {
         self.records = (self.records + count(c.after)).saturating_sub(count(c.before));
         self.bytes = (self.bytes + c.after.unwrap_or(0)).saturating_sub(c.before.unwrap_or(0));
     }
-}
-
-/// The tallies' lock (every update is whole: a panicking holder leaves them consistent).
-fn tallies(m: &Mutex<Vec<Tally>>) -> MutexGuard<'_, Vec<Tally>> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Clone for RedbKv {
@@ -152,7 +146,7 @@ impl RedbKv {
     /// write committed while the count runs could be counted twice or not at all.
     pub fn track(&self, prefix: &str) -> Result<(), StoreError> {
         let (records, bytes) = self.scan(prefix)?;
-        let mut kept = tallies(&self.tallies);
+        let mut kept = lock(&self.tallies);
         kept.retain(|t| t.prefix != prefix);
         kept.push(Tally {
             prefix: prefix.to_string(),
@@ -165,7 +159,7 @@ impl RedbKv {
     /// (records, value bytes) under `prefix` (`/metrics`: manifests by digest): the kept
     /// count of a [`track`](Self::track)ed prefix (a lock, no read), else a scan of its range.
     pub fn prefix_usage(&self, prefix: &str) -> Result<(u64, u64), StoreError> {
-        if let Some(t) = tallies(&self.tallies).iter().find(|t| t.prefix == prefix) {
+        if let Some(t) = lock(&self.tallies).iter().find(|t| t.prefix == prefix) {
             return Ok((t.records, t.bytes));
         }
         self.scan(prefix)
@@ -200,13 +194,13 @@ impl RedbKv {
             // Counted before the commit and taken back if it fails: the tallies never miss a
             // committed write, and the lock is not held while the commit reaches the disk (a
             // `/metrics` request reads them on a serving thread).
-            tallies(&kept).iter_mut().for_each(|t| t.apply(&change));
+            lock(&kept).iter_mut().for_each(|t| t.apply(&change));
             let committed = tx.commit().map_err(store_err);
             // Even a failed commit may have changed what a read sees: bump either way.
             writes.fetch_add(1, Ordering::AcqRel);
             if committed.is_err() {
                 let undo = change.reverse();
-                tallies(&kept).iter_mut().for_each(|t| t.apply(&undo));
+                lock(&kept).iter_mut().for_each(|t| t.apply(&undo));
             }
             committed
         })

@@ -42,8 +42,8 @@ fn now_ms() -> u64 {
 }
 
 /// A lock that a panicking holder did not leave unusable (the maps stay consistent: every
-/// update is one map operation).
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// update is one map operation). Also the metadata store's (`redb_kv`) for its tallies.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 

@@ -94,12 +94,10 @@ pub fn redact_url(url: &str) -> String {
         Some((s, r)) => (Some(s), r),
         None => (None, url),
     };
-    match rest.rfind('@') {
-        Some(at) => {
-            let shown = format!("***{}", &rest[at..]);
-            scheme.map_or(shown.clone(), |s| format!("{s}://{shown}"))
-        }
-        None => url.to_string(),
+    match (scheme, rest.rfind('@')) {
+        (_, None) => url.to_string(),
+        (Some(s), Some(at)) => format!("{s}://***{}", &rest[at..]),
+        (None, Some(at)) => format!("***{}", &rest[at..]),
     }
 }
 
